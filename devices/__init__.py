@@ -1,0 +1,1 @@
+"""Compile (ExecuTorch, ONNX), the measurement protocol, device agents, profiles."""

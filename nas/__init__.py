@@ -1,0 +1,1 @@
+"""The search: objectives, quality proxies, the Optuna study, Ray orchestration, the CLI."""

@@ -1,0 +1,45 @@
+"""The `lfm2-nas` command line. Each package contributes its own commands through a
+`register(app)` function; this module only assembles them and turns a `UserError` into
+a clear message and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from lfm2.errors import UserError
+
+app = typer.Typer(
+    name="lfm2-nas",
+    help="Hardware-in-the-loop architecture search for LFM2-style hybrid language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_commands() -> None:
+    from lfm2 import cli as lfm2_cli
+
+    for module in (lfm2_cli,):
+        module.register(app)
+
+
+@app.callback()
+def _root() -> None:
+    """Hardware-in-the-loop architecture search for LFM2-style hybrid language models."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register_commands()
+    try:
+        app(args=argv, prog_name="lfm2-nas")
+    except UserError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

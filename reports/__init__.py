@@ -1,0 +1,1 @@
+"""Pareto fronts, hypervolume, HTML dashboards, read from Optuna studies."""
