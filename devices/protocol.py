@@ -1,0 +1,179 @@
+"""The measurement protocol and the `Measurement` it produces: plain, JSON-serialisable data
+that crosses process and network boundaries (agents, Ray workers, the study).
+
+Nothing here runs a model; `devices.measure` does (see DESIGN.md, "Measurement protocol").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from lfm2.errors import UserError
+
+MEASUREMENT_STATUSES = ("ok", "oom", "error", "timeout", "lost")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How to measure an artifact. Part of every cache key: change it and results differ."""
+
+    prompt_lengths: tuple[int, ...] = (128, 512, 2048)
+    decode_depths: tuple[int, ...] = (128, 2048)
+    decode_tokens: int = 16  # tokens generated per timed decode run
+    warmup_runs: int = 1
+    min_runs: int = 3
+    max_runs: int = 20
+    max_seconds_per_point: float = 10.0
+    trim_fraction: float = 0.2
+    cv_threshold: float = 0.10  # re-measure a point whose coefficient of variation is above this
+    max_remeasures: int = 1
+    measure_memory: bool = True
+    threads: int | None = None  # None: the device's recommended thread count
+    cpus: tuple[int, ...] | None = None  # CPU affinity; None: the device's recommended cores
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_lengths", "decode_depths"):
+            values = getattr(self, name)
+            if isinstance(values, int):
+                values = (values,)
+            values = tuple(values)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise UserError(f"protocol {name} must be positive integers, got {values!r}")
+            object.__setattr__(self, name, values)
+        if self.cpus is not None:
+            object.__setattr__(self, "cpus", tuple(self.cpus))
+        for name in ("decode_tokens", "min_runs", "max_runs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"protocol {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_runs < self.min_runs:
+            raise UserError(f"protocol max_runs ({self.max_runs}) must be >= min_runs ({self.min_runs})")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise UserError(f"protocol trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+
+    @property
+    def max_context(self) -> int:
+        """The longest context the artifact must hold: a prefill, or a depth plus its decode."""
+        return max(max(self.prompt_lengths), max(self.decode_depths) + self.decode_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["prompt_lengths"] = list(self.prompt_lengths)
+        data["decode_depths"] = list(self.decode_depths)
+        data["cpus"] = list(self.cpus) if self.cpus is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Protocol:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown protocol field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stats:
+    """Latency statistics of one measured point, in milliseconds, with the raw samples."""
+
+    median_ms: float
+    trimmed_mean_ms: float
+    p10_ms: float
+    p90_ms: float
+    cv: float
+    samples_ms: list[float]
+    tokens: int  # tokens per timed run (prompt length for prefill, decode_tokens for decode)
+    noisy: bool = False  # CV still above the threshold after the allowed re-measures
+    remeasured: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / (self.median_ms / 1000.0) if self.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["tokens_per_s"] = self.tokens_per_s
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stats:
+        data = {k: v for k, v in data.items() if k != "tokens_per_s"}
+        return cls(**data)
+
+
+@dataclass
+class Measurement:
+    """What a device reports for one artifact under one protocol.
+
+    `prefill[T]`: the latency of a prefill of T tokens. `decode[C]`: the latency of ONE
+    decode step at context depth C (per token; the run generates `decode_tokens` tokens).
+    Memory: `footprint_bytes` is the model's own (growth of the measuring process's peak RSS
+    over the runtime's baseline before the model was loaded), the figure a memory budget
+    is compared with; `peak_rss_bytes` is the absolute high-water mark.
+    """
+
+    status: str  # one of MEASUREMENT_STATUSES
+    artifact_sha256: str = ""
+    backend: str = ""
+    quant: str = ""
+    spec_key: str = ""
+    protocol: dict[str, Any] = field(default_factory=dict)
+    load_time_s: float | None = None
+    prefill: dict[int, Stats] = field(default_factory=dict)
+    decode: dict[int, Stats] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)  # footprint_bytes, peak_rss_bytes, baseline_rss_bytes, pss_bytes ...
+    artifact_bytes: int | None = None
+    stack: dict[str, Any] = field(default_factory=dict)  # runtime versions, delegate, threads, affinity, CPU, OS
+    device: dict[str, Any] = field(default_factory=dict)  # name, profile, emulated, fingerprint
+    thermal: dict[str, Any] = field(default_factory=dict)  # CPU frequency / temperature before and after
+    error: str | None = None  # the reason, for any status but "ok"
+    wall_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in MEASUREMENT_STATUSES:
+            raise ValueError(f"status must be one of {MEASUREMENT_STATUSES}, got {self.status!r}")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def footprint_bytes(self) -> int | None:
+        return self.memory.get("footprint_bytes")
+
+    def prefill_ms(self, length: int) -> float:
+        return self.prefill[length].median_ms
+
+    def decode_ms(self, depth: int) -> float:
+        return self.decode[depth].median_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["prefill"] = {str(k): v.to_dict() for k, v in self.prefill.items()}
+        data["decode"] = {str(k): v.to_dict() for k, v in self.decode.items()}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        data = dict(data)
+        data["prefill"] = {int(k): Stats.from_dict(v) for k, v in data.get("prefill", {}).items()}
+        data["decode"] = {int(k): Stats.from_dict(v) for k, v in data.get("decode", {}).items()}
+        return cls(**data)
+
+    @classmethod
+    def failure(cls, status: str, error: str, **facts: Any) -> Measurement:
+        return cls(status=status, error=error, **facts)
+
+
+__all__ = ["Protocol", "Stats", "Measurement", "MEASUREMENT_STATUSES"]
