@@ -80,6 +80,28 @@ class Protocol:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a measurement child process may use: enforced by the OS, recorded in results."""
+
+    cpus: tuple[int, ...] | None = None  # CPU affinity
+    threads: int | None = None  # runtime threads
+    memory_bytes: int | None = None  # a cap; going over it gives status "oom"
+    timeout_s: float | None = None  # wall clock; going over it gives status "timeout"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["cpus"] = list(self.cpus) if self.cpus is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Limits:
+        data = dict(data)
+        if data.get("cpus") is not None:
+            data["cpus"] = tuple(data["cpus"])
+        return cls(**data)
+
+
 @dataclass
 class Stats:
     """Latency statistics of one measured point, in milliseconds, with the raw samples."""
@@ -176,4 +198,4 @@ class Measurement:
         return cls(status=status, error=error, **facts)
 
 
-__all__ = ["Protocol", "Stats", "Measurement", "MEASUREMENT_STATUSES"]
+__all__ = ["Protocol", "Limits", "Stats", "Measurement", "MEASUREMENT_STATUSES"]

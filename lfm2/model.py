@@ -274,22 +274,26 @@ class LFM2(nn.Module):
 
     # -- inference with explicit state ----------------------------------------------------
 
-    def state_shapes(self, batch_size: int = 1) -> list[tuple[int, ...]]:
-        """Shapes of the flat decode state, in the order `step` takes and returns it."""
+    def state_shapes(self, batch_size: int = 1, max_context: int | None = None) -> list[tuple[int, ...]]:
+        """Shapes of the flat decode state, in the order `step` takes and returns it.
+
+        `max_context` sizes the full-attention K/V buffers (default: `spec.max_seq_len`); a
+        compiled artifact allocates only the context it is built for."""
         spec = self.spec
+        max_context = max_context or spec.max_seq_len
         shapes: list[tuple[int, ...]] = []
         for layer in self.layers:
             if layer.kind == "conv":
                 shapes.append((batch_size, spec.d_model, spec.conv_kernel - 1))
             else:
-                slots = layer.op.core.cache_len(spec.max_seq_len)
+                slots = layer.op.core.cache_len(max_context)
                 shapes += [(batch_size, spec.n_kv_heads, slots, spec.head_dim)] * 2
         return shapes
 
-    def init_state(self, batch_size: int = 1, dtype: torch.dtype | None = None, device=None) -> tuple[Tensor, ...]:
+    def init_state(self, batch_size: int = 1, dtype: torch.dtype | None = None, device=None, max_context: int | None = None) -> tuple[Tensor, ...]:
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in self.state_shapes(batch_size))
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in self.state_shapes(batch_size, max_context))
 
     def step(self, tokens: Tensor, pos: Tensor, *state: Tensor, all_logits: bool = False):
         """Run T tokens [B, T] starting at absolute position `pos` (int64 tensor [1]).
