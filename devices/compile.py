@@ -1,0 +1,270 @@
+"""`compile(spec, backend, quant, max_context)`: an `ArchSpec` -> a cached, checked `Artifact`.
+
+The dispatcher is backend-neutral: it validates the request, looks the artifact up in the
+on-disk cache, has the backend module (see `devices.backends`) export into a temporary
+folder, writes the manifest, checks the artifact against eager, and only then renames
+the folder into the cache. A folder in the cache is therefore always complete and
+checked, and concurrent compiles of the same key cannot corrupt each other (a file lock
+makes the second one wait for, then reuse, the first one's result).
+
+Cache layout: `<cache>/artifacts/<artifact_key>` (`-seed<N>` appended for a seed other
+than 0: the weights differ, the latency does not). The cache root is `cache_dir`, else
+`$LFM2_NAS_CACHE`, else `~/.cache/lfm2-nas`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from devices.artifact import MANIFEST, Artifact, ArtifactError, artifact_key, check_backend_quant, write_manifest
+from devices.backends import backend_module, open_runner
+from lfm2.errors import UserError
+from lfm2.spec import ArchSpec
+
+#: Decode steps the check against eager runs after its prefill.
+VERIFY_DECODE_STEPS = 8
+#: fp32: the largest |backend - eager| logit difference allowed, relative to the largest
+#: |eager logit| (floored at 1). Observed: ExecuTorch/XNNPACK ~1e-6, eager 0.
+FP32_REL_TOL = 1e-4
+#: Quantised: every step's logits must have at least this cosine similarity with eager's,
+#: and the argmax must agree on at least this fraction of the steps. Random weights give
+#: nearly flat logits (small top-1 margins), so top-1 is a weak signal and cosine the main one.
+QUANT_MIN_COSINE = 0.98
+QUANT_MIN_TOP1 = 0.5
+
+
+class CompileError(UserError):
+    """Compiling a spec failed. `stage` names the step (inputs, export, quantise, lower,
+    serialize, verify, ...), `cause` the underlying exception (or None)."""
+
+    def __init__(self, stage: str, message: str, cause: BaseException | None = None):
+        self.stage = stage
+        self.cause = cause
+        detail = f": {type(cause).__name__}: {_first_lines(str(cause))}" if cause is not None else ""
+        super().__init__(f"compile failed at stage {stage!r}: {message}{detail}")
+
+
+class VerificationError(CompileError):
+    """The compiled artifact's logits disagree with eager beyond the stated tolerance."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__("verify", message)
+        self.report = report
+
+
+def _first_lines(text: str, limit: int = 12) -> str:
+    lines = text.strip().splitlines()
+    return "\n".join(lines[:limit]) + (f"\n... ({len(lines) - limit} more lines)" if len(lines) > limit else "")
+
+
+class Stages:
+    """Times the named stages of an export; an exception inside a stage becomes a
+    `CompileError` that names it. `seconds` goes into the manifest as `stages_s`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except CompileError:
+            raise
+        except Exception as exc:
+            raise CompileError(name, "the toolchain raised an error", exc) from exc
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LFM2_NAS_CACHE") or Path.home() / ".cache" / "lfm2-nas")
+
+
+def check_request(spec: ArchSpec, backend: str, quant: str, max_context: int, prompt_lengths: Iterable[int]) -> tuple[int, ...]:
+    """Validate a compile request before any work; returns the sorted prompt lengths."""
+    if not isinstance(spec, ArchSpec):
+        raise UserError(f"compile takes an ArchSpec, got {type(spec).__name__}")
+    check_backend_quant(backend, quant)
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
+        raise CompileError("inputs", f"max_context must be a positive integer, got {max_context!r}")
+    if isinstance(prompt_lengths, int):
+        prompt_lengths = (prompt_lengths,)
+    lengths = tuple(sorted(set(prompt_lengths)))
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+        raise CompileError("inputs", f"prompt lengths must be positive integers, got {tuple(prompt_lengths)!r}")
+    if lengths[-1] > max_context:
+        raise CompileError(
+            "inputs",
+            f"prompt length {lengths[-1]} does not fit in max_context={max_context}: "
+            f"raise max_context to at least {lengths[-1]} or drop that prompt length",
+        )
+    if max_context > spec.max_seq_len:
+        raise CompileError("inputs", f"max_context={max_context} exceeds the spec's max_seq_len={spec.max_seq_len}")
+    return lengths
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _rewrite_manifest(artifact: Artifact) -> None:
+    """Replace manifest.json atomically (it is not among the hashed files)."""
+    target = artifact.path / MANIFEST
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(artifact.manifest, indent=2, sort_keys=True))
+    os.replace(tmp, target)
+
+
+def compile(
+    spec: ArchSpec,
+    backend: str,
+    quant: str,
+    max_context: int,
+    prompt_lengths: Iterable[int] = (128,),
+    *,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    verify: bool = True,
+) -> Artifact:
+    """Compile `spec` for `backend` at `quant` with K/V buffers for `max_context` tokens
+    and one static prefill graph per prompt length; cached, and checked against eager
+    unless `verify=False`. Raises `CompileError` (with `.stage`) when it cannot."""
+    lengths = check_request(spec, backend, quant, max_context, prompt_lengths)
+    key = artifact_key(spec, backend, quant, max_context, lengths)
+    name = key if seed == 0 else f"{key}-seed{seed}"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    artifacts = root / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    final = artifacts / name
+    with _locked(artifacts / f".{name}.lock"):
+        if (final / MANIFEST).is_file():
+            try:
+                artifact = Artifact.load(final)
+            except ArtifactError:
+                shutil.rmtree(final)  # damaged: compile it again below
+            else:
+                if verify and not artifact.manifest.get("verification"):
+                    artifact.manifest["verification"] = verify_against_eager(artifact, seed)
+                    _rewrite_manifest(artifact)
+                return artifact
+        elif final.exists():
+            shutil.rmtree(final)  # no manifest: an incomplete folder from outside compile
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=artifacts))
+        try:
+            start = time.perf_counter()
+            files, facts = backend_module(backend).export(spec, quant, max_context, lengths, tmp, seed)
+            compile_s = round(time.perf_counter() - start, 3)
+            artifact = write_manifest(tmp, spec, backend, quant, max_context, lengths, files, seed=seed, compile_s=compile_s, verification=None, **facts)
+            if verify:
+                artifact.manifest["verification"] = verify_against_eager(artifact, seed)
+                _rewrite_manifest(artifact)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return Artifact.load(final)
+
+
+# -- the check against eager --------------------------------------------------------------
+
+
+def eager_reference(spec: ArchSpec, seed: int, max_context: int, tokens: np.ndarray, prompt_length: int) -> np.ndarray:
+    """Logits [1 + decode steps, vocab] of eager `step`: one prefill, then one token at a time."""
+    import torch
+
+    from lfm2.model import build_model
+
+    model = build_model(spec, seed=seed).eval()
+    ids = torch.from_numpy(tokens)
+    with torch.no_grad():
+        logits, *state = model.step(ids[:, :prompt_length], torch.zeros(1, dtype=torch.long), *model.init_state(1, max_context=max_context))
+        rows = [logits[0]]
+        for pos in range(prompt_length, ids.shape[1]):
+            logits, *state = model.step(ids[:, pos : pos + 1], torch.tensor([pos]), *state)
+            rows.append(logits[0])
+    return torch.stack(rows).numpy()
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    ref = reference.astype(np.float64)
+    got = candidate.astype(np.float64)
+    cosine = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-30)
+    top1 = ref.argmax(-1) == got.argmax(-1)
+    return {
+        "max_abs_diff": float(np.abs(ref - got).max()),
+        "max_abs_logit": float(np.abs(ref).max()),
+        "min_cosine": float(cosine.min()),
+        "mean_cosine": float(cosine.mean()),
+        "top1_agreement": float(top1.mean()),
+        "steps": int(ref.shape[0]),
+    }
+
+
+def verify_against_eager(artifact: Artifact, seed: int) -> dict[str, Any]:
+    """Run a prefill of the shortest prompt length and up to 8 decode steps through the
+    artifact's runner and through eager (same seeded weights, same tokens); raise
+    `VerificationError` beyond the tolerance, else return the observed numbers."""
+    start = time.perf_counter()
+    prompt_length = min(artifact.prompt_lengths)
+    steps = min(VERIFY_DECODE_STEPS, artifact.max_context - prompt_length)
+    spec = artifact.spec
+    tokens = np.random.default_rng(seed).integers(0, spec.vocab_size, size=(1, prompt_length + steps), dtype=np.int64)
+    try:
+        with open_runner(artifact) as runner:
+            rows = [np.asarray(runner.prefill(tokens[:, :prompt_length]))[0]]
+            for pos in range(prompt_length, prompt_length + steps):
+                rows.append(np.asarray(runner.decode(tokens[:, pos : pos + 1], pos))[0])
+    except CompileError:
+        raise
+    except Exception as exc:
+        raise CompileError("verify", f"running the {artifact.backend} artifact failed", exc) from exc
+    observed = np.stack(rows)
+    reference = eager_reference(spec, seed, artifact.max_context, tokens, prompt_length)
+    report = compare_logits(reference, observed)
+    report["prompt_length"] = prompt_length
+    report["decode_steps"] = steps
+    if artifact.quant == "fp32":
+        bound = FP32_REL_TOL * max(1.0, report["max_abs_logit"])
+        report["tolerance"] = {"max_abs_diff": bound}
+        ok = report["max_abs_diff"] <= bound and np.isfinite(observed).all()
+        why = f"max |logit diff| {report['max_abs_diff']:.3g} > {bound:.3g}"
+    else:
+        report["tolerance"] = {"min_cosine": QUANT_MIN_COSINE, "top1_agreement": QUANT_MIN_TOP1}
+        ok = report["min_cosine"] >= QUANT_MIN_COSINE and report["top1_agreement"] >= QUANT_MIN_TOP1 and np.isfinite(observed).all()
+        why = f"min cosine {report['min_cosine']:.4f} (needs {QUANT_MIN_COSINE}), top-1 agreement {report['top1_agreement']:.2f} (needs {QUANT_MIN_TOP1})"
+    report["passed"] = bool(ok)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    if not ok:
+        raise VerificationError(f"the {artifact.backend}/{artifact.quant} artifact disagrees with eager: {why}", report)
+    return report
+
+
+__all__ = [
+    "CompileError",
+    "VerificationError",
+    "Stages",
+    "compile",
+    "check_request",
+    "default_cache_dir",
+    "verify_against_eager",
+    "compare_logits",
+    "eager_reference",
+]
