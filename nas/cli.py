@@ -22,8 +22,9 @@ app = typer.Typer(
 
 def _register_commands() -> None:
     from lfm2 import cli as lfm2_cli
+    from nas import search_cli
 
-    for module in (lfm2_cli,):
+    for module in (lfm2_cli, search_cli):
         module.register(app)
 
 

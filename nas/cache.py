@@ -1,0 +1,56 @@
+"""Results that are never computed twice: measurements and quality scores, on disk.
+
+A measurement is keyed by (spec.key, backend, quant, protocol, device fingerprint,
+toolchain versions), a quality score by the proxy's own key (DESIGN.md, "The loop").
+The cache is one SQLite file beside the compiled artifacts, shared by every study on
+this machine; only the search driver writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+
+def cache_root() -> Path:
+    """`$LFM2_NAS_CACHE`, else `~/.cache/lfm2-nas` (artifacts live under it too)."""
+    return Path(os.environ.get("LFM2_NAS_CACHE", Path.home() / ".cache" / "lfm2-nas")).expanduser()
+
+
+def measurement_key(spec_key: str, backend: str, quant: str, protocol_key: str, device_fingerprint: str, toolchain: dict[str, str]) -> str:
+    payload = [spec_key, backend, quant, protocol_key, device_fingerprint, sorted(toolchain.items())]
+    return "measure-" + hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
+
+
+class ResultCache:
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else cache_root() / "results.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL, study TEXT, trial INTEGER, created REAL)")
+        self._db.commit()
+
+    def get(self, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(value, provenance) for `key`, or None."""
+        row = self._db.execute("SELECT value, study, trial, created FROM results WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return json.loads(row[0]), {"study": row[1], "trial": row[2], "created": row[3]}
+
+    def put(self, key: str, value: dict[str, Any], study: str | None = None, trial: int | None = None) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO results (key, value, study, trial, created) VALUES (?, ?, ?, ?, ?)",
+            (key, json.dumps(value, sort_keys=True), study, trial, time.time()),
+        )
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+__all__ = ["ResultCache", "cache_root", "measurement_key"]

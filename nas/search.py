@@ -1,0 +1,437 @@
+"""The search driver: ask -> sample -> pre-filter -> compile | quality -> measure -> tell.
+
+Only this process touches the study. Ray runs the work: compiles as CPU tasks, quality
+proxies as tasks that ask for a GPU when the cluster has one, and one actor per device
+that owns the agent connection and runs one measurement at a time. Up to `in_flight`
+candidates are in the pipeline at once, so that the next artifact is ready when the
+device frees up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+
+from devices.protocol import Measurement, Protocol
+from lfm2.errors import UserError
+from lfm2.spec import ArchSpec
+from nas.cache import ResultCache, measurement_key
+from nas.device_session import DeviceSession, describe, open_device
+from nas.objectives import QUALITY_KINDS, SAMPLERS, objective_values
+from nas.storage import DEFAULT_STORAGE, open_storage
+from nas.study import METADATA_KEY, create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
+
+RAY_TEMP_DIR = "/tmp/lfm2-nas-ray"  # short: Ray's unix sockets live under it (108-byte path limit)
+log = logging.getLogger("lfm2_nas.search")
+
+
+@dataclass
+class SearchConfig:
+    device: str
+    budget_bytes: int
+    trials: int = 20
+    study: str | None = None
+    storage: str | None = None
+    space: str = "default"
+    backend: str = "executorch"
+    quant: str = "8da4w"
+    context: int = 2048
+    quality: str = "mad"
+    quality_settings: str = "default"  # a QualitySettings preset: default (GPU-sized) or cpu_small
+    sampler: str = "nsga2"
+    seed: int | None = 0
+    in_flight: int = 2
+    ray_address: str | None = None
+    resume: bool = False
+    emulate: bool = False
+    decode_tokens: int = 8
+    measure_timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        from devices.artifact import check_backend_quant
+
+        check_backend_quant(self.backend, self.quant)
+        if self.quality not in QUALITY_KINDS:
+            raise UserError(f"--quality {self.quality!r}: choose one of {', '.join(QUALITY_KINDS)}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.trials < 1:
+            raise UserError(f"--trials must be >= 1, got {self.trials}")
+        if self.context < 1:
+            raise UserError(f"--context must be >= 1, got {self.context}")
+        if self.in_flight < 1:
+            raise UserError(f"--in-flight must be >= 1, got {self.in_flight}")
+        if self.budget_bytes <= 0:
+            raise UserError("--budget must be a positive size such as 500MB")
+        self.study = self.study or f"{self.device}-{self.backend}-{self.quant}"
+
+    @property
+    def protocol(self) -> Protocol:
+        # Prefill of `context` tokens, decode at depth `context`: the two headline figures.
+        return Protocol(
+            prompt_lengths=(self.context,),
+            decode_depths=(self.context,),
+            decode_tokens=self.decode_tokens,
+            warmup_runs=1,
+            min_runs=3,
+            max_runs=10,
+            max_seconds_per_point=5.0,
+        )
+
+
+@dataclass
+class Candidate:
+    trial: optuna.Trial
+    spec: ArchSpec
+    estimate: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+    compile_ref: Any = None
+    measure_ref: Any = None
+    quality_ref: Any = None
+    compiled: dict[str, Any] | None = None
+    measurement: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    measurement_cached: bool = False
+    quality_cached: bool = False
+    quality_key: str | None = None
+    stage_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.measurement is not None and (self.quality is not None or self.quality_ref is None)
+
+
+@dataclass
+class SearchStats:
+    asked: int = 0
+    told: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    device_busy_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=lambda: {"compile": 0.0, "measure": 0.0, "quality": 0.0})
+
+    def count(self, status: str) -> None:
+        self.told[status] = self.told.get(status, 0) + 1
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def start_ray(address: str | None, worker_cpus: list[int] | None) -> None:
+    if ray.is_initialized():
+        return
+    if address is None:
+        # A private, loopback-only cluster for this run: Ray 2.60's token auth would write a
+        # token under $HOME; nothing outside this machine can reach it, so it is off. Its
+        # session files go to a folder we name rather than Ray's default.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        num_cpus = max(2, len(worker_cpus or os.sched_getaffinity(0)))
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=RAY_TEMP_DIR, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    else:
+        # Joining `ray start --head`: its auth mode and temp dir are that cluster's settings.
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def cluster_has_gpu() -> bool:
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+class Search:
+    def __init__(self, config: SearchConfig, console=None):
+        from search_space import SearchSpace
+
+        self.config = config
+        self.console = console
+        self.space = SearchSpace.load(config.space)
+        self.storage_url = config.storage or DEFAULT_STORAGE
+        self.storage = open_storage(self.storage_url)
+        self.cache = ResultCache()
+        self.stats = SearchStats()
+        self.pending: dict[int, Candidate] = {}
+        self.device: DeviceSession | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _metadata(self, device_facts: dict[str, Any]) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        from devices.artifact import toolchain_versions
+
+        c = self.config
+        return {
+            "version": version("lfm2-nas"),
+            "device": device_facts,
+            "budget_bytes": c.budget_bytes,
+            "context": c.context,
+            "backend": c.backend,
+            "quant": c.quant,
+            "protocol": c.protocol.to_dict(),
+            "space": {"name": self.space.name, "text": self.space.source_text},
+            "quality": c.quality,
+            "quality_settings": c.quality_settings,
+            "sampler": c.sampler,
+            "seed": c.seed,
+            "versions": toolchain_versions(),
+        }
+
+    def run(self) -> optuna.Study:
+        c = self.config
+        self.device = open_device(c.device, c.emulate)
+        try:
+            start_ray(c.ray_address, self.device.worker_cpus)
+            from nas.workers import DeviceActor
+
+            self.actor = DeviceActor.remote(self.device.url, self.device.token)
+            info = ray.get(self.actor.info.remote(), timeout=60)
+            self.device_facts = describe(self.device, info)
+            self.device_fingerprint = _fingerprint(info, self.device)
+            study, resumed = create_or_resume(c.study, self.storage, self.storage_url, c.quality, c.sampler, c.seed, c.trials, c.resume, self._metadata(self.device_facts))
+            self.study = study
+            if resumed:
+                stale = fail_stale_trials(study)
+                if stale and self.console:
+                    self.console.print(f"resumed: trials {stale} were left running by a stopped driver; failed and re-enqueued")
+            else:
+                enqueue_presets(study, self.space)
+            self.quality_on_gpu = c.quality != "none" and cluster_has_gpu()
+            self._loop()
+            _record_estimate_error(study)
+            return study
+        finally:
+            if ray.is_initialized() and c.ray_address is None:
+                ray.shutdown()
+            self.device.stop()
+            self.cache.close()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        from nas.progress import Progress
+
+        target = self.config.trials
+        with Progress(self, enabled=self.console is not None, console=self.console) as progress:
+            while True:
+                done = finished_trials(self.study)
+                while len(self.pending) < self.config.in_flight and done + len(self.pending) < target:
+                    self._start_candidate()
+                    done = finished_trials(self.study)
+                if not self.pending:
+                    break
+                self._advance()
+                progress.update()
+
+    def _start_candidate(self) -> None:
+        from search_space.costs import estimate_peak_memory
+        from search_space.costs import parameters as count_parameters
+
+        c = self.config
+        trial = self.study.ask()
+        self.stats.asked += 1
+        try:
+            spec = self.space.sample(trial)
+        except UserError as exc:
+            trial.set_user_attr("status", "error")
+            trial.set_user_attr("reason", f"the space produced an invalid spec: {exc}")
+            self._tell(trial, "error", state=TrialState.FAIL)
+            return
+        estimate = estimate_peak_memory(spec, c.context + c.decode_tokens, c.backend, c.quant)
+        estimate_dict = asdict(estimate) if hasattr(estimate, "__dataclass_fields__") else dict(estimate)
+        spec_attrs(trial, spec, count_parameters(spec), estimate_dict)
+        if estimate.lower_bound_bytes > c.budget_bytes:
+            trial.set_user_attr("status", "prefiltered")
+            trial.set_user_attr("constraint", [float(estimate.lower_bound_bytes - c.budget_bytes)])
+            trial.set_user_attr(
+                "reason",
+                f"needs at least {estimate.lower_bound_bytes / 2**20:.0f} MiB (analytic lower bound) > budget {c.budget_bytes / 2**20:.0f} MiB: not compiled",
+            )
+            self._tell(trial, "prefiltered", state=TrialState.PRUNED)
+            return
+        candidate = Candidate(trial=trial, spec=spec, estimate=estimate_dict)
+        self.pending[trial.number] = candidate
+        self._start_measurement_path(candidate)
+        self._start_quality(candidate)
+
+    def _measurement_key(self, spec: ArchSpec) -> str:
+        from devices.artifact import toolchain_versions
+
+        c = self.config
+        return measurement_key(spec.key, c.backend, c.quant, c.protocol.key, self.device_fingerprint, toolchain_versions())
+
+    def _start_measurement_path(self, candidate: Candidate) -> None:
+        from nas.workers import compile_candidate
+
+        cached = self.cache.get(self._measurement_key(candidate.spec))
+        if cached is not None:
+            value, provenance = cached
+            candidate.compiled = value.get("artifact")
+            candidate.measurement = value["measurement"]
+            candidate.measurement_cached = True
+            candidate.trial.set_user_attr("measurement_cached_from", provenance)
+            return
+        c = self.config
+        candidate.compile_ref = compile_candidate.options(num_cpus=1).remote(
+            candidate.spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.device.worker_cpus
+        )
+
+    def _start_quality(self, candidate: Candidate) -> None:
+        from nas.workers import score_quality
+
+        c = self.config
+        if c.quality == "none":
+            return
+        from nas.quality import cache_key as quality_cache_key
+
+        settings = _quality_settings(c.quality_settings)
+        key = "quality-" + quality_cache_key(candidate.spec, c.quality, settings, c.seed or 0)
+        cached = self.cache.get(key)
+        if cached is not None:
+            candidate.quality, provenance = cached
+            candidate.quality_cached = True
+            candidate.trial.set_user_attr("quality_cached_from", provenance)
+            return
+        candidate.quality_key = key
+        options = {"num_gpus": 1, "num_cpus": 1} if self.quality_on_gpu else {"num_cpus": 1}
+        device = "cuda" if self.quality_on_gpu else "cpu"
+        candidate.quality_ref = score_quality.options(**options).remote(candidate.spec.to_dict(), c.quality, device, c.quality_settings, c.seed or 0, self.device.worker_cpus)
+
+    def _refs(self) -> dict[Any, tuple[Candidate, str]]:
+        refs = {}
+        for candidate in self.pending.values():
+            for stage in ("compile", "measure", "quality"):
+                ref = getattr(candidate, f"{stage}_ref")
+                if ref is not None:
+                    refs[ref] = (candidate, stage)
+        return refs
+
+    def _advance(self) -> None:
+        refs = self._refs()
+        if refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+        else:
+            ready = []
+        for ref in ready:
+            candidate, stage = refs[ref]
+            result = ray.get(ref)
+            setattr(candidate, f"{stage}_ref", None)
+            candidate.stage_s[stage] = result.get("wall_s", 0.0)
+            self.stats.stage_s[stage] += result.get("wall_s", 0.0)
+            getattr(self, f"_on_{stage}")(candidate, result)
+        for number in [n for n, cand in self.pending.items() if cand.done]:
+            self._finish(self.pending.pop(number))
+
+    def _on_compile(self, candidate: Candidate, result: dict[str, Any]) -> None:
+        if not result["ok"]:
+            candidate.measurement = {"status": "compile_error", "error": result["error"]}
+            return
+        candidate.compiled = result
+        c = self.config
+        candidate.measure_ref = self.actor.measure.remote(result["path"], c.protocol.to_dict(), self._measurement_key(candidate.spec), c.measure_timeout_s)
+
+    def _on_measure(self, candidate: Candidate, result: dict[str, Any]) -> None:
+        self.stats.device_busy_s += result.get("wall_s", 0.0)
+        if not result["ok"]:
+            candidate.measurement = {"status": "lost", "error": result["error"]}
+            return
+        candidate.measurement = result["measurement"]
+        if candidate.measurement["status"] == "ok":
+            self.cache.put(self._measurement_key(candidate.spec), {"measurement": candidate.measurement, "artifact": candidate.compiled}, self.config.study, candidate.trial.number)
+
+    def _on_quality(self, candidate: Candidate, result: dict[str, Any]) -> None:
+        candidate.quality = result
+        if result["ok"]:
+            self.cache.put(candidate.quality_key, result, self.config.study, candidate.trial.number)
+
+    # -- telling the study ----------------------------------------------------------------
+
+    def _finish(self, candidate: Candidate) -> None:
+        c, trial = self.config, candidate.trial
+        trial.set_user_attr("cached", candidate.measurement_cached or candidate.quality_cached)
+        trial.set_user_attr("stage_s", candidate.stage_s)
+        if candidate.compiled:
+            trial.set_user_attr("artifact", {k: candidate.compiled.get(k) for k in ("key", "path", "bytes", "stages_s")} | {"backend": c.backend, "quant": c.quant})
+        m = candidate.measurement
+        status = m["status"]
+        if status != "ok":
+            reason = m.get("error") or status
+            if status == "compile_error":
+                reason = f"compile failed: {reason}"
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("reason", reason[:2000])
+            if "protocol" in m:
+                trial.set_user_attr("measurement", m)
+            self._tell(trial, status, state=TrialState.FAIL)
+            return
+        measurement = Measurement.from_dict(m)
+        prefill, decode = measurement.prefill[c.context], measurement.decode[c.context]
+        footprint = measurement.memory.get("footprint_bytes")
+        trial.set_user_attr("measurement", m)
+        trial.set_user_attr("prefill_ms", prefill.median_ms)
+        trial.set_user_attr("decode_ms", decode.median_ms)
+        trial.set_user_attr("prefill_stats", prefill.to_dict())
+        trial.set_user_attr("decode_stats", decode.to_dict())
+        trial.set_user_attr("footprint_bytes", footprint)
+        trial.set_user_attr("peak_rss_bytes", measurement.memory.get("peak_rss_bytes"))
+        if footprint:
+            trial.set_user_attr("memory_estimate_error", (candidate.estimate["total_bytes"] - footprint) / footprint)
+        quality_score = None
+        if c.quality != "none":
+            q = candidate.quality or {"ok": False, "error": "no quality result"}
+            if not q["ok"]:
+                trial.set_user_attr("status", "error")
+                trial.set_user_attr("reason", f"quality proxy failed: {q.get('error')}"[:2000])
+                self._tell(trial, "error", state=TrialState.FAIL)
+                return
+            quality_score = q["score"]
+            trial.set_user_attr("quality", quality_score)
+            trial.set_user_attr("quality_detail", q["detail"])
+        over = float((footprint or 0) - c.budget_bytes)
+        trial.set_user_attr("constraint", [over])
+        status = "ok" if over <= 0 else "infeasible"
+        trial.set_user_attr("status", status)
+        if status == "infeasible":
+            trial.set_user_attr("reason", f"footprint {footprint / 2**20:.0f} MiB > budget {c.budget_bytes / 2**20:.0f} MiB")
+        self._tell(trial, status, values=objective_values(c.quality, quality_score, prefill.median_ms, decode.median_ms))
+
+    def _tell(self, trial: optuna.Trial, status: str, state: TrialState = TrialState.COMPLETE, values: list[float] | None = None) -> None:
+        if state == TrialState.COMPLETE:
+            self.study.tell(trial, values)
+        else:
+            self.study.tell(trial, state=state)
+        self.stats.count(status)
+
+
+def _quality_settings(name: str):
+    from nas.quality import QualitySettings
+
+    try:
+        return getattr(QualitySettings, name)()
+    except AttributeError:
+        raise UserError(f"unknown quality settings {name!r}; use default or cpu_small") from None
+
+
+def _fingerprint(info: dict[str, Any], session: DeviceSession) -> str:
+    import hashlib
+    import json
+
+    facts = {k: info.get(k) for k in ("name", "profile", "emulated", "cpu_model", "cores", "memory_bytes", "os", "runtimes", "threads", "cpus", "memory_limit_bytes")}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _record_estimate_error(study: optuna.Study) -> None:
+    errors = sorted(abs(t.user_attrs["memory_estimate_error"]) for t in study.get_trials(deepcopy=False) if "memory_estimate_error" in t.user_attrs)
+    if errors:
+        study.set_user_attr("memory_estimate_error", {"n": len(errors), "median_abs": errors[len(errors) // 2], "max_abs": errors[-1]})
+
+
+def run_search(config: SearchConfig, console=None) -> optuna.Study:
+    return Search(config, console=console).run()
+
+
+__all__ = ["SearchConfig", "Search", "run_search", "start_ray"]

@@ -1,0 +1,128 @@
+"""`lfm2-nas search` and `lfm2-nas study list|show|pareto`."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from lfm2.errors import UserError
+
+study_app = typer.Typer(help="Look into stored studies.", no_args_is_help=True)
+
+
+def search(
+    device: str = typer.Option(..., "--device", help="A registered device name, or 'local' for this machine."),
+    budget: str = typer.Option(..., "--budget", help="Memory budget for the model's footprint: 500MB, 1.5GiB, 800M ..."),
+    trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (presets included)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: DEVICE-BACKEND-QUANT)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///FILE.db (default sqlite:///lfm2-nas.db), an RDB URL, or a journal file PATH.log."),
+    space: str = typer.Option("default", "--space", help="default, small, or a space file (.toml)."),
+    backend: str = typer.Option("executorch", "--backend", help="executorch or onnx."),
+    quant: str = typer.Option("8da4w", "--quant", help="executorch: 8da4w|fp32; onnx: int8|fp32."),
+    context: int = typer.Option(2048, "--context", help="Prefill length and decode depth the latencies are measured at."),
+    quality: str = typer.Option("mad", "--quality", help="mad (synthetic tasks), lm (bits per byte), or none."),
+    quality_settings: str = typer.Option("default", "--quality-settings", help="default (sized for a GPU) or cpu_small."),
+    sampler: str = typer.Option("nsga2", "--sampler", help="nsga2, tpe, gp or random."),
+    seed: int = typer.Option(0, "--seed"),
+    in_flight: int = typer.Option(2, "--in-flight", help="Candidates in the pipeline at once."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (ray start --head) instead of a local one."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
+    emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
+) -> None:
+    """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
+    from devices.sizes import format_size, parse_size
+    from nas.progress import pareto_table
+    from nas.search import SearchConfig, run_search
+
+    config = SearchConfig(
+        device=device, budget_bytes=parse_size(budget, what="--budget"), trials=trials, study=study, storage=storage, space=space,
+        backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
+        seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate,
+    )
+    console = Console()
+    result = run_search(config, console=console)
+    console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {format_size(config.budget_bytes)})"))
+    storage_flag = f" --storage {storage}" if storage else ""
+    console.print(f"report: [bold]lfm2-nas report --study {config.study}{storage_flag} --out {config.study}.html[/]")
+
+
+def _trial_row(trial) -> dict:
+    attrs = trial.user_attrs
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "status": attrs.get("status"),
+        "values": trial.values,
+        "layout": attrs.get("layout"),
+        "preset": attrs.get("preset"),
+        "params": attrs.get("params"),
+        "footprint_bytes": attrs.get("footprint_bytes"),
+        "memory_estimate_bytes": attrs.get("memory_estimate_bytes"),
+        "reason": attrs.get("reason"),
+        "spec_key": attrs.get("spec_key"),
+    }
+
+
+@study_app.command("list")
+def study_list(storage: Optional[str] = typer.Option(None, "--storage"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """The studies in a storage, with their trial counts."""
+    import optuna
+
+    from nas.storage import DEFAULT_STORAGE, open_storage
+
+    summaries = optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False)
+    rows = [{"study": s.study_name, "trials": s.n_trials, "directions": [d.name.lower() for d in s.directions], "started": str(s.datetime_start)} for s in summaries]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no studies in {storage or DEFAULT_STORAGE}")
+    for row in rows:
+        typer.echo(f"{row['study']}: {row['trials']} trials ({', '.join(row['directions'])})")
+
+
+@study_app.command("show")
+def study_show(study: str = typer.Option(..., "--study"), storage: Optional[str] = typer.Option(None, "--storage"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every trial of a study: status, values, layout, memory, reason."""
+    from nas.storage import load_existing_study
+    from nas.study import METADATA_KEY
+
+    loaded = load_existing_study(study, storage)
+    rows = [_trial_row(t) for t in loaded.get_trials(deepcopy=False)]
+    if as_json:
+        typer.echo(json.dumps({"study": study, "metadata": loaded.user_attrs.get(METADATA_KEY), "metric_names": loaded.metric_names, "trials": rows}, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{study}: {len(rows)} trials")
+    for column in ("#", "state", "status", "layout", "values", "footprint MiB", "reason"):
+        table.add_column(column)
+    for row in rows:
+        values = ", ".join(f"{v:.4g}" for v in row["values"]) if row["values"] else "-"
+        footprint = f"{row['footprint_bytes'] / 2**20:.0f}" if row["footprint_bytes"] else "-"
+        table.add_row(str(row["number"]), row["state"], row["status"] or "", (row["preset"] or "") + " " + (row["layout"] or ""), values, footprint, (row["reason"] or "")[:80])
+    Console(width=160).print(table)
+
+
+@study_app.command("pareto")
+def study_pareto(study: str = typer.Option(..., "--study"), storage: Optional[str] = typer.Option(None, "--storage"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """The Pareto set of the feasible trials."""
+    from nas.progress import pareto_table
+    from nas.storage import load_existing_study
+
+    loaded = load_existing_study(study, storage)
+    if as_json:
+        typer.echo(json.dumps([_trial_row(t) | {"spec": t.user_attrs.get("spec")} for t in loaded.best_trials], indent=2))
+        return
+    Console(width=160).print(pareto_table(loaded))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search)
+    app.add_typer(study_app, name="study")
+
+
+__all__ = ["register"]
