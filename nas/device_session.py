@@ -59,7 +59,11 @@ def _not_registered_message(device: str, known_profiles: list[str]) -> str:
     )
 
 
-def open_device(device: str, emulate: bool, workdir: str | None = None, memory_limit_bytes: int | None = None) -> DeviceSession:
+def open_device(device: str, emulate: bool, workdir: str | None = None, memory_limit_bytes: int | None = None) -> Callable[[], DeviceSession]:
+    """Check that `device` can be measured on and return a function that starts the session.
+
+    Everything that can be wrong with the flags is found here, before the study's storage
+    is touched, so that a bad `--device` writes nothing."""
     from devices.profiles import load_profiles
     from devices.registry import get_device
 
@@ -67,43 +71,38 @@ def open_device(device: str, emulate: bool, workdir: str | None = None, memory_l
     if device == "local" or emulate:
         if device != "local" and device not in profiles:
             raise UserError(f"--emulate needs a device profile; {device!r} is not one (known: {', '.join(sorted(profiles))})")
-        from devices.agent.local import start_local_agent
-
         worker_cpus, measure_cpus = partition_cores()
         profile = profiles["local" if device == "local" else device]
-        handle = start_local_agent(
-            name=device,
-            profile=profile.name,
-            cpus=measure_cpus,
-            threads=len(measure_cpus) if device == "local" else None,
-            memory_limit=memory_limit_bytes,
-            emulate=device != "local",
-            workdir=workdir,
-        )
-        return DeviceSession(
-            name=device,
-            url=handle.url,
-            token=handle.token,
-            local=True,
-            emulated=device != "local",
-            profile=profile.name,
-            worker_cpus=worker_cpus,
-            measure_cpus=measure_cpus,
-            stop=handle.stop,
-        )
+
+        def start_local() -> DeviceSession:
+            from devices.agent.local import start_local_agent
+
+            handle = start_local_agent(
+                name=device,
+                profile=profile.name,
+                cpus=measure_cpus,
+                threads=len(measure_cpus) if device == "local" else None,
+                memory_limit=memory_limit_bytes,
+                emulate=device != "local",
+                workdir=workdir,
+            )
+            return DeviceSession(
+                name=device, url=handle.url, token=handle.token, local=True, emulated=device != "local", profile=profile.name,
+                worker_cpus=worker_cpus, measure_cpus=measure_cpus, stop=handle.stop,
+            )
+
+        return start_local
     registered = get_device(device)
     if registered is None:
         raise UserError(_not_registered_message(device, sorted(profiles)))
-    return DeviceSession(
-        name=device,
-        url=registered.url,
-        token=registered.token(),
-        local=False,
-        emulated=False,
-        profile=getattr(registered, "profile", device),
-        worker_cpus=None,
-        measure_cpus=None,
-    )
+
+    def connect() -> DeviceSession:
+        return DeviceSession(
+            name=device, url=registered.url, token=registered.token(), local=False, emulated=False,
+            profile=getattr(registered, "profile", device), worker_cpus=None, measure_cpus=None,
+        )
+
+    return connect
 
 
 def describe(session: DeviceSession, info: dict[str, Any]) -> dict[str, Any]:

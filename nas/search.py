@@ -150,7 +150,10 @@ class Search:
         self.config = config
         self.console = console
         self.space = SearchSpace.load(config.space)
+        self.start_device = open_device(config.device, config.emulate)  # checks the flags; starts nothing
         self.storage_url = config.storage or DEFAULT_STORAGE
+        if config.resume:
+            _require_existing_sqlite(self.storage_url, config.study)
         self.storage = open_storage(self.storage_url)
         self.cache = ResultCache()
         self.stats = SearchStats()
@@ -183,7 +186,7 @@ class Search:
 
     def run(self) -> optuna.Study:
         c = self.config
-        self.device = open_device(c.device, c.emulate)
+        self.device = self.start_device()
         try:
             start_ray(c.ray_address, self.device.worker_cpus)
             from nas.workers import DeviceActor
@@ -405,6 +408,14 @@ class Search:
         else:
             self.study.tell(trial, state=state)
         self.stats.count(status)
+
+
+def _require_existing_sqlite(url: str, study: str) -> None:
+    """--resume of a SQLite file that does not exist: say so rather than create an empty one."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path not in ("", ":memory:") and not os.path.exists(path):
+            raise UserError(f"--resume: there is no study {study!r} to resume: {path} does not exist; drop --resume to start it, or check --storage")
 
 
 def _quality_settings(name: str):

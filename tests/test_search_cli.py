@@ -1,0 +1,49 @@
+"""Bad input to `lfm2-nas search` and `study`: exit status 2, a message that names the
+problem and the fix, and nothing written half-way."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def lfm2_nas(*args, cwd):
+    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
+    env = dict(os.environ, LFM2_NAS_CONFIG=str(cwd / "devices.toml"), LFM2_NAS_CACHE=str(cwd / "cache"))
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--device", "local", "--budget", "lots"], ["--budget", "800M"]),
+        (["--device", "local", "--budget", "500XB"], ["unknown unit"]),
+        (["--device", "pixel8", "--budget", "500MB"], ["no device agent named 'pixel8'", "lfm2-nas agent serve", "lfm2-nas devices add", "--emulate"]),
+        (["--device", "nosuchboard", "--budget", "500MB", "--emulate"], ["profile", "pixel8"]),
+        (["--device", "local", "--budget", "500MB", "--backend", "tflite"], ["unknown backend", "executorch"]),
+        (["--device", "local", "--budget", "500MB", "--backend", "onnx", "--quant", "8da4w"], ["onnx", "int8"]),
+        (["--device", "local", "--budget", "500MB", "--sampler", "cmaes"], ["nsga2"]),
+        (["--device", "local", "--budget", "500MB", "--space", "missing.toml"], ["missing.toml"]),
+        (["--device", "local", "--budget", "500MB", "--storage", "sqlite:////no/such/folder/x.db"], ["/no/such/folder", "sqlite:///"]),
+        (["--device", "local", "--budget", "500MB", "--storage", "postgresql://u@127.0.0.1:9/db"], ["postgresql", "sqlite:///"]),
+    ],
+)
+def test_bad_search_input_exits_2_with_the_fix(tmp_path, args, expected):
+    result = lfm2_nas("search", *args, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    for text in expected:
+        assert text in result.stderr, (text, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "lfm2-nas.db").exists()  # nothing written half-way
+
+
+def test_missing_study_names_what_exists(tmp_path):
+    result = lfm2_nas("study", "show", "--study", "nope", "--storage", f"sqlite:///{tmp_path}/s.db", cwd=tmp_path)
+    assert result.returncode == 2 and "no study named 'nope'" in result.stderr and "--study" in result.stderr
+
+
+def test_resume_of_a_study_that_does_not_exist(tmp_path):
+    result = lfm2_nas("search", "--device", "local", "--budget", "500MB", "--space", "small", "--study", "ghost", "--resume", cwd=tmp_path)
+    assert result.returncode == 2 and "no study 'ghost'" in result.stderr

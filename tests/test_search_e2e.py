@@ -1,0 +1,103 @@
+"""The search end to end, as a user runs it: the installed CLI, a real local agent, Ray,
+real compiles and measurements, a SQLite study file."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from nas.storage import open_storage
+
+pytestmark = pytest.mark.slow
+
+BASE = ["--device", "local", "--budget", "400MB", "--space", "small", "--context", "64", "--backend", "onnx", "--quant", "fp32", "--quality", "none", "--sampler", "random", "--in-flight", "2"]
+
+
+def lfm2_nas(*args, cwd, env=None, timeout=900):
+    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def env(tmp_path):
+    environment = dict(os.environ)
+    environment["LFM2_NAS_CACHE"] = str(tmp_path / "cache")  # a fresh cache: nothing reused from other runs
+    environment["LFM2_NAS_CONFIG"] = str(tmp_path / "devices.toml")
+    return environment
+
+
+def load(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{tmp_path}/lfm2-nas.db"))
+
+
+def test_search_over_the_small_space_on_the_local_device(tmp_path, env):
+    result = lfm2_nas("search", *BASE, "--trials", "4", "--study", "e2e", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Pareto front" in result.stdout and "lfm2-nas report --study e2e" in result.stdout
+    study = load(tmp_path, "e2e")
+    assert study.metric_names == ["prefill_ms", "decode_ms"]
+    meta = study.user_attrs["lfm2_nas"]
+    assert meta["budget_bytes"] == 400 * 1000**2 and meta["device"]["name"] == "local" and meta["protocol"]["prompt_lengths"] == [64]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete, [(t.number, t.state, t.user_attrs.get("reason")) for t in study.trials]
+    for trial in complete:
+        assert all(v > 0 for v in trial.values)
+        assert trial.user_attrs["footprint_bytes"] > 0
+        assert trial.user_attrs["measurement"]["status"] == "ok"
+        assert trial.user_attrs["prefill_stats"]["samples_ms"]
+    assert study.best_trials
+    assert len([t for t in study.trials if t.state.is_finished()]) == 4
+
+    # The same search again in a new study: every candidate comes from the cache.
+    again = lfm2_nas("search", *BASE, "--trials", "4", "--study", "e2e-again", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    repeated = [t for t in load(tmp_path, "e2e-again").trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert repeated and all(t.user_attrs["cached"] for t in repeated)
+
+
+def test_resume_after_the_driver_is_killed_repeats_no_completed_trial(tmp_path, env):
+    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
+    driver = subprocess.Popen([exe, "search", *BASE, "--trials", "5", "--study", "crash"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    storage = f"sqlite:///{tmp_path}/lfm2-nas.db"
+    deadline = time.time() + 600
+    completed_before = []
+    while time.time() < deadline:
+        time.sleep(2)
+        try:
+            study = optuna.load_study(study_name="crash", storage=open_storage(storage))
+        except Exception:
+            continue
+        completed_before = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(completed_before) >= 1 and any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+            break
+    assert completed_before, "the search completed no trial in time"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started
+    driver.wait()
+    before = {t.number: (t.values, t.user_attrs["spec_key"]) for t in completed_before}
+
+    result = lfm2_nas("search", *BASE, "--trials", "5", "--study", "crash", "--resume", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = load(tmp_path, "crash")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for number, (values, key) in before.items():
+        assert study.trials[number].values == values and study.trials[number].user_attrs["spec_key"] == key
+    counted = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("requeued")]
+    assert len(counted) == 5
+    # a candidate measured before the kill is not measured again after it
+    keys_after = [t.user_attrs.get("spec_key") for t in study.trials if t.number not in before and t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("cached")]
+    assert not set(keys_after) & {key for _, key in before.values()}
+
+
+def test_failures_are_recorded_with_their_reasons(tmp_path, env):
+    # A budget so small that every candidate is certainly over it: prefiltered, never compiled.
+    result = lfm2_nas("search", *BASE[:2], "--budget", "1MB", *BASE[4:], "--trials", "2", "--study", "tiny-budget", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(tmp_path, "tiny-budget").trials
+    assert trials and all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["status"] == "prefiltered" for t in trials)
+    assert all("budget" in t.user_attrs["reason"] for t in trials)
