@@ -23,8 +23,9 @@ app = typer.Typer(
 def _register_commands() -> None:
     from lfm2 import cli as lfm2_cli
     from nas import search_cli
+    from search_space import cli as space_cli
 
-    for module in (lfm2_cli, search_cli):
+    for module in (lfm2_cli, search_cli, space_cli):
         module.register(app)
 
 
