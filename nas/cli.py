@@ -22,10 +22,11 @@ app = typer.Typer(
 
 def _register_commands() -> None:
     from lfm2 import cli as lfm2_cli
-    from nas import search_cli
+    from nas import export_cli, search_cli
     from search_space import cli as space_cli
+    from devices import agent_cli
 
-    for module in (lfm2_cli, search_cli, space_cli):
+    for module in (lfm2_cli, search_cli, space_cli, agent_cli, export_cli):
         module.register(app)
 
 

@@ -1,0 +1,192 @@
+"""What an agent is and what its measurement children may use: flags -> `AgentConfig`.
+
+The rules, in one place:
+- threads: `--threads`, else the profile's recommended threads;
+- CPU affinity: `--cpus`, else (real device) the profile's affinity if those cores exist
+  here, else (`--emulate`) the first `threads` cores this process may use;
+- memory cap: `--memory-limit`, else (`--emulate`) the profile's memory budget, else none
+  (a real device's own memory is the limit: going over it gives `oom` all the same);
+- timeout: `--job-timeout` per measurement child.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from devices.profiles import DeviceProfile, cpu_model, get_profile
+from devices.protocol import Limits
+from devices.sizes import parse_size
+from lfm2.errors import UserError
+
+API_VERSION = "v1"
+DEFAULT_PORT = 7341
+DEFAULT_MAX_UPLOAD = 8 << 30
+DEFAULT_JOB_TIMEOUT_S = 1800.0
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("lfm2-nas")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def default_workdir(name: str) -> Path:
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "lfm2-nas" / "agents" / name
+
+
+def parse_cpus(text: str | None) -> tuple[int, ...] | None:
+    """`0,1`, `0-3`, `0-3,6`: core ids, as `taskset -c` spells them."""
+    if text is None or not text.strip():
+        return None
+    cpus: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise UserError(f"--cpus {text!r}: {part!r} is not a core id or range; write e.g. 0,1 or 0-3,6")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise UserError(f"--cpus {text!r}: the range {part!r} runs backwards")
+        cpus.extend(range(low, high + 1))
+    return tuple(dict.fromkeys(cpus))
+
+
+def usable_cpus() -> tuple[int, ...]:
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    workdir: Path
+    profile: DeviceProfile
+    emulate: bool = False
+    limits: Limits = field(default_factory=Limits)
+    max_upload: int = DEFAULT_MAX_UPLOAD
+    cooldown_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # why a limit is what it is
+
+    def machine(self) -> dict[str, Any]:
+        """This host: what `/v1/info` shows and the fingerprint hashes."""
+        memory = psutil.virtual_memory()
+        return {
+            "cpu_model": cpu_model(),
+            "logical_cores": psutil.cpu_count(logical=True),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "usable_cpus": list(usable_cpus()),
+            "memory_bytes": memory.total,
+            "os": platform.system(),
+            "os_release": platform.release(),
+            "arch": platform.machine(),
+            "hostname": platform.node(),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies "where the numbers come from": the hardware, the profile, whether it is
+        emulated, and the limits. Any of these changing makes earlier results incomparable."""
+        machine = self.machine()
+        payload = {
+            "cpu_model": machine["cpu_model"],
+            "logical_cores": machine["logical_cores"],
+            "memory_bytes": machine["memory_bytes"],
+            "os": machine["os"],
+            "arch": machine["arch"],
+            "profile": self.profile.name,
+            "emulated": self.emulate,
+            "limits": {k: v for k, v in self.limits.to_dict().items() if k != "timeout_s"},
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def device_facts(self) -> dict[str, Any]:
+        """Stamped on every Measurement this agent returns."""
+        return {
+            "name": self.name,
+            "profile": self.profile.name,
+            "emulated": self.emulate,
+            "fingerprint": self.fingerprint,
+            "agent_version": agent_version(),
+            "limits": self.limits.to_dict(),
+        }
+
+
+def build_config(
+    name: str,
+    workdir: str | Path | None = None,
+    profile: str = "local",
+    cpus: str | tuple[int, ...] | None = None,
+    threads: int | None = None,
+    memory_limit: str | int | None = None,
+    emulate: bool = False,
+    max_upload: str | int = DEFAULT_MAX_UPLOAD,
+    cooldown_s: float = 0.0,
+    job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
+    profiles_files: tuple[str | Path, ...] = (),
+) -> AgentConfig:
+    if not AGENT_NAME.match(name or ""):
+        raise UserError(f"agent name {name!r} must be letters, digits, '.', '_' or '-' (at most 64), e.g. pixel8-lab")
+    device_profile = get_profile(profile, profiles_files)
+    if emulate and device_profile.name == "local":
+        raise UserError("--emulate needs a --profile to emulate (e.g. --profile pixel8); `local` is this machine already")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if cooldown_s < 0:
+        raise UserError(f"--cooldown must be >= 0 seconds, got {cooldown_s}")
+    if job_timeout_s <= 0:
+        raise UserError(f"--job-timeout must be > 0 seconds, got {job_timeout_s}")
+    notes: list[str] = []
+    available = usable_cpus()
+    chosen_cpus = parse_cpus(cpus) if isinstance(cpus, str) or cpus is None else tuple(cpus)
+    if chosen_cpus is not None:
+        missing = sorted(set(chosen_cpus) - set(available))
+        if missing:
+            raise UserError(f"--cpus names core(s) {missing} that this process cannot use; usable here: {list(available)}")
+    run_threads = threads or device_profile.threads
+    if chosen_cpus is None:
+        if emulate:
+            chosen_cpus = available[: max(1, min(run_threads, len(available)))]
+            notes.append(f"emulating {device_profile.name}: pinned to the first {len(chosen_cpus)} usable core(s) of this host")
+        elif device_profile.affinity is not None and set(device_profile.affinity) <= set(available):
+            chosen_cpus = device_profile.affinity
+        elif device_profile.affinity is not None:
+            notes.append(f"profile {device_profile.name} recommends cores {list(device_profile.affinity)}, which this host lacks: not pinned")
+    if emulate and run_threads > len(available):
+        notes.append(f"{device_profile.name} runs {run_threads} threads; this host has {len(available)} usable cores: threads share cores")
+    if memory_limit is not None:
+        memory_bytes: int | None = parse_size(memory_limit, "--memory-limit")
+        if memory_bytes == 0:
+            raise UserError("--memory-limit must be larger than 0; leave it out for no cap")
+    elif emulate:
+        memory_bytes = device_profile.memory_budget_bytes
+        notes.append(f"emulating {device_profile.name}: memory capped at its budget of {memory_bytes} bytes")
+    else:
+        memory_bytes = None
+    workdir = Path(workdir).expanduser() if workdir else default_workdir(name)
+    return AgentConfig(
+        name=name,
+        workdir=workdir.resolve(),
+        profile=device_profile,
+        emulate=emulate,
+        limits=Limits(cpus=chosen_cpus, threads=run_threads, memory_bytes=memory_bytes, timeout_s=float(job_timeout_s)),
+        max_upload=parse_size(max_upload, "--max-upload"),
+        cooldown_s=float(cooldown_s),
+        notes=notes,
+    )
+
+
+__all__ = ["AgentConfig", "build_config", "parse_cpus", "usable_cpus", "agent_version", "default_workdir", "API_VERSION", "DEFAULT_PORT", "DEFAULT_MAX_UPLOAD"]

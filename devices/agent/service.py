@@ -1,0 +1,548 @@
+"""The agent's HTTP service (FastAPI, served by uvicorn): API version 1 under `/v1/`.
+
+    GET  /v1/health                  open: is it up (for probes; says nothing secret)
+    GET  /v1/info                    what the device is, its limits, busy or idle, queue
+    HEAD /v1/artifacts/{sha256}      200 if the agent has that bundle, 404 if not
+    GET  /v1/artifacts/{sha256}      what that artifact is
+    PUT  /v1/artifacts/{sha256}      streamed upload of a bundle (uncompressed tar)
+    POST /v1/jobs                    queue a measurement {artifact_sha256, protocol, job_id?}
+    GET  /v1/jobs/{job_id}?wait=S    a job's state, and its Measurement when done
+    GET  /v1/jobs?state=queued       jobs, oldest first for a state, newest first otherwise
+    GET  /v1/openapi.json, /v1/docs  the schema
+
+Everything but `/v1/health` needs `Authorization: Bearer <token>`; the check runs in an
+ASGI middleware before any routing or body parsing, so a request without the token
+learns nothing and costs nothing. Bodies are bounded (uploads by `--max-upload`, JSON
+by `MAX_JSON_BODY`) and only ever parsed as JSON into pydantic models or unpacked as a
+tar by `devices.agent.bundle` (never unpickled, never evaluated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from starlette.requests import ClientDisconnect
+
+from devices.agent.auth import bearer_token, token_matches
+from devices.agent.config import API_VERSION, AgentConfig, agent_version
+from devices.agent.jobs import JobConflict, JobStore, StoreUnavailable, Worker, request_sha256
+from devices.agent.store import ArtifactStore, UploadError
+from devices.artifact import toolchain_versions
+from devices.protocol import Protocol
+from lfm2.errors import UserError
+
+log = logging.getLogger("lfm2_nas.agent")
+
+OPEN_PATHS = frozenset({f"/{API_VERSION}/health"})
+MAX_JSON_BODY = 256 << 10
+UPLOAD_CHUNK = 1 << 20
+#: After refusing an upload, read (and drop) up to this much more of it, so the client
+#: sees the refusal instead of a connection reset halfway through its send.
+DRAIN_AFTER_REFUSAL = 32 << 20
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+Sha256 = Annotated[str, PathParam(pattern=SHA256_PATTERN, description="sha256 of the bundle bytes")]
+JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="the job id (given by the client, or made by the agent)")]
+WaitSeconds = Annotated[float, Query(ge=0, le=60.0, description="seconds to wait for the job to be done")]
+StateFilter = Annotated[Literal["queued", "running", "done"] | None, Query()]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+_DEFAULT = Protocol()
+_Positive = Annotated[StrictInt, Field(ge=1, le=1 << 20)]
+
+
+class ProtocolBody(BaseModel):
+    """`devices.protocol.Protocol` as JSON; every field optional (Protocol's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_lengths: list[_Positive] = Field(default=list(_DEFAULT.prompt_lengths), min_length=1, max_length=64)
+    decode_depths: list[_Positive] = Field(default=list(_DEFAULT.decode_depths), min_length=1, max_length=64)
+    decode_tokens: StrictInt = Field(default=_DEFAULT.decode_tokens, ge=1, le=1 << 16)
+    warmup_runs: StrictInt = Field(default=_DEFAULT.warmup_runs, ge=0, le=1000)
+    min_runs: StrictInt = Field(default=_DEFAULT.min_runs, ge=1, le=10_000)
+    max_runs: StrictInt = Field(default=_DEFAULT.max_runs, ge=1, le=10_000)
+    max_seconds_per_point: float = Field(default=_DEFAULT.max_seconds_per_point, gt=0, le=86_400, allow_inf_nan=False)
+    trim_fraction: float = Field(default=_DEFAULT.trim_fraction, ge=0, lt=0.5, allow_inf_nan=False)
+    cv_threshold: float = Field(default=_DEFAULT.cv_threshold, ge=0, le=100, allow_inf_nan=False)
+    max_remeasures: StrictInt = Field(default=_DEFAULT.max_remeasures, ge=0, le=100)
+    measure_memory: StrictBool = _DEFAULT.measure_memory
+    threads: StrictInt | None = Field(default=_DEFAULT.threads, ge=1, le=1024)
+    cpus: list[Annotated[StrictInt, Field(ge=0, le=4095)]] | None = Field(default=None, min_length=1, max_length=4096)
+
+    def to_protocol(self) -> Protocol:
+        return Protocol.from_dict(self.model_dump())
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_sha256: str = Field(pattern=SHA256_PATTERN, description="the bundle's sha256, as uploaded")
+    protocol: ProtocolBody = Field(default_factory=ProtocolBody)
+    job_id: str | None = Field(
+        default=None, pattern=JOB_ID_PATTERN, description="makes submission idempotent: the same id and body give the same job; a different body, 409"
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    name: str
+    api_version: str
+    agent_version: str
+
+
+class ErrorBody(BaseModel):
+    detail: str | list[Any] | dict[str, Any]
+
+
+class ArtifactInfo(BaseModel):
+    sha256: str
+    key: str
+    backend: str
+    quant: str
+    spec_key: str
+    max_context: int
+    prompt_lengths: list[int]
+    bytes: int
+    created: bool | None = None
+
+
+class JobView(BaseModel):
+    job_id: str
+    state: Literal["queued", "running", "done"]
+    artifact_sha256: str
+    protocol: dict[str, Any]
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    events: list[dict[str, Any]]
+    queue_position: int | None
+    status: str | None = Field(description="the Measurement's status when done: ok, oom, error, timeout")
+    measurement: dict[str, Any] | None = Field(description="devices.protocol.Measurement.to_dict(), when done")
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class Info(BaseModel):
+    name: str
+    api_version: str
+    agent_version: str
+    profile: dict[str, Any]
+    emulated: bool
+    fingerprint: str
+    machine: dict[str, Any]
+    runtimes: dict[str, str]
+    limits: dict[str, Any]
+    notes: list[str]
+    max_upload_bytes: int
+    free_disk_bytes: int
+    artifacts: int
+    state: Literal["idle", "running", "cooling"]
+    busy: bool
+    current_job: str | None
+    queue_length: int
+    jobs: dict[str, int]
+    cooldown_s: float
+    worker_alive: bool
+    started_at: float
+    uptime_s: float
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in (401, *codes)}
+
+
+class WorkdirLocked(UserError):
+    pass
+
+
+class Agent:
+    """The agent's state: its stores and its worker. One per workdir (a file lock)."""
+
+    def __init__(self, config: AgentConfig, token: str):
+        self.config = config
+        self.token = token
+        config.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_handle = open(config.workdir / "agent.lock", "a+")
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_handle.seek(0)
+            holder = self._lock_handle.read().strip() or "unknown"
+            self._lock_handle.close()
+            raise WorkdirLocked(f"another agent (pid {holder}) is serving {config.workdir}; stop it, or give this one another --workdir") from None
+        self._lock_handle.seek(0)
+        self._lock_handle.truncate()
+        self._lock_handle.write(str(os.getpid()))
+        self._lock_handle.flush()
+        self.artifacts = ArtifactStore(config.workdir, config.max_upload)
+        self.jobs = JobStore(config.workdir / "jobs.sqlite")
+        self.worker = Worker(self.jobs, self.artifacts.path, config.limits, config.device_facts(), config.cooldown_s)
+        self.started_at = time.time()
+        self._machine = config.machine()
+        self._runtimes = toolchain_versions()
+
+    def start(self) -> None:
+        cleaned = self.artifacts.clean_tmp()
+        requeued = self.jobs.recover()
+        if cleaned:
+            log.info("removed %d leftover(s) of interrupted uploads", cleaned)
+        if requeued:
+            log.warning("re-queued %d job(s) that were running when the agent stopped: %s", len(requeued), ", ".join(requeued))
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.jobs.close()
+        self._lock_handle.close()
+
+    def info(self) -> dict[str, Any]:
+        counts = self.jobs.counts()
+        return {
+            "name": self.config.name,
+            "api_version": API_VERSION,
+            "agent_version": agent_version(),
+            "profile": self.config.profile.to_dict(),
+            "emulated": self.config.emulate,
+            "fingerprint": self.config.fingerprint,
+            "machine": self._machine,
+            "runtimes": self._runtimes,
+            "limits": self.config.limits.to_dict(),
+            "notes": self.config.notes,
+            "max_upload_bytes": self.config.max_upload,
+            "free_disk_bytes": self.artifacts.free_bytes(),
+            "artifacts": self.artifacts.count(),
+            "state": self.worker.phase,
+            "busy": self.worker.phase != "idle" or counts["running"] > 0,
+            "current_job": self.worker.current_job,
+            "queue_length": counts["queued"],
+            "jobs": counts,
+            "cooldown_s": self.config.cooldown_s,
+            "worker_alive": self.worker.alive,
+            "started_at": self.started_at,
+            "uptime_s": time.time() - self.started_at,
+        }
+
+
+class BearerAuth:
+    """ASGI middleware: the token check and the JSON body bound, before anything else runs."""
+
+    def __init__(self, app: Any, token: str, upload_prefix: str):
+        self.app = app
+        self.token = token
+        self.upload_prefix = upload_prefix
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] not in OPEN_PATHS:
+            headers = dict(scope["headers"])
+            presented = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+            if not token_matches(presented, self.token):
+                reason = "missing" if presented is None else "wrong"
+                response = JSONResponse(
+                    {"detail": f"{reason} bearer token: send `Authorization: Bearer <token>` with the token from the agent's --token-file"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                return await response(scope, receive, send)
+        if scope["path"].startswith(self.upload_prefix) and scope["method"] == "PUT":
+            return await self.app(scope, receive, send)  # the upload route bounds its own body
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_JSON_BODY):
+            response = JSONResponse({"detail": f"request body over {MAX_JSON_BODY} bytes; JSON requests are small"}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def bounded_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_JSON_BODY:
+                raise HTTPException(413, f"request body over {MAX_JSON_BODY} bytes; JSON requests are small")
+            return message
+
+        return await self.app(scope, bounded_receive, send)
+
+
+def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app for `agent`; its lifespan starts and stops the agent's worker."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        agent.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            agent.stop()
+
+    prefix = f"/{API_VERSION}"
+    app = FastAPI(
+        title="lfm2-nas device agent",
+        version=agent_version(),
+        description="Measures compiled LFM2 artifacts on the device it runs on (see devices/agent/service.py).",
+        openapi_url=f"{prefix}/openapi.json",
+        docs_url=f"{prefix}/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.add_middleware(BearerAuth, token=agent.token, upload_prefix=f"{prefix}/artifacts/")
+    bearer = HTTPBearer(auto_error=False, description="the token in the agent's --token-file")
+    authed = [Depends(bearer)]  # documents the scheme; BearerAuth has already enforced it
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        if isinstance(exc, UploadError):
+            status = exc.status
+        elif isinstance(exc, JobConflict):
+            status = 409
+        elif isinstance(exc, StoreUnavailable):
+            status = 507
+        else:
+            status = 422
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.get(f"{prefix}/health", response_model=Health, tags=["agent"])
+    def health() -> dict[str, Any]:
+        """Open to all: for probes. Everything else needs the bearer token."""
+        return {"status": "ok", "name": agent.config.name, "api_version": API_VERSION, "agent_version": agent_version()}
+
+    @app.get(f"{prefix}/info", response_model=Info, dependencies=authed, responses=_errors(), tags=["agent"])
+    def info() -> dict[str, Any]:
+        return agent.info()
+
+    @app.api_route(f"{prefix}/artifacts/{{sha256}}", methods=["GET", "HEAD"], response_model=ArtifactInfo, dependencies=authed, responses=_errors(404, 422), tags=["artifacts"])
+    def get_artifact(sha256: Sha256) -> dict[str, Any]:
+        """200 with what the artifact is if the agent has the bundle, else 404."""
+        described = agent.artifacts.describe(sha256)
+        if described is None:
+            raise HTTPException(404, f"artifact {sha256} is not on this agent; upload it with PUT {prefix}/artifacts/{sha256}")
+        return described
+
+    @app.put(
+        f"{prefix}/artifacts/{{sha256}}",
+        status_code=201,
+        response_model=ArtifactInfo,
+        dependencies=authed,
+        responses={200: {"model": ArtifactInfo, "description": "already present: nothing was stored"}, **_errors(400, 411, 413, 422, 507)},
+        tags=["artifacts"],
+        openapi_extra={"requestBody": {"required": True, "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}},
+    )
+    async def put_artifact(sha256: Sha256, request: Request, response: Response) -> Any:
+        """Upload a bundle (an uncompressed tar of the artifact folder) named by its sha256.
+        The hash is checked, the tar unpacked safely and the manifest's sha256s verified
+        before the artifact becomes visible. An artifact already present costs nothing."""
+        store = agent.artifacts
+        if store.has(sha256):
+            response.status_code = 200
+            return {**store.describe(sha256), "created": False}
+        declared_text = request.headers.get("content-length")
+        if declared_text is not None and not declared_text.isdigit():
+            raise HTTPException(400, "Content-Length is not a number")
+        declared = int(declared_text) if declared_text is not None else None
+        try:
+            store.check_room(declared)
+        except UploadError:
+            await _drain(request)
+            raise
+        upload = store.begin()
+        try:
+            buffer = bytearray()
+            async for chunk in request.stream():
+                buffer += chunk
+                if len(buffer) >= UPLOAD_CHUNK:
+                    data, buffer = bytes(buffer), bytearray()
+                    await anyio.to_thread.run_sync(upload.write, data)
+            if buffer:
+                await anyio.to_thread.run_sync(upload.write, bytes(buffer))
+        except UploadError:
+            upload.discard()
+            await _drain(request)
+            raise
+        except ClientDisconnect:
+            upload.discard()
+            log.info("upload of %s: the client went away; nothing kept", sha256[:12])
+            return JSONResponse({"detail": "client disconnected"}, status_code=400)
+        except BaseException:
+            upload.discard()
+            raise
+        if upload.size == 0:
+            upload.discard()
+            raise HTTPException(400, "empty upload: send the bundle bytes as the request body")
+        path, created = await anyio.to_thread.run_sync(store.commit, upload, sha256)
+        response.status_code = 201 if created else 200
+        if created:
+            log.info("stored artifact %s (%d bytes)", sha256[:12], upload.size)
+        return {**store.describe(sha256), "created": created}
+
+    @app.post(
+        f"{prefix}/jobs",
+        status_code=201,
+        response_model=JobView,
+        dependencies=authed,
+        responses={200: {"model": JobView, "description": "this job id was submitted before with the same body"}, **_errors(404, 409, 413, 422, 507)},
+        tags=["jobs"],
+    )
+    def submit_job(body: JobRequest, response: Response) -> dict[str, Any]:
+        """Queue a measurement of an uploaded artifact. With a `job_id`, submitting again is
+        safe: the same id and body return the same job (200), never a second measurement."""
+        protocol = body.protocol.to_protocol()
+        if body.job_id is not None:
+            existing = agent.jobs.get(body.job_id)
+            if existing is not None:
+                if existing.request_sha256 != request_sha256(body.artifact_sha256, protocol):
+                    raise JobConflict(f"job id {body.job_id!r} is already used by a different request (another artifact or protocol); use a new job id")
+                response.status_code = 200
+                return existing.to_dict()
+        artifact = agent.artifacts.load(body.artifact_sha256)
+        if artifact is None:
+            raise HTTPException(404, f"artifact {body.artifact_sha256} is not on this agent; upload it first with PUT {prefix}/artifacts/{body.artifact_sha256}")
+        _check_fits(artifact, protocol)
+        job, created = agent.jobs.submit(body.job_id or uuid.uuid4().hex, body.artifact_sha256, protocol)
+        agent.worker.wake()
+        response.status_code = 201 if created else 200
+        return job.to_dict()
+
+    @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobView, dependencies=authed, responses=_errors(404, 422), tags=["jobs"])
+    async def get_job(job_id: JobId, wait: WaitSeconds = 0.0) -> dict[str, Any]:
+        """A job's state; with `wait`, answers as soon as it is done or after that many seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            job = await anyio.to_thread.run_sync(agent.jobs.get, job_id)
+            if job is None:
+                raise HTTPException(404, f"no job {job_id!r} on this agent (it may have lost its workdir); submit it again")
+            if job.state == "done" or time.monotonic() >= deadline:
+                return job.to_dict()
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+    @app.get(f"{prefix}/jobs", response_model=JobList, dependencies=authed, responses=_errors(422), tags=["jobs"])
+    def list_jobs(state: StateFilter = None, limit: Limit = 100) -> dict[str, Any]:
+        """Jobs in a state, oldest first (the queue order), or the latest jobs of any state."""
+        return {"jobs": [job.to_dict() for job in agent.jobs.list(state, limit)]}
+
+    return app
+
+
+def _check_fits(artifact: Any, protocol: Protocol) -> None:
+    """Refuse a protocol the artifact was not compiled for (a certain failure, found early)."""
+    missing = sorted(set(protocol.prompt_lengths) - set(artifact.prompt_lengths))
+    if missing:
+        raise UserError(f"the artifact has prefill graphs for {list(artifact.prompt_lengths)}, not for prompt length(s) {missing}; compile it with those lengths")
+    if protocol.max_context > artifact.max_context:
+        raise UserError(f"the protocol needs a context of {protocol.max_context} tokens; the artifact was compiled for {artifact.max_context}: compile it with a larger max_context")
+
+
+async def _drain(request: Request) -> None:
+    """Read and drop what is left of a refused body, up to a bound."""
+    drained = 0
+    try:
+        async for chunk in request.stream():
+            drained += len(chunk)
+            if drained > DRAIN_AFTER_REFUSAL:
+                break
+    except (ClientDisconnect, RuntimeError):
+        pass
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port (0 picks a free one) or --host") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def serve(
+    config: AgentConfig,
+    token: str,
+    host: str = "127.0.0.1",
+    port: int = 7341,
+    ready_file: str | Path | None = None,
+    log_level: str = "info",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    announce: Callable[[str], None] = print,
+    token_file: Path | None = None,
+) -> None:
+    """Run the agent until SIGINT/SIGTERM. `port` 0 picks a free port; `ready_file`, if
+    given, receives {"url", "port", "pid", "name"} as JSON once the agent is serving."""
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("give both --tls-cert and --tls-key, or neither")
+    agent = Agent(config, token)
+    try:
+        sock = _bind(host, port)
+    except BaseException:
+        agent.stop()
+        raise
+    actual_port = sock.getsockname()[1]
+    scheme = "https" if tls_cert else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{actual_port}"
+
+    def on_ready() -> None:
+        announce(f"agent {config.name!r} ({'emulated ' if config.emulate else ''}{config.profile.name}) serving {url}/{API_VERSION}/ from {config.workdir}")
+        for note in config.notes:
+            announce(f"  note: {note}")
+        if token_file is not None:
+            where = f"{scheme}://THIS-HOST:{actual_port}" if host in ("0.0.0.0", "::") else url  # a wildcard is no address to dial
+            announce(f"  token file: {token_file}; register this agent on the search machine with a copy of it:")
+            announce(f"    lfm2-nas devices add {config.name} --url {where} --token-file {config.name}.token")
+        if not is_loopback(host) and tls_cert is None:
+            announce("  warning: listening beyond loopback over plain HTTP: the token crosses the network in clear; prefer an SSH tunnel or --tls-cert/--tls-key")
+        if ready_file is not None:
+            target = Path(ready_file)
+            temporary = target.with_name(target.name + ".tmp")
+            temporary.write_text(json.dumps({"url": url, "port": actual_port, "pid": os.getpid(), "name": config.name}))
+            os.replace(temporary, target)
+
+    app = create_app(agent, on_ready=on_ready)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=log_level == "debug",
+            server_header=False,
+            timeout_graceful_shutdown=3,
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+        )
+    )
+    server.run(sockets=[sock])
+
+
+__all__ = ["Agent", "create_app", "serve", "ProtocolBody", "JobRequest", "is_loopback", "WorkdirLocked"]
