@@ -29,7 +29,7 @@ from lfm2.errors import UserError
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: Room kept free besides the upload itself: the tar and its unpacked copy both need space.
-FREE_SPACE_MARGIN = 16 << 20
+FREE_SPACE_MARGIN = 1 << 20
 
 
 class UploadError(UserError):
