@@ -1,0 +1,268 @@
+"""The report's plotly figures, built from `StudyData` (no Optuna objects here).
+
+Every front plots measured trials only (a prefiltered, failed or OOM trial has no
+latency); those are counted in the outcomes chart and listed in the trials table. Peak
+memory (the measured footprint, the figure the budget is compared with) is the colour:
+a viridis scale up to the budget and solid red above it, with the budget as a colour-bar
+tick, and the memory-vs-decode chart draws the budget as a line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+
+from reports.pareto import front_2d
+from reports.sizes import format_bytes
+from reports.study_data import OUTCOMES, StudyData, TrialRow
+
+MIB = 2**20
+OUTCOME_COLOURS = {
+    "feasible": "#4c78a8",
+    "infeasible": "#e45756",
+    "prefiltered": "#b279a2",
+    "oom": "#ff9da6",
+    "failed": "#9d755d",
+    "running": "#bab0ac",
+}
+OUTCOME_LABELS = {
+    "feasible": "feasible (measured, within budget)",
+    "infeasible": "infeasible (measured, over budget)",
+    "prefiltered": "prefiltered (estimate over budget, not compiled)",
+    "oom": "out of memory on the device",
+    "failed": "failed (compile error, error, timeout, lost)",
+    "running": "running or queued",
+}
+AXIS_TITLES = {"quality": "quality (proxy score, higher is better)", "prefill_ms": "prefill latency, ms (median)", "decode_ms": "decode latency per token, ms (median)"}
+_VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"]
+OVER_BUDGET_COLOUR = "#d62728"
+
+
+def memory_mib(trial: TrialRow) -> float | None:
+    return trial.footprint_bytes / MIB if trial.footprint_bytes is not None else None
+
+
+def memory_colour_axis(data: StudyData) -> dict[str, Any]:
+    """A colour scale for peak memory (MiB) that turns red above the budget, given to each
+    trace alike (a shared layout `coloraxis` makes plotly.js's legend warn about colours)."""
+    memories = [memory_mib(t) for t in data.trials if t.measured and t.footprint_bytes is not None]
+    budget = data.budget_bytes / MIB if data.budget_bytes else None
+    if not memories:
+        memories = [budget or 1.0]
+    low = min(memories) * 0.95
+    high = max(max(memories), budget or 0) * 1.02
+    if high <= low:
+        high = low + 1.0
+    colorbar: dict[str, Any] = {"title": {"text": "peak memory, MiB"}}
+    if budget is None or budget <= low:
+        scale = [[i / (len(_VIRIDIS) - 1), c] for i, c in enumerate(_VIRIDIS)]
+        if budget is not None:  # everything measured is over budget
+            scale = [[0.0, OVER_BUDGET_COLOUR], [1.0, OVER_BUDGET_COLOUR]]
+    else:
+        cut = min((budget - low) / (high - low), 1.0)
+        scale = [[cut * i / (len(_VIRIDIS) - 1), c] for i, c in enumerate(_VIRIDIS)]
+        if cut < 1.0:
+            scale += [[cut, OVER_BUDGET_COLOUR], [1.0, OVER_BUDGET_COLOUR]]
+        ticks = [low + (budget - low) * f for f in (0.0, 0.5)]
+        colorbar["tickvals"] = [*ticks, budget]
+        colorbar["ticktext"] = [f"{v:.0f}" for v in ticks] + [f"budget {budget:.0f}"]
+    return {"cmin": low, "cmax": high, "colorscale": scale, "colorbar": colorbar}
+
+
+def _hover(trial: TrialRow) -> str:
+    parts = [f"trial {trial.number}" + (f" · {trial.preset}" if trial.preset else ""), f"layout {trial.layout or '?'}"]
+    if trial.quality is not None:
+        parts.append(f"quality {trial.quality:.4f}")
+    if trial.prefill_ms is not None:
+        parts.append(f"prefill {trial.prefill_ms:.1f} ms")
+    if trial.decode_ms is not None:
+        parts.append(f"decode {trial.decode_ms:.2f} ms")
+    parts.append(f"memory {format_bytes(trial.footprint_bytes)}")
+    if trial.params is not None:
+        parts.append(f"{trial.params / 1e6:.1f} M params")
+    parts.append(trial.outcome + (" · Pareto set" if trial.on_pareto_set else ""))
+    return "<br>".join(parts)
+
+
+def _scatter(trials: list[TrialRow], x: str, y: str, name: str, marker: dict[str, Any], **extra: Any) -> go.Scatter:
+    return go.Scatter(
+        x=[t.values[x] for t in trials],
+        y=[t.values[y] for t in trials],
+        mode=extra.pop("mode", "markers"),
+        name=name,
+        marker=marker,
+        customdata=[t.number for t in trials],
+        hovertext=[_hover(t) for t in trials],
+        hoverinfo="text",
+        **extra,
+    )
+
+
+def front_figure(data: StudyData, x: str, y: str) -> go.Figure:
+    """Measured trials on two objectives: feasible, Pareto set, over budget, presets, and
+    the staircase of this projection's own front."""
+    measured = [t for t in data.trials if t.measured and x in t.values and y in t.values]
+    feasible = [t for t in measured if t.outcome == "feasible" and not t.on_pareto_set]
+    pareto = [t for t in measured if t.on_pareto_set]
+    over = [t for t in measured if t.outcome == "infeasible"]
+    presets = [t for t in measured if t.preset]
+
+    def colour(trials: list[TrialRow]) -> list[float | None]:
+        return [memory_mib(t) for t in trials]
+
+    figure = go.Figure()
+    maximize = (data.directions[data.metric_names.index(x)] == "maximize", data.directions[data.metric_names.index(y)] == "maximize")
+    staircase = front_2d([(t.values[x], t.values[y], t.number) for t in measured if t.outcome == "feasible"], maximize)
+    if len(staircase) > 1:
+        figure.add_trace(
+            go.Scatter(
+                x=[p[0] for p in staircase],
+                y=[p[1] for p in staircase],
+                mode="lines",
+                # x ascending: the best y so far holds until the next point's x.
+                line={"color": "#888", "dash": "dot", "shape": "hv"},
+                name="front of these two objectives",
+                hoverinfo="skip",
+            )
+        )
+    scale = memory_colour_axis(data)
+    colour_bar = {"showscale": True, "colorbar": scale.pop("colorbar")}
+    figure.add_trace(_scatter(feasible, x, y, "feasible", {"color": colour(feasible), **scale, **colour_bar, "size": 9, "symbol": "circle", "line": {"width": 0.5, "color": "#333"}}))
+    figure.add_trace(_scatter(pareto, x, y, "Pareto set (all objectives)", {"color": colour(pareto), **scale, "size": 14, "symbol": "diamond", "line": {"width": 2, "color": "#000"}}))
+    figure.add_trace(_scatter(over, x, y, "over budget (infeasible)", {"color": colour(over), **scale, "size": 11, "symbol": "x", "line": {"width": 1, "color": OVER_BUDGET_COLOUR}}))
+    if presets:
+        figure.add_trace(
+            _scatter(
+                presets, x, y, "LFM2 preset",
+                {"size": 22, "symbol": "star-open", "color": "#000", "line": {"width": 1.5}},
+                mode="markers+text", text=[t.preset for t in presets], textposition="top center",
+            )
+        )  # fmt: skip
+    figure.update_layout(
+        title={"text": f"{_short(y)} vs {_short(x)}"},
+        xaxis_title=AXIS_TITLES.get(x, x),
+        yaxis_title=AXIS_TITLES.get(y, y),
+        legend={"orientation": "h", "y": -0.22},
+        margin={"t": 50, "l": 70, "r": 20, "b": 40},
+        template="plotly_white",
+        height=460,
+    )
+    return figure
+
+
+def _short(metric: str) -> str:
+    return {"quality": "Quality", "prefill_ms": "prefill latency", "decode_ms": "decode latency"}.get(metric, metric)
+
+
+def memory_figure(data: StudyData) -> go.Figure:
+    """Peak memory against decode latency, with the budget as a line."""
+    measured = [t for t in data.trials if t.measured and t.footprint_bytes is not None and t.decode_ms is not None]
+    figure = go.Figure()
+    for outcome in ("feasible", "infeasible"):
+        group = [t for t in measured if t.outcome == outcome]
+        figure.add_trace(
+            go.Scatter(
+                x=[t.decode_ms for t in group],
+                y=[memory_mib(t) for t in group],
+                mode="markers",
+                name=OUTCOME_LABELS[outcome],
+                marker={"color": OUTCOME_COLOURS[outcome], "size": [14 if t.on_pareto_set else 9 for t in group], "symbol": "circle" if outcome == "feasible" else "x", "line": {"width": [2 if t.on_pareto_set else 0.5 for t in group], "color": "#000"}},
+                customdata=[t.number for t in group],
+                hovertext=[_hover(t) for t in group],
+                hoverinfo="text",
+            )
+        )
+    if data.budget_bytes:
+        budget = data.budget_bytes / MIB
+        figure.add_hline(y=budget, line={"color": OVER_BUDGET_COLOUR, "dash": "dash"}, annotation_text=f"budget {format_bytes(data.budget_bytes)}", annotation_position="top left")
+    figure.update_layout(
+        title={"text": "Peak memory vs decode latency"},
+        xaxis_title=AXIS_TITLES["decode_ms"],
+        yaxis_title="peak memory (footprint), MiB",
+        legend={"orientation": "h", "y": -0.22},
+        margin={"t": 50, "l": 70, "r": 20, "b": 40},
+        template="plotly_white",
+        height=460,
+    )
+    return figure
+
+
+def hypervolume_figure(data: StudyData) -> go.Figure:
+    history = data.hypervolume
+    figure = go.Figure()
+    if history:
+        figure.add_trace(
+            go.Scatter(
+                x=history["trial_numbers"],
+                y=history["fraction"],
+                mode="lines+markers",
+                name="hypervolume",
+                line={"shape": "hv", "color": "#4c78a8"},
+                hovertext=[f"after trial {n}: {v:.4g} ({f:.1%} of the box)" for n, v, f in zip(history["trial_numbers"], history["hypervolume"], history["fraction"])],
+                hoverinfo="text",
+            )
+        )
+    else:
+        figure.add_annotation(text="no feasible trial yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    figure.update_layout(
+        title={"text": "Hypervolume of the feasible front over trials (Optuna)"},
+        xaxis_title="trial number",
+        yaxis_title="fraction of the ideal-to-reference box",
+        yaxis={"rangemode": "tozero"},
+        margin={"t": 50, "l": 70, "r": 20, "b": 40},
+        template="plotly_white",
+        height=360,
+        showlegend=False,
+    )
+    return figure
+
+
+def outcomes_figure(data: StudyData) -> go.Figure:
+    """How every trial ended: the ones with no latency to plot are told apart here."""
+    figure = go.Figure()
+    for outcome in OUTCOMES:
+        group = [t for t in data.trials if t.outcome == outcome]
+        if not group:
+            continue
+        figure.add_trace(
+            go.Bar(
+                x=[len(group)],
+                y=["trials"],
+                orientation="h",
+                name=OUTCOME_LABELS[outcome],
+                marker={"color": OUTCOME_COLOURS[outcome]},
+                hovertext=[f"{OUTCOME_LABELS[outcome]}: trials " + ", ".join(str(t.number) for t in group)],
+                hoverinfo="text",
+                text=[str(len(group))],
+                textposition="inside",
+            )
+        )
+    figure.update_layout(
+        barmode="stack",
+        title={"text": f"Outcomes of {len(data.trials)} trials"},
+        xaxis_title="trials",
+        yaxis={"visible": False},
+        legend={"orientation": "h", "y": -0.5},
+        margin={"t": 50, "l": 20, "r": 20, "b": 40},
+        template="plotly_white",
+        height=260,
+    )
+    return figure
+
+
+def report_figures(data: StudyData) -> dict[str, go.Figure]:
+    """The figures of a report, keyed by the id of the element that shows each."""
+    figures: dict[str, go.Figure] = {}
+    if data.has_quality:
+        figures["fig-quality-prefill"] = front_figure(data, "prefill_ms", "quality")
+        figures["fig-quality-decode"] = front_figure(data, "decode_ms", "quality")
+    else:
+        figures["fig-decode-prefill"] = front_figure(data, "prefill_ms", "decode_ms")
+    figures["fig-memory"] = memory_figure(data)
+    figures["fig-hypervolume"] = hypervolume_figure(data)
+    figures["fig-outcomes"] = outcomes_figure(data)
+    return figures
+
+
+__all__ = ["report_figures", "front_figure", "memory_figure", "hypervolume_figure", "outcomes_figure", "memory_colour_axis", "OUTCOME_COLOURS", "OUTCOME_LABELS"]
