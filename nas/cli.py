@@ -25,8 +25,9 @@ def _register_commands() -> None:
     from nas import export_cli, search_cli
     from search_space import cli as space_cli
     from devices import agent_cli
+    from reports import cli as reports_cli
 
-    for module in (lfm2_cli, search_cli, space_cli, agent_cli, export_cli):
+    for module in (lfm2_cli, search_cli, space_cli, agent_cli, export_cli, reports_cli):
         module.register(app)
 
 
