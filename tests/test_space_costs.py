@@ -1,0 +1,188 @@
+"""The analytic cost model against instantiated models and hand-computed cases."""
+
+import json
+import random
+
+import optuna
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import lfm2
+from lfm2 import LFM2_PRESETS, ArchSpec, build_model, count_parameters
+from lfm2.errors import UserError
+from search_space import SearchSpace, costs
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def meta_model(spec):
+    return build_model(spec, device="meta")
+
+
+def sampled(space_name, n, seed):
+    space = SearchSpace.load(space_name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [space.sample(study.ask()) for _ in range(n)]
+
+
+# Shapes the spaces do not hold: an untied head, no qk norm, odd widths, kernel 2, MHA.
+ODD_SPECS = [
+    ArchSpec(vocab_size=1000, d_model=96, layers=("conv", "swa", "attn"), n_heads=3, n_kv_heads=1, ffn_dim=200,
+             conv_kernel=2, tie_embeddings=False, qk_norm=False, swa_window=7, max_seq_len=300),
+    ArchSpec(vocab_size=77, d_model=48, layers=("attn",) * 3, n_heads=4, n_kv_heads=4, head_dim=20, ffn_dim=50, max_seq_len=20),
+    ArchSpec(vocab_size=300, d_model=64, layers=("conv",) * 5, n_heads=2, n_kv_heads=2, ffn_dim=64, conv_kernel=5,
+             tie_embeddings=False),
+]
+
+
+@pytest.mark.parametrize("space_name,n", [("default", 25), ("small", 60)])
+def test_parameters_equal_the_instantiated_model_over_random_samples(space_name, n):
+    for spec in sampled(space_name, n, seed=11):
+        assert costs.parameters(spec) == count_parameters(meta_model(spec)), spec.to_json()
+
+
+def test_parameters_equal_the_model_for_odd_specs_and_presets():
+    for spec in ODD_SPECS:
+        assert costs.parameters(spec) == count_parameters(meta_model(spec)), spec.to_json()
+    for name, spec in LFM2_PRESETS.items():
+        assert costs.parameters(spec) == lfm2.PUBLISHED_PARAMETERS[name]
+
+
+def counted_decode_flops(model, context):
+    """FLOPs that torch's FlopCounterMode sees in one decode step (matmuls, bmm, conv).
+    With a cache of exactly context + 1 slots, the portable attention scores as many keys
+    as a causal decode at that depth does."""
+    state = model.init_state(1, max_context=context + 1)
+    with FlopCounterMode(display=False) as counter:
+        model.step(torch.zeros(1, 1, dtype=torch.long, device="meta"), torch.tensor([context], device="meta"), *state)
+    return counter.get_total_flops()
+
+
+def counted_prefill_flops(spec, tokens):
+    model = meta_model(spec)
+    with FlopCounterMode(display=False) as counter:
+        model.step(torch.zeros(1, tokens, dtype=torch.long, device="meta"), torch.tensor([0], device="meta"), *model.init_state(1, max_context=tokens))
+    return counter.get_total_flops()
+
+
+def test_decode_flops_equal_torch_flop_counter_for_full_attention_models():
+    specs = [s for s in sampled("small", 30, seed=2) if "swa" not in s.layers][:6] + [ODD_SPECS[1], ODD_SPECS[2]]
+    specs.append(LFM2_PRESETS["LFM2-350M"])
+    for spec in specs:
+        model = meta_model(spec)
+        for context in (0, 17):
+            assert costs.decode_flops(spec, context) == counted_decode_flops(model, context), spec.to_json()
+
+
+def test_prefill_flops_equal_torch_flop_counter_for_conv_only_models():
+    spec = ODD_SPECS[2]
+    for tokens in (1, 9):
+        assert costs.prefill_flops(spec, tokens) == counted_prefill_flops(spec, tokens)
+
+
+def test_flops_hand_computed():
+    # d=64, one attn layer, H=2 (head_dim 32), Hkv=1, ffn 128, vocab 100, T=4 tokens
+    spec = ArchSpec(vocab_size=100, d_model=64, layers=("attn",), n_heads=2, n_kv_heads=1, ffn_dim=128)
+    linears = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # q, k+v, out, swiglu = 36864 MACs/token
+    attention = 2 * 2 * 32 * (1 + 2 + 3 + 4)  # scores + values, 2 heads x 32, causal keys 1+2+3+4
+    head = 64 * 100
+    assert costs.prefill_flops(spec, 4) == 2 * (4 * linears + attention + head)
+    assert costs.prefill_flops(spec, 4, all_logits=True) == 2 * (4 * linears + attention + 4 * head)
+    assert costs.decode_flops(spec, 4) == 2 * (linears + 2 * 2 * 32 * 5 + head)
+    # the same layer as sliding window of 2: keys seen 1, 2, 2, 2 in prefill; 2 in decode
+    swa = spec.replace(layers=("swa",), swa_window=2)
+    assert costs.prefill_flops(swa, 4) == 2 * (4 * linears + 2 * 2 * 32 * (1 + 2 + 2 + 2) + head)
+    assert costs.decode_flops(swa, 4) == 2 * (linears + 2 * 2 * 32 * 2 + head)
+    # a conv layer: in_proj 3d*d, out_proj d*d, depthwise kernel 3 per channel
+    conv = spec.replace(layers=("conv",))
+    assert costs.decode_flops(conv, 100) == 2 * (4 * 64 * 64 + 3 * 64 * 128 + 64 * 3 + head)
+    # LFM2-350M, one decode token at context 0: 2 x (non-embedding weights + head)
+    preset = LFM2_PRESETS["LFM2-350M"]
+    per_token_macs = costs.linear_macs_per_token(preset) + 10 * 1024 * 3 + 6 * 16 * 64 * 2 + 1024 * 65536
+    assert costs.decode_flops(preset, 0) == 2 * per_token_macs
+
+
+def test_kv_cache_and_conv_state_hand_computed():
+    preset = LFM2_PRESETS["LFM2-350M"]  # 6 attention layers, 8 kv heads of 64, 10 conv layers
+    assert costs.kv_cache_bytes(preset, 2048) == 6 * 2 * 8 * 64 * 2048 * 4
+    assert costs.kv_cache_bytes(preset, 2048, bytes_per_element=2) == 6 * 2 * 8 * 64 * 2048 * 2
+    assert costs.kv_cache_bytes(preset, 1) == preset.kv_cache_bytes_per_token(4)
+    assert costs.conv_state_bytes(preset) == 10 * 1024 * 2 * 4
+    swa = preset.replace(layers=tuple("swa" if op == "attn" else op for op in preset.layers), swa_window=512)
+    assert costs.kv_cache_bytes(swa, 100) == 6 * 2 * 8 * 64 * 100 * 4
+    assert costs.kv_cache_bytes(swa, 4096) == costs.kv_cache_bytes(swa, 512) == 6 * 2 * 8 * 64 * 512 * 4
+
+
+def test_state_bytes_equal_the_models_state_shapes():
+    for spec in [*ODD_SPECS, *sampled("small", 10, seed=4)]:
+        for max_context in (1, 50):
+            shapes = meta_model(spec).state_shapes(1, max_context)
+            elements = sum(torch.Size(shape).numel() for shape in shapes)
+            assert costs.state_bytes(spec, max_context) == 4 * elements
+
+
+def test_weight_bytes_hand_computed():
+    spec = ArchSpec(vocab_size=100, d_model=64, layers=("conv",), n_heads=1, n_kv_heads=1, ffn_dim=96, conv_kernel=3)
+    params = costs.parameters(spec)
+    assert costs.weight_bytes(spec, "fp32") == 4 * params
+    assert costs.weight_bytes(spec, "bf16") == 2 * params
+    linears = [(192, 64), (64, 64), (96, 64), (96, 64), (64, 96)]
+    small = 2 * 64 + 64 * 3 + 64  # norms, conv kernel, final norm
+    embed = 100 * 64
+    int8 = sum(o * i + 4 * o for o, i in linears) + (embed + 4 * 100)  # + quantised copy of the tied head
+    assert costs.weight_bytes(spec, "int8") == int8 + 4 * (embed + small)
+    # 8da4w, group 32: half a byte per weight, one fp32 scale per 32 inputs; group 64 pads 96 to 128
+    q4 = sum(o * i // 2 + o * (i // 32) * 4 for o, i in linears) + (embed // 2 + 100 * 2 * 4)
+    assert costs.weight_bytes(spec, "8da4w", group_size=32) == q4 + 4 * (embed + small)
+    assert costs.weight_bytes_breakdown(spec, "8da4w", group_size=64)["linears"] == (
+        192 * (32 + 4) + 64 * (32 + 4) + 2 * 96 * (32 + 4) + 64 * 2 * (32 + 4)
+    )
+    with pytest.raises(ValueError, match="precision"):
+        costs.weight_bytes(spec, "int4")
+
+
+def test_memory_estimate_parts_and_bounds():
+    preset = LFM2_PRESETS["LFM2-350M"]
+    for backend, quants in costs.BACKEND_QUANTS.items():
+        for quant in quants:
+            estimate = costs.estimate_peak_memory(preset, 2048, backend, quant)
+            parts = (estimate.weights_bytes, estimate.state_bytes, estimate.activation_bytes, estimate.runtime_overhead_bytes)
+            assert all(part > 0 for part in parts)
+            assert estimate.total_bytes == sum(parts)
+            assert 0 < estimate.lower_bound_bytes < estimate.weights_bytes
+            assert json.loads(json.dumps(estimate.to_dict()))["total_bytes"] == estimate.total_bytes
+    fp32 = costs.estimate_peak_memory(preset, 2048, "executorch", "fp32")
+    q4 = costs.estimate_peak_memory(preset, 2048, "executorch", "8da4w")
+    assert q4.weights_bytes < fp32.weights_bytes / 2 and q4.lower_bound_bytes < fp32.lower_bound_bytes / 6
+    # the lower bound never exceeds what any runtime must hold: the layers' linear weights once
+    assert fp32.lower_bound_bytes <= 4 * costs.linear_macs_per_token(preset)
+    longer = costs.estimate_peak_memory(preset, 8192, "executorch", "fp32")
+    assert longer.state_bytes > fp32.state_bytes and longer.lower_bound_bytes == fp32.lower_bound_bytes
+    one_method = costs.estimate_peak_memory(preset, 2048, "executorch", "fp32", loaded_methods=1)
+    assert one_method.weights_bytes < fp32.weights_bytes
+
+
+def test_memory_estimate_refuses_bad_backend_quant_and_context():
+    preset = LFM2_PRESETS["LFM2-350M"]
+    with pytest.raises(UserError, match="backend 'onnx' compiles fp32, int8"):
+        costs.estimate_peak_memory(preset, 128, "onnx", "8da4w")
+    with pytest.raises(UserError, match="unknown backend"):
+        costs.estimate_peak_memory(preset, 128, "tflite", "fp32")
+    with pytest.raises(UserError, match="context"):
+        costs.estimate_peak_memory(preset, 0, "eager", "fp32")
+
+
+def test_backend_table_matches_the_devices_table():
+    from devices.artifact import QUANTS  # the cost model repeats it: search_space may not import devices
+
+    assert costs.BACKEND_QUANTS == QUANTS
+
+
+def test_describe_is_json_and_consistent():
+    spec = random.Random(0).choice(sampled("small", 5, seed=9))
+    described = costs.describe(spec, 512, "onnx", "int8")
+    assert json.loads(json.dumps(described)) == described
+    assert described["parameters"] == costs.parameters(spec)
+    assert described["memory"]["quant"] == "int8"
+    assert described["weight_bytes"]["fp32"] == 4 * described["parameters"]
