@@ -1,0 +1,37 @@
+"""The ONNX Runtime backend: `torch.onnx.export` (dynamo) graphs run by ONNX Runtime's CPU
+provider, fp32 or int8 (`onnxruntime.quantization.quantize_dynamic`).
+
+An artifact holds `prefill.onnx` and `decode.onnx`, which share one `weights.bin`
+(see `devices.backends.onnx_export`), and `weights_index.json`. Full-attention K/V caches
+grow with the context, so decode cost follows the context depth
+(`decode_cost_follows_context` in the manifest).
+
+Importing this module imports ONNX Runtime (the runtime a measurement pays for) but not
+torch: the exporter is imported when `export` is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from devices.backends.onnx_runner import OnnxRunner
+from lfm2.spec import ArchSpec
+
+QUANTS = ("fp32", "int8")
+
+
+def export(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tuple[int, ...], out_dir: Path, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """Write the ONNX graphs and their shared weights into `out_dir`; returns the file
+    names and the manifest facts (stage times, state layout, weights sharing)."""
+    from devices.backends.onnx_export import export_onnx
+    from devices.compile import Stages
+
+    if quant not in QUANTS:
+        raise ValueError(f"the onnx backend compiles {', '.join(QUANTS)}, not {quant!r}")
+    return export_onnx(spec, quant, max_context, tuple(prompt_lengths), Path(out_dir), seed, Stages())
+
+
+RUNNER = OnnxRunner
+
+__all__ = ["export", "OnnxRunner", "RUNNER", "QUANTS"]

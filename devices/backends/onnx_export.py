@@ -1,0 +1,293 @@
+"""Export an `ArchSpec` to ONNX: a prefill graph and a decode graph that share one weights file.
+
+Both graphs are `model.step` (explicit state in, new state out), exported with
+`torch.onnx.export(..., dynamo=True)`:
+
+* `prefill.onnx`: `tokens [1, T] -> (logits [1, V], *state)`, T dynamic (1..max_context),
+  from an empty state at position 0 (the empty state is built inside the graph).
+* `decode.onnx`: `(token [1, 1], pos [1], *state) -> (logits [1, V], *new_state)`.
+
+Full-attention layers keep a GROWING K/V cache (`[1, Hkv, S, D]`, S = the tokens seen so
+far, dynamic): a step concatenates the new keys and attends over exactly S + T keys, so
+decode cost follows the context depth, as a deployed runtime's does. The portable
+static-buffer form of `lfm2.model` attends over the whole `max_context` buffer at every
+step (ONNX Runtime has no op that reads only the filled part of a static cache), so it
+would make a decode at depth 128 cost the same as one at depth 2048. Sliding-window
+layers keep their ring of `swa_window` slots: bounded by construction.
+
+The weights of both graphs (and of the int8 graphs that `quantize_dynamic` makes from
+them) are written ONCE, deduplicated by content, into `weights.bin`; both .onnx files
+point into it. The runner loads each distinct tensor once and hands it to both sessions
+(`SessionOptions.add_initializer`), so the device holds one copy of the stored weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from lfm2.model import LFM2, AttentionCore, build_model
+from lfm2.spec import ArchSpec
+
+PREFILL = "prefill.onnx"
+DECODE = "decode.onnx"
+WEIGHTS = "weights.bin"
+#: Where each graph's initializers lie in weights.bin (offset, length, dtype, shape): lets the
+#: runner load the shared weights without parsing the graphs (or importing `onnx`).
+WEIGHTS_INDEX = "weights_index.json"
+#: Offsets in the weights file are multiples of this: page-aligned, so that a runtime may
+#: map a tensor in place, and aligned for SIMD loads.
+ALIGNMENT = 4096
+#: ONNX Runtime's dynamic quantisation: the linear layers (MatMul, incl. the tied head) and
+#: the embedding lookup (Gather). The depthwise conv (3 weights per channel) stays fp32.
+INT8_OP_TYPES = ("MatMul", "Gather")
+
+
+class GrowingKVAttention(AttentionCore):
+    """Full attention over a cache that grows by the new tokens at every step.
+
+    The cache holds the keys/values of positions 0..S-1 (S = its length, dynamic in the
+    exported graph), so the attention of T new tokens at positions S..S+T-1 reads S + T
+    keys. Sliding-window layers keep the ring buffer of `AttentionCore`.
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor):
+        if self.window is not None:
+            return super().forward(q, k, v, k_cache, v_cache, positions)
+        keys = torch.cat((k_cache, k.transpose(1, 2)), dim=2)
+        values = torch.cat((v_cache, v.transpose(1, 2)), dim=2)
+        key_positions = torch.arange(keys.shape[2], device=q.device)
+        return self._attend(q, keys, values, key_positions, positions), keys, values
+
+
+def use_growing_cache(model: LFM2) -> LFM2:
+    """Swap the core of every full-attention layer for `GrowingKVAttention` (same weights:
+    the core has none)."""
+    for layer in model.layers:
+        if layer.kind == "attn":
+            core = layer.op.core
+            layer.op.core = GrowingKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
+    return model
+
+
+def state_layout(spec: ArchSpec) -> list[dict[str, Any]]:
+    """The flat decode state, in `step` order: name, layer, kind and shape (-1 marks the
+    growing axis of a full-attention cache)."""
+    layout: list[dict[str, Any]] = []
+    for index, op in enumerate(spec.layers):
+        if op == "conv":
+            layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": "conv", "shape": [1, spec.d_model, spec.conv_kernel - 1]})
+        else:
+            slots = -1 if op == "attn" else spec.swa_window
+            kind = "kv_growing" if op == "attn" else "kv_ring"
+            for part in ("k", "v"):
+                layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": f"{kind}_{part}", "shape": [1, spec.n_kv_heads, slots, spec.head_dim]})
+    return layout
+
+
+def empty_state(spec: ArchSpec, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """The state before the first token: zero conv windows and rings, empty growing caches."""
+    return [torch.zeros([0 if n < 0 else n for n in entry["shape"]], dtype=dtype) for entry in state_layout(spec)]
+
+
+class PrefillGraph(nn.Module):
+    def __init__(self, model: LFM2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor):
+        state = empty_state(self.model.spec)
+        return self.model.step(tokens, torch.zeros(1, dtype=torch.long), *state)
+
+
+class DecodeGraph(nn.Module):
+    def __init__(self, model: LFM2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: Tensor, pos: Tensor, *state: Tensor):
+        return self.model.step(token, pos, *state)
+
+
+def _example_length(spec: ArchSpec, upper: int) -> int:
+    """An example size for a dynamic axis. It must equal no static dimension of the graphs
+    (torch.export would tie the two together, and it specialises 0 and 1), and exceed the
+    sliding window when the axis can: a ring layer's `min(T, window)` is traced for the
+    side of the window the example lies on (past it, the graph keeps a `Min`)."""
+    static = {1, spec.d_model, spec.n_kv_heads, spec.n_heads, spec.head_dim, spec.conv_kernel - 1, spec.swa_window, spec.vocab_size, spec.ffn_dim}
+    start = spec.swa_window + 1 if 0 < spec.swa_window < upper else 5
+    for candidate in [*range(start, upper + 1), *range(2, start)]:
+        if candidate not in static:
+            return candidate
+    raise ValueError(f"no usable example length up to {upper}; raise max_context")
+
+
+def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str], output_names: list[str], path: Path) -> None:
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        dynamic_shapes=dynamic_shapes,
+        input_names=input_names,
+        output_names=output_names,
+        optimize=True,
+        verbose=False,
+    )
+    program.save(str(path), external_data=True)
+
+
+def export_fp32_graphs(spec: ArchSpec, max_context: int, seed: int, out_dir: Path, stages) -> dict[str, Any]:
+    """Write prefill.onnx and decode.onnx (each with its own external data) into out_dir."""
+    if max_context < 3:
+        raise ValueError(f"the ONNX backend needs max_context >= 3, got {max_context}")
+    with stages("build"):
+        model = use_growing_cache(build_model(spec, seed=seed).eval())
+    layout = state_layout(spec)
+    state_names = [entry["name"] for entry in layout]
+    new_state_names = [f"new_{name}" for name in state_names]
+    with torch.no_grad():
+        with stages("export_prefill"):
+            length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
+            t = _example_length(spec, max_context)
+            tokens = torch.randint(0, spec.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
+            _export_graph(PrefillGraph(model), (tokens,), ({1: length},), ["tokens"], ["logits", *new_state_names], out_dir / PREFILL)
+        with stages("export_decode"):
+            cache = torch.export.Dim.DYNAMIC(min=0, max=max_context - 1)
+            s = _example_length(spec, max_context - 1)
+            example_state = [torch.zeros([s if n < 0 else n for n in entry["shape"]]) for entry in layout]
+            state_dims = tuple({2: cache} if entry["kind"].startswith("kv_growing") else None for entry in layout)
+            args = (torch.tensor([[1]], dtype=torch.long), torch.tensor([s], dtype=torch.long), *example_state)
+            _export_graph(DecodeGraph(model), args, (None, None, state_dims), ["token", "pos", *state_names], ["logits", *new_state_names], out_dir / DECODE)
+    return {"state": layout}
+
+
+def quantize_int8(src_dir: Path, out_dir: Path, stages) -> dict[str, Any]:
+    """ONNX Runtime dynamic quantisation (int8 weights, activations quantised per call) of
+    both graphs; returns the settings used."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    settings = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "op_types": list(INT8_OP_TYPES), "per_channel": False, "reduce_range": False}
+    with stages("quantize"):
+        for name in (PREFILL, DECODE):
+            quantize_dynamic(
+                src_dir / name,
+                out_dir / name,
+                op_types_to_quantize=list(INT8_OP_TYPES),
+                weight_type=QuantType.QInt8,
+                per_channel=False,
+                reduce_range=False,
+                use_external_data_format=True,
+            )
+    return settings
+
+
+def _tensors(graph: onnx.GraphProto, top: bool = True):
+    """(tensor, is_top_level_initializer) for every TensorProto of a graph: initializers, and
+    tensors inside node attributes (recursively through subgraphs)."""
+    for tensor in graph.initializer:
+        yield tensor, top
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t, False
+            for tensor in attribute.tensors:
+                yield tensor, False
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g, top=False)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph, top=False)
+
+
+def share_weights(src_dir: Path, names: tuple[str, ...], out_dir: Path) -> dict[str, Any]:
+    """Rewrite the graphs `names` from src_dir into out_dir so that all their external
+    tensors live once, deduplicated by content, in out_dir/weights.bin."""
+    offsets: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
+    index: dict[str, dict[str, dict[str, Any]]] = {}
+    referenced = 0
+    with open(out_dir / WEIGHTS, "wb") as weights:
+        for name in names:
+            model = onnx.load(str(src_dir / name), load_external_data=False)
+            entries = index.setdefault(name, {})
+            for tensor, is_initializer in _tensors(model.graph):
+                if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = {entry.key: entry.value for entry in tensor.external_data}
+                location = src_dir / info["location"]
+                offset = int(info.get("offset", 0))
+                with open(location, "rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read(int(info["length"])) if "length" in info else handle.read()
+                digest = hashlib.sha256(data).hexdigest()
+                referenced += len(data)
+                if digest not in offsets:
+                    position = weights.tell()
+                    padding = -position % ALIGNMENT
+                    weights.write(b"\0" * padding)
+                    offsets[digest] = (position + padding, len(data))
+                    weights.write(data)
+                start, length = offsets[digest]
+                if is_initializer:
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+                    entries[tensor.name] = {"offset": start, "length": length, "dtype": dtype, "shape": list(tensor.dims)}
+                del tensor.external_data[:]
+                for key, value in (("location", WEIGHTS), ("offset", str(start)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+            onnx.save(model, str(out_dir / name))
+    (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, sort_keys=True))
+    stored = sum(length for _, length in offsets.values())
+    return {"weights_file": WEIGHTS, "index_file": WEIGHTS_INDEX, "distinct_tensors": len(offsets), "stored_bytes": stored, "referenced_bytes": referenced}
+
+
+def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tuple[int, ...], out_dir: Path, seed: int, stages) -> tuple[list[str], dict[str, Any]]:
+    """Export, quantise if asked, and pack the shared weights; the backend's `export`."""
+    import onnxruntime
+
+    work = out_dir / ".onnx-export"  # inside the compile's temporary folder; removed below
+    work.mkdir()
+    try:
+        fp32_dir = work / "fp32"
+        fp32_dir.mkdir()
+        graph_facts = export_fp32_graphs(spec, max_context, seed, fp32_dir, stages)
+        source = fp32_dir
+        quantization = None
+        if quant == "int8":
+            source = work / "int8"
+            source.mkdir()
+            quantization = quantize_int8(fp32_dir, source, stages)
+        with stages("pack_weights"):
+            sharing = share_weights(source, (PREFILL, DECODE), out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(out_dir / DECODE), load_external_data=False).opset_import}
+    facts = {
+        "stages_s": dict(stages.seconds),
+        "methods": ["prefill", "decode"],
+        "onnx": {
+            "prefill": PREFILL,
+            "decode": DECODE,
+            "weights": WEIGHTS,
+            "weights_index": WEIGHTS_INDEX,
+            "state": graph_facts["state"],
+            "opsets": opsets,
+            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+            "onnxruntime": onnxruntime.__version__,
+            "quantization": quantization,
+            "weights_sharing": sharing,
+            "kv_cache": "growing (concatenated per step; dynamic length) for full attention; ring of swa_window slots for sliding window",
+        },
+        "weights_stored_once": True,
+        "decode_cost_follows_context": True,
+        "prefill_lengths": "dynamic (one graph serves every length up to max_context)",
+    }
+    return [PREFILL, DECODE, WEIGHTS, WEIGHTS_INDEX], facts
+
+
+__all__ = ["GrowingKVAttention", "use_growing_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "PREFILL", "DECODE", "WEIGHTS", "WEIGHTS_INDEX"]
