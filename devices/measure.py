@@ -1,0 +1,326 @@
+"""`measure(artifact, protocol, limits)`: latency and memory of one artifact, measured in a
+fresh child process (`devices.measure_child`) under limits the OS enforces.
+
+The parent never runs the model and never crashes because of the child. It checks the
+artifact and the request, takes the measurement cores (a file lock per core, so that two
+of our measurements never share a core), starts the child with its cores, threads and
+limits, watches it, and turns whatever happens into a `Measurement`:
+
+* `ok`: the child finished and wrote its result.
+* `oom`: the candidate does not fit: the child's RSS went over `limits.memory_bytes`
+  (killed by the watchdog, or seen afterwards in its peak RSS from wait4), it failed
+  to allocate (MemoryError, std::bad_alloc, ...), or it was SIGKILLed by someone else
+  (the kernel's OOM killer).
+* `timeout`: it ran past `limits.timeout_s` (wall clock, import and load included).
+* `error`: anything else (a crash, an exception), with the tail of its stderr.
+
+How the memory cap is enforced, and why. RLIMIT_AS caps address space, and runtimes
+reserve far more of it than they touch (thread stacks, allocator arenas, mapped files):
+a cap on it refuses models that fit. A cgroup memory limit is the right tool where one
+can be created, but that needs a writable cgroup (v2 delegation, or root on v1) that a
+phone or a shared host does not give. So the cap is on what the device would feel, the
+RSS: the parent polls the child's RSS (psutil, every 25 ms) and SIGKILLs it over the cap;
+a spike between two polls is caught afterwards from the child's peak RSS (ru_maxrss of
+wait4), so it is reported as `oom` too (only a little late). RLIMIT_DATA, set in the child
+at 1.25x the cap + 256 MiB, is a backstop against runaway allocation: an allocation past
+it fails inside the child (MemoryError / bad_alloc -> `oom`) before the host suffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from devices.artifact import Artifact, ArtifactError
+from devices.protocol import Limits, Measurement, Protocol
+from devices.stack import device_fingerprint, machine_facts, usable_cpus
+from lfm2.errors import UserError
+
+#: How often the parent samples the child's RSS when a memory cap is set.
+POLL_S = 0.025
+#: RLIMIT_DATA backstop = cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM (see module doc).
+DATA_LIMIT_FACTOR = 1.25
+DATA_LIMIT_HEADROOM = 256 << 20
+#: Characters of the child's stderr kept in an error.
+STDERR_TAIL = 4000
+_OOM_MARKERS = ("MemoryError", "bad_alloc", "Cannot allocate memory", "can't allocate memory", "not enough memory", "Failed to allocate", "Unable to allocate")
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ChildOutcome:
+    """What happened to a child process, as the parent saw it."""
+
+    returncode: int | None  # None: it did not end on its own
+    signal: int | None  # the signal that ended it, if any
+    killed_for: str | None  # "oom" | "timeout" when the parent killed it
+    max_rss_bytes: int  # its peak RSS over its whole life (wait4's ru_maxrss)
+    watched_rss_bytes: int  # the largest RSS the watchdog saw
+    wall_s: float
+    stdout: str
+    stderr: str
+    result: dict[str, Any] | None  # RESULT.json, if it wrote one
+    partial: dict[str, Any] | None  # PARTIAL.json: the measurement so far
+
+    @property
+    def last_phase(self) -> str | None:
+        for line in reversed(self.stdout.strip().splitlines()):
+            try:
+                progress = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            detail = ", ".join(f"{k} {v}" for k, v in progress.items() if k not in ("phase", "t"))
+            return progress.get("phase", "?") + (f" ({detail})" if detail else "")
+        return None
+
+
+# -- the child process ------------------------------------------------------------------------
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    try:
+        return process.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return 0
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def supervise(command: list[str], workdir: Path, *, memory_bytes: int | None = None, timeout_s: float | None = None, env: dict[str, str] | None = None) -> ChildOutcome:
+    """Run `command` in its own session under an RSS cap and a wall-clock timeout; reap it
+    with wait4 (for its peak RSS) and collect its output and result files from `workdir`.
+
+    The command's stdout/stderr go to files (a pipe could fill up and stall it)."""
+    out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
+    start = time.monotonic()
+    deadline = start + timeout_s if timeout_s else None
+    killed_for = None
+    watched = 0
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True, close_fds=True)
+    watcher = psutil.Process(process.pid)
+    status = rusage = None
+    try:
+        while True:
+            pid, status, rusage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if memory_bytes is not None:
+                rss = _tree_rss(watcher)
+                watched = max(watched, rss)
+                if rss > memory_bytes:
+                    killed_for = "oom"
+            if killed_for is None and deadline is not None and time.monotonic() > deadline:
+                killed_for = "timeout"
+            if killed_for:
+                _kill_group(process.pid)
+                _, status, rusage = os.wait4(process.pid, 0)
+                break
+            time.sleep(POLL_S if memory_bytes is not None else 0.1)
+    except BaseException:
+        _kill_group(process.pid)  # never leave a child behind (KeyboardInterrupt included)
+        with contextlib.suppress(ChildProcessError):
+            os.wait4(process.pid, 0)
+        raise
+    finally:
+        process.returncode = -1  # reaped here with wait4; stop Popen from waiting on it again
+    _kill_group(process.pid)  # anything the child left in its session
+    returncode = os.waitstatus_to_exitcode(status)
+    ended_by = -returncode if returncode < 0 else None
+    return ChildOutcome(
+        returncode=returncode if killed_for is None else None,
+        signal=ended_by,
+        killed_for=killed_for,
+        max_rss_bytes=rusage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        watched_rss_bytes=watched,
+        wall_s=time.monotonic() - start,
+        stdout=out_path.read_text(errors="replace"),
+        stderr=err_path.read_text(errors="replace"),
+        result=_read_json(workdir / "result.json"),
+        partial=_read_json(workdir / "partial.json"),
+    )
+
+
+# -- owning the cores -------------------------------------------------------------------------
+
+
+def _lock_dir() -> Path:
+    path = Path(os.environ.get("LFM2_NAS_LOCKS") or Path(tempfile.gettempdir()) / "lfm2-nas-locks")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def own_cores(cpus: list[int]) -> Iterator[float]:
+    """Hold an exclusive lock per core (in order, so two callers cannot deadlock) while a
+    measurement runs: no other measurement of ours uses these cores meanwhile. Yields the
+    seconds spent waiting."""
+    start = time.monotonic()
+    handles = []
+    try:
+        for cpu in sorted(cpus):
+            handle = open(_lock_dir() / f"cpu{cpu}.lock", "a+")
+            handles.append(handle)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield time.monotonic() - start
+    finally:
+        for handle in reversed(handles):
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+# -- the request ------------------------------------------------------------------------------
+
+
+def _check_request(artifact: Artifact, protocol: Protocol, limits: Limits) -> tuple[list[int], int]:
+    """Validate what can be checked before a process starts; returns (cpus, threads)."""
+    if artifact.max_context < protocol.max_context:
+        raise UserError(
+            f"the artifact holds {artifact.max_context} tokens of context, the protocol needs {protocol.max_context} "
+            f"(longest prompt, or deepest decode depth + decode_tokens): compile with max_context >= {protocol.max_context}"
+        )
+    dynamic = artifact.backend in ("eager", "onnx") or artifact.manifest.get("dynamic_prompt_lengths")
+    missing = sorted(set(protocol.prompt_lengths) - set(artifact.prompt_lengths))
+    if missing and not dynamic:
+        raise UserError(f"the {artifact.backend} artifact has prefill graphs for {list(artifact.prompt_lengths)} only, not {missing}: compile with those prompt lengths")
+    available = usable_cpus()
+    cpus = list(limits.cpus or protocol.cpus or available)
+    unknown = sorted(set(cpus) - set(available))
+    if unknown:
+        raise UserError(f"CPUs {unknown} are not usable by this process (usable: {available}); pick cores from that list")
+    threads = limits.threads or protocol.threads or len(cpus)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads must be a positive integer, got {threads!r}")
+    if limits.memory_bytes is not None and limits.memory_bytes < 1:
+        raise UserError(f"the memory cap must be a positive number of bytes, got {limits.memory_bytes}")
+    if limits.timeout_s is not None and limits.timeout_s <= 0:
+        raise UserError(f"the timeout must be positive seconds, got {limits.timeout_s}")
+    return cpus, threads
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]) -> Measurement:
+    """Turn what the child did into a Measurement (see the module doc for the statuses)."""
+    cap = limits.memory_bytes
+    data = dict(outcome.result or outcome.partial or {})
+    data.pop("status", None)
+    error = data.pop("error", None)
+    where = f" during {outcome.last_phase}" if outcome.last_phase else ""
+    stderr_tail = outcome.stderr[-STDERR_TAIL:]
+    if outcome.killed_for == "timeout":
+        status, error = "timeout", f"the measurement ran past its {limits.timeout_s:g} s wall-clock limit{where}; it was killed"
+    elif outcome.killed_for == "oom":
+        status, error = "oom", f"the child's RSS reached {_fmt_bytes(outcome.watched_rss_bytes)}, over the {_fmt_bytes(cap)} cap{where}: the candidate does not fit; it was killed"
+    elif outcome.result is not None:
+        status = outcome.result.get("status", "error")
+        if status == "ok" and cap is not None and outcome.max_rss_bytes > cap:
+            status, error = "oom", f"the child's peak RSS was {_fmt_bytes(outcome.max_rss_bytes)}, over the {_fmt_bytes(cap)} cap (a spike between two watchdog polls): the candidate does not fit"
+        elif status not in ("ok", "oom"):
+            status = "error"
+    elif outcome.signal == signal.SIGKILL:
+        status, error = "oom", f"the child was SIGKILLed by someone other than the measurement{where}: most likely the kernel's OOM killer (the candidate does not fit in this machine's memory)"
+    elif any(marker in stderr_tail for marker in _OOM_MARKERS):
+        status, error = "oom", f"the child failed to allocate memory{where}:\n{stderr_tail}"
+    elif outcome.signal is not None:
+        try:
+            name = signal.Signals(outcome.signal).name
+        except ValueError:
+            name = f"signal {outcome.signal}"
+        status, error = "error", f"the child crashed with {name}{where}; its stderr ends with:\n{stderr_tail}"
+    else:
+        status, error = "error", f"the child exited with status {outcome.returncode} without a result{where}; its stderr ends with:\n{stderr_tail}"
+    if status == "error" and error and stderr_tail and stderr_tail not in error:
+        error = f"{error}\n--- child stderr (tail) ---\n{stderr_tail}"
+    memory = dict(data.get("memory") or {})
+    memory.update(child_max_rss_bytes=outcome.max_rss_bytes, cap_bytes=cap, cap_method=facts["cap_method"])
+    data["memory"] = memory
+    data["stack"] = {**(data.get("stack") or {}), "lock_wait_s": facts["lock_wait_s"], "child_wall_s": round(outcome.wall_s, 3)}
+    data["device"] = facts["device"]
+    data["wall_time_s"] = facts["wall_time_s"]
+    data["error"] = None if status == "ok" else error
+    data["status"] = status  # a failure keeps what was measured before it, for the record
+    known = set(Measurement.__dataclass_fields__)
+    return Measurement.from_dict({k: v for k, v in data.items() if k in known})
+
+
+def measure(artifact: Artifact | str | Path, protocol: Protocol | None = None, limits: Limits | None = None, device: dict[str, Any] | None = None, *, seed: int = 0) -> Measurement:
+    """Measure `artifact` under `protocol` in a fresh child process, within `limits`.
+
+    Raises `UserError` (ArtifactError for a missing, truncated or tampered artifact) for
+    a request that cannot run; everything that goes wrong in the child comes back as a
+    Measurement with status oom, timeout or error."""
+    start = time.monotonic()
+    protocol = protocol or Protocol()
+    limits = limits or Limits()
+    if not isinstance(artifact, Artifact):
+        artifact = Artifact.load(artifact)  # verifies every file's size and sha256
+    else:
+        artifact.verify()
+    cpus, threads = _check_request(artifact, protocol, limits)
+    cap = limits.memory_bytes
+    job = {
+        "artifact": str(Path(artifact.path).resolve()),
+        "protocol": protocol.to_dict(),
+        "cpus": cpus,
+        "threads": threads,
+        "seed": seed,
+        "data_limit_bytes": int(cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM) if cap else None,
+    }
+    facts = dict(machine_facts())
+    device_facts = dict(device or {})
+    device_facts.setdefault("fingerprint", device_fingerprint({**facts, "limits": limits.to_dict(), "threads": threads, "cpus": cpus}))
+    with tempfile.TemporaryDirectory(prefix="lfm2-measure-") as tmp, own_cores(cpus) as lock_wait_s:
+        workdir = Path(tmp)
+        (workdir / "job.json").write_text(json.dumps(job))
+        command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
+        outcome = supervise(command, workdir, memory_bytes=cap, timeout_s=limits.timeout_s, env=_child_env(threads))
+    cap_method = (
+        f"RSS watchdog every {POLL_S * 1000:.0f} ms + peak RSS from wait4 + RLIMIT_DATA backstop at {_fmt_bytes(job['data_limit_bytes'])}" if cap else "no cap"
+    )
+    measurement = _to_measurement(outcome, limits, {"cap_method": cap_method, "lock_wait_s": round(lock_wait_s, 3), "device": device_facts, "wall_time_s": round(time.monotonic() - start, 3)})
+    if not measurement.spec_key:
+        measurement.spec_key, measurement.backend, measurement.quant = artifact.spec.key, artifact.backend, artifact.quant
+        measurement.protocol = measurement.protocol or protocol.to_dict()
+        measurement.artifact_bytes = artifact.size_bytes
+    measurement.stack.setdefault("limits", limits.to_dict())
+    return measurement
+
+
+__all__ = ["measure", "machine_facts", "device_fingerprint", "supervise", "own_cores", "ChildOutcome", "ArtifactError"]

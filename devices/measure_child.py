@@ -1,0 +1,268 @@
+"""The measurement child: `python -m devices.measure_child JOB.json RESULT.json PARTIAL.json`.
+
+`devices.measure.measure` starts one of these per artifact, so that every measurement
+starts from a fresh process (no warm caches, allocator state or threads left by an
+earlier model) and a candidate that crashes or runs out of memory takes down only this
+process. Data goes in and out as JSON files, never pickle.
+
+The order of work (see DESIGN.md, "Measurement protocol"):
+
+1. pin every thread to the job's cores; cap the data segment if asked (a backstop; the
+   parent's RSS watchdog is the cap that counts);
+2. import the backend's runtime and record the baseline RSS: what the process holds
+   before the model (`import executorch` alone is ~355 MiB; a C++ runner would not pay it);
+3. load the artifact (the load time is reported apart);
+4. MEMORY PASS: one run of every point (each prefill length; each decode depth), with the
+   RSS high-water mark reset after the baseline, so that peak - baseline is the model's
+   own footprint (weights, runtime buffers, the state at the deepest context);
+5. TIMING: per point, warm-up runs (discarded), then timed runs bounded by count and by
+   time; a point whose CV is over the threshold is measured again (bounded), the attempt
+   with the lowest CV is kept, and it is flagged `noisy` if that is still over.
+
+Decode at depth C, per run: `reset()`, one untimed decode at position C-1 (it gives the
+state of a C-token context; decode latency does not depend on the state's values), then
+`decode_tokens` timed decodes at positions C .. C+decode_tokens-1. A sample is the mean
+latency per token of the run, so `Stats.tokens` is 1 for decode and `tokens_per_s` is the
+decode rate. Prefill: random tokens (tokenisation and sampling are not part of it).
+
+A progress line (JSON) goes to stdout at each phase, and the measurement so far to
+PARTIAL.json after each point, so the parent can say where a timeout or kill struck.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+#: Messages of allocation failures that runtimes raise as ordinary exceptions.
+_OOM_MARKERS = ("bad_alloc", "out of memory", "cannot allocate memory", "can't allocate memory", "failed to allocate", "not enough memory", "unable to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or a runtime's allocation failure (std::bad_alloc from ONNX Runtime or
+    ExecuTorch, torch's DefaultCPUAllocator, ENOMEM)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(marker in text for marker in _OOM_MARKERS)
+
+
+def pin_threads(cpus: list[int]) -> None:
+    """Pin every thread of this process (those that exist now; later ones inherit it)."""
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that has just ended
+
+
+def summarize(samples_ms: list[float], tokens: int, trim_fraction: float):
+    """`Stats` of raw samples: median, trimmed mean (`trim_fraction` cut from each end),
+    p10/p90 (linear interpolation), coefficient of variation (sample std / mean)."""
+    import numpy as np
+
+    from devices.protocol import Stats
+
+    values = np.sort(np.asarray(samples_ms, dtype=np.float64))
+    cut = int(len(values) * trim_fraction)
+    kept = values[cut : len(values) - cut] if len(values) - 2 * cut >= 1 else values
+    mean = float(values.mean())
+    cv = float(values.std(ddof=1) / mean) if len(values) > 1 and mean > 0 else 0.0
+    return Stats(
+        median_ms=float(np.median(values)),
+        trimmed_mean_ms=float(kept.mean()),
+        p10_ms=float(np.percentile(values, 10)),
+        p90_ms=float(np.percentile(values, 90)),
+        cv=cv,
+        samples_ms=[float(v) for v in samples_ms],
+        tokens=tokens,
+    )
+
+
+def timed_runs(run_once, protocol) -> list[float]:
+    """At least min_runs, at most max_runs; stop after min_runs once the point has used
+    max_seconds_per_point."""
+    samples: list[float] = []
+    start = time.perf_counter()
+    gc.collect()
+    gc.disable()  # a collection inside a timed run is noise, not model latency
+    try:
+        while len(samples) < protocol.max_runs:
+            samples.append(run_once())
+            if len(samples) >= protocol.min_runs and time.perf_counter() - start >= protocol.max_seconds_per_point:
+                break
+    finally:
+        gc.enable()
+    return samples
+
+
+def measure_point(run_once, protocol, tokens: int):
+    for _ in range(protocol.warmup_runs):
+        run_once()
+    best = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
+    attempts = 0
+    while best.cv > protocol.cv_threshold and attempts < protocol.max_remeasures:
+        attempts += 1
+        again = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
+        if again.cv < best.cv:
+            best = again
+    best.remeasured = attempts
+    best.noisy = best.cv > protocol.cv_threshold
+    return best
+
+
+class Child:
+    def __init__(self, job: dict[str, Any], result_path: Path, partial_path: Path):
+        self.job = job
+        self.result_path = result_path
+        self.partial_path = partial_path
+        self.result: dict[str, Any] = {"prefill": {}, "decode": {}, "memory": {}, "stack": {}, "thermal": {}}
+        self.cpus: list[int] = job["cpus"]
+
+    def progress(self, phase: str, **facts: Any) -> None:
+        print(json.dumps({"phase": phase, "t": round(time.monotonic(), 3), **facts}), flush=True)
+
+    def checkpoint(self) -> None:
+        write_json(self.partial_path, self.result)
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from devices import stack
+        from devices.artifact import Artifact
+        from devices.backends import backend_module, open_runner
+        from devices.protocol import Protocol
+
+        job = self.job
+        protocol = Protocol.from_dict(job["protocol"])
+        artifact = Artifact.load(job["artifact"], verify=False)  # the parent checked the hashes
+        self.result.update(backend=artifact.backend, quant=artifact.quant, spec_key=artifact.spec.key, protocol=protocol.to_dict(), artifact_bytes=artifact.size_bytes)
+        self.result["thermal"]["before"] = stack.thermal_snapshot(self.cpus)
+
+        self.progress("import_runtime")
+        backend_module(artifact.backend)
+        baseline = stack.rss_bytes()
+        peak_was_reset = stack.reset_peak_rss()
+        heavy = [name for name in ("torch", "executorch", "onnxruntime", "torchao") if name in sys.modules]
+        memory = self.result["memory"]
+        memory.update(baseline_rss_bytes=baseline, modules_in_baseline=heavy)
+
+        self.progress("load")
+        start = time.perf_counter()
+        runner = open_runner(artifact, job["threads"])
+        self.result["load_time_s"] = time.perf_counter() - start
+        pin_threads(self.cpus)  # any thread the runtime made while loading
+        memory["rss_after_load_bytes"] = stack.rss_bytes()
+        self.result["stack"] = self.stack_facts(runner, artifact)
+        self.checkpoint()
+
+        rng = __import__("numpy").random.default_rng(job.get("seed", 0))
+        vocab = artifact.spec.vocab_size
+        prompts = {n: rng.integers(0, vocab, size=(1, n), dtype="int64") for n in protocol.prompt_lengths}
+        decode_tokens = rng.integers(0, vocab, size=(1, protocol.decode_tokens + 1), dtype="int64")
+
+        def prefill_once(n: int) -> float:
+            start = time.perf_counter_ns()
+            runner.prefill(prompts[n])
+            return (time.perf_counter_ns() - start) / 1e6
+
+        def decode_once(depth: int) -> float:
+            runner.reset()
+            runner.decode(decode_tokens[:, :1], depth - 1)  # untimed: the state of a depth-token context
+            start = time.perf_counter_ns()
+            for i in range(protocol.decode_tokens):
+                runner.decode(decode_tokens[:, i + 1 : i + 2], depth + i)
+            return (time.perf_counter_ns() - start) / 1e6 / protocol.decode_tokens
+
+        if protocol.measure_memory:
+            self.progress("memory")
+            for n in protocol.prompt_lengths:
+                prefill_once(n)
+            for depth in protocol.decode_depths:
+                decode_once(depth)
+            peak, source = stack.peak_rss_bytes()
+            memory.update(
+                peak_rss_bytes=peak,
+                footprint_bytes=max(0, peak - baseline),
+                pss_bytes=stack.pss_bytes(),
+                rss_after_memory_pass_bytes=stack.rss_bytes(),
+                method=(
+                    f"a pass of one run per point right after loading; peak from {source}"
+                    + (" reset after the baseline (/proc/self/clear_refs)" if peak_was_reset and source == "VmHWM" else " (NOT reset: includes the runtime import's peak)")
+                    + "; footprint = peak - baseline (RSS after importing the runtime, before loading); pss at the end of the pass"
+                ),
+            )
+            self.checkpoint()
+
+        for n in protocol.prompt_lengths:
+            self.progress("prefill", length=n)
+            self.result["prefill"][str(n)] = measure_point(lambda: prefill_once(n), protocol, n).to_dict()
+            self.checkpoint()
+        for depth in protocol.decode_depths:
+            self.progress("decode", depth=depth)
+            self.result["decode"][str(depth)] = measure_point(lambda: decode_once(depth), protocol, 1).to_dict()
+            self.checkpoint()
+
+        memory["peak_rss_end_bytes"] = stack.peak_rss_bytes()[0]
+        self.result["thermal"]["after"] = stack.thermal_snapshot(self.cpus)
+        self.result["stack"]["loadavg_after"] = self.result["thermal"]["after"].get("loadavg")
+        runner.close()
+
+    def stack_facts(self, runner, artifact) -> dict[str, Any]:
+        from devices import stack
+
+        machine = stack.machine_facts()
+        facts = {
+            **machine,
+            **runner.stack(),
+            "backend": artifact.backend,
+            "quant": artifact.quant,
+            "artifact_key": artifact.key,
+            "threads": self.job["threads"],
+            "affinity": sorted(os.sched_getaffinity(0)),
+            "thread_env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+            "data_limit_bytes": self.job.get("data_limit_bytes"),
+            "gc": "collected before and disabled during timed runs",
+            "timer": "time.perf_counter_ns",
+            "pid": os.getpid(),
+            "loadavg_before": self.result["thermal"]["before"].get("loadavg"),
+        }
+        return facts
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: the parent never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python -m devices.measure_child JOB.json RESULT.json PARTIAL.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+    pin_threads(job["cpus"])
+    if job.get("data_limit_bytes"):
+        limit = int(job["data_limit_bytes"])
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    child = Child(job, Path(argv[1]), Path(argv[2]))
+    try:
+        child.run()
+        child.result["status"] = "ok"
+    except BaseException as exc:  # report every failure as data; the parent decides what it means
+        child.result["status"] = "oom" if is_out_of_memory(exc) else "error"
+        child.result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
+    write_json(Path(argv[1]), child.result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
