@@ -112,7 +112,7 @@ class Stats:
     p90_ms: float
     cv: float
     samples_ms: list[float]
-    tokens: int  # tokens per timed run (prompt length for prefill, decode_tokens for decode)
+    tokens: int  # tokens per sample: the prompt length for prefill; 1 for decode (a decode sample is the per-token latency of a run of decode_tokens)
     noisy: bool = False  # CV still above the threshold after the allowed re-measures
     remeasured: int = 0
 
