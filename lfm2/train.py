@@ -196,18 +196,32 @@ def _split_documents(documents: list[bytes], val_fraction: float) -> tuple[list[
     return [d for d in train if d], [d for d in validation if d]
 
 
-def load_corpus(source: str, val_fraction: float = 0.05) -> Corpus:
-    """`stdlib` (the Python standard library corpus of `lfm2.corpus`) or a text file/folder."""
-    if source == "stdlib":
+def _stdlib(source: str) -> Corpus:
+    """`stdlib` or `stdlib:MAX_BYTES`: `lfm2.corpus.stdlib_corpus`, with its own split by
+    file; its file separator is replaced by our end-of-text token between documents."""
+    try:
+        from lfm2.corpus import FILE_SEPARATOR, stdlib_corpus
+    except ImportError as exc:
+        raise UserError("the stdlib corpus (lfm2.corpus) is not available in this checkout; pass --corpus PATH (a text file or a folder of text files)") from exc
+    max_bytes = None
+    if source != "stdlib":
         try:
-            from lfm2.corpus import stdlib_corpus  # written alongside; optional until it lands
-        except ImportError as exc:
-            raise UserError(
-                "the stdlib corpus (lfm2.corpus) is not available in this checkout; pass --corpus PATH "
-                "(a text file or a folder of text files) instead"
-            ) from exc
-        corpus = stdlib_corpus()
-        return Corpus(name="stdlib", train=[bytes(corpus.train)], validation=[bytes(corpus.validation)])
+            max_bytes = int(float(source.split(":", 1)[1]))
+        except ValueError:
+            raise UserError(f"--corpus {source}: write stdlib or stdlib:MAX_BYTES (e.g. stdlib:2000000)") from None
+    corpus = stdlib_corpus(max_bytes)
+    return Corpus(
+        name=corpus.name,
+        train=[d for d in corpus.train.tobytes().split(FILE_SEPARATOR) if d],
+        validation=[d for d in corpus.validation.tobytes().split(FILE_SEPARATOR) if d],
+    )
+
+
+def load_corpus(source: str, val_fraction: float = 0.05) -> Corpus:
+    """`stdlib[:MAX_BYTES]` (the Python standard library corpus of `lfm2.corpus`) or a text
+    file or folder of text files (split by `val_fraction` of the bytes)."""
+    if source == "stdlib" or source.startswith("stdlib:"):
+        return _stdlib(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"--corpus {source}: no such file or folder; give a text file, a folder of text files, or 'stdlib'")

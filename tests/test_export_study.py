@@ -1,0 +1,185 @@
+"""The study the export tests read, and a check that it follows docs/study-schema.md.
+
+Until the lead's `tests/data/search_small.db` (written by a real `lfm2-nas search`, study
+`small`) exists, `small_study` builds one through Optuna's public API exactly as the
+schema describes (real ArchSpecs, the real `memory_constraint`, `Measurement`/`Stats`
+dicts); the figures are made up but consistent. Switching to the real file is the one
+line `REAL_STUDY_DB` below.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from devices.protocol import Measurement, Protocol, Stats
+from lfm2 import ArchSpec, build_model, count_parameters
+from nas.objectives import directions, memory_constraint, objective_names
+
+#: The real study, once the lead provides it: set to DATA_DB (and nothing else changes).
+DATA_DB = Path(__file__).parent / "data" / "search_small.db"
+REAL_STUDY_DB: Path | None = None
+STUDY_NAME = "small"
+BUDGET = 64 * 2**20
+CONTEXT = 128
+
+
+def tiny_spec(layers: str, d_model: int = 64, **changes) -> ArchSpec:
+    ops = {"C": "conv", "A": "attn", "S": "swa"}
+    fields = dict(vocab_size=512, d_model=d_model, layers=tuple(ops[c] for c in layers), n_heads=4, n_kv_heads=2, ffn_dim=2 * d_model + 32, max_seq_len=256)
+    fields.update(changes)
+    return ArchSpec(**fields)
+
+
+def _stats(median: float, tokens: int) -> Stats:
+    samples = [median * f for f in (0.97, 0.99, 1.0, 1.01, 1.04)]
+    return Stats(median_ms=median, trimmed_mean_ms=median, p10_ms=samples[0], p90_ms=samples[-1], cv=0.025, samples_ms=samples, tokens=tokens)
+
+
+DEVICE = {"name": "test-host", "profile": "local", "emulated": False, "cpu_model": "AMD EPYC (test)", "cores": 2, "memory_bytes": 23 * 2**30, "os": "Linux", "runtimes": ["executorch", "onnx"]}
+
+
+def _metadata(protocol: Protocol) -> dict:
+    return {
+        "version": "0.1.0",
+        "device": DEVICE,
+        "budget_bytes": BUDGET,
+        "context": CONTEXT,
+        "backend": "executorch",
+        "quant": "fp32",
+        "protocol": protocol.to_dict(),
+        "space": {"name": "test", "text": "# made by tests/test_export_study.py\n"},
+        "quality": "mad",
+        "sampler": "tpe",
+        "seed": 0,
+        "versions": {"python": "3.11", "torch": "2.13.0"},
+    }
+
+
+#: (layout, d_model, quality, prefill_ms, decode_ms, footprint MiB): ok/infeasible trials.
+MEASURED = [
+    ("CCAC", 64, 0.30, 10.0, 1.00, 8),
+    ("CACA", 64, 0.34, 11.0, 1.10, 9),
+    ("CCACCA", 96, 0.42, 16.0, 1.60, 20),
+    ("CACACA", 96, 0.45, 18.0, 1.80, 22),
+    ("CCACCACC", 128, 0.52, 25.0, 2.50, 40),
+    ("CACCACCA", 128, 0.55, 27.0, 2.70, 44),
+    ("CCCC", 64, 0.20, 12.0, 1.20, 10),  # dominated by CCAC
+    ("AAAAAAAA", 192, 0.70, 60.0, 6.00, 90),  # over the budget: infeasible
+]
+
+
+def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, extra=()) -> optuna.Study:
+    """A study laid out as the search writes it: metadata, spec attrs, measurements, the
+    memory constraint (through the sampler's `constraints_func`, as the search does),
+    failed and pruned trials, and one enqueued preset-like reference point."""
+    protocol = Protocol(prompt_lengths=(CONTEXT,), decode_depths=(CONTEXT,), decode_tokens=4, min_runs=3, max_runs=5)
+    sampler = optuna.samplers.TPESampler(seed=0, constraints_func=memory_constraint)
+    # Built in memory, then copied: SQLite commits every attr on its own, which is slow here.
+    study = optuna.create_study(study_name=name, directions=directions("mad"), sampler=sampler)
+    study.set_metric_names(objective_names("mad"))
+    study.set_user_attr("lfm2_nas", _metadata(protocol))
+    rows = [(tiny_spec(layout, d), q, p, dms, mib) for layout, d, q, p, dms, mib in measured]
+    rows += list(extra)  # (spec, quality, prefill_ms, decode_ms, footprint MiB)
+    for index, (spec, quality, prefill, decode, mib) in enumerate(rows):
+        trial = study.ask()
+        _spec_attrs(trial, spec)
+        footprint = mib * 2**20
+        measurement = Measurement(
+            status="ok", artifact_sha256="0" * 64, backend="executorch", quant="fp32", spec_key=spec.key, protocol=protocol.to_dict(),
+            load_time_s=0.2, prefill={CONTEXT: _stats(prefill, CONTEXT)}, decode={CONTEXT: _stats(decode, 4)},
+            memory={"footprint_bytes": footprint, "peak_rss_bytes": footprint + 300 * 2**20}, stack={"runtime": "executorch 1.5.1", "threads": 2, "delegate": "xnnpack"},
+            device=DEVICE, wall_time_s=3.0,
+        ).to_dict()
+        trial.set_user_attr("measurement", measurement)
+        trial.set_user_attr("artifact", {"key": f"artifact{index:04d}", "path": f"/nonexistent/artifacts/artifact{index:04d}", "bytes": 1, "stages_s": {}, "backend": "executorch", "quant": "fp32"})
+        trial.set_user_attr("prefill_ms", prefill)
+        trial.set_user_attr("decode_ms", decode)
+        trial.set_user_attr("prefill_stats", measurement["prefill"][str(CONTEXT)])
+        trial.set_user_attr("decode_stats", measurement["decode"][str(CONTEXT)])
+        trial.set_user_attr("footprint_bytes", footprint)
+        trial.set_user_attr("peak_rss_bytes", footprint + 300 * 2**20)
+        trial.set_user_attr("quality", quality)
+        trial.set_user_attr("quality_detail", {"recall": quality})
+        trial.set_user_attr("cached", False)
+        over = float(footprint - BUDGET)
+        trial.set_user_attr("constraint", [over])
+        trial.set_user_attr("status", "ok" if over <= 0 else "infeasible")
+        if over > 0:
+            trial.set_user_attr("reason", f"footprint {mib} MiB > budget {BUDGET // 2**20} MiB")
+        study.tell(trial, [quality, prefill, decode])
+    failed = study.ask()
+    _spec_attrs(failed, tiny_spec("CCAA"))
+    failed.set_user_attr("status", "compile_error")
+    failed.set_user_attr("reason", "compile failed: lowering raised (test)")
+    study.tell(failed, state=TrialState.FAIL)
+    pruned = study.ask()
+    _spec_attrs(pruned, tiny_spec("AAAAAAAAAAAA", 256))
+    pruned.set_user_attr("status", "prefiltered")
+    pruned.set_user_attr("reason", "estimate certainly over budget")
+    pruned.set_user_attr("constraint", [1.0e9])
+    study.tell(pruned, state=TrialState.PRUNED)
+    optuna.copy_study(from_study_name=name, from_storage=study._storage, to_storage=storage_url)
+    return optuna.load_study(study_name=name, storage=storage_url)
+
+
+def parameter_count(spec: ArchSpec) -> int:
+    """Unique parameters (tied head once), counted from the shapes; equal to
+    `lfm2.count_parameters(build_model(spec))` (checked below) without building a model."""
+    d, hd = spec.d_model, spec.head_dim
+    total = spec.vocab_size * d + d + (0 if spec.tie_embeddings else spec.vocab_size * d)
+    for op in spec.layers:
+        total += 2 * d + 3 * d * spec.ffn_dim
+        if op == "conv":
+            total += 4 * d * d + d * spec.conv_kernel
+        else:
+            total += d * (spec.n_heads + 2 * spec.n_kv_heads) * hd + spec.n_heads * hd * d + 2 * hd
+    return total
+
+
+def _spec_attrs(trial, spec: ArchSpec) -> None:
+    trial.set_user_attr("spec", spec.to_dict())
+    trial.set_user_attr("spec_key", spec.key)
+    trial.set_user_attr("layout", spec.layout)
+    trial.set_user_attr("params", parameter_count(spec))
+    trial.set_user_attr("memory_estimate_bytes", 2 * 2**20)
+
+
+def small_study(folder: Path) -> tuple[str, str]:
+    """(storage URL, study name) of a private copy of the study the export tests use."""
+    db = folder / "search_small.db"
+    if REAL_STUDY_DB is not None:
+        shutil.copyfile(REAL_STUDY_DB, db)
+        return f"sqlite:///{db}", STUDY_NAME
+    build_study(f"sqlite:///{db}")
+    return f"sqlite:///{db}", STUDY_NAME
+
+
+@pytest.fixture(scope="module")
+def study_url(tmp_path_factory):
+    return small_study(tmp_path_factory.mktemp("study"))
+
+
+def test_the_study_follows_the_schema(study_url):
+    url, name = study_url
+    study = optuna.load_study(study_name=name, storage=url)
+    assert study.metric_names in (["quality", "prefill_ms", "decode_ms"], ["prefill_ms", "decode_ms"])
+    meta = study.user_attrs["lfm2_nas"]
+    for key in ("device", "budget_bytes", "context", "backend", "quant", "protocol", "quality", "sampler", "versions"):
+        assert key in meta, key
+    best = study.best_trials
+    assert best, "the Pareto set is empty"
+    for trial in best:
+        assert trial.user_attrs["status"] == "ok"
+        assert trial.system_attrs["constraints"][0] <= 0  # what Optuna's constraints_func stored
+        ArchSpec.from_dict(trial.user_attrs["spec"])  # a real spec
+        assert trial.user_attrs["footprint_bytes"] <= meta["budget_bytes"]
+    for trial in study.trials[:3]:
+        spec = ArchSpec.from_dict(trial.user_attrs["spec"])
+        assert trial.user_attrs["params"] == count_parameters(build_model(spec, device="meta"))
+    infeasible = [t for t in study.trials if t.user_attrs.get("status") == "infeasible"]
+    assert infeasible and not {t.number for t in infeasible} & {t.number for t in best}
