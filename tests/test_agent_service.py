@@ -239,3 +239,15 @@ def test_a_full_disk_during_upload_is_a_clear_507_and_nothing_half_written(tmp_p
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_the_protocol_body_has_exactly_the_protocols_fields():
+    """The API's pydantic model mirrors `devices.protocol.Protocol`: a field added there
+    must be added to the API too (this fails until it is)."""
+    import dataclasses
+
+    from devices.agent.service import ProtocolBody
+    from devices.protocol import Protocol
+
+    assert set(ProtocolBody.model_fields) == {f.name for f in dataclasses.fields(Protocol)}
+    assert ProtocolBody().to_protocol() == Protocol()

@@ -188,7 +188,7 @@ class AgentClient:
                 "PUT",
                 f"/artifacts/{sha}",
                 content=bundle,
-                headers={"Content-Type": "application/x-tar", "Content-Length": str(packed_size)},
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(packed_size)},
                 timeout=httpx.Timeout(max(self.timeout_s, 300.0), connect=5.0),
             )
         return sha

@@ -35,9 +35,12 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from devices.agent.auth import bearer_token, token_matches
@@ -66,7 +69,25 @@ StateFilter = Annotated[Literal["queued", "running", "done"] | None, Query()]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 _DEFAULT = Protocol()
-_Positive = Annotated[StrictInt, Field(ge=1, le=1 << 20)]
+
+
+def _number_not_text_or_bool(value: Any) -> Any:
+    # JSON's 3.0 is an integer to JSON Schema (and is accepted), but true or "3" is not
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _int(ge: int, le: int) -> Any:
+    # the bounds first: after a validator they would reach the JSON schema as "ge", not "minimum"
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_number_not_text_or_bool)]
+
+
+def _number(**bounds: float) -> Any:
+    return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(_number_not_text_or_bool)]
+
+
+_Length = _int(1, 1 << 20)
 
 
 class ProtocolBody(BaseModel):
@@ -74,19 +95,19 @@ class ProtocolBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt_lengths: list[_Positive] = Field(default=list(_DEFAULT.prompt_lengths), min_length=1, max_length=64)
-    decode_depths: list[_Positive] = Field(default=list(_DEFAULT.decode_depths), min_length=1, max_length=64)
-    decode_tokens: StrictInt = Field(default=_DEFAULT.decode_tokens, ge=1, le=1 << 16)
-    warmup_runs: StrictInt = Field(default=_DEFAULT.warmup_runs, ge=0, le=1000)
-    min_runs: StrictInt = Field(default=_DEFAULT.min_runs, ge=1, le=10_000)
-    max_runs: StrictInt = Field(default=_DEFAULT.max_runs, ge=1, le=10_000)
-    max_seconds_per_point: float = Field(default=_DEFAULT.max_seconds_per_point, gt=0, le=86_400, allow_inf_nan=False)
-    trim_fraction: float = Field(default=_DEFAULT.trim_fraction, ge=0, lt=0.5, allow_inf_nan=False)
-    cv_threshold: float = Field(default=_DEFAULT.cv_threshold, ge=0, le=100, allow_inf_nan=False)
-    max_remeasures: StrictInt = Field(default=_DEFAULT.max_remeasures, ge=0, le=100)
+    prompt_lengths: list[_Length] = Field(default=list(_DEFAULT.prompt_lengths), min_length=1, max_length=64)
+    decode_depths: list[_Length] = Field(default=list(_DEFAULT.decode_depths), min_length=1, max_length=64)
+    decode_tokens: _int(1, 1 << 16) = _DEFAULT.decode_tokens
+    warmup_runs: _int(0, 1000) = _DEFAULT.warmup_runs
+    min_runs: _int(1, 10_000) = _DEFAULT.min_runs
+    max_runs: _int(1, 10_000) = _DEFAULT.max_runs
+    max_seconds_per_point: _number(gt=0, le=86_400) = _DEFAULT.max_seconds_per_point
+    trim_fraction: _number(ge=0, lt=0.5) = _DEFAULT.trim_fraction
+    cv_threshold: _number(ge=0, le=100) = _DEFAULT.cv_threshold
+    max_remeasures: _int(0, 100) = _DEFAULT.max_remeasures
     measure_memory: StrictBool = _DEFAULT.measure_memory
-    threads: StrictInt | None = Field(default=_DEFAULT.threads, ge=1, le=1024)
-    cpus: list[Annotated[StrictInt, Field(ge=0, le=4095)]] | None = Field(default=None, min_length=1, max_length=4096)
+    threads: _int(1, 1024) | None = _DEFAULT.threads
+    cpus: list[_int(0, 4095)] | None = Field(default=None, min_length=1, max_length=4096)
 
     def to_protocol(self) -> Protocol:
         return Protocol.from_dict(self.model_dump())
@@ -170,7 +191,7 @@ class Info(BaseModel):
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in (401, *codes)}
+    return {code: {"model": ErrorBody} for code in (400, 401, *codes)}
 
 
 class WorkdirLocked(UserError):
@@ -313,6 +334,14 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
     bearer = HTTPBearer(auto_error=False, description="the token in the agent's --token-file")
     authed = [Depends(bearer)]  # documents the scheme; BearerAuth has already enforced it
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette's Allow lists one route's methods; a path served by several routes has more
+        allowed = sorted({m for r in app.router.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path) for m in r.methods})
+        return JSONResponse({"detail": f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
         if isinstance(exc, UploadError):
@@ -347,9 +376,9 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         status_code=201,
         response_model=ArtifactInfo,
         dependencies=authed,
-        responses={200: {"model": ArtifactInfo, "description": "already present: nothing was stored"}, **_errors(400, 411, 413, 422, 507)},
+        responses={200: {"model": ArtifactInfo, "description": "already present: nothing was stored"}, **_errors(413, 422, 507)},
         tags=["artifacts"],
-        openapi_extra={"requestBody": {"required": True, "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
     )
     async def put_artifact(sha256: Sha256, request: Request, response: Response) -> Any:
         """Upload a bundle (an uncompressed tar of the artifact folder) named by its sha256.
