@@ -1,0 +1,197 @@
+"""What every benchmark script shares: its command-line flags, compiling and measuring one
+architecture through the project's own `devices.compile` / `devices.measure`, and
+putting its BENCHMARKS.md block together (date, machine facts, load, how to reproduce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.report import BENCHMARKS_MD, RESULTS_DIR, load_average, machine_facts, machine_markdown, save_json, today, write_block
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a minute or two: tiny models, one point; writes no BENCHMARKS.md unless --benchmarks is given")
+    parser.add_argument("--no-write", action="store_true", help="print the BENCHMARKS.md block instead of writing it")
+    parser.add_argument("--benchmarks", type=Path, default=None, help=f"the markdown file to rewrite the block of (default {BENCHMARKS_MD.name} at the repository root; none with --quick)")
+    parser.add_argument("--results", type=Path, default=None, help=f"where to save the raw results as JSON (default {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/{name}.json; a temporary file with --quick)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="compile cache (default: the project's, $LFM2_NAS_CACHE or ~/.cache/lfm2-nas)")
+    parser.add_argument("--threads", type=int, default=usable_cores(), help="runtime threads per measurement (default: every usable core)")
+    return parser
+
+
+@dataclass
+class BenchRun:
+    """One invocation of a benchmark: its flags, the machine, the load before and after."""
+
+    name: str
+    title: str
+    args: argparse.Namespace
+    started: float = field(default_factory=time.perf_counter)
+    date: str = field(default_factory=today)
+    load_before: list[float] = field(default_factory=load_average)
+    facts: dict[str, Any] = field(default_factory=machine_facts)
+
+    @property
+    def quick(self) -> bool:
+        return bool(getattr(self.args, "quick", False))
+
+    @property
+    def results_path(self) -> Path:
+        if self.args.results is not None:
+            return self.args.results
+        if self.quick:
+            return Path(tempfile.gettempdir()) / f"lfm2-nas-bench-{self.name}-quick.json"
+        return RESULTS_DIR / f"{self.name}.json"
+
+    @property
+    def benchmarks_path(self) -> Path | None:
+        if self.args.no_write:
+            return None
+        if self.args.benchmarks is not None:
+            return self.args.benchmarks
+        return None if self.quick else BENCHMARKS_MD
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def save(self, results: dict[str, Any]) -> Path:
+        data = {"benchmark": self.name, "date": self.date, "argv": sys.argv[1:], "machine": self.facts, "load_before": self.load_before, "load_after": load_average(), "wall_s": round(self.elapsed_s(), 1), **results}
+        return save_json(self.results_path, data)
+
+    def finish(self, body: str, reproduce: str) -> str:
+        """Compose the block (title, date, machine, body, how to reproduce), print it, and
+        write it into BENCHMARKS.md unless this is a quick or --no-write run."""
+        load_after = load_average()
+        block = "\n\n".join(
+            [
+                f"## {self.title}",
+                f"Run {self.date}, {self.elapsed_s() / 60:.1f} minutes. {machine_markdown(self.facts, self.load_before, load_after)}",
+                body.strip(),
+                f"Reproduce (one command, from the repository root with the project's venv active):\n\n```bash\n{reproduce}\n```\n\nRaw results: `{_shown_path(self.results_path)}`.",
+            ]
+        )
+        print(block)
+        target = self.benchmarks_path
+        if target is not None:
+            write_block(self.name, block, target)
+            print(f"\n[wrote the {self.name!r} block of {target}]")
+        else:
+            print(f"\n[not written to BENCHMARKS.md: {'--quick' if self.quick else '--no-write'}]")
+        return block
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(RESULTS_DIR.parent.parent))
+    except ValueError:
+        return str(path)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- compile + measure -----------------------------------------------------------------------
+
+
+def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, threads: int | None = None, timeout_s: float | None = 900.0, verify: bool = True) -> dict[str, Any]:
+    """Compile `spec` (cached) and measure it in a fresh child process (`devices.measure`).
+
+    Returns plain data: `ok`, `compile_s` (0 when the artifact came from the cache:
+    `compile_cached`), `artifact` facts, the `measurement` dict, or `error` with the stage.
+    A failure is data, not an exception: a benchmark reports it and goes on.
+    """
+    from devices.compile import compile as compile_artifact
+    from devices.measure import measure
+    from devices.protocol import Limits
+
+    result: dict[str, Any] = {"spec_key": spec.key, "backend": backend, "quant": quant}
+    start = time.perf_counter()
+    try:
+        artifact = compile_artifact(spec, backend, quant, protocol.max_context, protocol.prompt_lengths, cache_dir=cache_dir, verify=verify)
+    except Exception as exc:  # a compile failure is a result to report
+        result.update(ok=False, stage="compile", error=f"{type(exc).__name__}: {exc}"[:2000])
+        return result
+    compile_wall = time.perf_counter() - start
+    manifest = artifact.manifest
+    result["compile_wall_s"] = round(compile_wall, 2)
+    result["artifact"] = {
+        "path": str(artifact.path),
+        "bytes": artifact.size_bytes,
+        "compile_s": manifest.get("compile_s"),
+        "stages_s": manifest.get("stages_s"),
+        "not_delegated_ops": manifest.get("not_delegated_ops"),
+        "verification": {k: v for k, v in (manifest.get("verification") or {}).items() if k in ("passed", "max_abs_diff", "min_cosine", "top1_agreement")},
+    }
+    try:
+        measurement = measure(artifact, protocol, Limits(threads=threads, timeout_s=timeout_s))
+    except Exception as exc:
+        result.update(ok=False, stage="measure", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"[:2000])
+        return result
+    result["measurement"] = measurement.to_dict()
+    result["ok"] = measurement.ok
+    if not measurement.ok:
+        result.update(stage="measure", error=f"{measurement.status}: {measurement.error}"[:2000])
+    return result
+
+
+def _compile_worker(spec_dict: dict, backend: str, quant: str, max_context: int, prompt_lengths: tuple[int, ...], cache_dir: str | None, verify: bool) -> dict[str, Any]:
+    import torch
+
+    from devices.compile import compile as compile_artifact
+    from lfm2.spec import ArchSpec
+
+    torch.set_num_threads(1)  # one compile per core: two workers must not fight over both
+    start = time.perf_counter()
+    try:
+        artifact = compile_artifact(ArchSpec.from_dict(spec_dict), backend, quant, max_context, prompt_lengths, cache_dir=cache_dir, verify=verify)
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "wall_s": time.perf_counter() - start}
+    return {"ok": True, "path": str(artifact.path), "compile_s": artifact.manifest.get("compile_s"), "wall_s": time.perf_counter() - start}
+
+
+def precompile(specs, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, workers: int | None = None, verify: bool = True) -> list[dict[str, Any]]:
+    """Compile every spec into the cache before anything is measured, `workers` at a time
+    (default: one per usable core; compiling is mostly single-threaded Python), so that
+    the measurements that follow find their artifacts ready and own the cores alone."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    specs = list(specs)
+    workers = max(1, min(workers or usable_cores(), len(specs)))
+    jobs = [(s.to_dict(), backend, quant, protocol.max_context, tuple(protocol.prompt_lengths), str(cache_dir) if cache_dir else None, verify) for s in specs]
+    if workers == 1:
+        return [_compile_worker(*job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_compile_worker, *zip(*jobs)))
+
+
+def measured_ms(result: dict[str, Any], kind: str, point: int) -> float | None:
+    """The median latency in ms of `kind` ('prefill' or 'decode') at `point`, or None."""
+    if not result.get("ok"):
+        return None
+    stats = result["measurement"].get(kind, {}).get(str(point)) or result["measurement"].get(kind, {}).get(point)
+    return None if stats is None else stats["median_ms"]
+
+
+def footprint_bytes(result: dict[str, Any]) -> int | None:
+    if not result.get("ok"):
+        return None
+    return (result["measurement"].get("memory") or {}).get("footprint_bytes")
+
+
+__all__ = ["base_parser", "BenchRun", "compile_and_measure", "precompile", "measured_ms", "footprint_bytes", "usable_cores", "log"]

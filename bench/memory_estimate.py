@@ -1,0 +1,127 @@
+"""Memory estimate: `search_space.costs.estimate_peak_memory` against the measured footprint.
+
+The search prunes candidates with the analytic estimate before compiling anything, and
+compares each measured footprint (the growth of the measuring process's peak RSS over
+its baseline, `Measurement.memory["footprint_bytes"]`) with the budget. This reports
+how far the estimate is from the measurement: (estimate - measured) / measured over the
+architectures of `bench.repeatability` (its results file is reused when it is there;
+otherwise they are measured here), plus whether the analytic lower bound ever exceeded
+a measurement (it must not: the search would prune a model that fits).
+
+    python -m bench.memory_estimate          # reuse bench/results/repeatability.json
+    python -m bench.memory_estimate --quick  # 3 tiny architectures, measured here
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log
+from bench.models import sample_space
+from bench.report import RESULTS_DIR, load_json, markdown_table, mib, pct
+from bench.stats import error_distribution, median, relative_error
+from lfm2.spec import ArchSpec
+from search_space import costs
+
+NAME = "memory_estimate"
+
+
+def parse_args(argv=None):
+    parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="source", type=Path, default=RESULTS_DIR / "repeatability.json", help="a bench.repeatability results file to reuse (default bench/results/repeatability.json)")
+    parser.add_argument("--measure", action="store_true", help="measure here even when the results file exists")
+    parser.add_argument("--archs", type=int, default=20)
+    parser.add_argument("--backend", default="onnx")
+    parser.add_argument("--quant", default="fp32")
+    return parser.parse_args(argv)
+
+
+def estimate_row(spec: ArchSpec, backend: str, quant: str, max_context: int, prefill_tokens: int, measured: list[int]) -> dict:
+    """The estimate and its parts for one architecture against its measured footprint(s)
+    (the median when it was measured more than once)."""
+    estimate = costs.estimate_peak_memory(spec, max_context, backend, quant, prefill_tokens=prefill_tokens)
+    footprint = median(measured)
+    return {
+        "spec_key": spec.key,
+        "layout": spec.layout,
+        "parameters": costs.parameters(spec),
+        "backend": backend,
+        "quant": quant,
+        "measured_bytes": footprint,
+        "measured_all": measured,
+        "estimate": estimate.to_dict(),
+        "estimate_bytes": estimate.total_bytes,
+        "lower_bound_bytes": estimate.lower_bound_bytes,
+        "relative_error": relative_error(estimate.total_bytes, footprint),
+        "lower_bound_violated": estimate.lower_bound_bytes > footprint,
+    }
+
+
+def rows_from_repeatability(data: dict) -> list[dict]:
+    protocol = data["protocol"]
+    max_context = max(max(protocol["prompt_lengths"]), max(protocol["decode_depths"]) + protocol["decode_tokens"])
+    rows = []
+    for item in data["rows"]:
+        measured = [b for b in item["footprint_bytes"] if b]
+        if measured:
+            rows.append(estimate_row(ArchSpec.from_dict(item["spec"]), data["backend"], data["quant"], max_context, data["prefill_tokens"], measured))
+    return rows
+
+
+def main(argv=None) -> int:
+    from bench.repeatability import protocol_for
+
+    args = parse_args(argv)
+    run = BenchRun(NAME, "Memory estimate: analytic peak memory against the measured footprint", args)
+    source = None
+    if not args.quick and not args.measure and args.source.is_file():
+        source = str(args.source)
+        log(f"[{NAME}] reusing the footprints of {args.source}")
+        data = load_json(args.source)
+        rows = rows_from_repeatability(data)
+        backend, quant = data["backend"], data["quant"]
+    else:
+        count, prefill, depth = (3, 128, 128) if args.quick else (args.archs, 512, 512)
+        protocol = protocol_for(prefill, depth, args.threads, args.quick)
+        backend, quant = args.backend, args.quant
+        rows = []
+        for number, spec in enumerate(sample_space(count, seed=0)):
+            log(f"[{NAME}] {number + 1}/{count}: {spec.layout} d={spec.d_model}")
+            result = compile_and_measure(spec, backend, quant, protocol, cache_dir=args.cache_dir, threads=args.threads)
+            if footprint_bytes(result):
+                rows.append(estimate_row(spec, backend, quant, protocol.max_context, prefill, [footprint_bytes(result)]))
+            else:
+                log(f"[{NAME}]   no footprint: {result.get('error', '')[:300]}")
+    summary = error_distribution([r["relative_error"] for r in rows]) if rows else None
+    run.save({"source": source, "backend": backend, "quant": quant, "summary": summary, "rows": rows})
+    run.finish(render(rows, summary, source, backend, quant), "python -m bench.memory_estimate" + (" --quick" if args.quick else ""))
+    return 0
+
+
+def render(rows: list[dict], summary: dict | None, source: str | None, backend: str, quant: str) -> str:
+    where = f"the footprints measured by `bench.repeatability` (`{Path(source).name}`; median of its two passes)" if source else "footprints measured in this run"
+    how = (
+        f"How: for each architecture, `estimate_peak_memory(spec, context, {backend!r}, {quant!r}, prefill_tokens=...)` "
+        f"with the context and prefill length the artifact was measured at, against {where}: the growth of the "
+        "measuring process's peak RSS over its baseline before the model was loaded (`footprint_bytes`). "
+        "Error = (estimate - measured) / measured; positive means the estimate is too high (safe for a budget)."
+    )
+    if not rows:
+        return how + "\n\nNo footprint was measured: nothing to compare."
+    s = summary
+    summary_table = markdown_table(
+        ["architectures", "median error", "p10 / p90", "median abs error", "max abs error", "within 10%", "within 25%", "overestimates", "lower bound above a measurement"],
+        [[s["n"], pct(s["median"], 1), f"{pct(s['p10'], 1)} / {pct(s['p90'], 1)}", pct(s["median_abs"], 1), pct(s["max_abs"], 1), pct(s["within_10pct"]), pct(s["within_25pct"]), pct(s["overestimates"]), sum(r["lower_bound_violated"] for r in rows)]],
+    )
+    detail = markdown_table(
+        ["layout", "params", "measured", "estimate", "error", "weights", "state", "activations", "runtime", "lower bound"],
+        [
+            [r["layout"], f"{r['parameters'] / 1e6:.1f}M", mib(r["measured_bytes"]), mib(r["estimate_bytes"]), pct(r["relative_error"], 1), mib(r["estimate"]["weights_bytes"]), mib(r["estimate"]["state_bytes"]), mib(r["estimate"]["activation_bytes"]), mib(r["estimate"]["runtime_overhead_bytes"]), mib(r["lower_bound_bytes"])]
+            for r in rows
+        ],
+    )
+    return "\n\n".join([how, summary_table, "<details><summary>Per architecture</summary>\n\n" + detail + "\n\n</details>"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
