@@ -148,7 +148,7 @@ def test_job_submission_is_checked_and_idempotent(agent, artifact):
         client.put(f"/v1/artifacts/{sha}", content=data)
         missing = client.post("/v1/jobs", json={"artifact_sha256": "e" * 64, "protocol": FITTING})
         assert missing.status_code == 404 and "upload it first" in missing.json()["detail"]
-        for bad in ({**FITTING, "prompt_lengths": [32]}, {**FITTING, "decode_depths": [4096]}, {**FITTING, "surprise": 1}, {**FITTING, "min_runs": True}, {**FITTING, "min_runs": 5, "max_runs": 2}):
+        for bad in ({**FITTING, "surprise": 1}, {**FITTING, "min_runs": True}, {**FITTING, "min_runs": 5, "max_runs": 2}, {**FITTING, "decode_depths": []}):
             assert client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": bad}).status_code == 422, bad
         assert client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": FITTING, "job_id": "../x"}).status_code == 422
         assert client.post("/v1/jobs", content=b"[" * (300 << 10), headers={"Content-Type": "application/json"}).status_code == 413
@@ -165,6 +165,10 @@ def test_job_submission_is_checked_and_idempotent(agent, artifact):
         assert done["measurement"]["device"]["name"] == "svc" and done["measurement"]["device"]["emulated"] is False
         listed = client.get("/v1/jobs").json()["jobs"]
         assert [job["job_id"] for job in listed].count("svc-1") == 1
+        # a protocol the artifact cannot serve (context 64) is a DONE job with status error
+        client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": {**FITTING, "decode_depths": [4096]}, "job_id": "svc-long"})
+        too_long = client.get("/v1/jobs/svc-long", params={"wait": 60}).json()
+        assert too_long["state"] == "done" and too_long["status"] == "error" and "max_context" in too_long["measurement"]["error"]
 
 
 def test_client_uploads_once_and_reports_auth_and_reachability(agent, artifact, tmp_path):

@@ -11,8 +11,6 @@ The rules, in one place:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import re
@@ -21,11 +19,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from devices.profiles import DeviceProfile, cpu_model, get_profile
+from devices.profiles import DeviceProfile, get_profile
 from devices.protocol import Limits
 from devices.sizes import parse_size
+from devices.stack import device_fingerprint, machine_facts
 from lfm2.errors import UserError
 
 API_VERSION = "v1"
@@ -82,36 +79,16 @@ class AgentConfig:
     notes: list[str] = field(default_factory=list)  # why a limit is what it is
 
     def machine(self) -> dict[str, Any]:
-        """This host: what `/v1/info` shows and the fingerprint hashes."""
-        memory = psutil.virtual_memory()
-        return {
-            "cpu_model": cpu_model(),
-            "logical_cores": psutil.cpu_count(logical=True),
-            "physical_cores": psutil.cpu_count(logical=False),
-            "usable_cpus": list(usable_cpus()),
-            "memory_bytes": memory.total,
-            "os": platform.system(),
-            "os_release": platform.release(),
-            "arch": platform.machine(),
-            "hostname": platform.node(),
-        }
+        """This host, as `devices.stack` (and so every measurement) describes it."""
+        return {**machine_facts(), "hostname": platform.node()}
 
     @property
     def fingerprint(self) -> str:
-        """Identifies "where the numbers come from": the hardware, the profile, whether it is
-        emulated, and the limits. Any of these changing makes earlier results incomparable."""
-        machine = self.machine()
-        payload = {
-            "cpu_model": machine["cpu_model"],
-            "logical_cores": machine["logical_cores"],
-            "memory_bytes": machine["memory_bytes"],
-            "os": machine["os"],
-            "arch": machine["arch"],
-            "profile": self.profile.name,
-            "emulated": self.emulate,
-            "limits": {k: v for k, v in self.limits.to_dict().items() if k != "timeout_s"},
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies "where the numbers come from": the hardware and runtimes, the profile,
+        whether it is emulated, and the limits (not the timeout). Any of these changing
+        makes earlier results incomparable; `devices.stack.device_fingerprint` hashes it."""
+        limits = {k: v for k, v in self.limits.to_dict().items() if k != "timeout_s"}
+        return device_fingerprint({**machine_facts(), "profile": self.profile.name, "emulated": self.emulate, "limits": limits})
 
     def device_facts(self) -> dict[str, Any]:
         """Stamped on every Measurement this agent returns."""

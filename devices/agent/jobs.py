@@ -330,6 +330,8 @@ class Worker:
         log.info("job %s: measuring artifact %s (attempt %d)", job.id, job.artifact_sha256[:12], job.attempts)
         try:
             measurement = self._measure_job(job)
+        except UserError as exc:  # a request measure() refuses (e.g. the protocol needs a longer context)
+            measurement = Measurement.failure("error", str(exc))
         except BaseException as exc:  # never let one job take the worker down
             measurement = Measurement.failure("error", f"the agent failed to run the measurement: {type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}")
         measurement.device = {**measurement.device, **self.device}

@@ -47,7 +47,6 @@ from devices.agent.auth import bearer_token, token_matches
 from devices.agent.config import API_VERSION, AgentConfig, agent_version
 from devices.agent.jobs import JobConflict, JobStore, StoreUnavailable, Worker, request_sha256
 from devices.agent.store import ArtifactStore, UploadError
-from devices.artifact import toolchain_versions
 from devices.protocol import Protocol
 from lfm2.errors import UserError
 
@@ -222,7 +221,6 @@ class Agent:
         self.worker = Worker(self.jobs, self.artifacts.path, config.limits, config.device_facts(), config.cooldown_s)
         self.started_at = time.time()
         self._machine = config.machine()
-        self._runtimes = toolchain_versions()
 
     def start(self) -> None:
         cleaned = self.artifacts.clean_tmp()
@@ -248,7 +246,7 @@ class Agent:
             "emulated": self.config.emulate,
             "fingerprint": self.config.fingerprint,
             "machine": self._machine,
-            "runtimes": self._runtimes,
+            "runtimes": self._machine.get("runtimes", {}),
             "limits": self.config.limits.to_dict(),
             "notes": self.config.notes,
             "max_upload_bytes": self.config.max_upload,
@@ -446,10 +444,8 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
                     raise JobConflict(f"job id {body.job_id!r} is already used by a different request (another artifact or protocol); use a new job id")
                 response.status_code = 200
                 return existing.to_dict()
-        artifact = agent.artifacts.load(body.artifact_sha256)
-        if artifact is None:
+        if not agent.artifacts.has(body.artifact_sha256):
             raise HTTPException(404, f"artifact {body.artifact_sha256} is not on this agent; upload it first with PUT {prefix}/artifacts/{body.artifact_sha256}")
-        _check_fits(artifact, protocol)
         job, created = agent.jobs.submit(body.job_id or uuid.uuid4().hex, body.artifact_sha256, protocol)
         agent.worker.wake()
         response.status_code = 201 if created else 200
@@ -473,15 +469,6 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         return {"jobs": [job.to_dict() for job in agent.jobs.list(state, limit)]}
 
     return app
-
-
-def _check_fits(artifact: Any, protocol: Protocol) -> None:
-    """Refuse a protocol the artifact was not compiled for (a certain failure, found early)."""
-    missing = sorted(set(protocol.prompt_lengths) - set(artifact.prompt_lengths))
-    if missing:
-        raise UserError(f"the artifact has prefill graphs for {list(artifact.prompt_lengths)}, not for prompt length(s) {missing}; compile it with those lengths")
-    if protocol.max_context > artifact.max_context:
-        raise UserError(f"the protocol needs a context of {protocol.max_context} tokens; the artifact was compiled for {artifact.max_context}: compile it with a larger max_context")
 
 
 async def _drain(request: Request) -> None:
