@@ -1,0 +1,163 @@
+"""Reading a study into rows, the Pareto set, the hypervolume, storage errors, sizes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from lfm2 import ArchSpec
+from lfm2.errors import UserError
+from reports import load_study_data, parse_size, read_study
+from reports.html import report_payload
+from reports.pareto import front_2d, reference_point
+from test_reports_support import create_schema_study, handmade_candidates, add_measured_trial, study_under_test
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def study_source(tmp_path_factory) -> tuple[str, str]:
+    return study_under_test(tmp_path_factory.mktemp("reports-data"))
+
+
+@pytest.fixture(scope="module")
+def study(study_source) -> optuna.Study:
+    url, name = study_source
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == TrialState.COMPLETE and all(c <= 0 for c in trial.constraints.values())
+
+
+def test_rows_follow_the_study(study):
+    data = read_study(study)
+    trials = study.trials
+    assert [row.number for row in data.trials] == [t.number for t in trials]
+    assert data.pareto_numbers == sorted(t.number for t in study.best_trials)
+    assert data.pareto_numbers, "the test study must have a Pareto set"
+    for row, trial in zip(data.trials, trials):
+        assert row.state == trial.state.name
+        if trial.state == TrialState.COMPLETE:
+            assert list(row.values.values()) == trial.values
+            assert row.outcome == ("feasible" if _feasible(trial) else "infeasible")
+            assert row.arch == ArchSpec.from_dict(trial.user_attrs["spec"])
+            assert row.layout == row.arch.layout
+        else:
+            assert row.values == {}
+            assert row.outcome in ("prefiltered", "oom", "failed", "running")
+        assert row.on_pareto_set == (trial.number in data.pareto_numbers)
+        assert row.preset == trial.user_attrs.get("preset")
+    statuses = {row.status for row in data.trials}
+    assert {"ok", "infeasible", "prefiltered"} <= statuses, "the test study must hold feasible, over-budget and prefiltered trials"
+    assert data.preset_trials, "the test study must hold an LFM2 preset trial"
+    assert data.facts["budget_bytes"] == data.budget_bytes > 0
+
+
+def _exact_hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    """The volume dominated by `points` (minimisation) inside the reference box, counted
+    cell by cell over the grid their coordinates make: slow, simple, independent of Optuna."""
+    axes = [np.unique(np.concatenate([points[:, d], [reference[d]]])) for d in range(points.shape[1])]
+    volume = 0.0
+    for cell in itertools.product(*[range(len(a) - 1) for a in axes]):
+        low = np.array([axes[d][i] for d, i in enumerate(cell)])
+        high = np.array([axes[d][i + 1] for d, i in enumerate(cell)])
+        if (points <= low).all(axis=1).any():
+            volume += float(np.prod(high - low))
+    return volume
+
+
+def test_hypervolume_is_optunas_and_correct(study):
+    data = read_study(study)
+    history = data.hypervolume
+    reference = np.array(history["reference_point"])
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in data.directions])
+    feasible = [t for t in study.trials if _feasible(t)]
+    # The reference point lies beyond every feasible trial on every objective.
+    for trial in feasible:
+        assert np.all(signs * np.array(trial.values) < signs * reference)
+    front = np.array([signs * np.array(t.values) for t in study.best_trials])
+    assert history["hypervolume"][-1] == pytest.approx(_exact_hypervolume(front, signs * reference), rel=1e-9)
+    assert all(b >= a - 1e-9 for a, b in zip(history["hypervolume"], history["hypervolume"][1:])), "a front's hypervolume never shrinks"
+    assert history["trial_numbers"] == [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    assert 0 < history["fraction"][-1] <= 1
+
+
+def test_front_2d_is_the_non_dominated_staircase():
+    points = [(1.0, 0.3, 0), (2.0, 0.5, 1), (2.5, 0.4, 2), (3.0, 0.7, 3), (1.5, 0.2, 4)]
+    # x minimised, y maximised: 2 and 4 are beaten by 1 and 0.
+    assert [p[2] for p in front_2d(points, (False, True))] == [0, 1, 3]
+    assert [p[2] for p in front_2d(points, (False, False))] == [0, 4]
+
+
+def test_reference_point_needs_a_feasible_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    study = create_schema_study(url, "empty")
+    spec, preset, _status = handmade_candidates()[1]  # LFM2-700M: measured over the budget
+    add_measured_trial(study, spec, preset=preset, seed=1)
+    data = load_study_data("empty", url)
+    assert [t.outcome for t in data.trials] == ["infeasible"]
+    assert data.pareto_numbers == [] and data.hypervolume is None and reference_point(data) is None
+    payload = report_payload(data)  # an all-infeasible study still renders
+    assert "Pareto set is empty" in payload["sections"]["pareto"]
+
+
+def test_quality_none_study_reads_two_objectives(tmp_path):
+    url = f"sqlite:///{tmp_path / 'noq.db'}"
+    study = create_schema_study(url, "noq", quality="none")
+    for seed, (spec, preset, status) in enumerate(handmade_candidates()[:6]):
+        add_measured_trial(study, spec, status=status, preset=preset, seed=seed)
+    data = load_study_data("noq", url)
+    assert data.metric_names == ["prefill_ms", "decode_ms"] and not data.has_quality
+    assert all(t.quality is None for t in data.trials)
+    payload = report_payload(data)
+    assert set(payload["figures"]) == {"fig-decode-prefill", "fig-memory", "fig-hypervolume", "fig-outcomes"}
+    assert data.hypervolume["hypervolume"][-1] > 0
+
+
+def test_storage_errors_say_what_to_do(tmp_path, study_source):
+    url, name = study_source
+    missing = tmp_path / "missing.db"
+    with pytest.raises(UserError, match=r"no database file .*missing\.db; run the search first"):
+        load_study_data(name, f"sqlite:///{missing}")
+    assert not missing.exists(), "reading must not create an empty database"
+    with pytest.raises(UserError, match=r"cannot open storage 'nosuchdb://x'.*--storage sqlite:///PATH\.db"):
+        load_study_data(name, "nosuchdb://x")
+    with pytest.raises(UserError, match=rf"no study named 'other' in .*\(studies there: {name}\); check --study and --storage"):
+        load_study_data("other", url)
+    with pytest.raises(UserError, match="not a URL or an existing file"):
+        load_study_data(name, str(tmp_path / "nowhere"))
+    # A bare path to an existing SQLite file is accepted.
+    path = url.removeprefix("sqlite:///")
+    assert load_study_data(name, path).name == name
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("500MB", 500 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("800M", 800 * 2**20), ("800m", 800 * 2**20), ("1048576", 2**20), ("2 GB", 2 * 10**9), ("512k", 512 * 1024), (".5G", 2**29)],
+)
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MB", "12XB", "-5MB", "1.2.3G", "five"])
+def test_bad_sizes_name_the_spellings(text):
+    with pytest.raises(UserError, match="is not a size such as 800M, 500MB, 1.5GiB"):
+        parse_size(text, "--max-memory")
+
+
+def test_journal_storage_is_read(tmp_path):
+    path = tmp_path / "study.log"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    study = create_schema_study(storage, "journal")
+    spec, preset, _ = handmade_candidates()[0]
+    add_measured_trial(study, spec, preset=preset)
+    data = load_study_data("journal", str(path))
+    assert data.pareto_numbers == [0] and data.trials[0].preset == "LFM2-350M"
+    assert math.isfinite(data.trials[0].decode_ms)
