@@ -186,3 +186,38 @@ def test_describe_is_json_and_consistent():
     assert described["parameters"] == costs.parameters(spec)
     assert described["memory"]["quant"] == "int8"
     assert described["weight_bytes"]["fp32"] == 4 * described["parameters"]
+
+
+EAGER_FOOTPRINT = """
+import json, resource, sys, psutil, torch
+import lfm2
+torch.set_num_threads(1)
+spec = lfm2.ArchSpec.from_json(sys.argv[1])
+context = int(sys.argv[2])
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = psutil.Process().memory_info().rss  # the RSS just before loading, as the measurement takes it
+with torch.no_grad():
+    model = lfm2.build_model(spec, seed=0).eval()
+    out = model.step(torch.zeros(1, context, dtype=torch.long), torch.tensor([0]), *model.init_state(1, max_context=context))
+    model.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([context - 1]), *out[1:])
+print(peak() - base)
+"""
+
+
+@pytest.mark.slow
+def test_eager_footprint_is_above_the_lower_bound_and_near_the_estimate():
+    """A real measurement in a fresh process: peak RSS growth of building a model, a
+    prefill of `context` tokens and one decode step."""
+    import subprocess
+    import sys
+
+    spec = ArchSpec(vocab_size=8192, d_model=512, layers=("conv", "conv", "attn", "conv", "conv", "attn", "conv", "conv"),
+                    n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1536, max_seq_len=4096)
+    for context in (256, 2048):
+        result = subprocess.run([sys.executable, "-c", EAGER_FOOTPRINT, spec.to_json(), str(context)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        measured = int(result.stdout.strip())
+        estimate = costs.estimate_peak_memory(spec, context, "eager", "fp32")
+        assert estimate.lower_bound_bytes <= measured
+        assert 0.7 * measured <= estimate.total_bytes <= 1.4 * measured, (context, measured, estimate)
