@@ -76,6 +76,9 @@ class PickResult:
         }
 
 
+_FIGURE_NAMES = {"decode_ms": "decode", "prefill_ms": "prefill", "footprint_bytes": "memory"}
+
+
 def _figure(trial: TrialRow, attr: str) -> float | None:
     return getattr(trial, attr)
 
@@ -131,7 +134,7 @@ def pick(data: StudyData, limits: Limits) -> PickResult:
             return max((_figure(trial, attr) or float("inf")) / bound for _name, bound, attr in checks)
 
         closest = min(candidates, key=excess)
-        misses = ", ".join(f"{attr.replace('_bytes', '').replace('_', ' ')} {_describe(attr, _figure(closest, attr))} > {_bound(attr, bound)}" for _n, bound, attr in checks if not _meets(closest, bound, attr))
+        misses = ", ".join(f"{_FIGURE_NAMES[attr]} {_describe(attr, _figure(closest, attr))} > {_bound(attr, bound)}" for _n, bound, attr in checks if not _meets(closest, bound, attr))
         unmet.append("all-together")
         reasons.append(
             "each limit is met by some architecture, but none meets "
