@@ -1,6 +1,7 @@
-"""The agent's HTTP API against a real agent process (uvicorn on a loopback port):
-auth on every route, upload limits, hashes, hostile bundles, idempotent jobs, the client,
-and a full disk. None of these needs a measurement to succeed."""
+"""One real agent process (uvicorn on a loopback port) under test: auth on every route,
+upload limits, hashes, hostile bundles, idempotent jobs, the client, concurrent clients
+measuring real compiled artifacts (one over the memory cap), a full disk, and finally
+`devices list` once the agent is stopped. The slow scenarios are in test_agent_e2e.py."""
 
 from __future__ import annotations
 
@@ -9,25 +10,37 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from test_agent_support import artifact_members, handmade_artifact, http, link, regular, sha256, tar_bytes
+from test_agent_support import TINY_SPEC, artifact_members, handmade_artifact, http, link, regular, sha256, tar_bytes
+from typer.testing import CliRunner
 
 from devices.agent import AgentAuthError, AgentClient, AgentUnreachable, start_local_agent
 from devices.agent.bundle import bundle_bytes
 from devices.agent.client import AgentRejected, bundle_sha256
+from devices.agent_cli import devices_app
+from devices.compile import compile
+from devices.protocol import Protocol
+from devices.registry import add_device
+from lfm2.spec import ArchSpec
 
 MAX_UPLOAD = 64 << 10
+#: A tiny candidate peaks near 270 MiB (most of it torch); the big one needs GBs to load.
+MEMORY_CAP = "700MiB"
+PROTOCOL = Protocol(prompt_lengths=(16,), decode_depths=(8,), decode_tokens=4, warmup_runs=0, min_runs=1, max_runs=2, max_seconds_per_point=1.0, max_remeasures=0)
+OTHER_TINY = TINY_SPEC.replace(layers=("attn", "conv", "conv"))
+BIG_SPEC = ArchSpec(vocab_size=65536, d_model=2048, layers=("conv",) * 12 + ("attn",) * 4, n_heads=16, n_kv_heads=8, ffn_dim=8192)
 FITTING = {"prompt_lengths": [16], "decode_depths": [8], "decode_tokens": 4, "min_runs": 1, "max_runs": 1, "warmup_runs": 0}
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("agent")
-    handle = start_local_agent(name="svc", workdir=workdir, max_upload=MAX_UPLOAD, job_timeout_s=120)
+    handle = start_local_agent(name="svc", workdir=workdir, max_upload=MAX_UPLOAD, threads=1, memory_limit=MEMORY_CAP, job_timeout_s=300)
     yield handle
     handle.stop()
 
@@ -35,6 +48,17 @@ def agent(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     return handmade_artifact(tmp_path_factory.mktemp("artifact") / "a")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Real compiled artifacts (eager: a few bytes each, the weights come from the seed)."""
+    cache = tmp_path_factory.mktemp("compiled")
+    return {
+        "tiny": compile(TINY_SPEC, "eager", "fp32", 64, (16,), cache_dir=cache, verify=False),  # checking eager against eager: nothing to learn
+        "tiny2": compile(OTHER_TINY, "eager", "fp32", 64, (16,), cache_dir=cache, verify=False),
+        "big": compile(BIG_SPEC, "eager", "fp32", 64, (16,), cache_dir=cache, verify=False),  # ~1.2B parameters
+    }
 
 
 def _stored(agent) -> set[str]:
@@ -153,22 +177,21 @@ def test_job_submission_is_checked_and_idempotent(agent, artifact):
         assert client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": FITTING, "job_id": "../x"}).status_code == 422
         assert client.post("/v1/jobs", content=b"[" * (300 << 10), headers={"Content-Type": "application/json"}).status_code == 413
 
-        first = client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": FITTING, "job_id": "svc-1"})
+        # the artifact holds 64 tokens of context: measure() refuses this protocol at once,
+        # which makes a cheap job (a DONE job with status error) for the idempotency checks
+        too_long = {**FITTING, "decode_depths": [4096]}
+        first = client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": too_long, "job_id": "svc-1"})
         assert first.status_code == 201 and first.json()["job_id"] == "svc-1"
-        repeat = client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": FITTING, "job_id": "svc-1"})
+        repeat = client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": too_long, "job_id": "svc-1"})
         assert repeat.status_code == 200 and repeat.json()["submitted_at"] == first.json()["submitted_at"]
-        conflict = client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": {**FITTING, "decode_tokens": 2}, "job_id": "svc-1"})
+        conflict = client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": {**too_long, "decode_tokens": 2}, "job_id": "svc-1"})
         assert conflict.status_code == 409
         assert client.get("/v1/jobs/no-such-job").status_code == 404
         done = client.get("/v1/jobs/svc-1", params={"wait": 60}).json()
-        assert done["state"] == "done" and done["attempts"] == 1 and done["status"] == done["measurement"]["status"]
+        assert done["state"] == "done" and done["attempts"] == 1 and done["status"] == "error" and "max_context" in done["measurement"]["error"]
         assert done["measurement"]["device"]["name"] == "svc" and done["measurement"]["device"]["emulated"] is False
         listed = client.get("/v1/jobs").json()["jobs"]
         assert [job["job_id"] for job in listed].count("svc-1") == 1
-        # a protocol the artifact cannot serve (context 64) is a DONE job with status error
-        client.post("/v1/jobs", json={"artifact_sha256": sha, "protocol": {**FITTING, "decode_depths": [4096]}, "job_id": "svc-long"})
-        too_long = client.get("/v1/jobs/svc-long", params={"wait": 60}).json()
-        assert too_long["state"] == "done" and too_long["status"] == "error" and "max_context" in too_long["measurement"]["error"]
 
 
 def test_client_uploads_once_and_reports_auth_and_reachability(agent, artifact, tmp_path):
@@ -189,6 +212,68 @@ def test_client_uploads_once_and_reports_auth_and_reachability(agent, artifact, 
         client.info()
 
 
+def _list_devices(monkeypatch, config) -> dict[str, dict]:
+    monkeypatch.setenv("LFM2_NAS_CONFIG", str(config))
+    result = CliRunner().invoke(devices_app, ["list", "--json", "--timeout", "5"])
+    assert result.exit_code == 0, result.output
+    return {row["name"]: row for row in map(json.loads, result.output.splitlines())}
+
+
+def _check_one_at_a_time_in_order(jobs: list[dict]) -> None:
+    """Jobs (in submission order) ran one after another, each started once and done once."""
+    started = sorted(jobs, key=lambda job: job["started_at"])
+    assert [job["job_id"] for job in started] == [job["job_id"] for job in jobs], "FIFO order broken"
+    for before, after in zip(started, started[1:]):
+        assert before["finished_at"] <= after["started_at"], f"{before['job_id']} and {after['job_id']} overlapped"
+    for job in jobs:
+        assert [e["event"] for e in job["events"]].count("done") == 1
+
+
+def test_concurrent_clients_run_one_at_a_time_none_lost_and_oom_is_survived(agent, artifacts):
+    """A candidate over the memory cap is queued first; two clients then measure at the same
+    time (and each repeats its request, as a retry would). The big one is `oom`, the agent
+    answers throughout, and every job runs exactly once, one at a time, in order."""
+    with agent.client() as first:
+        first.submit(first.upload(artifacts["big"]), PROTOCOL, job_id="big")
+    results, failures = {}, []
+
+    def measure(job_id: str, artifact) -> None:
+        try:
+            with AgentClient(agent.url, agent.token, name=job_id) as client:
+                results[job_id] = client.measure(artifact, PROTOCOL, job_id=job_id, timeout=400)
+                results[job_id + " again"] = client.measure(artifact, PROTOCOL, job_id=job_id, timeout=60)
+        except Exception as exc:  # surfaced by the assertion below
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=measure, args=(name, artifacts[kind])) for name, kind in (("c0", "tiny"), ("c1", "tiny2"))]
+    for thread in threads:
+        thread.start()
+    seen_busy = False
+    with agent.client() as watcher:
+        while any(thread.is_alive() for thread in threads):
+            info = watcher.info(retry_for_s=5)  # the agent answers while it measures
+            seen_busy |= info["busy"] and info["current_job"] in ("big", "c0", "c1")
+            time.sleep(0.5)
+        big = watcher.wait("big", timeout=10)
+        jobs = {job["job_id"]: job for job in watcher.jobs()}
+    for thread in threads:
+        thread.join()
+    assert failures == [] and seen_busy
+
+    assert big.status == "oom" and "cap" in big.error, big.error
+    for name in ("c0", "c1"):
+        measurement = results[name]
+        assert measurement.status == "ok", measurement.error
+        assert set(measurement.prefill) == {16} and set(measurement.decode) == {8}
+        assert measurement.device["name"] == "svc" and measurement.device["emulated"] is False
+        assert results[name + " again"].to_dict() == measurement.to_dict()  # the same result, not a second run
+    ordered = sorted((jobs[name] for name in ("big", "c0", "c1")), key=lambda job: job["submitted_at"])
+    assert ordered[0]["job_id"] == "big" and all(job["attempts"] == 1 for job in ordered)
+    _check_one_at_a_time_in_order(ordered)
+    print("\nagent concurrency: jobs 3, concurrent clients 2, repeated submissions 2, oom 1, losses 0, duplicate runs 0")
+
+
+
 # -- a full disk ------------------------------------------------------------------------------
 
 
@@ -199,6 +284,7 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and a mountable tmpfs (user namespaces) to make a small disk")
 def test_a_full_disk_during_upload_is_a_clear_507_and_nothing_half_written(tmp_path, artifact):
     """The agent's workdir is a 3 MiB tmpfs (in a private mount namespace): an upload that
@@ -255,3 +341,17 @@ def test_the_protocol_body_has_exactly_the_protocols_fields():
 
     assert set(ProtocolBody.model_fields) == {f.name for f in dataclasses.fields(Protocol)}
     assert ProtocolBody().to_protocol() == Protocol()
+
+
+# -- last: it stops the module's agent ----------------------------------------------------
+
+
+def test_devices_list_shows_a_stopped_agent_as_offline(agent, tmp_path, monkeypatch):
+    config = tmp_path / "devices.toml"
+    monkeypatch.setenv("LFM2_NAS_CONFIG", str(config))
+    add_device("svc", agent.url, agent.workdir / "token")
+    row = _list_devices(monkeypatch, config)["svc"]
+    assert row["status"] == "online" and row["profile"] == "local" and row["emulated"] is False and row["busy"] is False
+    agent.stop()
+    row = _list_devices(monkeypatch, config)["svc"]
+    assert row["status"] == "offline" and row["online"] is False and "unreachable" in row["error"]

@@ -334,6 +334,12 @@ class Worker:
             measurement = Measurement.failure("error", str(exc))
         except BaseException as exc:  # never let one job take the worker down
             measurement = Measurement.failure("error", f"the agent failed to run the measurement: {type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}")
+        if self._stop.is_set():
+            # the agent is stopping and has killed the child: that is no result of the
+            # candidate's; the job stays RUNNING and is re-queued at the next start
+            log.info("job %s: interrupted by the agent stopping; it will run again at the next start", job.id)
+            self.current_job, self.phase = None, "idle"
+            return
         measurement.device = {**measurement.device, **self.device}
         measurement.thermal = {**measurement.thermal, "cooldown_before_s": round(cooled_s, 3)}
         if not measurement.artifact_sha256:

@@ -113,14 +113,19 @@ def start_local_agent(
     max_upload: str | int | None = None,
     profiles_file: str | Path | None = None,
     start_timeout_s: float = START_TIMEOUT_S,
+    port: int = 0,
+    token: str | None = None,
 ) -> LocalAgent:
-    """Start an agent for this machine on a free loopback port with a fresh token."""
+    """Start an agent for this machine on a free loopback port with a fresh token.
+
+    `port` and `token` (default: a free port, a new token) let a caller bring an agent
+    back at the same address with the same credentials, e.g. after it was killed."""
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix=f"lfm2-nas-agent-{name}-")) if temporary else Path(workdir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     token_file = root / "token"
-    token_file.unlink(missing_ok=True)  # a fresh token every time
-    token = secrets.token_urlsafe(32)
+    token_file.unlink(missing_ok=True)  # written anew: a fresh token unless one is given
+    token = token or secrets.token_urlsafe(32)
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
@@ -128,13 +133,15 @@ def start_local_agent(
     ready_file.unlink(missing_ok=True)
     log_path = root / "agent.log"
     command = agent_command(
-        name, root, token_file, ready_file,
+        name, root, token_file, ready_file, port,
         profile=profile, cpus=cpus, threads=threads, memory_limit=memory_limit, emulate=emulate,
         cooldown=cooldown_s, job_timeout=job_timeout_s, max_upload=max_upload, profiles_file=profiles_file,
     )  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
+        log.write(f"--- starting agent {name!r} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     agent = LocalAgent(name=name, url="", token=token, workdir=root, process=process, log_path=log_path, _temporary=temporary)
     deadline = time.monotonic() + start_timeout_s

@@ -20,10 +20,12 @@ tar by `devices.agent.bundle` (never unpickled, never evaluated).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
+import psutil
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
@@ -197,6 +200,26 @@ class WorkdirLocked(UserError):
     pass
 
 
+#: Set in the agent's environment, so its measurement children (which inherit it) can be
+#: told apart from other agents' after a crash (see `Agent.kill_measurement_children`).
+WORKDIR_ENV = "LFM2_NAS_AGENT_WORKDIR"
+
+
+def measurement_children(workdir: Path) -> list[psutil.Process]:
+    """Measurement processes started by an agent serving `workdir` (alive or orphaned)."""
+    workdir = Path(workdir).resolve()
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "devices.measure_child" not in (process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get(WORKDIR_ENV) == str(workdir):
+                found.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
 class Agent:
     """The agent's state: its stores and its worker. One per workdir (a file lock)."""
 
@@ -216,13 +239,30 @@ class Agent:
         self._lock_handle.truncate()
         self._lock_handle.write(str(os.getpid()))
         self._lock_handle.flush()
+        os.environ[WORKDIR_ENV] = str(config.workdir)
         self.artifacts = ArtifactStore(config.workdir, config.max_upload)
         self.jobs = JobStore(config.workdir / "jobs.sqlite")
         self.worker = Worker(self.jobs, self.artifacts.path, config.limits, config.device_facts(), config.cooldown_s)
         self.started_at = time.time()
         self._machine = config.machine()
 
+    def kill_measurement_children(self) -> int:
+        """End measurements started from this workdir: at start, the orphans of an agent
+        that was killed (they would compete for the cores with the re-run of their job);
+        at stop, our own (a measurement must not outlive its agent)."""
+        killed = 0
+        for process in measurement_children(self.config.workdir):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # the child leads its own session
+                killed += 1
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        return killed
+
     def start(self) -> None:
+        orphans = self.kill_measurement_children()
+        if orphans:
+            log.warning("killed %d measurement process(es) left running by a previous agent on this workdir", orphans)
         cleaned = self.artifacts.clean_tmp()
         requeued = self.jobs.recover()
         if cleaned:
@@ -232,7 +272,9 @@ class Agent:
         self.worker.start()
 
     def stop(self) -> None:
-        self.worker.stop()
+        self.worker.stop(timeout=0.5)
+        self.kill_measurement_children()  # its job stays RUNNING and is re-queued at the next start
+        self.worker.stop(timeout=2.0)
         self.jobs.close()
         self._lock_handle.close()
 
