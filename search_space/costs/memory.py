@@ -34,10 +34,11 @@ the model, and are the knobs that measured errors tune:
   method or session where `per_method`.
 
 `lower_bound_bytes` is a figure the footprint cannot be below whatever the parameters:
-90% of the layers' linear weights in their most compact form (4 bits, 1 byte or 4 bytes
-per weight, no scales), counted once. Every runtime must read each of these weights
-into memory to compute a prefill; the 10% margin covers allocator reuse of memory freed
-before the baseline. The search uses it to skip compiling a candidate that is certainly
+90% of the layers' linear weights and the LM head in their most compact form (4 bits,
+1 byte or 4 bytes per weight, no scales), counted once. Every runtime must bring each of
+these weights into memory to compute a prefill's logits (the embedding table is left
+out: a memory-mapped lookup touches only the rows it reads); the 10% margin covers
+allocator reuse of memory freed before the baseline. The search uses it to skip compiling a candidate that is certainly
 over budget; `total_bytes` is the best guess, whose error the measurements report.
 """
 
@@ -194,8 +195,10 @@ def estimate_peak_memory(
     activation = model.activation_factor * activation_workspace_bytes(spec, tokens, context, model.full_attention)
 
     most_compact = {"fp32": 4.0, "int8": 1.0, "8da4w": 0.5}[model.linear_precision]
-    layer_linears = counts.linear_macs_per_token(spec)  # = the layers' linear weight count
-    lower = LOWER_BOUND_MARGIN * most_compact * layer_linears
+    # the layers' linear weights (one per MAC of a token) and the LM head, which every
+    # logits computation reads whole, tied or not
+    read_by_every_prefill = counts.linear_macs_per_token(spec) + spec.vocab_size * spec.d_model
+    lower = LOWER_BOUND_MARGIN * most_compact * read_by_every_prefill
 
     return MemoryEstimate(
         backend=backend,
