@@ -97,7 +97,7 @@ def measure_ceilings(max_threads: int, quick: bool = False) -> dict:
         pass
     top_bw = max(b["best_GBps"] for b in bandwidth if b["threads"] == max_threads and b["tool"] == "torch.sum")
     top_gemm = max(g["best_GFLOPs"] for g in gemm if g["threads"] == max_threads)
-    return {"bandwidth": bandwidth, "gemm": gemm, "bandwidth_GBps": top_bw, "gemm_GFLOPs": top_gemm, "threads": max_threads}
+    return {"bandwidth": bandwidth, "gemm": gemm, "bandwidth_GBps": top_bw, "gemm_GFLOPs": top_gemm, "threads": max_threads, "megabytes": megabytes, "n": n, "repeats": repeats}
 
 
 __all__ = ["measure_ceilings", "read_bandwidth_torch", "read_bandwidth_numpy", "gemm_rate_torch", "gemm_rate_numpy"]

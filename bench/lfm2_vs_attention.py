@@ -21,10 +21,9 @@ so that a reader can tell what the ratio should be from arithmetic alone.
 from __future__ import annotations
 
 from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms
-from bench.models import MODELS, PAIRS, WEIGHT_PRECISION, arithmetic, tiny_lfm2
+from bench.models import MODELS, PAIRS, QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, WEIGHT_PRECISION, arithmetic, quick_models
 from bench.report import fmt, markdown_table, mib
 from bench.stats import crossing, speedup
-from lfm2.presets import all_attention_twin
 
 NAME = "lfm2_vs_attention"
 
@@ -82,10 +81,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = BenchRun(NAME, "LFM2 against all-attention models of its size: prefill and decode on this CPU", args)
     if args.quick:
-        tiny = tiny_lfm2(vocab_size=2048, d_model=128, n_layers=4)
-        models = {"tiny-LFM2": tiny, "tiny-LFM2-attn": all_attention_twin(tiny)}
+        models = quick_models()
         pairs = {"tiny-LFM2": ("tiny-LFM2-attn",)}
-        backends, prefill, decode = ("onnx:fp32",), (128,), (128,)
+        backends, prefill, decode = (":".join(QUICK_BACKEND),), (QUICK_POINT,), (QUICK_POINT,)
     else:
         unknown = [p for p in args.pairs if p not in PAIRS]
         if unknown:
@@ -93,7 +91,7 @@ def main(argv=None) -> int:
         pairs = {p: PAIRS[p] for p in args.pairs}
         models = {name: MODELS[name] for p, others in pairs.items() for name in (p, *others)}
         backends, prefill, decode = args.backends, args.prefill, args.decode
-    protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8 if not args.quick else 4, warmup_runs=1, min_runs=args.min_runs, max_runs=5, max_seconds_per_point=20.0 if not args.quick else 2.0, measure_memory=True, threads=args.threads)
+    protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8 if not args.quick else QUICK_DECODE_TOKENS, warmup_runs=1, min_runs=args.min_runs, max_runs=5, max_seconds_per_point=20.0 if not args.quick else 2.0, measure_memory=True, threads=args.threads)
 
     measured: dict[str, dict[str, dict]] = {}  # backend -> model -> {"prefill": {T: tok/s}, "decode": {C: tok/s}, "footprint": bytes}
     raw: dict[str, dict[str, dict]] = {}
@@ -197,10 +195,10 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
     arith_rows = []
     for name in models:
         a = arith[first][name]
-        arith_rows.append([name, fmt(a["parameters"])] + [f"{a['prefill_flops'][t] / 1e12:.2f}" for t in prefill] + [f"{a['decode_bytes'][c] / 1e6:.0f}" for c in decode] + [f"{a['kv_cache_bytes_fp32'][max(decode)] / 1e6:.0f}"])
+        arith_rows.append([name, fmt(a["parameters"])] + [fmt(a["prefill_flops"][t] / 1e9) for t in prefill] + [f"{a['decode_bytes'][c] / 1e6:.0f}" for c in decode] + [f"{a['kv_cache_bytes_fp32'][max(decode)] / 1e6:.0f}"])
     parts.append(
         f"Arithmetic (from `search_space.costs`; decode bytes at {first}'s weight precision):\n\n"
-        + markdown_table(["model", "params"] + [f"prefill {t} TFLOP" for t in prefill] + [f"decode @{c} MB/step" for c in decode] + [f"K/V @{max(decode)} MB (fp32)"], arith_rows)
+        + markdown_table(["model", "params"] + [f"prefill {t} GFLOP" for t in prefill] + [f"decode @{c} MB/step" for c in decode] + [f"K/V @{max(decode)} MB (fp32)"], arith_rows)
     )
     return "\n\n".join(parts)
 

@@ -9,15 +9,16 @@ otherwise they are measured here), plus whether the analytic lower bound ever ex
 a measurement (it must not: the search would prune a model that fits).
 
     python -m bench.memory_estimate          # reuse bench/results/repeatability.json
-    python -m bench.memory_estimate --quick  # 3 tiny architectures, measured here
+    python -m bench.memory_estimate --quick  # the quick repeatability run's footprints (or measured here)
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log
-from bench.models import sample_space
+from bench.models import QUICK_BACKEND, QUICK_POINT, quick_models, sample_space
 from bench.report import RESULTS_DIR, load_json, markdown_table, mib, pct
 from bench.stats import error_distribution, median, relative_error
 from lfm2.spec import ArchSpec
@@ -28,7 +29,7 @@ NAME = "memory_estimate"
 
 def parse_args(argv=None):
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="source", type=Path, default=RESULTS_DIR / "repeatability.json", help="a bench.repeatability results file to reuse (default bench/results/repeatability.json)")
+    parser.add_argument("--from", dest="source", type=Path, default=None, help="a bench.repeatability results file to reuse (default bench/results/repeatability.json; with --quick, the quick run's)")
     parser.add_argument("--measure", action="store_true", help="measure here even when the results file exists")
     parser.add_argument("--archs", type=int, default=20)
     parser.add_argument("--backend", default="onnx")
@@ -73,20 +74,25 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     run = BenchRun(NAME, "Memory estimate: analytic peak memory against the measured footprint", args)
+    source_path = args.source or (Path(tempfile.gettempdir()) / "lfm2-nas-bench-repeatability-quick.json" if args.quick else RESULTS_DIR / "repeatability.json")
     source = None
-    if not args.quick and not args.measure and args.source.is_file():
-        source = str(args.source)
-        log(f"[{NAME}] reusing the footprints of {args.source}")
-        data = load_json(args.source)
+    if not args.measure and source_path.is_file():
+        source = str(source_path)
+        log(f"[{NAME}] reusing the footprints of {source_path}")
+        data = load_json(source_path)
         rows = rows_from_repeatability(data)
         backend, quant = data["backend"], data["quant"]
     else:
-        count, prefill, depth = (3, 128, 128) if args.quick else (args.archs, 512, 512)
+        if args.quick:
+            specs, prefill, depth = list(quick_models().values()), QUICK_POINT, QUICK_POINT
+            backend, quant = QUICK_BACKEND
+        else:
+            specs, prefill, depth = sample_space(args.archs, seed=0), 512, 512
+            backend, quant = args.backend, args.quant
         protocol = protocol_for(prefill, depth, args.threads, args.quick)
-        backend, quant = args.backend, args.quant
         rows = []
-        for number, spec in enumerate(sample_space(count, seed=0)):
-            log(f"[{NAME}] {number + 1}/{count}: {spec.layout} d={spec.d_model}")
+        for number, spec in enumerate(specs):
+            log(f"[{NAME}] {number + 1}/{len(specs)}: {spec.layout} d={spec.d_model}")
             result = compile_and_measure(spec, backend, quant, protocol, cache_dir=args.cache_dir, threads=args.threads)
             if footprint_bytes(result):
                 rows.append(estimate_row(spec, backend, quant, protocol.max_context, prefill, [footprint_bytes(result)]))

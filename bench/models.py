@@ -70,6 +70,21 @@ def tiny_lfm2(vocab_size: int = 4096, d_model: int = 256, n_layers: int = 8) -> 
     return ArchSpec(vocab_size=vocab_size, d_model=d_model, layers=layers, n_heads=4, n_kv_heads=2, ffn_dim=3 * d_model, max_seq_len=8192)
 
 
+#: Every --quick run measures the same tiny pair at the same point with the same context,
+#: so that across the smoke runs (CI) each model is compiled once and then found in the cache.
+QUICK_POINT = 128
+QUICK_DECODE_TOKENS = 8
+QUICK_BACKEND = ("onnx", "fp32")
+
+
+def quick_models() -> dict[str, ArchSpec]:
+    """The smoke runs' models: a 4-layer LFM2 (one attention layer) and its all-attention twin."""
+    from lfm2.presets import all_attention_twin
+
+    tiny = tiny_lfm2(vocab_size=2048, d_model=128, n_layers=4)
+    return {"tiny-LFM2": tiny, "tiny-LFM2-attn": all_attention_twin(tiny)}
+
+
 #: The linear weights' storage precision of each backend/quant (as `search_space.costs` names it).
 WEIGHT_PRECISION = {("executorch", "fp32"): "fp32", ("executorch", "8da4w"): "8da4w", ("onnx", "fp32"): "fp32", ("onnx", "int8"): "int8", ("eager", "fp32"): "fp32"}
 
@@ -130,4 +145,4 @@ def by_size(specs: list[ArchSpec], count: int) -> list[ArchSpec]:
     return [ordered[round(i * (len(ordered) - 1) / (count - 1))] for i in range(count)]
 
 
-__all__ = ["sample_space", "by_size", "QWEN3_0_6B_SHAPED", "LLAMA_3_2_1B_SHAPED", "MODELS", "PAIRS", "WEIGHT_PRECISION", "tiny_lfm2", "decode_bytes_per_token", "arithmetic"]
+__all__ = ["QUICK_POINT", "QUICK_DECODE_TOKENS", "QUICK_BACKEND", "quick_models", "sample_space", "by_size", "QWEN3_0_6B_SHAPED", "LLAMA_3_2_1B_SHAPED", "MODELS", "PAIRS", "WEIGHT_PRECISION", "tiny_lfm2", "decode_bytes_per_token", "arithmetic"]

@@ -9,7 +9,7 @@ the architectures and Kendall's tau between the two passes' rankings (what a sea
 needs: the same order, even when absolute numbers drift).
 
     python -m bench.repeatability           # 20 architectures
-    python -m bench.repeatability --quick   # 3 architectures, short prompts
+    python -m bench.repeatability --quick   # the tiny LFM2 and its twin, short prompts
 
 The raw results (with the memory pass's footprints) are what `bench.memory_estimate`
 reads.
@@ -18,7 +18,7 @@ reads.
 from __future__ import annotations
 
 from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms
-from bench.models import sample_space
+from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, quick_models, sample_space
 from bench.report import fmt, markdown_table, pct
 from bench.stats import repeatability
 from search_space import costs
@@ -40,7 +40,7 @@ def parse_args(argv=None):
 def protocol_for(prefill: int, depth: int, threads: int, quick: bool):
     from devices.protocol import Protocol
 
-    return Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=16, min_runs=3, max_runs=10, max_seconds_per_point=2.0 if quick else 4.0, measure_memory=True, threads=threads)
+    return Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if quick else 16, min_runs=3, max_runs=10, max_seconds_per_point=2.0 if quick else 4.0, measure_memory=True, threads=threads)
 
 
 def pair_metrics(first: list[float | None], second: list[float | None]) -> dict | None:
@@ -54,8 +54,11 @@ def pair_metrics(first: list[float | None], second: list[float | None]) -> dict 
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = BenchRun(NAME, "Repeatability: the same architectures measured twice in separate processes", args)
-    count, prefill, depth = (3, 128, 128) if args.quick else (args.archs, args.prefill, args.depth)
-    specs = sample_space(count, seed=args.seed)
+    if args.quick:
+        specs, prefill, depth = list(quick_models().values()), QUICK_POINT, QUICK_POINT
+        args.backend, args.quant = QUICK_BACKEND
+    else:
+        specs, prefill, depth = sample_space(args.archs, seed=args.seed), args.prefill, args.depth
     protocol = protocol_for(prefill, depth, args.threads, args.quick)
 
     passes: list[list[dict]] = [[], []]
@@ -109,15 +112,15 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         detail.append([r["layout"], fmt(r["parameters"]), f"{fmt(p[0])} / {fmt(p[1])}", f"{fmt(d[0])} / {fmt(d[1])}", " / ".join("-" if x is None else f"{x / 2**20:.0f}" for x in f), "; ".join(e[:80] for e in r["errors"]) or ""])
     failed = sum(1 for r in rows if r["errors"])
     how = (
-        f"How: {len(rows)} architectures drawn uniformly from the small search space (Optuna random sampler, seed {args.seed}), "
-        f"compiled once for {args.backend} {args.quant}, then measured in two passes over all of them, every measurement "
+        ("How: the quick run's tiny LFM2 and its all-attention twin, " if args.quick else f"How: {len(rows)} architectures drawn uniformly from the small search space (Optuna random sampler, seed {args.seed}), ")
+        + f"compiled once for {args.backend} {args.quant}, then measured in two passes over all of them, every measurement "
         f"in a fresh child process (`devices.measure`; {args.threads} threads; median of 3-10 timed runs after a warm-up). "
         "Relative spread = |pass 1 - pass 2| / mean; Kendall's tau-b (scipy) between the two passes' orderings "
         f"(1 = identical ranking). {failed} architecture(s) failed in at least one pass."
         + (
             " The backend is ONNX Runtime because the default must finish in 10 minutes: ONNX export takes seconds per "
             "architecture, ExecuTorch lowering tens of seconds; `--backend executorch --quant 8da4w` measures the search's default."
-            if args.backend == "onnx"
+            if args.backend == "onnx" and not args.quick
             else ""
         )
     )

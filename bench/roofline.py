@@ -14,14 +14,14 @@ The ceilings are measured before and after the backends; the higher of the two i
 roof (the machine is shared, so a single reading can be low).
 
     python -m bench.roofline            # 3 architectures x 4 backend/quant pairs
-    python -m bench.roofline --quick    # 1 tiny model, ExecuTorch fp32 only
+    python -m bench.roofline --quick    # 1 tiny model, ONNX Runtime fp32 only
 """
 
 from __future__ import annotations
 
 from bench.ceilings import measure_ceilings
 from bench.harness import BenchRun, base_parser, compile_and_measure, log, measured_ms
-from bench.models import WEIGHT_PRECISION, by_size, decode_bytes_per_token, sample_space, tiny_lfm2
+from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, WEIGHT_PRECISION, by_size, decode_bytes_per_token, quick_models, sample_space
 from bench.report import fmt, markdown_table, pct
 from search_space import costs
 
@@ -58,12 +58,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = BenchRun(NAME, "Roofline: backends against the machine's bandwidth and GEMM rate", args)
     if args.quick:
-        specs, pairs, prefill, depth = [tiny_lfm2()], [("executorch", "fp32")], 128, 128
+        specs, pairs, prefill, depth = [quick_models()["tiny-LFM2"]], [QUICK_BACKEND], QUICK_POINT, QUICK_POINT
     else:
         specs = by_size(sample_space(20, seed=0), args.archs)
         pairs = [tuple(p.split(":")) for p in args.backends.split(",")]
         prefill, depth = args.prefill, args.depth
-    protocol = Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=16, min_runs=3, max_runs=10, max_seconds_per_point=5.0 if not args.quick else 2.0, measure_memory=False, threads=args.threads)
+    protocol = Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if args.quick else 16, min_runs=3, max_runs=10, max_seconds_per_point=5.0 if not args.quick else 2.0, measure_memory=False, threads=args.threads)
 
     log(f"[{NAME}] measuring the machine's ceilings ({args.threads} threads)")
     before = measure_ceilings(args.threads, quick=args.quick)
@@ -118,10 +118,10 @@ def render(before: dict, after: dict, bandwidth: float, gemm: float, rows: list[
             ]
         )
     notes = (
-        "How: the ceilings are the best of 7 (GEMM: 5) repetitions: a float32 sum over 256 MiB "
-        "(read bandwidth) and a 2048x2048 fp32 matmul (GEMM), measured before and after the backends "
+        f"How: the ceilings are the best of {before['repeats']} repetitions: a float32 sum over {before['megabytes']} MiB "
+        f"(read bandwidth) and a {before['n']}x{before['n']} fp32 matmul (GEMM), measured before and after the backends "
         f"(shown as before / after); the roof is the higher reading: **{bandwidth:.1f} GB/s** and **{gemm:.0f} GFLOP/s** "
-        f"at {args.threads} threads. Each architecture (from the small search space, spread over its sizes) is compiled "
+        f"at {args.threads} threads. Each architecture ({'the quick run: one tiny LFM2' if args.quick else 'from the small search space, spread over its sizes'}) is compiled "
         f"with `devices.compile` and measured with `devices.measure` in a fresh process: prefill of {prefill} tokens, "
         f"decode per token at depth {depth} (medians). Decode bytes/token = linear weights and LM head at the backend's "
         "precision + norms + one embedding row + fp32 K/V of the context; prefill FLOPs are algorithmic "

@@ -1,0 +1,268 @@
+"""Fidelity of the quality proxies: do they rank architectures as a longer training does?
+
+For each architecture -- the LFM2-350M layout, the same stack all-conv, its all-attention
+twin, and seeded random points of an LFM2-like space -- this runs
+
+* the MAD proxy   (`nas.quality.score(spec, "mad", settings)`),
+* the LM proxy    (`nas.quality.score(spec, "lm", settings)`), and
+* the reference: the same proxy-width byte-level model trained `--long-factor` (20) times
+  as many steps on the same corpus at one fixed learning rate, its validation bits per byte
+  being the "true" quality,
+
+then reports Spearman's rank correlation between each proxy score and minus the
+reference's validation loss (so +1 means the proxy orders architectures exactly as the
+long run does), with the raw pairs.
+
+Jobs run in `--workers` processes on one device (small models leave a GPU mostly idle
+between kernel launches, so several processes share it well); every finished job is
+appended to `<out>/fidelity.jsonl` at once, so a run cut short keeps what it finished.
+
+    # the real run (one H200, ~10 min):
+    python bench/quality_fidelity.py --device cuda --workers 6 --out bench_out
+    # a smoke run on a CPU (minutes; numbers meaningless):
+    python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --long-factor 2 --workers 1 --out /tmp/fid
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lfm2.presets import presets  # noqa: E402
+from lfm2.spec import ArchSpec  # noqa: E402
+
+LONG_RUN_LR = 2e-3  # one rate for every reference run: between the two the default sweep tries
+
+
+def random_arch(rng: np.random.Generator) -> ArchSpec:
+    """A seeded random point of an LFM2-like space (depth, width, FFN ratio, GQA ratio,
+    number and placement of attention layers, some sliding-window, conv kernel)."""
+    n_layers = int(rng.choice([8, 10, 12, 16]))
+    d_model = int(rng.choice([768, 1024, 1536]))
+    n_heads = d_model // 64
+    n_kv_heads = int(rng.choice([k for k in (2, 4, 8) if n_heads % k == 0]))
+    ffn_dim = int(round(d_model * float(rng.choice([3.0, 4.5, 6.0])) / 256) * 256)
+    n_attention = int(rng.integers(0, n_layers // 2 + 1))
+    at = set(rng.choice(n_layers, size=n_attention, replace=False).tolist())
+    swa = rng.random() < 0.3
+    layers = tuple(("swa" if swa and rng.random() < 0.5 else "attn") if i in at else "conv" for i in range(n_layers))
+    window = int(rng.choice([32, 64])) if "swa" in layers else 0
+    return ArchSpec(vocab_size=65_536, d_model=d_model, layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=64,
+                    ffn_dim=ffn_dim, conv_kernel=int(rng.choice([3, 3, 4, 5])), swa_window=window)
+
+
+def architectures(count: int, seed: int = 0) -> list[tuple[str, ArchSpec]]:
+    base = presets["LFM2-350M"]
+    archs = [("LFM2-350M", base), ("all-conv-16", base.replace(layers=("conv",) * 16)), ("all-attn-16", presets["LFM2-350M-attn"])]
+    rng = np.random.default_rng(seed)
+    seen = {spec.key for _, spec in archs}
+    while len(archs) < count:
+        spec = random_arch(rng)
+        if spec.key not in seen:
+            seen.add(spec.key)
+            archs.append((f"random-{len(archs) - 2:02d}", spec))
+    return archs[:count]
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):  # average ranks for ties
+            tie = v == value
+            r[tie] = r[tie].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _settings(name: str):
+    from nas.quality import QualitySettings
+
+    return getattr(QualitySettings, name)()
+
+
+def run_job(job: dict) -> dict:
+    """One (architecture, stage) job; runs in a worker process."""
+    import torch
+
+    from nas.quality import score
+
+    torch.set_num_threads(job["threads"])
+    settings = _settings(job["settings"])
+    spec = ArchSpec.from_dict(job["spec"])
+    if job["stage"] == "long":
+        settings = settings.replace(name=f"{settings.name}-long{job['long_factor']}x", lm_steps=settings.lm_steps * job["long_factor"],
+                                    learning_rates=(LONG_RUN_LR,), eval_every=10**9)
+        kind = "lm"
+    else:
+        kind = job["stage"]
+    started = time.perf_counter()
+    try:
+        result = score(spec, kind, device=job["device"], settings=settings, seed=0)
+    except Exception as exc:  # a failed job is a row, not a crashed benchmark
+        return {**_job_facts(job), "ok": False, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - started}
+    d = result.detail
+    row = {**_job_facts(job), "ok": True, "score": result.score, "wall_s": d["wall_s"], "steps": d["steps"], "steps_trained": d["steps_trained"],
+           "tokens": d["tokens"], "lr": d["lr"], "proxy_parameters": d["proxy_parameters"], "device_name": d["device"]}
+    if kind == "lm":
+        row["bpb"] = d["bpb"]
+        row["corpus"] = d["corpus"]["fingerprint"]
+    else:
+        row["task_accuracy"] = d["task_accuracy"]
+    return row
+
+
+def _job_facts(job: dict) -> dict:
+    return {"arch": job["arch"], "stage": job["stage"], "layout": ArchSpec.from_dict(job["spec"]).layout, "spec_key": ArchSpec.from_dict(job["spec"]).key}
+
+
+def summarise(rows: list[dict]) -> dict:
+    by_arch: dict[str, dict] = {}
+    for row in rows:
+        if row.get("ok"):
+            by_arch.setdefault(row["arch"], {"layout": row["layout"]})[row["stage"]] = row
+    pairs = []
+    for arch, stages in by_arch.items():
+        if "long" in stages:
+            pairs.append({
+                "arch": arch, "layout": stages["layout"], "long_bpb": stages["long"]["bpb"],
+                "mad": stages["mad"]["score"] if "mad" in stages else None,
+                "lm_bpb": stages["lm"]["bpb"] if "lm" in stages else None,
+                "params": stages["long"]["proxy_parameters"],
+            })
+    out = {"pairs": pairs}
+    for proxy in ("mad", "lm_bpb"):
+        usable = [p for p in pairs if p[proxy] is not None]
+        if len(usable) >= 3:
+            proxy_score = [p[proxy] if proxy == "mad" else -p[proxy] for p in usable]
+            out[f"spearman_{proxy}"] = spearman(proxy_score, [-p["long_bpb"] for p in usable])
+            out[f"n_{proxy}"] = len(usable)
+    return out
+
+
+def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
+    lines = [f"Run {facts['date']} on {facts['machine']}; torch {facts['torch']}, Python {facts['python']}; settings `{facts['settings']}`, "
+             f"reference run {facts['long_factor']}x the LM proxy's steps at lr {LONG_RUN_LR}; {facts['workers']} worker processes sharing the device.", ""]
+    if timing:
+        lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
+        for kind, t in timing.items():
+            lines.append(f"- `{kind}`: {t['wall_s']:.1f} s ({t['steps_trained']} steps over all learning rates, {t['tokens'] / 1e6:.1f} M tokens for the chosen one)")
+        lines.append("")
+    for proxy, label in (("mad", "MAD proxy (mean task accuracy)"), ("lm_bpb", "LM proxy (-bits per byte)")):
+        if f"spearman_{proxy}" in summary:
+            lines.append(f"- Spearman({label}, -reference bpb) = **{summary[f'spearman_{proxy}']:+.3f}** over {summary[f'n_{proxy}']} architectures")
+    lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | reference bpb |", "|---|---|---:|---:|---:|---:|"]
+    for p in sorted(summary["pairs"], key=lambda p: p["long_bpb"]):
+        mad = f"{p['mad']:.3f}" if p["mad"] is not None else "-"
+        lm = f"{p['lm_bpb']:.3f}" if p["lm_bpb"] is not None else "-"
+        lines.append(f"| {p['arch']} | `{p['layout']}` | {p['params']:,} | {mad} | {lm} | {p['long_bpb']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_facts(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ({os.cpu_count()} CPU cores)"
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--settings", default="default", choices=["default", "cpu_small"])
+    parser.add_argument("--archs", type=int, default=12)
+    parser.add_argument("--arch-seed", type=int, default=0)
+    parser.add_argument("--long-factor", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
+    parser.add_argument("--timing", action="store_true", help="first time one candidate per kind, alone on the device")
+    parser.add_argument("--stages", default="long,mad,lm")
+    parser.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
+    parser.add_argument("--out", default="bench_out")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    facts = {"date": datetime.date.today().isoformat(), "machine": machine_facts(args.device), "torch": torch.__version__, "python": platform.python_version(),
+             "settings": args.settings, "long_factor": args.long_factor, "workers": args.workers, "archs": args.archs}
+    (out / "facts.json").write_text(json.dumps(facts, indent=1))
+    print(json.dumps(facts), flush=True)
+
+    timing = None
+    if args.timing:
+        timing = {}
+        for kind in ("mad", "lm"):
+            row = run_job({"arch": "LFM2-350M", "stage": kind, "spec": presets["LFM2-350M"].to_dict(), "settings": args.settings, "device": args.device,
+                           "threads": args.threads, "long_factor": args.long_factor})
+            timing[kind] = row
+            print("timing", json.dumps(row), flush=True)
+        (out / "timing.json").write_text(json.dumps(timing, indent=1))
+
+    stages = args.stages.split(",")
+    jobs = [{"arch": name, "stage": stage, "spec": spec.to_dict(), "settings": args.settings, "device": args.device, "threads": args.threads,
+             "long_factor": args.long_factor}
+            for stage in stages for name, spec in architectures(args.archs, args.arch_seed)]  # longest stage first: better packing
+    rows: list[dict] = []
+    log = (out / "fidelity.jsonl").open("a")
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(f"[{time.perf_counter() - started:6.0f}s] {row['arch']:12s} {row['stage']:4s} ok={row['ok']} "
+              f"score={row.get('score', float('nan')):.4f} wall={row['wall_s']:.1f}s", flush=True)
+
+    if args.workers <= 1:
+        for job in jobs:
+            if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+                break
+            keep(run_job(job))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(args.workers, maxtasksperchild=4) as pool:
+            pending = []
+            for job in jobs:
+                pending.append(pool.apply_async(run_job, (job,)))
+            for handle in pending:
+                remaining = None if args.deadline_s is None else max(1.0, args.deadline_s - (time.perf_counter() - started))
+                try:
+                    keep(handle.get(timeout=remaining))
+                except mp.TimeoutError:
+                    print("deadline reached: unfinished jobs dropped", flush=True)
+                    pool.terminate()
+                    break
+
+    summary = summarise(rows)
+    summary["facts"] = facts
+    summary["timing"] = {k: {"wall_s": v["wall_s"], "steps_trained": v.get("steps_trained"), "tokens": v.get("tokens")} for k, v in (timing or {}).items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = markdown(summary, facts, {k: v for k, v in (timing or {}).items() if v.get("ok")} or None)
+    (out / "fidelity.md").write_text(text)
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

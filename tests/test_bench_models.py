@@ -1,0 +1,66 @@
+"""The benchmarks' models and arithmetic: comparison shapes, bytes per decode step, roofline rows."""
+
+import pytest
+
+from bench.models import LLAMA_3_2_1B_SHAPED, QWEN3_0_6B_SHAPED, by_size, decode_bytes_per_token, quick_models, sample_space
+from search_space import costs
+
+
+def test_comparison_shapes_match_their_public_parameter_counts():
+    # Qwen3-0.6B: 596,049,920 parameters (tied); Llama-3.2-1B: 1,235,814,400 (tied)
+    assert costs.parameters(QWEN3_0_6B_SHAPED) == 596_049_920
+    assert costs.parameters(LLAMA_3_2_1B_SHAPED) == 1_235_814_400
+    assert not LLAMA_3_2_1B_SHAPED.qk_norm and QWEN3_0_6B_SHAPED.qk_norm
+
+
+def test_decode_bytes_count_the_tied_head_and_the_kv_of_the_context():
+    spec = quick_models()["tiny-LFM2"]
+    d, v = spec.d_model, spec.vocab_size
+    linears = 4 * costs.linear_macs_per_token(spec)
+    small = costs.weight_bytes_breakdown(spec, "fp32")["other"]
+    kv = costs.kv_cache_bytes(spec, 100, 4)
+    expected = linears + 4 * v * d + small + 4 * d + kv + costs.conv_state_bytes(spec, 4)
+    assert decode_bytes_per_token(spec, "fp32", 100) == expected
+    # deeper context: more K/V read, exactly
+    assert decode_bytes_per_token(spec, "fp32", 200) - decode_bytes_per_token(spec, "fp32", 100) == costs.kv_cache_bytes(spec, 100, 4)
+    # 8da4w reads fewer weight bytes than fp32
+    assert decode_bytes_per_token(spec, "8da4w", 100) < decode_bytes_per_token(spec, "fp32", 100)
+
+
+def test_sample_space_is_deterministic_distinct_and_in_the_space():
+    from search_space import SearchSpace
+
+    first, second = sample_space(6, seed=3), sample_space(6, seed=3)
+    assert [s.key for s in first] == [s.key for s in second]
+    assert len({s.key for s in first}) == 6
+    space = SearchSpace.load("small")
+    assert all(space.contains(s) for s in first)
+
+
+def test_by_size_spans_smallest_to_largest():
+    specs = sample_space(8, seed=0)
+    picked = by_size(specs, 3)
+    sizes = sorted(costs.parameters(s) for s in specs)
+    assert costs.parameters(picked[0]) == sizes[0] and costs.parameters(picked[-1]) == sizes[-1]
+    assert costs.parameters(picked[1]) == sizes[round(7 / 2)]  # the middle rank of 8
+    assert by_size(specs, 20) == sorted(specs, key=costs.parameters)
+
+
+def test_roofline_row_fractions():
+    from bench.roofline import roofline_row
+
+    spec = quick_models()["tiny-LFM2"]
+    row = roofline_row(spec, "onnx", "fp32", prefill_ms=10.0, decode_ms=2.0, prefill_tokens=128, depth=128, bandwidth_GBps=20.0, gemm_GFLOPs=100.0)
+    flops = costs.prefill_flops(spec, 128)
+    assert row["prefill_GFLOPs"] == pytest.approx(flops / 0.010 / 1e9)
+    assert row["prefill_fraction_of_gemm"] == pytest.approx(row["prefill_GFLOPs"] / 100.0)
+    assert row["decode_GBps"] == pytest.approx(decode_bytes_per_token(spec, "fp32", 128) / 0.002 / 1e9)
+    failed = roofline_row(spec, "onnx", "int8", None, None, 128, 128, 20.0, 100.0)
+    assert "prefill_GFLOPs" not in failed and "decode_GBps" not in failed
+
+
+def test_lfm2_ratio_table_is_lfm2_over_other():
+    from bench.lfm2_vs_attention import ratio_table
+
+    models = {"a": {"prefill": {512: 300.0, 2048: None}}, "b": {"prefill": {512: 100.0, 2048: 50.0}}}
+    assert ratio_table(models, "a", "b", (512, 2048), "prefill") == [pytest.approx(3.0), None]
