@@ -1,0 +1,201 @@
+"""A byte-level text corpus that exists on every machine: the Python standard library's sources.
+
+Every Python installation carries its standard library as `.py` files (code, comments and
+docstrings: English prose and code, ~30 MB for CPython 3.11), so language-model training and
+the LM quality proxy need no download. The corpus is read from `sysconfig`'s `stdlib` path,
+skipping installed third-party packages (`site-packages`, `dist-packages`) and caches.
+
+Determinism: files are taken in sorted order of their path relative to the stdlib root, and
+each file goes to train or validation by a hash of that relative path alone, so the split
+of a given file never changes between runs or machines. The *contents* differ between
+Python versions (3.11 and 3.12 ship different stdlibs): `Corpus.fingerprint` hashes the
+exact bytes of both splits, and `python_version` says which stdlib it was, so results
+computed on different corpora are never mixed up silently.
+
+    >>> from lfm2.corpus import stdlib_corpus
+    >>> corpus = stdlib_corpus()               # the whole stdlib, read once per process
+    >>> corpus.train.dtype, len(corpus.validation) > 0
+    (dtype('uint8'), True)
+    >>> x = corpus.random_windows("train", batch_size=8, length=257, seed=0)  # int64 [8, 257]
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lfm2.errors import UserError
+
+#: Folders never read: third-party packages installed into the stdlib tree, and caches.
+EXCLUDED_FOLDERS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+#: Byte placed between files, so that one file's end never reads as the next one's start.
+FILE_SEPARATOR = b"\n\x00\n"
+#: Share of files (by the hash of their relative path) that form the validation split.
+VALIDATION_PERCENT = 10
+#: Bytes are the tokens: a byte-level model needs a vocabulary of 256.
+BYTE_VOCAB_SIZE = 256
+
+
+class CorpusError(UserError):
+    """The corpus cannot be read or a request for it is out of range."""
+
+
+@dataclass(frozen=True, eq=False)
+class Corpus:
+    """Train and validation bytes, with the facts needed to know which corpus they are.
+
+    `train`, `validation`: read-only `np.uint8` arrays (the concatenated files, joined by
+    `FILE_SEPARATOR`). `fingerprint`: 16 hex digits of a sha256 over both splits' bytes.
+    """
+
+    name: str
+    train: np.ndarray
+    validation: np.ndarray
+    train_files: tuple[str, ...]
+    validation_files: tuple[str, ...]
+    python_version: str
+    source_root: str
+    fingerprint: str = field(default="")
+
+    def split(self, name: str) -> np.ndarray:
+        if name == "train":
+            return self.train
+        if name in ("validation", "val"):
+            return self.validation
+        raise CorpusError(f"unknown split {name!r}; use 'train' or 'validation'")
+
+    def random_windows(self, split: str, batch_size: int, length: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+        """`batch_size` windows of `length` consecutive bytes at random offsets, int64 [B, length].
+
+        Train on `window[:, :-1]` -> `window[:, 1:]`. `seed` may be a numpy Generator to draw
+        a stream of batches."""
+        data = self.split(split)
+        if length > len(data):
+            raise CorpusError(f"window length {length} exceeds the {split} split ({len(data)} bytes); use a shorter window or a larger max_bytes")
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        starts = rng.integers(0, len(data) - length + 1, size=batch_size)
+        return np.stack([data[s : s + length] for s in starts]).astype(np.int64)
+
+    def evaluation_windows(self, length: int, max_windows: int | None = None, split: str = "validation") -> np.ndarray:
+        """Non-overlapping windows of `length` bytes, evenly spread over a split, int64 [N, length].
+
+        Deterministic: the same corpus and arguments give the same windows on every call."""
+        data = self.split(split)
+        count = len(data) // length
+        if count == 0:
+            raise CorpusError(f"the {split} split ({len(data)} bytes) is shorter than one window of {length}; use a shorter window")
+        if max_windows is not None and max_windows < count:
+            index = np.linspace(0, count - 1, max_windows).round().astype(np.int64)
+        else:
+            index = np.arange(count)
+        windows = data[: count * length].reshape(count, length)
+        return windows[index].astype(np.int64)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "python_version": self.python_version,
+            "train_bytes": int(len(self.train)),
+            "validation_bytes": int(len(self.validation)),
+            "train_files": len(self.train_files),
+            "validation_files": len(self.validation_files),
+        }
+
+
+def stdlib_root() -> Path:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise CorpusError(f"the Python standard library folder {root} does not exist; run with a full CPython installation")
+    return root
+
+
+def stdlib_files(root: Path | None = None) -> tuple[str, ...]:
+    """Relative paths (POSIX form) of the stdlib's `.py` files, sorted."""
+    root = root or stdlib_root()
+    return _stdlib_files(str(root))
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_files(root: str) -> tuple[str, ...]:
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in EXCLUDED_FOLDERS]  # never walk into site-packages
+        relative_folder = Path(folder).relative_to(root)
+        files.extend((relative_folder / name).as_posix() for name in names if name.endswith(".py"))
+    return tuple(sorted(files))
+
+
+def is_validation_file(relative_path: str) -> bool:
+    """The split rule: a file is in validation when the hash of its relative path says so."""
+    digest = hashlib.sha256(relative_path.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < VALIDATION_PERCENT
+
+
+def _fingerprint(train: bytes, validation: bytes) -> str:
+    h = hashlib.sha256()
+    h.update(len(train).to_bytes(8, "big"))
+    h.update(train)
+    h.update(validation)
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_corpus(max_bytes: int | None = None) -> Corpus:
+    """The stdlib corpus; `max_bytes` caps its size (for tests), split 90/10 by file.
+
+    With `max_bytes`, files are read in sorted order until the train split holds at least
+    `max_bytes * 0.9` bytes and validation `max_bytes * 0.1` (each then truncated to that),
+    so a capped corpus is a deterministic prefix-by-file of the full one. Cached per process.
+    """
+    if max_bytes is not None and max_bytes < 1000:
+        raise CorpusError(f"max_bytes must be at least 1000 (or None for the whole stdlib), got {max_bytes}")
+    root = stdlib_root()
+    files = stdlib_files(root)
+    if not files:
+        raise CorpusError(f"no .py files under {root}; run with a full CPython installation")
+    train_cap = validation_cap = None
+    if max_bytes is not None:
+        validation_cap = max(1, max_bytes * VALIDATION_PERCENT // 100)
+        train_cap = max_bytes - validation_cap
+    parts: dict[str, list[bytes]] = {"train": [], "validation": []}
+    sizes = {"train": 0, "validation": 0}
+    names: dict[str, list[str]] = {"train": [], "validation": []}
+    caps = {"train": train_cap, "validation": validation_cap}
+    for relative in files:
+        split = "validation" if is_validation_file(relative) else "train"
+        cap = caps[split]
+        if cap is not None and sizes[split] >= cap:
+            if all(caps[s] is not None and sizes[s] >= caps[s] for s in caps):
+                break
+            continue
+        text = (root / relative).read_bytes()
+        parts[split].append(text)
+        names[split].append(relative)
+        sizes[split] += len(text) + len(FILE_SEPARATOR)
+    train = FILE_SEPARATOR.join(parts["train"])[:train_cap]
+    validation = FILE_SEPARATOR.join(parts["validation"])[:validation_cap]
+    if not train or not validation:
+        raise CorpusError(f"the stdlib under {root} gave an empty split (train {len(train)} B, validation {len(validation)} B); use a larger max_bytes")
+    train_array = np.frombuffer(train, dtype=np.uint8)
+    validation_array = np.frombuffer(validation, dtype=np.uint8)  # read-only views: safe to share from the cache
+    return Corpus(
+        name="stdlib" if max_bytes is None else f"stdlib[:{max_bytes}]",
+        train=train_array,
+        validation=validation_array,
+        train_files=tuple(names["train"]),
+        validation_files=tuple(names["validation"]),
+        python_version=platform.python_version(),
+        source_root=str(root),
+        fingerprint=_fingerprint(train, validation),
+    )
+
+
+__all__ = ["Corpus", "CorpusError", "stdlib_corpus", "stdlib_files", "is_validation_file", "BYTE_VOCAB_SIZE", "FILE_SEPARATOR"]
