@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # default cuda when available
     compile: bool = False
+    threads: int | None = None  # CPU intra-op threads (default: torch's); 1 is fastest for tiny models on a busy machine
     peak_tflops: float | None = None  # for MFU on a device not in PEAK_BF16_FLOPS
     time_limit_s: float | None = None  # checkpoint and stop after this long (resume later)
     stop_after: int | None = None  # checkpoint and stop after this many steps of this run
@@ -462,6 +463,16 @@ def train(folder: str | Path, out: str | Path | None = None, config: TrainConfig
     """Train the Hugging Face LFM2 folder `folder`; write the run and the result to `out`
     (default: `<folder>-trained`). Resumes from `out`'s latest checkpoint unless `resume`
     is False (then the old checkpoints and log are discarded)."""
+    threads = torch.get_num_threads()
+    if config is not None and config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(folder, out, config, resume, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[[str], None]) -> TrainResult:
     folder = Path(folder)
     spec = read_spec(folder)
     config = (config or TrainConfig()).resolved()

@@ -329,8 +329,8 @@ def _check_artifact_info(member: Member, target: str) -> dict[str, Any]:
         raise UserError(f"trial {number} records no measured artifact (status {member.trial.user_attrs.get('status')!r}); export it with --to hf, or pick a measured trial")
     if info.get("backend") and info["backend"] != target:
         raise UserError(
-            f"trial {number} was measured as a {info['backend']} artifact ({info.get('quant')}), not {target}: "
-            f"export it with --to {info['backend']} (the measured files) or --to hf (a trainable folder)"
+            f"trial {number} was measured with backend {info['backend']} ({info.get('quant')}), not {target}: "
+            + (f"export it with --to {info['backend']} (the measured files) or --to hf (a trainable folder)" if info["backend"] in TARGETS else "only --to hf can export it")
         )
     return info
 

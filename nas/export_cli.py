@@ -58,6 +58,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of the data order."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint in OUT (default), or start over."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for training (default: torch's; 1 is fastest for tiny models on a busy machine)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Checkpoint and stop after this many seconds; run again to resume."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Checkpoint and stop after this many steps of this run; run again to resume."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="The device's bf16 peak, for MFU on a GPU not in the built-in table."),
@@ -70,7 +71,7 @@ def train(
     config = TrainConfig(
         steps=steps, corpus=corpus, tokenizer=tokenizer, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens,
         lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
-        eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed, device=device, compile=compile_model,
+        eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed, device=device, compile=compile_model, threads=threads,
         time_limit_s=time_limit, stop_after=stop_after, peak_tflops=peak_tflops,
     )
     result = run_training(folder, out, config, resume=resume, log=typer.echo)

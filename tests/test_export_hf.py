@@ -132,7 +132,7 @@ def test_bad_selections_and_artifact_targets_say_what_to_do(study, tmp_path):
         export_from_study(name, tmp_path, storage=url, trial=trial.number, target="tflite", log=quiet)
     measured_with = trial.user_attrs["artifact"]["backend"]
     other = "onnx" if measured_with == "executorch" else "executorch"
-    with pytest.raises(UserError, match=f"measured as a {measured_with} artifact.*--to {measured_with}"):
+    with pytest.raises(UserError, match=f"measured with backend {measured_with}.*--to {measured_with}"):
         export_from_study(name, tmp_path, storage=url, trial=trial.number, target=other, log=quiet)
     failed = next(t for t in s.trials if t.state == optuna.trial.TrialState.FAIL)
     with pytest.raises(UserError, match="no measured artifact"):

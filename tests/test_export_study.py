@@ -43,13 +43,13 @@ def _stats(median: float, tokens: int) -> Stats:
 DEVICE = {"name": "test-host", "profile": "local", "emulated": False, "cpu_model": "AMD EPYC (test)", "cores": 2, "memory_bytes": 23 * 2**30, "os": "Linux", "runtimes": ["executorch", "onnx"]}
 
 
-def _metadata(protocol: Protocol) -> dict:
+def _metadata(protocol: Protocol, backend: str) -> dict:
     return {
         "version": "0.1.0",
         "device": DEVICE,
         "budget_bytes": BUDGET,
         "context": CONTEXT,
-        "backend": "executorch",
+        "backend": backend,
         "quant": "fp32",
         "protocol": protocol.to_dict(),
         "space": {"name": "test", "text": "# made by tests/test_export_study.py\n"},
@@ -73,7 +73,7 @@ MEASURED = [
 ]
 
 
-def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, extra=()) -> optuna.Study:
+def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, extra=(), artifact_for=None, backend: str = "executorch") -> optuna.Study:
     """A study laid out as the search writes it: metadata, spec attrs, measurements, the
     memory constraint (through the sampler's `constraints_func`, as the search does),
     failed and pruned trials, and one enqueued preset-like reference point."""
@@ -82,7 +82,7 @@ def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, ext
     # Built in memory, then copied: SQLite commits every attr on its own, which is slow here.
     study = optuna.create_study(study_name=name, directions=directions("mad"), sampler=sampler)
     study.set_metric_names(objective_names("mad"))
-    study.set_user_attr("lfm2_nas", _metadata(protocol))
+    study.set_user_attr("lfm2_nas", _metadata(protocol, backend))
     rows = [(tiny_spec(layout, d), q, p, dms, mib) for layout, d, q, p, dms, mib in measured]
     rows += list(extra)  # (spec, quality, prefill_ms, decode_ms, footprint MiB)
     for index, (spec, quality, prefill, decode, mib) in enumerate(rows):
@@ -90,13 +90,16 @@ def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, ext
         _spec_attrs(trial, spec)
         footprint = mib * 2**20
         measurement = Measurement(
-            status="ok", artifact_sha256="0" * 64, backend="executorch", quant="fp32", spec_key=spec.key, protocol=protocol.to_dict(),
+            status="ok", artifact_sha256="0" * 64, backend=backend, quant="fp32", spec_key=spec.key, protocol=protocol.to_dict(),
             load_time_s=0.2, prefill={CONTEXT: _stats(prefill, CONTEXT)}, decode={CONTEXT: _stats(decode, 4)},
             memory={"footprint_bytes": footprint, "peak_rss_bytes": footprint + 300 * 2**20}, stack={"runtime": "executorch 1.5.1", "threads": 2, "delegate": "xnnpack"},
             device=DEVICE, wall_time_s=3.0,
         ).to_dict()
         trial.set_user_attr("measurement", measurement)
-        trial.set_user_attr("artifact", {"key": f"artifact{index:04d}", "path": f"/nonexistent/artifacts/artifact{index:04d}", "bytes": 1, "stages_s": {}, "backend": "executorch", "quant": "fp32"})
+        artifact = {"key": f"artifact{index:04d}", "path": f"/nonexistent/artifacts/artifact{index:04d}", "bytes": 1, "stages_s": {}, "backend": backend, "quant": "fp32"}
+        if artifact_for is not None:  # a real compiled artifact (see test_export_artifacts.py)
+            artifact = artifact_for(spec)
+        trial.set_user_attr("artifact", artifact)
         trial.set_user_attr("prefill_ms", prefill)
         trial.set_user_attr("decode_ms", decode)
         trial.set_user_attr("prefill_stats", measurement["prefill"][str(CONTEXT)])
