@@ -280,6 +280,8 @@ def _facts_table(facts: dict[str, Any]) -> str:
             cell = _facts_table(value) if value else "–"
         elif isinstance(value, str) and "\n" in value:
             cell = f"<details><summary>{len(value.splitlines())} lines</summary><pre>{escape(value)}</pre></details>"
+        elif str(key).endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
+            cell = f"{format_bytes(value)} ({value:,} bytes)"
         else:
             cell = escape(_text(value))
         rows.append(f"<tr><th>{escape(str(key))}</th><td>{cell}</td></tr>")

@@ -161,3 +161,17 @@ def test_journal_storage_is_read(tmp_path):
     data = load_study_data("journal", str(path))
     assert data.pareto_numbers == [0] and data.trials[0].preset == "LFM2-350M"
     assert math.isfinite(data.trials[0].decode_ms)
+
+
+def test_a_study_just_started_renders(tmp_path):
+    """The dashboard shows a study from its first second: no trial, then one running."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    study = create_schema_study(url, "new")
+    data = load_study_data("new", url)
+    assert data.trials == [] and data.hypervolume is None
+    assert "<b>0</b> trials" in report_payload(data)["sections"]["summary"]
+    study.ask()
+    data = load_study_data("new", url)
+    assert [t.outcome for t in data.trials] == ["running"]
+    payload = report_payload(data)
+    assert 'data-trial="0" class="running"' in payload["sections"]["trials"]
