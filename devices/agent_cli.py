@@ -41,6 +41,7 @@ def serve_command(
     tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
     tls_key: Optional[str] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    exit_with_parent: bool = typer.Option(False, "--exit-with-parent", help="Stop when the process that started the agent exits (agents started by a search)."),
 ) -> None:
     """Serve the device agent API (/v1/...) until stopped (Ctrl-C or SIGTERM)."""
     from devices.agent.auth import ensure_token
@@ -62,7 +63,7 @@ def serve_command(
     )
     token_path = (token_file or config.workdir / "token").expanduser().resolve()
     token = ensure_token(token_path)
-    serve(config, token, host=host, port=port, ready_file=ready_file, log_level=log_level, tls_cert=tls_cert, tls_key=tls_key, announce=typer.echo, token_file=token_path)
+    serve(config, token, host=host, port=port, ready_file=ready_file, log_level=log_level, tls_cert=tls_cert, tls_key=tls_key, announce=typer.echo, token_file=token_path, exit_with_parent=exit_with_parent)
 
 
 @devices_app.command("add")

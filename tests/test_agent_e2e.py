@@ -104,3 +104,29 @@ def test_an_emulated_pixel8_says_so_in_every_result(artifacts, tmp_path):
     assert measurement.status == "ok", measurement.error
     assert measurement.device["emulated"] is True and measurement.device["profile"] == "pixel8" and measurement.device["name"] == "pixel8-emu"
     assert measurement.memory["cap_bytes"] == pixel8.memory_budget_bytes
+
+
+@pytest.mark.slow
+def test_a_local_agent_stops_when_the_process_that_started_it_is_killed(tmp_path):
+    """A search SIGKILLed without calling stop() must not leave its agent holding the cores."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = "import sys, time\nfrom devices.agent import start_local_agent\nprint(start_local_agent(name='orphan', workdir=sys.argv[1]).pid, flush=True)\ntime.sleep(600)"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "w")], stdout=subprocess.PIPE, text=True)
+    agent_pid = int(parent.stdout.readline())
+    assert psutil.pid_exists(agent_pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if psutil.Process(agent_pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        assert time.monotonic() < deadline, "the agent outlived the process that started it"
+        time.sleep(0.2)
+    assert "has exited; stopping" in (tmp_path / "w" / "agent.log").read_text()

@@ -1,7 +1,8 @@
 """`start_local_agent`: an agent for this machine, as a child process, for one search.
 
 The search uses it for `--device local` and `--emulate`: a free loopback port, a fresh
-token, a workdir (a temporary one unless given), and `stop()` at the end. The agent is
+token, a workdir (a temporary one unless given), and `stop()` at the end. The agent
+watches its parent and stops by itself if the search is killed without calling `stop()`. The agent is
 a separate process (`python -m devices.agent serve ...`), exactly what a user would run
 on a board, so the search talks to a local device the same way as to a remote one.
 """
@@ -85,7 +86,7 @@ class LocalAgent:
 
 def agent_command(name: str, workdir: Path, token_file: Path, ready_file: Path, port: int = 0, **options: Any) -> list[str]:
     """The command line of `python -m devices.agent serve` for these options (None: left out)."""
-    command = [sys.executable, "-m", "devices.agent", "serve", "--name", name, "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "devices.agent", "serve", "--name", name, "--host", "127.0.0.1", "--port", str(port), "--exit-with-parent"]
     command += ["--workdir", str(workdir), "--token-file", str(token_file), "--ready-file", str(ready_file)]
     for flag, value in options.items():
         if value is None or value is False:

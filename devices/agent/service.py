@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -539,6 +540,19 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _watch_parent(parent_pid: int, every_s: float = 1.0) -> None:
+    """Stop (gracefully: SIGTERM to ourselves) once the process that started us is gone, so
+    that an agent started for one search does not outlive a search that was killed."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        log.warning("the process that started this agent (pid %d) has exited; stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="agent-parent-watch", daemon=True).start()
+
+
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -554,6 +568,7 @@ def serve(
     tls_key: str | None = None,
     announce: Callable[[str], None] = print,
     token_file: Path | None = None,
+    exit_with_parent: bool = False,
 ) -> None:
     """Run the agent until SIGINT/SIGTERM. `port` 0 picks a free port; `ready_file`, if
     given, receives {"url", "port", "pid", "name"} as JSON once the agent is serving."""
@@ -588,6 +603,8 @@ def serve(
             temporary.write_text(json.dumps({"url": url, "port": actual_port, "pid": os.getpid(), "name": config.name}))
             os.replace(temporary, target)
 
+    if exit_with_parent:
+        _watch_parent(os.getppid())
     app = create_app(agent, on_ready=on_ready)
     server = uvicorn.Server(
         uvicorn.Config(
