@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,34 @@ def test_registry_add_list_remove(tmp_path, monkeypatch):
         get_device("pixel8")
     for hint in ("lfm2-nas agent serve", "lfm2-nas devices add", "--emulate"):
         assert hint in str(error.value)
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+def test_worker_runs_jobs_in_order_with_a_cool_down_between_them(tmp_path):
+    """The worker's own path, with artifacts that are not on the agent: each job ends at
+    once as `error` (no measurement child), so only the queue, the order and the pause show."""
+    from devices.agent.jobs import Worker
+    from devices.protocol import Limits
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    for i in range(3):
+        jobs.submit(f"w{i}", SHA_A, Protocol(prompt_lengths=(16 + i,)))
+    worker = Worker(jobs, artifact_path=lambda sha: None, limits=Limits(threads=1), device={"name": "unit", "emulated": False}, cooldown_s=0.3)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while jobs.counts()["done"] < 3:
+            assert time.monotonic() < deadline and worker.alive
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    done = [jobs.get(f"w{i}") for i in range(3)]
+    assert all(job.measurement["status"] == "error" and "no longer on the agent" in job.measurement["error"] for job in done)
+    assert all(job.measurement["device"]["name"] == "unit" and job.attempts == 1 for job in done)
+    assert done[0].started_at < done[1].started_at < done[2].started_at
+    assert done[0].measurement["thermal"]["cooldown_before_s"] == 0
+    for before, after in zip(done, done[1:]):
+        assert after.measurement["thermal"]["cooldown_before_s"] > 0  # it paused before this one
+        assert after.started_at >= before.finished_at

@@ -302,7 +302,9 @@ class Worker:
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                job = self.jobs.claim_next()
+                waiting = self.jobs.counts()["queued"] > 0
+                cooled = self._cool_down() if waiting else 0.0
+                job = self.jobs.claim_next() if waiting and not self._stop.is_set() else None
             except StoreUnavailable as exc:
                 log.error("cannot claim a job: %s", exc)
                 self._stop.wait(5.0)
@@ -310,20 +312,21 @@ class Worker:
             if job is None:
                 self._wake.wait(1.0)
                 continue
-            cooled = self._cool_down()
-            if self._stop.is_set():
-                return  # the claimed job stays RUNNING and is re-queued at the next start
             self._run(job, cooled)
 
     def _cool_down(self) -> float:
-        """Pause so that this job does not start on cores still hot from the last one."""
+        """Pause (before taking the next job, so a job is never RUNNING while we wait) until
+        `cooldown_s` have passed since the last measurement: the next one starts on cool
+        cores. Returns the seconds paused."""
         if self.cooldown_s <= 0 or self._last_finished is None:
             return 0.0
         remaining = self.cooldown_s - (time.monotonic() - self._last_finished)
-        if remaining > 0:
-            self.phase = "cooling"
-            self._stop.wait(remaining)
-        return max(0.0, remaining)
+        if remaining <= 0:
+            return 0.0
+        self.phase = "cooling"
+        self._stop.wait(remaining)
+        self.phase = "idle"
+        return remaining
 
     def _run(self, job: Job, cooled_s: float) -> None:
         self.current_job, self.phase = job.id, "running"
