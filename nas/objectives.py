@@ -9,10 +9,7 @@ fastest and best, not the smallest.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import optuna
-from optuna.trial import FrozenTrial
 
 QUALITY_KINDS = ("mad", "lm", "none")
 
@@ -31,32 +28,27 @@ def objective_values(quality: str, quality_score: float | None, prefill_ms: floa
     return [float(quality_score), prefill_ms, decode_ms]
 
 
-def memory_constraint(trial: FrozenTrial) -> Sequence[float]:
-    """Optuna's `constraints_func`: footprint minus budget (feasible when <= 0), which the
-    driver stores in the trial's `constraint` user attr before telling the study."""
-    return trial.user_attrs.get("constraint", [0.0])
-
-
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
+
+#: The name of the memory constraint each trial carries (`trial.set_constraint`): the
+#: footprint minus the budget in bytes, feasible when <= 0. Optuna 5 reads constraints from
+#: the trial itself, so every sampler (random included) and `study.best_trials` honour it.
+MEMORY_CONSTRAINT = "memory_over_budget_bytes"
 
 
 def make_sampler(name: str, seed: int | None, n_trials: int) -> optuna.samplers.BaseSampler:
-    """A fresh sampler (never shared between studies) that honours the memory constraint.
-
-    Optuna's RandomSampler takes no `constraints_func`, so "random" is TPE kept in its
-    random start-up phase for the whole run: the same uniform sampling, with the
-    constraint recorded so that the study's Pareto set excludes infeasible trials.
-    """
+    """A fresh sampler for one study (samplers keep per-study state: never share one)."""
     if name == "nsga2":
         population = max(4, min(50, n_trials // 2 or 4))
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed, constraints_func=memory_constraint)
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+    startup = min(10, max(2, n_trials // 3))
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=memory_constraint, n_startup_trials=min(10, max(2, n_trials // 3)))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, constraints_func=memory_constraint, n_startup_trials=min(10, max(2, n_trials // 3)))
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if name == "random":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=memory_constraint, n_startup_trials=10**9)
+        return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(name)
 
 
-__all__ = ["objective_names", "directions", "objective_values", "memory_constraint", "make_sampler", "SAMPLERS", "QUALITY_KINDS"]
+__all__ = ["objective_names", "directions", "objective_values", "make_sampler", "SAMPLERS", "QUALITY_KINDS", "MEMORY_CONSTRAINT"]

@@ -9,8 +9,10 @@ device frees up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,7 +26,7 @@ from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 from nas.cache import ResultCache, measurement_key
 from nas.device_session import DeviceSession, describe, open_device
-from nas.objectives import QUALITY_KINDS, SAMPLERS, objective_values
+from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, objective_values
 from nas.storage import DEFAULT_STORAGE, open_storage
 from nas.study import METADATA_KEY, create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
 
@@ -204,7 +206,14 @@ class Search:
             else:
                 enqueue_presets(study, self.space)
             self.quality_on_gpu = c.quality != "none" and cluster_has_gpu()
-            self._loop()
+            with _stop_on_signals():
+                try:
+                    self._loop()
+                except SearchInterrupted:
+                    # Leave nothing RUNNING: the in-flight candidates are failed as `lost`
+                    # and enqueued again, so that --resume evaluates them.
+                    fail_stale_trials(study, list(self.pending), reason="the search was interrupted while this trial ran; re-enqueued for --resume")
+                    raise
             _record_estimate_error(study)
             return study
         finally:
@@ -244,12 +253,12 @@ class Search:
             trial.set_user_attr("reason", f"the space produced an invalid spec: {exc}")
             self._tell(trial, "error", state=TrialState.FAIL)
             return
-        estimate = estimate_peak_memory(spec, c.context + c.decode_tokens, c.backend, c.quant)
-        estimate_dict = asdict(estimate) if hasattr(estimate, "__dataclass_fields__") else dict(estimate)
+        estimate = estimate_peak_memory(spec, c.context + c.decode_tokens, c.backend, c.quant, prefill_tokens=c.context)
+        estimate_dict = asdict(estimate)
         spec_attrs(trial, spec, count_parameters(spec), estimate_dict)
         if estimate.lower_bound_bytes > c.budget_bytes:
             trial.set_user_attr("status", "prefiltered")
-            trial.set_user_attr("constraint", [float(estimate.lower_bound_bytes - c.budget_bytes)])
+            trial.set_constraint(MEMORY_CONSTRAINT, float(estimate.lower_bound_bytes - c.budget_bytes))
             trial.set_user_attr(
                 "reason",
                 f"needs at least {estimate.lower_bound_bytes / 2**20:.0f} MiB (analytic lower bound) > budget {c.budget_bytes / 2**20:.0f} MiB: not compiled",
@@ -395,7 +404,7 @@ class Search:
             trial.set_user_attr("quality", quality_score)
             trial.set_user_attr("quality_detail", q["detail"])
         over = float((footprint or 0) - c.budget_bytes)
-        trial.set_user_attr("constraint", [over])
+        trial.set_constraint(MEMORY_CONSTRAINT, over)
         status = "ok" if over <= 0 else "infeasible"
         trial.set_user_attr("status", status)
         if status == "infeasible":
@@ -408,6 +417,30 @@ class Search:
         else:
             self.study.tell(trial, state=state)
         self.stats.count(status)
+
+
+class SearchInterrupted(Exception):
+    """SIGINT or SIGTERM reached the driver; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT/SIGTERM into `SearchInterrupted` (Ray installs its own handlers at init,
+    which would end the driver without failing its in-flight trials)."""
+
+    def handler(signum, frame):
+        raise SearchInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _require_existing_sqlite(url: str, study: str) -> None:
@@ -445,4 +478,4 @@ def run_search(config: SearchConfig, console=None) -> optuna.Study:
     return Search(config, console=console).run()
 
 
-__all__ = ["SearchConfig", "Search", "run_search", "start_ray"]
+__all__ = ["SearchConfig", "Search", "SearchInterrupted", "run_search", "start_ray"]

@@ -35,7 +35,7 @@ def search(
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
     from devices.sizes import format_size, parse_size
     from nas.progress import pareto_table
-    from nas.search import SearchConfig, run_search
+    from nas.search import SearchConfig, SearchInterrupted, run_search
 
     config = SearchConfig(
         device=device, budget_bytes=parse_size(budget, what="--budget"), trials=trials, study=study, storage=storage, space=space,
@@ -43,7 +43,11 @@ def search(
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate,
     )
     console = Console()
-    result = run_search(config, console=console)
+    try:
+        result = run_search(config, console=console)
+    except SearchInterrupted as stop:
+        console.print(f"[yellow]stopped by {stop}[/]: in-flight trials were failed and re-enqueued; continue with the same command plus --resume")
+        raise typer.Exit(128 + stop.signum) from None
     console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {format_size(config.budget_bytes)})"))
     storage_flag = f" --storage {storage}" if storage else ""
     console.print(f"report: [bold]lfm2-nas report --study {config.study}{storage_flag} --out {config.study}.html[/]")

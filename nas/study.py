@@ -50,14 +50,17 @@ def enqueue_presets(study: optuna.Study, space) -> list[str]:
     return enqueued
 
 
-def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a driver that died: fail them (status `lost`) and enqueue their
-    parameters again, so that the candidate is still evaluated — from the result cache if
-    its measurement had finished, never measured twice."""
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+def fail_stale_trials(study: optuna.Study, numbers: list[int] | None = None, reason: str = "the search driver stopped while this trial ran; re-enqueued on --resume") -> list[int]:
+    """Trials left RUNNING by a driver that died (or, given `numbers`, those of a driver
+    that is stopping): fail them (status `lost`) and enqueue their parameters again, so
+    that the candidate is still evaluated — from the result cache if its measurement had
+    finished, never measured twice."""
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if numbers is None or t.number in numbers]
     for trial in stale:
+        # Optuna has no public way to annotate a trial through its number alone; the storage
+        # calls below are the ones `Trial.set_user_attr` makes.
         study._storage.set_trial_user_attr(trial._trial_id, "status", "lost")
-        study._storage.set_trial_user_attr(trial._trial_id, "reason", "the search driver stopped while this trial ran; re-enqueued on --resume")
+        study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
         study._storage.set_trial_user_attr(trial._trial_id, "requeued", True)
         study.tell(trial.number, state=TrialState.FAIL)
         user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "preset"}
