@@ -164,20 +164,24 @@ def _compile_worker(spec_dict: dict, backend: str, quant: str, max_context: int,
     return {"ok": True, "path": str(artifact.path), "compile_s": artifact.manifest.get("compile_s"), "wall_s": time.perf_counter() - start}
 
 
-def precompile(specs, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, workers: int | None = None, verify: bool = True) -> list[dict[str, Any]]:
-    """Compile every spec into the cache before anything is measured, `workers` at a time
-    (default: one per usable core; compiling is mostly single-threaded Python), so that
-    the measurements that follow find their artifacts ready and own the cores alone."""
+def precompile(jobs, protocol, *, cache_dir: Path | None = None, workers: int | None = None, verify: bool = True) -> list[dict[str, Any]]:
+    """Compile every (spec, backend, quant) of `jobs` into the cache before anything is
+    measured, `workers` at a time (default: one per usable core; compiling is mostly
+    single-threaded Python), so that the measurements that follow find their artifacts
+    ready and own the cores alone. Returns one result per job (`ok`, `wall_s`, `error`)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    specs = list(specs)
-    workers = max(1, min(workers or usable_cores(), len(specs)))
-    jobs = [(s.to_dict(), backend, quant, protocol.max_context, tuple(protocol.prompt_lengths), str(cache_dir) if cache_dir else None, verify) for s in specs]
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    workers = max(1, min(workers or usable_cores(), len(jobs)))
+    calls = [(spec.to_dict(), backend, quant, protocol.max_context, tuple(protocol.prompt_lengths), str(cache_dir) if cache_dir else None, verify) for spec, backend, quant in jobs]
+    log(f"[bench] compiling {len(calls)} artifact(s), {workers} at a time (cached ones return at once)")
     if workers == 1:
-        return [_compile_worker(*job) for job in jobs]
+        return [_compile_worker(*call) for call in calls]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_compile_worker, *zip(*jobs)))
+        return list(pool.map(_compile_worker, *zip(*calls)))
 
 
 def measured_ms(result: dict[str, Any], kind: str, point: int) -> float | None:

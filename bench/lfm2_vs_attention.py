@@ -20,7 +20,7 @@ so that a reader can tell what the ratio should be from arithmetic alone.
 
 from __future__ import annotations
 
-from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms
+from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms, precompile
 from bench.models import MODELS, PAIRS, QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, WEIGHT_PRECISION, arithmetic, quick_models
 from bench.report import fmt, markdown_table, mib
 from bench.stats import crossing, speedup
@@ -93,6 +93,7 @@ def main(argv=None) -> int:
         backends, prefill, decode = args.backends, args.prefill, args.decode
     protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8 if not args.quick else QUICK_DECODE_TOKENS, warmup_runs=1, min_runs=args.min_runs, max_runs=5, max_seconds_per_point=20.0 if not args.quick else 2.0, measure_memory=True, threads=args.threads)
 
+    precompile([(spec, *pair.split(":")) for pair in backends for spec in models.values()], protocol, cache_dir=args.cache_dir)
     measured: dict[str, dict[str, dict]] = {}  # backend -> model -> {"prefill": {T: tok/s}, "decode": {C: tok/s}, "footprint": bytes}
     raw: dict[str, dict[str, dict]] = {}
     for pair in backends:

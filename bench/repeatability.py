@@ -17,7 +17,7 @@ reads.
 
 from __future__ import annotations
 
-from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms
+from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms, precompile
 from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, quick_models, sample_space
 from bench.report import fmt, markdown_table, pct
 from bench.stats import repeatability
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         specs, prefill, depth = sample_space(args.archs, seed=args.seed), args.prefill, args.depth
     protocol = protocol_for(prefill, depth, args.threads, args.quick)
 
+    precompile([(spec, args.backend, args.quant) for spec in specs], protocol, cache_dir=args.cache_dir)
     passes: list[list[dict]] = [[], []]
     for index in range(2):
         for number, spec in enumerate(specs):
@@ -113,7 +114,7 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
     failed = sum(1 for r in rows if r["errors"])
     how = (
         ("How: the quick run's tiny LFM2 and its all-attention twin, " if args.quick else f"How: {len(rows)} architectures drawn uniformly from the small search space (Optuna random sampler, seed {args.seed}), ")
-        + f"compiled once for {args.backend} {args.quant}, then measured in two passes over all of them, every measurement "
+        + f"compiled once for {args.backend} {args.quant} (two compiles at a time, before any measurement), then measured in two passes over all of them, every measurement "
         f"in a fresh child process (`devices.measure`; {args.threads} threads; median of 3-10 timed runs after a warm-up). "
         "Relative spread = |pass 1 - pass 2| / mean; Kendall's tau-b (scipy) between the two passes' orderings "
         f"(1 = identical ranking). {failed} architecture(s) failed in at least one pass."

@@ -20,7 +20,7 @@ roof (the machine is shared, so a single reading can be low).
 from __future__ import annotations
 
 from bench.ceilings import measure_ceilings
-from bench.harness import BenchRun, base_parser, compile_and_measure, log, measured_ms
+from bench.harness import BenchRun, base_parser, compile_and_measure, log, measured_ms, precompile
 from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, WEIGHT_PRECISION, by_size, decode_bytes_per_token, quick_models, sample_space
 from bench.report import fmt, markdown_table, pct
 from search_space import costs
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
 
     log(f"[{NAME}] measuring the machine's ceilings ({args.threads} threads)")
     before = measure_ceilings(args.threads, quick=args.quick)
+    precompile([(spec, backend, quant) for backend, quant in pairs for spec in specs], protocol, cache_dir=args.cache_dir)
     results = []
     for backend, quant in pairs:
         for spec in specs:
