@@ -247,7 +247,8 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
     if outcome.killed_for == "timeout":
         status, error = "timeout", f"the measurement ran past its {limits.timeout_s:g} s wall-clock limit{where}; it was killed"
     elif outcome.killed_for == "oom":
-        status, error = "oom", f"the child's RSS reached {_fmt_bytes(outcome.watched_rss_bytes)}, over the {_fmt_bytes(cap)} cap{where}: the candidate does not fit; it was killed"
+        peak = max(outcome.watched_rss_bytes, outcome.max_rss_bytes)
+        status, error = "oom", f"the child's RSS went over the {_fmt_bytes(cap)} cap{where} (peak {_fmt_bytes(peak)}): the candidate does not fit; it was killed"
     elif outcome.result is not None:
         status = outcome.result.get("status", "error")
         if status == "ok" and cap is not None and outcome.max_rss_bytes > cap:

@@ -157,14 +157,14 @@ def export_fp32_graphs(spec: ArchSpec, max_context: int, seed: int, out_dir: Pat
             length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
             t = _example_length(spec, max_context)
             tokens = torch.randint(0, spec.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
-            _export_graph(PrefillGraph(model), (tokens,), ({1: length},), ["tokens"], ["logits", *new_state_names], out_dir / PREFILL)
+            _export_graph(PrefillGraph(model).eval(), (tokens,), ({1: length},), ["tokens"], ["logits", *new_state_names], out_dir / PREFILL)
         with stages("export_decode"):
             cache = torch.export.Dim.DYNAMIC(min=0, max=max_context - 1)
             s = _example_length(spec, max_context - 1)
             example_state = [torch.zeros([s if n < 0 else n for n in entry["shape"]]) for entry in layout]
             state_dims = tuple({2: cache} if entry["kind"].startswith("kv_growing") else None for entry in layout)
             args = (torch.tensor([[1]], dtype=torch.long), torch.tensor([s], dtype=torch.long), *example_state)
-            _export_graph(DecodeGraph(model), args, (None, None, state_dims), ["token", "pos", *state_names], ["logits", *new_state_names], out_dir / DECODE)
+            _export_graph(DecodeGraph(model).eval(), args, (None, None, state_dims), ["token", "pos", *state_names], ["logits", *new_state_names], out_dir / DECODE)
     return {"state": layout}
 
 
