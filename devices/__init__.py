@@ -5,6 +5,12 @@
 from devices.backends import open_runner  # noqa: E402
 from devices.compile import CompileError, VerificationError, compile  # noqa: E402
 
+# measure: `devices.measure(artifact, protocol, limits)` is the function (a fresh child process
+# per artifact); `from devices.measure import supervise, own_cores` for the machinery.
+from devices.measure import measure  # noqa: E402
+from devices.protocol import Limits, Measurement, Protocol, Stats  # noqa: E402
+from devices.stack import device_fingerprint, machine_facts  # noqa: E402
+
 # device agents: the client, an agent for this machine, registered agents, profiles, sizes
 from devices.agent import AgentClient, start_local_agent  # noqa: E402
 from devices.profiles import DeviceProfile, get_profile, load_profiles  # noqa: E402
