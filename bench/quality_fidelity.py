@@ -19,8 +19,8 @@ appended to `<out>/fidelity.jsonl` at once, so a run cut short keeps what it fin
 
     # the real run (one H200, ~10 min):
     python bench/quality_fidelity.py --device cuda --workers 6 --out bench_out
-    # a smoke run on a CPU (minutes; numbers meaningless):
-    python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --long-factor 2 --workers 1 --out /tmp/fid
+    # a smoke run on a CPU (a few minutes; numbers meaningless):
+    python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --long-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
 """
 
 from __future__ import annotations
@@ -91,10 +91,14 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _settings(name: str):
+def _settings(name: str, steps_scale: float = 1.0):
     from nas.quality import QualitySettings
 
-    return getattr(QualitySettings, name)()
+    settings = getattr(QualitySettings, name)()
+    if steps_scale != 1.0:  # smoke runs only: the numbers then mean nothing
+        settings = settings.replace(name=f"{name}*{steps_scale}", mad_steps=max(2, round(settings.mad_steps * steps_scale)),
+                                    lm_steps=max(2, round(settings.lm_steps * steps_scale)), eval_every=max(1, round(settings.eval_every * steps_scale)))
+    return settings
 
 
 def run_job(job: dict) -> dict:
@@ -104,7 +108,7 @@ def run_job(job: dict) -> dict:
     from nas.quality import score
 
     torch.set_num_threads(job["threads"])
-    settings = _settings(job["settings"])
+    settings = _settings(job["settings"], job.get("steps_scale", 1.0))
     spec = ArchSpec.from_dict(job["spec"])
     if job["stage"] == "long":
         settings = settings.replace(name=f"{settings.name}-long{job['long_factor']}x", lm_steps=settings.lm_steps * job["long_factor"],
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing", action="store_true", help="first time one candidate per kind, alone on the device")
     parser.add_argument("--stages", default="long,mad,lm")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (smoke runs only)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
 
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     facts = {"date": datetime.date.today().isoformat(), "machine": machine_facts(args.device), "torch": torch.__version__, "python": platform.python_version(),
-             "settings": args.settings, "long_factor": args.long_factor, "workers": args.workers, "archs": args.archs}
+             "settings": args.settings, "long_factor": args.long_factor, "workers": args.workers, "archs": args.archs,
+             "steps_scale": args.steps_scale}
     (out / "facts.json").write_text(json.dumps(facts, indent=1))
     print(json.dumps(facts), flush=True)
 
@@ -213,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         timing = {}
         for kind in ("mad", "lm"):
             row = run_job({"arch": "LFM2-350M", "stage": kind, "spec": presets["LFM2-350M"].to_dict(), "settings": args.settings, "device": args.device,
-                           "threads": args.threads, "long_factor": args.long_factor})
+                           "threads": args.threads, "long_factor": args.long_factor, "steps_scale": args.steps_scale})
             timing[kind] = row
             print("timing", json.dumps(row), flush=True)
         (out / "timing.json").write_text(json.dumps(timing, indent=1))
 
-    stages = args.stages.split(",")
+    stages = [stage for stage in args.stages.split(",") if stage]
     jobs = [{"arch": name, "stage": stage, "spec": spec.to_dict(), "settings": args.settings, "device": args.device, "threads": args.threads,
-             "long_factor": args.long_factor}
+             "long_factor": args.long_factor, "steps_scale": args.steps_scale}
             for stage in stages for name, spec in architectures(args.archs, args.arch_seed)]  # longest stage first: better packing
     rows: list[dict] = []
     log = (out / "fidelity.jsonl").open("a")

@@ -1,0 +1,51 @@
+"""Quality proxies: a cheap, honest estimate of how good a candidate architecture is.
+
+    from nas.quality import QualitySettings, score, cache_key
+    result = score(spec, "mad", device="cuda", settings=QualitySettings.default(), seed=0)
+    result.score                       # higher is better
+    result.detail["task_accuracy"]     # per task; also lr, steps, tokens, wall_s, device, ...
+
+A candidate is scored through its *proxy* (`nas.quality.proxy`): the same layout and
+operators (layers, attention placement, head and KV-head counts, conv kernel, SWA window)
+at `settings.width_factor` of the width, with a task vocabulary, trained for a fixed
+budget with a small learning-rate sweep (best of). Two kinds of score:
+
+* `"mad"` -- mean accuracy over six synthetic tasks (`nas.quality.tasks`, after MAD and
+  Zoology's MQAR): in-context recall, noisy and fuzzy recall, selective copying,
+  compression, memorisation.
+* `"lm"` -- minus the bits per byte on held-out Python-stdlib text (`lfm2.corpus`) after a
+  short byte-level training run.
+
+Stopping hopeless candidates early. Optuna 5.0's pruners do not work for multi-objective
+studies: `Trial.report` and `Trial.should_prune` raise `NotImplementedError("... is not
+supported for multi-objective optimization.")` (checked in optuna/trial/_trial.py). So
+`score` takes its own `report(step, value)` callback instead: it is called with
+intermediate scores (after the learning-rate sweep, then every `eval_every` steps), and
+when it returns something truthy the training stops and the last value is the result
+(`detail["stopped_early"]`). The search may implement any rule there (for example a median
+rule over earlier candidates' curves, kept in the driver or a user attr, never via
+`trial.report`). Inside `score`, hopeless *learning rates* are dropped after the first
+`sweep_fraction` of the budget (successive halving with one survivor), and a run whose
+loss becomes non-finite stops at once with the worst score.
+"""
+
+from nas.quality.proxy import proxy_spec
+from nas.quality.scoring import KINDS, QUALITY_VERSION, QualityResult, cache_key, score
+from nas.quality.settings import QualitySettings, SettingsError
+from nas.quality.tasks import TASKS, TaskBatch, TaskConfig, TaskError, generate
+
+__all__ = [
+    "score",
+    "cache_key",
+    "QualityResult",
+    "QualitySettings",
+    "SettingsError",
+    "KINDS",
+    "QUALITY_VERSION",
+    "TASKS",
+    "TaskConfig",
+    "TaskBatch",
+    "TaskError",
+    "generate",
+    "proxy_spec",
+]
