@@ -1,15 +1,32 @@
 """The LFM2 model family: `ArchSpec` -> torch model, presets, Hugging Face interop.
 
-`lfm2` imports nothing from the rest of lfm2-nas; everything else builds on it.
+`lfm2` imports nothing from the rest of lfm2-nas; everything else builds on it. The spec
+and presets are plain Python; the model needs torch, which is imported only when a name
+that needs it is first used (PEP 562), so that a measurement child running ONNX Runtime,
+an agent or a report does not pay ~220 MB and seconds for an `import lfm2.spec`.
 """
 
-from lfm2.model import LFM2, build_model, count_parameters
+from importlib import import_module
+
+from lfm2.errors import UserError
 from lfm2.presets import ATTENTION_TWINS, LFM2_PRESETS, PUBLISHED_PARAMETERS, all_attention_twin, get_preset, preset_name, presets
 from lfm2.spec import OPERATORS, ArchSpec, SpecError
+
+_LAZY = {"LFM2": "lfm2.model", "build_model": "lfm2.model", "count_parameters": "lfm2.model"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lfm2' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchSpec",
     "SpecError",
+    "UserError",
     "OPERATORS",
     "LFM2",
     "build_model",
