@@ -505,7 +505,8 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
     step = 0
     existing = _checkpoints(checkpoint_dir)
     if existing and resume:
-        checkpoint = torch.load(existing[-1], map_location=device, weights_only=True)
+        # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        checkpoint = torch.load(existing[-1], map_location="cpu", weights_only=True)
         if checkpoint["compatibility"] != compatibility:
             changed = {k: (checkpoint["compatibility"].get(k), v) for k, v in compatibility.items() if checkpoint["compatibility"].get(k) != v}
             raise UserError(

@@ -226,7 +226,8 @@ def arch_markdown(spec: ArchSpec, record: dict[str, Any], parameters: int) -> st
     if trial.get("reason"):
         lines += ["", f"Note: {trial['reason']}"]
     if family:
-        lines += ["", f"Member {family['tier']} of {family['size']} of family `{family['name']}`, tiered by {family['tier_by']} ({family['tier_metric']} = {family['tier_value']:g})."]
+        shown = _mib(family["tier_value"]) if family["tier_by"] == "memory" else _ms(family["tier_value"])
+        lines += ["", f"Member {family['tier']} of {family['size']} of family `{family['name']}`, tiered by {family['tier_by']} ({family['tier_metric']} {shown}); see `../FAMILY.md`."]
     lines += [
         "",
         "## Architecture",

@@ -2,8 +2,8 @@
 
 Until the lead's `tests/data/search_small.db` (written by a real `lfm2-nas search`, study
 `small`) exists, `small_study` builds one through Optuna's public API exactly as the
-schema describes (real ArchSpecs, the real `memory_constraint`, `Measurement`/`Stats`
-dicts); the figures are made up but consistent. Switching to the real file is the one
+schema describes (real ArchSpecs, the memory constraint through `trial.set_constraint`,
+`Measurement`/`Stats` dicts); the figures are made up but consistent. Switching to the real file is the one
 line `REAL_STUDY_DB` below.
 """
 
@@ -18,13 +18,15 @@ from optuna.trial import TrialState
 
 from devices.protocol import Measurement, Protocol, Stats
 from lfm2 import ArchSpec, build_model, count_parameters
-from nas.objectives import directions, memory_constraint, objective_names
+from nas.objectives import directions, objective_names
 
 #: The real study, once the lead provides it: set to DATA_DB (and nothing else changes).
 DATA_DB = Path(__file__).parent / "data" / "search_small.db"
 REAL_STUDY_DB: Path | None = None
 STUDY_NAME = "small"
 BUDGET = 64 * 2**20
+#: The schema's memory constraint, set with `trial.set_constraint` (feasible when <= 0).
+MEMORY_CONSTRAINT = "memory_over_budget_bytes"
 CONTEXT = 128
 
 
@@ -75,12 +77,10 @@ MEASURED = [
 
 def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, extra=(), artifact_for=None, backend: str = "executorch") -> optuna.Study:
     """A study laid out as the search writes it: metadata, spec attrs, measurements, the
-    memory constraint (through the sampler's `constraints_func`, as the search does),
-    failed and pruned trials, and one enqueued preset-like reference point."""
+    memory constraint, failed and pruned trials."""
     protocol = Protocol(prompt_lengths=(CONTEXT,), decode_depths=(CONTEXT,), decode_tokens=4, min_runs=3, max_runs=5)
-    sampler = optuna.samplers.TPESampler(seed=0, constraints_func=memory_constraint)
     # Built in memory, then copied: SQLite commits every attr on its own, which is slow here.
-    study = optuna.create_study(study_name=name, directions=directions("mad"), sampler=sampler)
+    study = optuna.create_study(study_name=name, directions=directions("mad"), sampler=optuna.samplers.RandomSampler(seed=0))
     study.set_metric_names(objective_names("mad"))
     study.set_user_attr("lfm2_nas", _metadata(protocol, backend))
     rows = [(tiny_spec(layout, d), q, p, dms, mib) for layout, d, q, p, dms, mib in measured]
@@ -110,7 +110,7 @@ def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, ext
         trial.set_user_attr("quality_detail", {"recall": quality})
         trial.set_user_attr("cached", False)
         over = float(footprint - BUDGET)
-        trial.set_user_attr("constraint", [over])
+        trial.set_constraint(MEMORY_CONSTRAINT, over)
         trial.set_user_attr("status", "ok" if over <= 0 else "infeasible")
         if over > 0:
             trial.set_user_attr("reason", f"footprint {mib} MiB > budget {BUDGET // 2**20} MiB")
@@ -124,7 +124,7 @@ def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, ext
     _spec_attrs(pruned, tiny_spec("AAAAAAAAAAAA", 256))
     pruned.set_user_attr("status", "prefiltered")
     pruned.set_user_attr("reason", "estimate certainly over budget")
-    pruned.set_user_attr("constraint", [1.0e9])
+    pruned.set_constraint(MEMORY_CONSTRAINT, 1.0e9)
     study.tell(pruned, state=TrialState.PRUNED)
     optuna.copy_study(from_study_name=name, from_storage=study._storage, to_storage=storage_url)
     return optuna.load_study(study_name=name, storage=storage_url)
@@ -178,7 +178,7 @@ def test_the_study_follows_the_schema(study_url):
     assert best, "the Pareto set is empty"
     for trial in best:
         assert trial.user_attrs["status"] == "ok"
-        assert trial.system_attrs["constraints"][0] <= 0  # what Optuna's constraints_func stored
+        assert trial.constraints[MEMORY_CONSTRAINT] <= 0
         ArchSpec.from_dict(trial.user_attrs["spec"])  # a real spec
         assert trial.user_attrs["footprint_bytes"] <= meta["budget_bytes"]
     for trial in study.trials[:3]:

@@ -58,6 +58,26 @@ def test_bpe_tokenizer_fits_the_model_vocabulary():
     assert max(encode_documents(tokenizer, corpus.validation, "bpe")) < 400
 
 
+def test_stdlib_corpus_becomes_documents():
+    pytest.importorskip("lfm2.corpus")
+    corpus = load_corpus("stdlib:100000")
+    assert corpus.name == "stdlib[:100000]" and len(corpus.train) > 1 and corpus.validation
+    assert not any(b"\n\x00\n" in doc for doc in corpus.train)  # the file separator became document boundaries
+    with pytest.raises(UserError, match="stdlib:MAX_BYTES"):
+        load_corpus("stdlib:lots")
+
+
+def test_bpe_run_saves_a_tokenizer_transformers_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    result = train(exported(tmp_path / "tiny"), tmp_path / "bpe", small_config(steps=3, tokenizer="bpe", eval_every=3), log=quiet)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(result.out)
+    assert 257 < len(tokenizer) <= TINY.vocab_size and result.summary["tokenizer"] == "bpe"
+    text = "def f(x):\n    return x\n"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+    config = json.loads((result.out / "config.json").read_text())
+    assert config["eos_token_id"] == tokenizer.eos_token_id == 0
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     factors = [lr_factor(s, 10, 100, 0.1) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
