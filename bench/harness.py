@@ -81,7 +81,9 @@ class BenchRun:
                 f"## {self.title}",
                 f"Run {self.date}, {self.elapsed_s() / 60:.1f} minutes. {machine_markdown(self.facts, self.load_before, load_after)}",
                 body.strip(),
-                f"Reproduce (one command, from the repository root with the project's venv active):\n\n```bash\n{reproduce}\n```\n\nRaw results: `{_shown_path(self.results_path)}`.",
+                f"Reproduce (one command, from the repository root with the project's venv active):\n\n```bash\n{reproduce}\n```\n\n"
+                + (f"This run: `python -m bench.{self.name} {' '.join(sys.argv[1:])}`. " if sys.argv[1:] and sys.argv[1:] != ["--quick"] else "")
+                + f"Raw results: `{_shown_path(self.results_path)}`.",
             ]
         )
         print(block)

@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", type=Path, default=None, help="a bench.repeatability results file to reuse (default bench/results/repeatability.json; with --quick, the quick run's)")
     parser.add_argument("--measure", action="store_true", help="measure here even when the results file exists")
-    parser.add_argument("--archs", type=int, default=20)
+    parser.add_argument("--archs", type=int, default=10)
     parser.add_argument("--backend", default="onnx")
     parser.add_argument("--quant", default="fp32")
     return parser.parse_args(argv)
