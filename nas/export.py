@@ -208,6 +208,43 @@ def _stats_cell(stats: dict[str, Any] | None) -> str:
     return f"p10 {stats.get('p10_ms', float('nan')):.3f}, p90 {stats.get('p90_ms', float('nan')):.3f}, cv {stats.get('cv', float('nan')):.3f}, {len(stats.get('samples_ms', []))} samples"
 
 
+def architecture_section(spec: ArchSpec, parameters: int) -> list[str]:
+    return [
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| layout (C conv, A attention, S sliding window) | `{spec.layout}` |",
+        f"| layers / attention layers | {spec.n_layers} / {list(spec.attention_layers)} |",
+        f"| d_model, SwiGLU width | {spec.d_model}, {spec.ffn_dim} |",
+        f"| heads / kv heads / head_dim | {spec.n_heads} / {spec.n_kv_heads} / {spec.head_dim} |",
+        f"| vocabulary, tied embeddings | {spec.vocab_size:,}, {spec.tie_embeddings} |",
+        f"| conv kernel, RoPE theta, norm eps | {spec.conv_kernel}, {spec.rope_theta:g}, {spec.norm_eps:g} |",
+        f"| max_seq_len | {spec.max_seq_len:,} |",
+        f"| parameters | {parameters:,} |",
+        f"| KV cache per token (bf16) | {spec.kv_cache_bytes_per_token(2):,} bytes |",
+        "",
+    ]
+
+
+def hf_use_section(seed: int | None) -> list[str]:
+    return [
+        "## Weights",
+        "",
+        INIT_DESCRIPTION + f" Seed {seed}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('.')  # model_type lfm2, no remote code",
+        "```",
+        "",
+        "Train it: `lfm2-nas train . --corpus stdlib --steps 1000` (see the README).",
+        "",
+    ]
+
+
 def arch_markdown(spec: ArchSpec, record: dict[str, Any], parameters: int) -> str:
     """ARCH.md: the architecture, what was measured, and the provenance of every number."""
     study, trial, measured = record["study"], record["trial"], record["measured"]
@@ -228,22 +265,8 @@ def arch_markdown(spec: ArchSpec, record: dict[str, Any], parameters: int) -> st
     if family:
         shown = _mib(family["tier_value"]) if family["tier_by"] == "memory" else _ms(family["tier_value"])
         lines += ["", f"Member {family['tier']} of {family['size']} of family `{family['name']}`, tiered by {family['tier_by']} ({family['tier_metric']} {shown}); see `../FAMILY.md`."]
+    lines += ["", *architecture_section(spec, parameters)]
     lines += [
-        "",
-        "## Architecture",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| layout (C conv, A attention, S sliding window) | `{spec.layout}` |",
-        f"| layers / attention layers | {spec.n_layers} / {list(spec.attention_layers)} |",
-        f"| d_model, SwiGLU width | {spec.d_model}, {spec.ffn_dim} |",
-        f"| heads / kv heads / head_dim | {spec.n_heads} / {spec.n_kv_heads} / {spec.head_dim} |",
-        f"| vocabulary, tied embeddings | {spec.vocab_size:,}, {spec.tie_embeddings} |",
-        f"| conv kernel, RoPE theta, norm eps | {spec.conv_kernel}, {spec.rope_theta:g}, {spec.norm_eps:g} |",
-        f"| max_seq_len | {spec.max_seq_len:,} |",
-        f"| parameters | {parameters:,} |",
-        f"| KV cache per token (bf16) | {spec.kv_cache_bytes_per_token(2):,} bytes |",
-        "",
         "The full spec is in `lfm2_nas.json` (`lfm2.ArchSpec.from_dict` reads it).",
         "",
         f"## Measured on the device (context {context})",
@@ -272,21 +295,7 @@ def arch_markdown(spec: ArchSpec, record: dict[str, Any], parameters: int) -> st
         "",
     ]
     if record["export_target"] == "hf":
-        lines += [
-            "## Weights",
-            "",
-            INIT_DESCRIPTION + f" Seed {record['init']['seed']}.",
-            "",
-            "## Use",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "model = AutoModelForCausalLM.from_pretrained('.')  # model_type lfm2, no remote code",
-            "```",
-            "",
-            "Train it: `lfm2-nas train . --corpus stdlib --steps 1000` (see the README).",
-            "",
-        ]
+        lines += hf_use_section(record["init"]["seed"])
     else:
         lines += ["## Use", "", f"The files are the {record['export_target']} artifact that was measured; `devices.artifact.Artifact.load('.')` verifies them.", ""]
     return "\n".join(lines)
@@ -513,7 +522,35 @@ def export_from_study(
     )
 
 
+def export_preset(name: str, out: str | Path, *, seed: int | None = 0, overwrite: bool = False, log=print) -> ExportResult:
+    """`lfm2-nas export --preset NAME --to hf`: an LFM2 preset (or all-attention twin) as a
+    Hugging Face folder with our initialisation, e.g. the reference to train beside a winner.
+    Nothing was measured, so ARCH.md has the architecture and the weights only."""
+    from lfm2.presets import presets
+
+    if name not in presets:
+        raise UserError(f"unknown preset {name!r}; `lfm2-nas presets` lists them: {', '.join(presets)}")
+    spec = presets[name]
+    destination = Path(out) / f"{name}-{spec.key}"
+    _prepare_destination(destination, overwrite)
+    model = build_model(spec, seed=seed)
+    parameters = count_parameters(model)
+    record = {
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "export_target": "hf",
+        "preset": name,
+        "init": {"function": "lfm2.model.init_weights", "seed": seed},
+    }
+    save_hf_folder(model, destination, provenance=record)
+    del model
+    lines = [f"# {name}: {spec.layout} (`{spec.key}`)", "", f"The {name} preset (`lfm2.presets`), exported {record['exported_at']}; not measured by a search.", "", *architecture_section(spec, parameters), *hf_use_section(seed)]
+    (destination / "ARCH.md").write_text("\n".join(lines))
+    log(f"exported preset {name} to {destination}")
+    return ExportResult(target="hf", folders=[destination])
+
+
 __all__ = [
+    "export_preset",
     "TARGETS",
     "TIER_METRICS",
     "INIT_DESCRIPTION",

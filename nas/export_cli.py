@@ -12,7 +12,7 @@ import typer
 
 def export(
     out: Path = typer.Argument(..., help="Folder to write into (created); one sub-folder per architecture."),
-    study: str = typer.Option(..., "--study", help="The study's name."),
+    study: Optional[str] = typer.Option(None, "--study", help="The study's name."),
     storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///FILE.db (default sqlite:///lfm2-nas.db), an RDB URL, or a journal file PATH.log."),
     trial: Optional[int] = typer.Option(None, "--trial", help="Export this trial's architecture."),
     pareto: bool = typer.Option(False, "--pareto", help="Export every architecture of the feasible Pareto set."),
@@ -20,13 +20,24 @@ def export(
     family_name: Optional[str] = typer.Option(None, "--family-name", help="The family's name (default: the study's)."),
     tier_by: str = typer.Option("memory", "--tier-by", help="Spread the family by 'memory' (measured footprint) or 'latency' (decode ms)."),
     to: str = typer.Option(..., "--to", help="hf (trainable Hugging Face folder), executorch or onnx (the measured artifact)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Instead of --study: an LFM2 preset (see `lfm2-nas presets`), --to hf only."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights (--to hf)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing member folders."),
     skip_unsupported: bool = typer.Option(False, "--skip-unsupported", help="--to hf: skip architectures Hugging Face Lfm2 cannot express instead of failing."),
 ) -> None:
     """Export a search's winners: trainable Hugging Face LFM2 folders or the measured artifacts."""
-    from nas.export import export_from_study
+    from lfm2.errors import UserError
+    from nas.export import export_from_study, export_preset
 
+    if preset is not None:
+        if study is not None or trial is not None or pareto or family is not None:
+            raise UserError("--preset exports a preset on its own; drop --study/--trial/--pareto/--family")
+        if to != "hf":
+            raise UserError(f"a preset was never compiled or measured: only --to hf exports it, not --to {to}")
+        export_preset(preset, out, seed=seed, overwrite=overwrite, log=typer.echo)
+        return
+    if study is None:
+        raise UserError("say what to export: --study NAME with --trial N or --pareto, or --preset NAME")
     result = export_from_study(
         study, out, target=to, storage=storage, trial=trial, pareto=pareto, family=family, family_name=family_name,
         tier_by=tier_by, seed=seed, overwrite=overwrite, skip_unsupported=skip_unsupported, log=typer.echo,

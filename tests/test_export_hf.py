@@ -4,6 +4,7 @@ exact weights we initialise, plus families, refusals and the artifact targets' c
 from __future__ import annotations
 
 import json
+import math
 
 import optuna
 import pytest
@@ -137,3 +138,28 @@ def test_bad_selections_and_artifact_targets_say_what_to_do(study, tmp_path):
     failed = next(t for t in s.trials if t.state == optuna.trial.TrialState.FAIL)
     with pytest.raises(UserError, match="no measured artifact"):
         export_from_study(name, tmp_path, storage=url, trial=failed.number, target=measured_with, log=quiet)
+
+
+def test_preset_export_refuses_bad_requests(tmp_path):
+    from nas.export import export_preset
+
+    with pytest.raises(UserError, match="lfm2-nas presets"):
+        export_preset("LFM2-9B", tmp_path, log=quiet)
+
+
+@pytest.mark.slow
+def test_lfm2_350m_preset_exports_with_its_published_size(tmp_path):
+    from safetensors import safe_open
+
+    from lfm2 import PUBLISHED_PARAMETERS
+    from nas.export import export_preset
+
+    (folder,) = export_preset("LFM2-350M", tmp_path, log=quiet).folders
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in reference.parameters()) == PUBLISHED_PARAMETERS["LFM2-350M"]
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        stored = sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    assert stored == PUBLISHED_PARAMETERS["LFM2-350M"]  # the tied head is stored once
+    assert "not measured" in (folder / "ARCH.md").read_text()
