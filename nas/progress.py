@@ -49,7 +49,7 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         if self.live is not None:
-            self.live.update(self._render())
+            self.live.update(self._render(with_front=False))  # the caller prints the final front
             self.live.__exit__(*exc)
 
     def update(self) -> None:
@@ -57,7 +57,7 @@ class Progress:
             self.last = time.perf_counter()
             self.live.update(self._render())
 
-    def _render(self):
+    def _render(self, with_front: bool = True):
         from nas.study import finished_trials
 
         s = self.search
@@ -79,7 +79,7 @@ class Progress:
             f"device busy {utilisation:.0%}  |  {wall:.0f} s elapsed, ETA {eta}  |  "
             + ", ".join(f"{k} {v}" for k, v in sorted(stats.told.items()))
         )
-        if hasattr(s, "study"):
+        if with_front and hasattr(s, "study"):
             return Group(header, pareto_table(s.study))
         return header
 

@@ -42,6 +42,12 @@ def search(
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate,
     )
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says it better
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     console = Console()
     try:
         result = run_search(config, console=console)
