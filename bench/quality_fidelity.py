@@ -161,7 +161,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
-    lines = [f"Run {facts['date']} on {facts['machine']}; torch {facts['torch']}, Python {facts['python']}; settings `{facts['settings']}`, "
+    lines = [f"Run {facts['date']} on {facts['machine']}; torch {facts['torch']}, Python {facts['python']}; settings `{facts['settings']}`"
+             + (f" with every step count x{facts['steps_scale']}" if facts.get("steps_scale", 1.0) != 1.0 else "") + ", "
              f"reference run {facts['long_factor']}x the LM proxy's steps at lr {LONG_RUN_LR}; {facts['workers']} worker processes sharing the device.", ""]
     if timing:
         lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
@@ -225,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "timing.json").write_text(json.dumps(timing, indent=1))
 
     stages = [stage for stage in args.stages.split(",") if stage]
+    # architecture by architecture (its longest stage first): a run cut short by the deadline
+    # leaves whole architectures, not a stage of each
     jobs = [{"arch": name, "stage": stage, "spec": spec.to_dict(), "settings": args.settings, "device": args.device, "threads": args.threads,
              "long_factor": args.long_factor, "steps_scale": args.steps_scale}
-            for stage in stages for name, spec in architectures(args.archs, args.arch_seed)]  # longest stage first: better packing
+            for name, spec in architectures(args.archs, args.arch_seed) for stage in stages]
     rows: list[dict] = []
     log = (out / "fidelity.jsonl").open("a")
 
@@ -238,27 +241,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.0f}s] {row['arch']:12s} {row['stage']:4s} ok={row['ok']} "
               f"score={row.get('score', float('nan')):.4f} wall={row['wall_s']:.1f}s", flush=True)
 
+    def past_deadline() -> bool:
+        return args.deadline_s is not None and time.perf_counter() - started > args.deadline_s
+
     if args.workers <= 1:
         for job in jobs:
-            if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+            if past_deadline():
                 break
             keep(run_job(job))
     else:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        with ctx.Pool(args.workers, maxtasksperchild=4) as pool:
-            pending = []
-            for job in jobs:
-                pending.append(pool.apply_async(run_job, (job,)))
-            for handle in pending:
-                remaining = None if args.deadline_s is None else max(1.0, args.deadline_s - (time.perf_counter() - started))
-                try:
-                    keep(handle.get(timeout=remaining))
-                except mp.TimeoutError:
-                    print("deadline reached: unfinished jobs dropped", flush=True)
-                    pool.terminate()
-                    break
+        pool = ctx.Pool(args.workers, maxtasksperchild=6)
+        results = pool.imap_unordered(run_job, jobs)  # each row kept the moment it finishes
+        for _ in jobs:
+            remaining = None if args.deadline_s is None else args.deadline_s - (time.perf_counter() - started)
+            if remaining is not None and remaining <= 0:
+                print("deadline reached: unfinished jobs dropped", flush=True)
+                break
+            try:
+                keep(results.next(timeout=remaining))
+            except mp.TimeoutError:
+                print("deadline reached: unfinished jobs dropped", flush=True)
+                break
+        pool.terminate()
 
     summary = summarise(rows)
     summary["facts"] = facts
