@@ -706,8 +706,10 @@ def training_section(summary: dict[str, Any]) -> str:
         f"| validation loss | {fmt(summary['initial_val_loss'], '{:.4f}')} -> {fmt(summary['final_val_loss'], '{:.4f}')} nats/token |",
         f"| final train loss | {fmt(summary['final_train_loss'], '{:.4f}')} |",
         f"| throughput | {fmt(summary['tokens_per_s'], '{:,.0f}')} tokens/s |",
-        f"| MFU | {fmt(summary['mfu'], '{:.1%}')} (model FLOPs {summary['flops_per_token']:.3g}/token) |",
+        f"| MFU | {fmt(summary['mfu'], '{:.1%}')} (model FLOPs {summary['flops_per_token']:.3g}/token, peak {fmt(summary['peak_flops'], '{:.3g}')} FLOP/s) |",
     ]
+    if summary.get("peak_memory_bytes") is not None:
+        lines.append(f"| peak GPU memory | {summary['peak_memory_bytes'] / 2**30:.1f} GiB |")
     return "\n".join(lines)
 
 
