@@ -110,12 +110,33 @@ def log(message: str) -> None:
 # -- compile + measure -----------------------------------------------------------------------
 
 
-def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, threads: int | None = None, timeout_s: float | None = 900.0, verify: bool = True) -> dict[str, Any]:
-    """Compile `spec` (cached) and measure it in a fresh child process (`devices.measure`).
+def check_against_eager(artifact) -> dict[str, Any]:
+    """The artifact's check against eager (`devices.compile.verify_against_eager`) as data:
+    the manifest's when compile already ran it, else run now. A failed check is recorded,
+    not raised: latency does not depend on the weights' values, so a quantised model of
+    random weights whose logits drift from eager is still timed, and the table says so."""
+    from devices.compile import CompileError, VerificationError, verify_against_eager
 
-    Returns plain data: `ok`, `compile_s` (0 when the artifact came from the cache:
-    `compile_cached`), `artifact` facts, the `measurement` dict, or `error` with the stage.
-    A failure is data, not an exception: a benchmark reports it and goes on.
+    keep = ("passed", "max_abs_diff", "min_cosine", "top1_agreement")
+    if artifact.manifest.get("verification"):
+        return {k: v for k, v in artifact.manifest["verification"].items() if k in keep}
+    try:
+        report = verify_against_eager(artifact, artifact.manifest.get("seed", 0) or 0)
+    except VerificationError as exc:
+        return {**{k: v for k, v in exc.report.items() if k in keep}, "passed": False, "error": str(exc)[:500]}
+    except CompileError as exc:
+        return {"passed": False, "error": str(exc)[:500]}
+    return {k: v for k, v in report.items() if k in keep}
+
+
+def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, threads: int | None = None, timeout_s: float | None = 900.0) -> dict[str, Any]:
+    """Compile `spec` (cached; normally already done by `precompile`), check it against
+    eager (recorded, see `check_against_eager`) and measure it in a fresh child process
+    (`devices.measure`).
+
+    Returns plain data: `ok`, `compile_wall_s`, `artifact` facts with `verification`, the
+    `measurement` dict, or `error` with the stage. A failure is data, not an exception:
+    a benchmark reports it and goes on.
     """
     from devices.compile import compile as compile_artifact
     from devices.measure import measure
@@ -124,7 +145,7 @@ def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: 
     result: dict[str, Any] = {"spec_key": spec.key, "backend": backend, "quant": quant}
     start = time.perf_counter()
     try:
-        artifact = compile_artifact(spec, backend, quant, protocol.max_context, protocol.prompt_lengths, cache_dir=cache_dir, verify=verify)
+        artifact = compile_artifact(spec, backend, quant, protocol.max_context, protocol.prompt_lengths, cache_dir=cache_dir, verify=False)
     except Exception as exc:  # a compile failure is a result to report
         result.update(ok=False, stage="compile", error=f"{type(exc).__name__}: {exc}"[:2000])
         return result
@@ -137,7 +158,7 @@ def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: 
         "compile_s": manifest.get("compile_s"),
         "stages_s": manifest.get("stages_s"),
         "not_delegated_ops": manifest.get("not_delegated_ops"),
-        "verification": {k: v for k, v in (manifest.get("verification") or {}).items() if k in ("passed", "max_abs_diff", "min_cosine", "top1_agreement")},
+        "verification": check_against_eager(artifact),
     }
     try:
         measurement = measure(artifact, protocol, Limits(threads=threads, timeout_s=timeout_s))
@@ -149,6 +170,12 @@ def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: 
     if not measurement.ok:
         result.update(stage="measure", error=f"{measurement.status}: {measurement.error}"[:2000])
     return result
+
+
+def verified(result: dict[str, Any]) -> bool | None:
+    """Whether the measured artifact passed its check against eager (None: not compiled)."""
+    check = (result.get("artifact") or {}).get("verification")
+    return None if check is None else bool(check.get("passed"))
 
 
 def _compile_worker(spec_dict: dict, backend: str, quant: str, max_context: int, prompt_lengths: tuple[int, ...], cache_dir: str | None, verify: bool) -> dict[str, Any]:
@@ -166,11 +193,13 @@ def _compile_worker(spec_dict: dict, backend: str, quant: str, max_context: int,
     return {"ok": True, "path": str(artifact.path), "compile_s": artifact.manifest.get("compile_s"), "wall_s": time.perf_counter() - start}
 
 
-def precompile(jobs, protocol, *, cache_dir: Path | None = None, workers: int | None = None, verify: bool = True) -> list[dict[str, Any]]:
+def precompile(jobs, protocol, *, cache_dir: Path | None = None, workers: int | None = None, verify: bool = False) -> list[dict[str, Any]]:
     """Compile every (spec, backend, quant) of `jobs` into the cache before anything is
     measured, `workers` at a time (default: one per usable core; compiling is mostly
     single-threaded Python), so that the measurements that follow find their artifacts
-    ready and own the cores alone. Returns one result per job (`ok`, `wall_s`, `error`)."""
+    ready and own the cores alone. Returns one result per job (`ok`, `wall_s`, `error`).
+    The check against eager is left to `compile_and_measure` (`verify=False`), which
+    records its outcome instead of discarding a compiled artifact that fails it."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -200,4 +229,4 @@ def footprint_bytes(result: dict[str, Any]) -> int | None:
     return (result["measurement"].get("memory") or {}).get("footprint_bytes")
 
 
-__all__ = ["base_parser", "BenchRun", "compile_and_measure", "precompile", "measured_ms", "footprint_bytes", "usable_cores", "log"]
+__all__ = ["base_parser", "BenchRun", "compile_and_measure", "check_against_eager", "verified", "precompile", "measured_ms", "footprint_bytes", "usable_cores", "log"]

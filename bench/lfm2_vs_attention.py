@@ -111,6 +111,7 @@ def main(argv=None) -> int:
                 "footprint": footprint_bytes(result),
                 "error": None if result["ok"] else f"{result.get('stage')}: {result.get('error', '')[:300]}",
                 "compile_wall_s": result.get("compile_wall_s"),
+                "verification": (result.get("artifact") or {}).get("verification"),
             }
 
     arith = {pair: {name: arithmetic(spec, prefill, decode, WEIGHT_PRECISION[tuple(pair.split(":"))]) for name, spec in models.items()} for pair in backends}
@@ -132,6 +133,14 @@ def main(argv=None) -> int:
     run.save({"models": {n: s.to_dict() for n, s in models.items()}, "pairs": pairs, "backends": list(backends), "prefill": list(prefill), "decode": list(decode), "protocol": protocol.to_dict(), "measured": measured, "arithmetic": arith, "ratios": ratios, "raw": raw})
     run.finish(render(args, models, pairs, backends, prefill, decode, measured, arith, ratios), "python -m bench.lfm2_vs_attention" + (" --quick" if args.quick else " --full" if args.full else ""))
     return 0
+
+
+def check_cell(check: dict | None) -> str:
+    """The check against eager in a table cell: passed, or failed with its figures."""
+    if not check:
+        return "-"
+    figures = f"cos {check['min_cosine']:.3f}" if check.get("min_cosine") is not None else ""
+    return ("passed " if check.get("passed") else "FAILED ") + figures
 
 
 def render(args, models, pairs, backends, prefill, decode, measured, arith, ratios) -> str:
@@ -157,7 +166,9 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
             "is ~15 TFLOP, over a minute per run; all of it does not fit in 10 minutes. `--full` runs everything."
         )
     how = (
-        "How: random weights (seed 0); each model compiled with `devices.compile` (checked against eager) and measured with "
+        "How: random weights (seed 0); each model compiled with `devices.compile`, checked against eager (a prefill and 8 decode "
+        "steps; 'vs eager' gives the smallest cosine of the logits: a quantised model of random weights that fails the check is "
+        "still timed, since latency does not depend on the weights' values) and measured with "
         f"`devices.measure` in a fresh process, {args.threads} threads, one warm-up then {args.min_runs}-5 timed runs per point (median). "
         "Prefill tok/s = T / latency of a T-token prefill; decode tok/s = 1 / latency of one step at that context depth. "
         "Footprint = growth of the measuring process's peak RSS over its baseline (the runtime's own import excluded). "
@@ -168,14 +179,14 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
     parts += [ran, how]
 
     for pair in backends:
-        headers = ["model", "params", "attention layers"] + [f"prefill {t} tok/s" for t in prefill] + [f"decode @{c} tok/s" for c in decode] + ["footprint"]
+        headers = ["model", "params", "attention layers"] + [f"prefill {t} tok/s" for t in prefill] + [f"decode @{c} tok/s" for c in decode] + ["footprint", "vs eager"]
         rows = []
         for name in models:
             m, a = measured[pair][name], arith[pair][name]
             if m["error"]:
-                rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + ["failed"] * (len(prefill) + len(decode)) + [m["error"][:100]])
+                rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + ["failed"] * (len(prefill) + len(decode)) + [m["error"][:100], check_cell(m["verification"])])
                 continue
-            rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + [fmt(m["prefill"][t]) for t in prefill] + [fmt(m["decode"][c]) for c in decode] + [mib(m["footprint"])])
+            rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + [fmt(m["prefill"][t]) for t in prefill] + [fmt(m["decode"][c]) for c in decode] + [mib(m["footprint"]), check_cell(m["verification"])])
         parts.append(f"### {pair}\n\n" + markdown_table(headers, rows))
         ratio_rows = []
         for key, entry in ratios.items():
