@@ -103,6 +103,30 @@ def stage_split(study) -> dict:
     return {"trials": rows}
 
 
+def run_with_retry(run_search, config, config_class, attempts: int = 3):
+    """Run one search; when it fails (on a loaded machine Ray's start-up can time out),
+    shut Ray down and try again, resuming the study if it was created. Returns
+    (study or None, the last error or None)."""
+    import optuna
+    import ray
+
+    error = None
+    for attempt in range(attempts):
+        try:
+            exists = config.study in optuna.study.get_all_study_names(config.storage)
+        except Exception:  # no database yet
+            exists = False
+        try:
+            return run_search(config_class(**{**config.__dict__, "resume": exists})), None
+        except Exception as exc:  # report the failure and go on with the other searches
+            error = f"{type(exc).__name__}: {exc}"[:1000]
+            log(f"[{NAME}]   attempt {attempt + 1} failed: {error}")
+            if ray.is_initialized():
+                ray.shutdown()
+            time.sleep(10)
+    return None, error
+
+
 def main(argv=None) -> int:
     import optuna
 
@@ -124,12 +148,7 @@ def main(argv=None) -> int:
             log(f"[{NAME}] search {name}: {trials} trials, {args.backend}/{args.quant}, context {args.context}, quality {args.quality}")
             config = SearchConfig(device="local", budget_bytes=parse_size(args.budget, what="--budget"), trials=trials, study=name, storage=storage, space="small", backend=args.backend, quant=args.quant, context=args.context, quality=args.quality, quality_settings=args.quality_settings, sampler=sampler, seed=seed)
             started = time.perf_counter()
-            try:
-                study = run_search(config)
-                error = None
-            except Exception as exc:  # report the failure and go on with the other searches
-                study, error = None, f"{type(exc).__name__}: {exc}"[:1000]
-                log(f"[{NAME}]   failed: {error}")
+            study, error = run_with_retry(run_search, config, SearchConfig)
             searches.append({"name": name, "sampler": sampler, "seed": seed, "wall_s": time.perf_counter() - started, "study": study, "error": error})
 
     directions = objective_directions(args.quality)
