@@ -95,3 +95,12 @@ def test_bad_input_says_what_to_do():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="cpu"):
             score(SPEC, "mad", device="cuda", settings=TINY)
+
+
+def test_cli_names_a_bad_architecture_and_exits_2(capsys):
+    from nas.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quality", "no-such-preset"])
+    assert exit_info.value.code == 2
+    assert "neither a preset" in capsys.readouterr().err
