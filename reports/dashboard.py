@@ -16,6 +16,7 @@ a time, so a page polling every few seconds costs one cheap trial listing per po
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,9 +118,15 @@ def make_server(study_name: str, storage_url: str | None, host: str = DEFAULT_HO
     return server
 
 
+def _stop_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(study_name: str, storage_url: str | None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, refresh_s: float = DEFAULT_REFRESH_S, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve the live dashboard until interrupted (Ctrl-C)."""
     server = make_server(study_name, storage_url, host, port, refresh_s)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `kill`, systemd, docker stop: stop cleanly
     bound_host, bound_port = server.server_address[:2]
     if on_ready is not None:
         on_ready(f"http://{bound_host}:{bound_port}/")

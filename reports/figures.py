@@ -128,9 +128,14 @@ def front_figure(data: StudyData, x: str, y: str) -> go.Figure:
         )
     scale = memory_colour_axis(data)
     colour_bar = {"showscale": True, "colorbar": scale.pop("colorbar")}
-    figure.add_trace(_scatter(feasible, x, y, "feasible", {"color": colour(feasible), **scale, **colour_bar, "size": 9, "symbol": "circle", "line": {"width": 0.5, "color": "#333"}}))
-    figure.add_trace(_scatter(pareto, x, y, "Pareto set (all objectives)", {"color": colour(pareto), **scale, "size": 14, "symbol": "diamond", "line": {"width": 2, "color": "#000"}}))
-    figure.add_trace(_scatter(over, x, y, "over budget (infeasible)", {"color": colour(over), **scale, "size": 11, "symbol": "x", "line": {"width": 1, "color": OVER_BUDGET_COLOUR}}))
+    groups = [
+        (feasible, "feasible", {"size": 9, "symbol": "circle", "line": {"width": 0.5, "color": "#333"}}),
+        (pareto, "Pareto set (all objectives)", {"size": 14, "symbol": "diamond", "line": {"width": 2, "color": "#000"}}),
+        (over, "over budget (infeasible)", {"size": 11, "symbol": "x", "line": {"width": 1, "color": OVER_BUDGET_COLOUR}}),
+    ]
+    with_bar = next((name for group, name, _style in groups if group), None)  # an empty trace shows no colour bar
+    for group, name, style in groups:
+        figure.add_trace(_scatter(group, x, y, name, {"color": colour(group), **scale, **(colour_bar if name == with_bar else {}), **style}))
     if presets:
         figure.add_trace(
             _scatter(
@@ -208,6 +213,7 @@ def hypervolume_figure(data: StudyData) -> go.Figure:
     figure.update_layout(
         title={"text": "Hypervolume of the feasible front over trials (Optuna)"},
         xaxis_title="trial number",
+        xaxis={"dtick": 1} if len(data.trials) <= 20 else {},  # whole trial numbers only
         yaxis_title="fraction of the ideal-to-reference box",
         yaxis={"rangemode": "tozero"},
         margin={"t": 50, "l": 70, "r": 20, "b": 40},

@@ -273,11 +273,15 @@ def architectures_section(data: StudyData) -> str:
     return f'<p class="legend">{legend}</p><div class="arch-grid">{"".join(architecture_card(t, data.has_quality) for t in shown)}</div>'
 
 
-def _facts_table(facts: dict[str, Any]) -> str:
+def _facts_table(facts: dict[str, Any], depth: int = 0) -> str:
+    """Facts as a key/value table; a nested dict of any size folds away below the first
+    level (a device's full stack runs to dozens of lines)."""
     rows = []
     for key, value in facts.items():
         if isinstance(value, dict):
-            cell = _facts_table(value) if value else "–"
+            small = len(value) <= 4 and not any(isinstance(v, (dict, list)) for v in value.values())
+            inner = _facts_table(value, depth + 1) if value else "–"
+            cell = inner if (depth == 0 and small) or not value else f"<details><summary>{len(value)} fields</summary>{inner}</details>"
         elif isinstance(value, str) and "\n" in value:
             cell = f"<details><summary>{len(value.splitlines())} lines</summary><pre>{escape(value)}</pre></details>"
         elif str(key).endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
@@ -306,7 +310,7 @@ def facts_section(data: StudyData) -> str:
     boxes = [("Device", facts.get("device") or {}), ("Runtime and search", {k: v for k, v in runtime.items() if v is not None}), ("Measurement protocol", facts.get("protocol") or {})]
     stack = next((t.measurement for t in data.trials if t.measurement and t.measurement.get("stack")), None)
     if stack:
-        boxes.append(("Measured stack (as the device reported it)", {"stack": stack.get("stack"), "device": stack.get("device") or {}}))
+        boxes.append(("Measured stack (as the device reported it)", {**(stack.get("stack") or {}), "device": stack.get("device") or {}}))
     boxes.append(("Toolchain versions", facts.get("versions") or {}))
     space = facts.get("space")
     if isinstance(space, dict):

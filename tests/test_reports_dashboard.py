@@ -47,7 +47,7 @@ def _first_line(process: subprocess.Popen, timeout: float) -> str:
 
 
 def _stop(process: subprocess.Popen) -> int:
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -140,6 +140,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # a third-party server's start-up; CI runs it with the slow tests
 def test_optuna_dashboard_opens_the_study(tmp_path):
     """The documented command, `optuna-dashboard sqlite:///FILE.db`, lists the study and
     serves its trials as they are stored."""

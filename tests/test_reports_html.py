@@ -39,7 +39,7 @@ PIXEL_STATS_JS = """async (b64) => {
     if (Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 60) saturated++;
   }
   const mean = sum / n;
-  return {width: bitmap.width, height: bitmap.height, std: Math.sqrt(sumSq / n - mean * mean), saturated: saturated / n};
+  return {width: bitmap.width, height: bitmap.height, std: Math.sqrt(sumSq / n - mean * mean), saturated: saturated};
 }"""
 
 
@@ -115,8 +115,10 @@ def test_plots_are_drawn_and_not_blank(browser, loaded):
             assert box and box["width"] > 100 and box["height"] > 50, plot_id
             png = area.screenshot()  # scrolls it into view; the pixels of that rectangle
             stats = decoder.evaluate(PIXEL_STATS_JS, base64.b64encode(png).decode())
-            assert stats["std"] > 8, (plot_id, stats)
-            assert stats["saturated"] > 0.002, (plot_id, stats)  # coloured markers, lines or bars
+            # Pixel variance above the bare axes' (the control below: std ~3), and coloured
+            # pixels (markers, lines, bars): one marker alone gives std ~6 and ~100 of them.
+            assert stats["std"] > 5, (plot_id, stats)
+            assert stats["saturated"] >= 40, (plot_id, stats)
             assert len(page.eval_on_selector_all(f"#{plot_id} .scatterlayer .point, #{plot_id} .barlayer .point", "els => els")) > 0, plot_id
     finally:
         decoder.close()
@@ -132,7 +134,7 @@ def test_plots_are_drawn_and_not_blank(browser, loaded):
         empty.evaluate("layout => Plotly.newPlot('e', [], layout)", layout)
         png = empty.locator("#e .draglayer .nsewdrag").first.screenshot()
         stats = empty.evaluate(PIXEL_STATS_JS, base64.b64encode(png).decode())
-        assert stats["saturated"] <= 0.002 and stats["std"] <= 8, stats
+        assert stats["saturated"] == 0 and stats["std"] <= 5, stats
     finally:
         empty.close()
     assert problems == []
@@ -163,23 +165,31 @@ def test_pareto_table_is_the_studys_pareto_set(loaded):
         assert row["layout"] == trial.user_attrs["layout"]
 
 
-def test_table_sorts_on_a_click(loaded):
+def _column(page, table: str, key: str) -> list[str]:
+    return page.eval_on_selector_all(f'#{table} tbody td[data-key="{key}"]', "cells => cells.map(c => c.dataset.value)")
+
+
+def test_tables_sort_on_a_click(loaded):
     _study, page, problems, _network = loaded
-    header = page.locator('#pareto-table th[data-key="decode_ms"]')
-    header.click()
-    ascending = [float(r["decode_ms"]) for r in _table_rows(page)]
-    assert ascending == sorted(ascending) and len(ascending) > 1
-    assert header.get_attribute("aria-sort") == "ascending"
-    header.click()
-    descending = [float(r["decode_ms"]) for r in _table_rows(page)]
-    assert descending == sorted(ascending, reverse=True)
-    assert header.get_attribute("aria-sort") == "descending"
-    page.locator('#pareto-table th[data-key="trial"]').click()
-    assert [int(r["trial"]) for r in _table_rows(page)] == sorted(int(r["trial"]) for r in _table_rows(page))
-    # The all-trials table sorts by text too: every row keeps its cells.
+    for table in ("pareto-table", "trials-table"):
+        header = page.locator(f'#{table} th[data-key="decode_ms"]')
+        header.click()
+        values = _column(page, table, "decode_ms")
+        measured = [float(v) for v in values if v != ""]
+        assert measured == sorted(measured) and values[len(measured):] == [""] * (len(values) - len(measured)), "unmeasured rows go last"
+        assert header.get_attribute("aria-sort") == "ascending"
+        header.click()
+        descending = [float(v) for v in _column(page, table, "decode_ms") if v != ""]
+        assert descending == sorted(measured, reverse=True)
+        assert header.get_attribute("aria-sort") == "descending"
+    assert len(_column(page, "trials-table", "decode_ms")) > 2
+    # Text columns sort too, and every row keeps its cells.
     page.locator('#trials-table th[data-key="outcome"]').click()
-    outcomes = page.eval_on_selector_all('#trials-table tbody td[data-key="outcome"]', "cells => cells.map(c => c.dataset.value)")
+    outcomes = _column(page, "trials-table", "outcome")
     assert outcomes == sorted(outcomes)
+    page.locator('#trials-table th[data-key="trial"]').click()
+    rows = page.eval_on_selector_all("#trials-table tbody tr", "rows => rows.map(r => [Number(r.dataset.trial), r.cells[0].dataset.value])")
+    assert [n for n, _ in rows] == sorted(n for n, _ in rows) and all(str(n) == v for n, v in rows)
     assert problems == []
 
 
@@ -198,10 +208,12 @@ def test_layout_strips_presets_and_facts(loaded):
         layout = trials[int(card["trial"])].user_attrs["layout"]
         assert "".join(letters[b] for b in card["blocks"]) == layout
     # The presets that were measured are starred, by name, on the fronts.
+    # (Stars on the fronts for measured presets: test_reports_data checks them on a study
+    # that has some; the real test search's small space holds no preset.)
     measured_presets = sorted(t.user_attrs["preset"] for t in study.trials if t.user_attrs.get("preset") and t.state == TrialState.COMPLETE)
     first_front = page.eval_on_selector_all(".plot", "els => els[0].id")
     starred = page.evaluate(f"() => document.getElementById('{first_front}').data.filter(t => t.name === 'LFM2 preset').flatMap(t => t.text)")
-    assert sorted(starred) == measured_presets and measured_presets
+    assert sorted(starred) == measured_presets
     facts_text = page.inner_text("#facts")
     meta = study.user_attrs["lfm2_nas"]
     assert str(meta["device"]["name"]) in facts_text and str(meta["context"]) in facts_text and f"{meta['budget_bytes']:,} bytes" in facts_text

@@ -66,7 +66,7 @@ def test_pick_matches_the_rule_over_many_limits(study_source):
                 if result.ok:
                     picked_some += 1
                     assert result.trial.on_pareto_set, "the best within limits is always in the Pareto set"
-    assert picked_some > 5
+    assert picked_some >= 4
     # No limits at all: the best-quality feasible architecture.
     assert pick(data, Limits()).trial.number == expected_pick(study)
 

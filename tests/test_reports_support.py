@@ -15,6 +15,7 @@ This module holds no tests; pytest collects it and finds none.
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -31,6 +32,9 @@ DATA = Path(__file__).parent / "data"
 
 #: The committed study a real search wrote, as (file, study name); None: use the hand-made one.
 REAL_SEARCH_STUDY: tuple[Path, str] | None = None  # (DATA / "search_small.db", "small")
+if os.environ.get("LFM2_NAS_TEST_STUDY"):  # FILE.db:NAME: run the report tests on any study
+    _file, _, _name = os.environ["LFM2_NAS_TEST_STUDY"].rpartition(":")
+    REAL_SEARCH_STUDY = (Path(_file), _name)
 
 HANDMADE_NAME = "handmade"
 BUDGET_BYTES = 600 * 2**20
