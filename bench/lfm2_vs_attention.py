@@ -53,6 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--backends", type=_names, default=DEFAULT_BACKENDS, help=f"backend:quant pairs of {', '.join(ALL_BACKENDS)} (default {','.join(DEFAULT_BACKENDS)})")
     parser.add_argument("--prefill", type=_ints, default=DEFAULT_PREFILL, help=f"prefill lengths (default {','.join(map(str, DEFAULT_PREFILL))})")
     parser.add_argument("--decode", type=_ints, default=DEFAULT_DECODE, help=f"decode context depths (default {','.join(map(str, DEFAULT_DECODE))})")
+    parser.add_argument("--compare-with", type=_names, default=None, help=f"override the models each LFM2 model is compared with (names from {', '.join(MODELS)})")
     parser.add_argument("--min-runs", type=int, default=2, help="timed runs per point after one warm-up (default 2: an 8,192-token prefill of a 0.6B model takes a minute)")
     args = parser.parse_args(argv)
     if args.full:
@@ -88,7 +89,10 @@ def main(argv=None) -> int:
         unknown = [p for p in args.pairs if p not in PAIRS]
         if unknown:
             raise SystemExit(f"unknown pair(s) {unknown}: choose from {', '.join(PAIRS)}")
-        pairs = {p: PAIRS[p] for p in args.pairs}
+        pairs = {p: args.compare_with or PAIRS[p] for p in args.pairs}
+        unknown = [m for others in pairs.values() for m in others if m not in MODELS]
+        if unknown:
+            raise SystemExit(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
         models = {name: MODELS[name] for p, others in pairs.items() for name in (p, *others)}
         backends, prefill, decode = args.backends, args.prefill, args.decode
     protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8 if not args.quick else QUICK_DECODE_TOKENS, warmup_runs=1, min_runs=args.min_runs, max_runs=5, max_seconds_per_point=20.0 if not args.quick else 2.0, measure_memory=True, threads=args.threads)
