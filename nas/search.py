@@ -309,7 +309,9 @@ class Search:
             candidate.trial.set_user_attr("quality_cached_from", provenance)
             return
         candidate.quality_key = key
-        options = {"num_gpus": 1, "num_cpus": 1} if self.quality_on_gpu else {"num_cpus": 1}
+        # A proxy step is bound by the host launching kernels, not by the GPU: four share one
+        # GPU at little cost each (BENCHMARKS.md, quality proxies), so ask for a quarter.
+        options = {"num_gpus": 0.25, "num_cpus": 1} if self.quality_on_gpu else {"num_cpus": 1}
         device = "cuda" if self.quality_on_gpu else "cpu"
         candidate.quality_ref = score_quality.options(**options).remote(candidate.spec.to_dict(), c.quality, device, c.quality_settings, c.seed or 0, self.device.worker_cpus)
 
