@@ -106,6 +106,39 @@ def bundle_bytes(artifact: Artifact | str | Path) -> tuple[str, bytes]:
     return sha, buffer.getvalue()
 
 
+def check_manifest(manifest: dict) -> None:
+    """Refuse a manifest whose fields are not what `devices.artifact.write_manifest` writes.
+
+    `Artifact.load` checks that the fields exist and the files match their hashes; this
+    checks what they hold, so that a stored artifact always describes itself within the
+    API's schema and reaches `measure` as a sound request (a bundle is made by hand as
+    easily as by `pack_bundle`)."""
+    from devices.artifact import check_backend_quant
+    from lfm2.spec import ArchSpec
+
+    def refuse(field: str, what: str) -> BundleError:
+        return BundleError(f"the bundle's {MANIFEST}: {field!r} must be {what}, got {str(manifest.get(field))[:80]!r}; compile the artifact again")
+
+    def positive_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 40
+
+    for field in ("key", "backend", "quant"):
+        if not isinstance(manifest[field], str) or not _SAFE_PART.match(manifest[field]):
+            raise refuse(field, "a short name of [A-Za-z0-9._+=-]")
+    if not isinstance(manifest.get("spec_key", ""), str):
+        raise refuse("spec_key", "a string")
+    if not positive_int(manifest["max_context"]):
+        raise refuse("max_context", "a positive integer")
+    lengths = manifest["prompt_lengths"]
+    if not isinstance(lengths, list) or len(lengths) > 1024 or not all(positive_int(n) for n in lengths):
+        raise refuse("prompt_lengths", "a list of positive integers")
+    try:
+        check_backend_quant(manifest["backend"], manifest["quant"])
+        ArchSpec.from_dict(manifest["spec"])
+    except UserError as exc:
+        raise BundleError(f"the bundle's {MANIFEST} does not describe an artifact this agent can measure: {exc}") from None
+
+
 def extract_bundle(tar_path: str | Path, dest: str | Path) -> Artifact:
     """Unpack the bundle at `tar_path` into the new folder `dest` and verify the artifact.
 
@@ -156,14 +189,15 @@ def extract_bundle(tar_path: str | Path, dest: str | Path) -> Artifact:
         raise BundleError(f"the bundle has no {MANIFEST}; it is not an artifact bundle")
     try:
         artifact = Artifact.load(dest, verify=True)
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        check_manifest(artifact.manifest)
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
         if isinstance(exc, UserError):
             raise
-        raise BundleError(f"the bundle's {MANIFEST} is malformed ({type(exc).__name__}: {exc}); compile the artifact again") from None
+        raise BundleError(f"the bundle's {MANIFEST} is malformed ({type(exc).__name__}: {str(exc)[:200]}); compile the artifact again") from None
     extra = sorted(written - set(artifact.files) - {MANIFEST})
     if extra:
         raise BundleError(f"the bundle holds files its manifest does not list: {extra[:5]}; refused")
     return artifact
 
 
-__all__ = ["BundleError", "pack_bundle", "bundle_bytes", "extract_bundle", "check_member_name", "bundle_members"]
+__all__ = ["BundleError", "pack_bundle", "bundle_bytes", "extract_bundle", "check_manifest", "check_member_name", "bundle_members"]

@@ -370,6 +370,7 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         docs_url=f"{prefix}/docs",
         redoc_url=None,
         lifespan=lifespan,
+        dependencies=[Depends(_known_query_parameters_only)],
     )
     app.add_middleware(BearerAuth, token=agent.token, upload_prefix=f"{prefix}/artifacts/")
     bearer = HTTPBearer(auto_error=False, description="the token in the agent's --token-file")
@@ -512,6 +513,23 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         return {"jobs": [job.to_dict() for job in agent.jobs.list(state, limit)]}
 
     return app
+
+
+def _known_query_parameters_only(request: Request) -> None:
+    """Refuse query parameters a route does not take: a typo such as `?wiat=5` would
+    otherwise be ignored in silence (and the request mean something else than meant)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.query_params:
+        return
+    known, dependants = set(), [route.dependant]
+    while dependants:
+        dependant = dependants.pop()
+        known |= {param.alias for param in dependant.query_params}
+        dependants += dependant.dependencies
+    unknown = sorted(set(request.query_params.keys()) - known)
+    if unknown:
+        takes = f"it takes: {', '.join(sorted(known))}" if known else "it takes none"
+        raise HTTPException(422, f"unknown query parameter(s) {unknown} for {request.method} {route.path}; {takes}")
 
 
 async def _drain(request: Request) -> None:

@@ -179,7 +179,8 @@ class ArtifactStore:
             try:
                 extract_bundle(upload.path, staging)
             except (BundleError, ArtifactError) as exc:
-                raise BadBundle(str(exc)) from None
+                # the staging folder is no business of the client's: name the bundle instead
+                raise BadBundle(str(exc).replace(f"{staging}/", "").replace(str(staging), "the bundle")) from None
             except OSError as exc:
                 if exc.errno in DISK_FULL_ERRNOS:
                     raise DiskFull(f"the agent's disk filled up while unpacking ({exc.strerror}); free space in its --workdir and upload again") from None
