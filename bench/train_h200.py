@@ -1,0 +1,69 @@
+"""Train two ~350M-class architectures side by side for the same short budget on a GPU and
+report tokens/s, MFU and the loss curves (issue 9's "train the winners" run).
+
+    python bench/train_h200.py --out runs --steps 150 --time-limit 200
+
+Each architecture is built with our seeded initialisation, saved as a Hugging Face folder,
+and trained by `lfm2.train.train` (AdamW, warm-up + cosine, bf16 autocast, byte-level
+stdlib corpus); the summaries and loss logs land in OUT/<name>-trained/train/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from lfm2 import build_model, presets
+from lfm2.hf_io import save_hf_folder
+from lfm2.train import TrainConfig, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs")
+    parser.add_argument("--archs", default="LFM2-350M,LFM2-350M-attn", help="preset names, comma-separated")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-tokens", type=int, default=131072)
+    parser.add_argument("--micro-batch-tokens", type=int, default=32768)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--time-limit", type=float, default=200.0, help="seconds per architecture")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--results", default=None, help="copy summaries and logs here (e.g. $OUT)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = []
+    for name in args.archs.split(","):
+        spec = presets[name]
+        folder = out / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        save_hf_folder(build_model(spec, seed=0), folder, provenance={"preset": name})
+        config = TrainConfig(
+            steps=args.steps, corpus="stdlib", tokenizer="bytes", seq_len=args.seq_len, batch_tokens=args.batch_tokens,
+            micro_batch_tokens=args.micro_batch_tokens, lr=args.lr, device=args.device, time_limit_s=args.time_limit,
+            eval_every=max(1, args.steps // 6), checkpoint_every=10**9,
+        )
+        started = time.perf_counter()
+        result = train(folder, out / f"{name}-trained", config, resume=False)
+        row = {"name": name, "layout": spec.layout, "completed": result.completed, "steps": result.step, "wall_s": time.perf_counter() - started,
+               "initial_val_loss": result.initial_val_loss, "final_val_loss": result.final_val_loss, "final_train_loss": result.final_train_loss,
+               "tokens_per_s": result.tokens_per_s, "mfu": result.mfu, "summary": result.summary}
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
+        if args.results:
+            target = Path(args.results)
+            target.mkdir(parents=True, exist_ok=True)
+            train_dir = out / f"{name}-trained" / "train"
+            for file in ("log.jsonl", "loss.html", "summary.json"):
+                if (train_dir / file).is_file():
+                    shutil.copy(train_dir / file, target / f"{name}-{file}")
+    if args.results:
+        (Path(args.results) / "train_h200.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
