@@ -1,7 +1,9 @@
 """A search's Optuna study read into plain rows, through Optuna's public API only.
 
 The layout of the study is fixed by `docs/study-schema.md`: objectives named with
-`set_metric_names`, the memory constraint in each trial's constraints, the architecture
+`set_metric_names`, the memory constraint in each trial's `constraints` (Optuna's public
+`FrozenTrial.constraints`, which reads both the named `set_constraint` form and the older
+`constraints_func` list), the architecture
 and every measured figure in trial user attrs, the device/runtime/protocol facts in the
 study user attr `lfm2_nas`. Everything downstream (figures, HTML, `pick`) works on the
 `StudyData` made here, so nothing else touches Optuna objects.
