@@ -208,7 +208,7 @@ class Search:
             else:
                 enqueue_presets(study, self.space)
             self.quality_on_gpu = c.quality != "none" and cluster_has_gpu()
-            with _stop_on_signals():
+            with _stop_on_signals() as self.stop_flag:
                 try:
                     self._loop()
                 except SearchInterrupted:
@@ -234,11 +234,13 @@ class Search:
             while True:
                 done = finished_trials(self.study)
                 while len(self.pending) < self.config.in_flight and done + len(self.pending) < target:
+                    self.stop_flag.check()
                     self._start_candidate()
                     done = finished_trials(self.study)
                 if not self.pending:
                     break
                 self._advance()
+                self.stop_flag.check()
                 progress.update()
 
     def _start_candidate(self) -> None:
@@ -431,17 +433,29 @@ class SearchInterrupted(Exception):
         self.signum = signum
 
 
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between waits (at least once a second).
+    The handler must not raise: the signal can land inside Ray's C++ `wait`, which then
+    turns the exception into a SystemError."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise SearchInterrupted(self.signum)
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
-    """Turn SIGINT/SIGTERM into `SearchInterrupted` (Ray installs its own handlers at init,
-    which would end the driver without failing its in-flight trials)."""
+    flag = _StopFlag()
 
     def handler(signum, frame):
-        raise SearchInterrupted(signum)
+        flag.signum = signum
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield flag
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
