@@ -1,0 +1,243 @@
+"""The ExecuTorch backend: one multi-method `.pte` lowered to XNNPACK, run by ExecuTorch's
+Python runtime.
+
+Methods of `model.pte`:
+
+* `prefill_<T>` for each prompt length T: tokens int64 [1, T] from position 0 -> logits
+  [1, vocab]. One static-length graph per length: a dynamic length fragments the graph
+  into dozens of XNNPACK partitions (FEASIBILITY.md).
+* `decode`: token int64 [1, 1], pos int64 [1] -> logits [1, vocab].
+* `reset`: zeroes the state (takes a dummy token).
+
+The decode state (conv windows, K/V) lives in mutable buffers shared by all methods
+(`share_mutable_buffers=True`), so a prefill hands its state to decode inside the runtime.
+Full-attention layers use ExecuTorch's `llama::update_cache` / `llama::custom_sdpa` ops,
+which read only the filled part of the cache: decode cost follows the context depth, not
+`max_context` (see `executorch_model.py`). Weights are stored once in the file: XNNPACK
+keys its constant data by sha256 in the program's named data, so the methods share it.
+
+Quantisation `8da4w`: torchao's `Int8DynamicActivationIntxWeightConfig` (int8 dynamic
+per-token activations, int4 symmetric weights in groups of 32) applied to every linear
+layer as a source transform before `torch.export`, as ExecuTorch's LLM export does; XNNPACK
+takes the resulting pattern as its dynamically quantised 4-bit GEMM. The embedding stays
+fp32 (the LM head, tied in fp32, is quantised apart from it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from devices.artifact import Artifact
+from devices.runner import Runner
+from lfm2.spec import ArchSpec
+
+PROGRAM = "model.pte"
+GROUP_SIZE = 32
+#: Nodes that are graph plumbing, not operators that run outside XNNPACK.
+_PLUMBING = {"getitem", "executorch_call_delegate"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The toolchain warns on every export (deprecations, experimental APIs): not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _load_toolchain() -> None:
+    """Import what export needs, including the `llama::` custom ops (their torch and
+    ExecuTorch kernel registrations live in one shared library)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+def quantize_8da4w(model) -> dict[str, Any]:
+    """Quantise every nn.Linear of `model` in place: int8 dynamic activations, int4 weights
+    in groups of 32 (per output channel where in_features is not a multiple of 32)."""
+    import torch
+    from torch import nn
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+
+    def linear(divisible: bool):
+        return lambda module, _fqn: isinstance(module, nn.Linear) and (module.in_features % GROUP_SIZE == 0) == divisible
+
+    grouped = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
+    per_channel = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE != 0)
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE)), filter_fn=linear(True))
+    if per_channel:
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerAxis(0)), filter_fn=linear(False))
+    return {
+        "scheme": "8da4w",
+        "method": "torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int4) via quantize_, before torch.export",
+        "activations": "int8 dynamic, per token, asymmetric",
+        "weights": f"int4 symmetric, groups of {GROUP_SIZE} (per output channel where in_features % {GROUP_SIZE} != 0)",
+        "linear_layers_grouped": grouped,
+        "linear_layers_per_channel": per_channel,
+        "embedding": "fp32 (not quantised)",
+        "lm_head": "8da4w; untied from the fp32 embedding",
+    }
+
+
+def _graph_facts(edge, methods: list[str]) -> dict[str, Any]:
+    partitions: dict[str, int] = {}
+    outside: dict[str, dict[str, int]] = {}
+    for name in methods:
+        counts: Counter[str] = Counter()
+        delegates = 0
+        for node in edge.exported_program(name).graph_module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            op = getattr(node.target, "__name__", str(node.target))
+            if op == "executorch_call_delegate":
+                delegates += 1
+            elif op not in _PLUMBING:
+                counts[op] += 1
+        partitions[name] = delegates
+        outside[name] = dict(sorted(counts.items()))
+    return {
+        "partitions": partitions,
+        "not_delegated_ops": sorted({op for counts in outside.values() for op in counts}),
+        "not_delegated_by_method": outside,
+    }
+
+
+def export(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tuple[int, ...], out_dir: Path, seed: int) -> tuple[list[str], dict[str, Any]]:
+    from devices.compile import Stages
+
+    stages = Stages()
+    with _quiet():
+        with stages("import"):
+            import torch
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+            from executorch.exir.passes import MemoryPlanningPass
+
+            from devices.backends.executorch_model import ExecuTorchLFM2, state_buffer_bytes
+            from lfm2.model import build_model, count_parameters
+
+            _load_toolchain()
+        with stages("build"):
+            model = build_model(spec, seed=seed).eval()
+            parameters = count_parameters(model)
+        facts: dict[str, Any] = {}
+        if quant == "8da4w":
+            with stages("quantise"):
+                facts["quantization"] = quantize_8da4w(model)
+        methods = [f"prefill_{t}" for t in prompt_lengths] + ["decode", "reset"]
+        with stages("export"), torch.no_grad():
+            programs = {}
+            for t in prompt_lengths:
+                programs[f"prefill_{t}"] = torch.export.export(ExecuTorchLFM2(model, max_context, "prefill", t), (torch.zeros(1, t, dtype=torch.long),), strict=False)
+            programs["decode"] = torch.export.export(ExecuTorchLFM2(model, max_context, "decode"), (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])), strict=False)
+            programs["reset"] = torch.export.export(ExecuTorchLFM2(model, max_context, "reset"), (torch.zeros(1, 1, dtype=torch.long),), strict=False)
+        with stages("lower"):
+            # Custom `llama::` ops are not core ATen: the IR validity check must be off.
+            # `reset` only fills buffers with zeros: left to the portable kernels, it costs no
+            # XNNPACK partition (lowering time grows with the number of partitions).
+            partitioners = {name: ([] if name == "reset" else [XnnpackPartitioner()]) for name in methods}
+            edge = to_edge_transform_and_lower(programs, partitioner=partitioners, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        facts.update(_graph_facts(edge, methods))
+        with stages("serialize"):
+            program = edge.to_executorch(
+                ExecutorchBackendConfig(
+                    extract_delegate_segments=True,
+                    # One set of state buffers for all methods: prefill hands its state to decode.
+                    memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+                )
+            )
+            (out_dir / PROGRAM).write_bytes(program.buffer)
+    facts.update(
+        {
+            "stages_s": stages.seconds,
+            "methods": methods,
+            "parameters": parameters,
+            "delegate": "XnnpackPartitioner (XNNPACK)",
+            "state": "mutable buffers shared by all methods (share_mutable_buffers); prefill starts from zero, reset zeroes",
+            "state_bytes": state_buffer_bytes(model, max_context),
+            "attention": "full attention: llama::update_cache + llama::custom_sdpa over [0, pos]; sliding window: ring buffer, bmm + additive mask",
+            "decode_cost_follows_context": True,
+            "weights_stored_once": True,
+            "weights_in_ram": "each loaded method holds its own XNNPACK-packed copy of the weights it uses "
+            "(the XNNPACK weight cache cannot be switched on from the Python runtime): count one copy per loaded method",
+        }
+    )
+    return [PROGRAM], facts
+
+
+class ExecuTorchRunner(Runner):
+    """Loads `model.pte` with `executorch.runtime.Runtime`. `methods`: which methods to load
+    now (default: all); any other is loaded on first use. Each loaded method holds its own
+    packed weights, so a memory measurement should load only what it runs."""
+
+    def __init__(self, artifact: Artifact, threads: int | None = None, methods: list[str] | None = None):
+        super().__init__(artifact, threads)
+        with _quiet():
+            _load_toolchain()
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime
+
+            self._portable_lib = portable_lib
+            if threads:
+                portable_lib._unsafe_reset_threadpool(int(threads))
+            start = time.perf_counter()
+            self.program = Runtime.get().load_program(str(artifact.file(PROGRAM)))
+            self._methods: dict[str, Any] = {}
+            for name in methods if methods is not None else artifact.manifest.get("methods", sorted(self.program.method_names)):
+                self._method(name)
+            self.load_s = time.perf_counter() - start
+        self.reset()
+
+    def _method(self, name: str):
+        if name not in self._methods:
+            if name not in self.program.method_names:
+                raise ValueError(f"{self.artifact.path / PROGRAM} has no method {name!r}; it has {sorted(self.program.method_names)}")
+            self._methods[name] = self.program.load_method(name)
+        return self._methods[name]
+
+    def _run(self, name: str, inputs: list) -> np.ndarray:
+        import torch
+
+        outputs = self._method(name).execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)) for x in inputs])
+        return outputs[0].numpy()
+
+    def prefill(self, tokens: np.ndarray) -> np.ndarray:
+        length = int(tokens.shape[1])
+        if length not in self.artifact.prompt_lengths:
+            raise ValueError(f"this artifact has prefill graphs for {list(self.artifact.prompt_lengths)} tokens, not {length}; compile it with that prompt length")
+        return self._run(f"prefill_{length}", [tokens])
+
+    def decode(self, token: np.ndarray, pos: int) -> np.ndarray:
+        if not 0 <= pos < self.artifact.max_context:
+            raise ValueError(f"decode position {pos} is outside [0, max_context={self.artifact.max_context})")
+        return self._run("decode", [token, np.array([pos], dtype=np.int64)])
+
+    def reset(self) -> None:
+        self._run("reset", [np.zeros((1, 1), dtype=np.int64)])
+
+    def stack(self) -> dict:
+        from importlib import metadata
+
+        return {
+            "backend": "executorch",
+            "runtime": f"executorch {metadata.version('executorch')} (Python runtime, executorch.runtime)",
+            "delegate": "XNNPACK",
+            "quant": self.artifact.quant,
+            "threads": int(self._portable_lib._threadpool_get_thread_count()),
+            "methods_loaded": sorted(self._methods),
+            "custom_ops": ["llama::update_cache", "llama::custom_sdpa"],
+        }
+
+
+RUNNER = ExecuTorchRunner
+
+__all__ = ["ExecuTorchRunner", "RUNNER", "export", "quantize_8da4w", "PROGRAM"]

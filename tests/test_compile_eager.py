@@ -1,0 +1,174 @@
+"""compile() with the eager backend: the dispatcher, its cache and its errors, cheaply."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from devices.artifact import Artifact, ArtifactError
+from devices.backends import BACKEND_MODULES, open_runner
+from devices.compile import CompileError, VerificationError, compare_logits, compile
+from lfm2.errors import UserError
+from lfm2.spec import ArchSpec
+
+SPEC = ArchSpec(vocab_size=512, d_model=64, layers=("conv", "attn", "conv", "swa"), n_heads=4, n_kv_heads=2, ffn_dim=128, swa_window=8, max_seq_len=4096)
+
+
+def test_eager_compile_verifies_and_records_the_facts(tmp_path):
+    artifact = compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    manifest = artifact.manifest
+    assert artifact.path == tmp_path / "artifacts" / artifact.key
+    assert manifest["backend"] == "eager" and manifest["quant"] == "fp32"
+    assert manifest["max_context"] == 64 and manifest["prompt_lengths"] == [16]
+    assert manifest["seed"] == 0
+    assert set(manifest["stages_s"]) == {"export"}
+    check = manifest["verification"]
+    assert check["passed"] and check["max_abs_diff"] == 0.0 and check["steps"] == 9
+    assert check["prompt_length"] == 16 and check["decode_steps"] == 8
+
+
+def test_cache_hit_returns_the_same_artifact_without_recompiling(tmp_path, monkeypatch):
+    first = compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    import devices.backends.eager as eager
+
+    def fail(*args, **kwargs):
+        raise AssertionError("compiled again despite a cached artifact")
+
+    monkeypatch.setattr(eager, "export", fail)
+    second = compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert second.path == first.path and second.manifest == first.manifest
+    # A different seed is a different artifact (same key, other weights).
+    monkeypatch.undo()
+    other = compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path, seed=3)
+    assert other.path != first.path and other.key == first.key and other.manifest["seed"] == 3
+
+
+def test_concurrent_compiles_of_one_key_agree(tmp_path):
+    results: list = []
+    errors: list = []
+
+    def work():
+        try:
+            results.append(compile(SPEC, "eager", "fp32", 32, (8,), cache_dir=tmp_path))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len({r.path for r in results}) == 1
+    entries = [p.name for p in (tmp_path / "artifacts").iterdir() if not p.name.startswith(".")]
+    assert entries == [results[0].path.name]
+    assert not [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LFM2_NAS_CACHE", str(tmp_path / "env-cache"))
+    artifact = compile(SPEC, "eager", "fp32", 32, (8,))
+    assert artifact.path.parent == tmp_path / "env-cache" / "artifacts"
+
+
+def test_tampered_or_truncated_artifacts_are_refused(tmp_path):
+    artifact = compile(SPEC, "eager", "fp32", 32, (8,), cache_dir=tmp_path)
+    config = artifact.path / "eager.json"
+    original = config.read_bytes()
+    config.write_bytes(original[:-5])
+    with pytest.raises(ArtifactError, match="truncated"):
+        Artifact.load(artifact.path)
+    config.write_bytes(original.replace(b'"seed": 0', b'"seed": 1'))
+    with pytest.raises(ArtifactError, match="sha256"):
+        Artifact.load(artifact.path)
+    # compile() notices the damage and rebuilds the entry.
+    rebuilt = compile(SPEC, "eager", "fp32", 32, (8,), cache_dir=tmp_path)
+    assert json.loads((rebuilt.path / "eager.json").read_text())["seed"] == 0
+    Artifact.load(rebuilt.path)
+
+
+def test_eager_runner_matches_a_full_forward(tmp_path):
+    import torch
+
+    from lfm2.model import build_model
+
+    artifact = compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    tokens = np.random.default_rng(1).integers(0, SPEC.vocab_size, size=(1, 20), dtype=np.int64)
+    with open_runner(artifact, threads=1) as runner:
+        assert runner.stack()["threads"] == 1
+        logits = [runner.prefill(tokens[:, :16])]
+        logits += [runner.decode(tokens[:, p : p + 1], p) for p in range(16, 20)]
+    with torch.no_grad():
+        full = build_model(SPEC, seed=0).eval()(torch.from_numpy(tokens))[0, 15:].numpy()
+    assert np.abs(np.concatenate(logits) - full).max() < 1e-4
+
+
+def test_requests_that_cannot_compile_say_why(tmp_path):
+    with pytest.raises(CompileError, match="prompt length 128 does not fit in max_context=64") as info:
+        compile(SPEC, "eager", "fp32", 64, (16, 128), cache_dir=tmp_path)
+    assert info.value.stage == "inputs"
+    with pytest.raises(CompileError, match="exceeds the spec's max_seq_len"):
+        compile(SPEC.replace(max_seq_len=32), "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    with pytest.raises(UserError, match="compiles fp32, not 'int8'"):
+        compile(SPEC, "eager", "int8", 64, (16,), cache_dir=tmp_path)
+    with pytest.raises(UserError, match="unknown backend"):
+        compile(SPEC, "tflite", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert not (tmp_path / "artifacts").exists() or not any(p for p in (tmp_path / "artifacts").iterdir() if not p.name.startswith("."))
+
+
+def test_a_toolchain_failure_names_its_stage(tmp_path, monkeypatch):
+    import devices.backends.eager as eager
+    from devices.compile import Stages
+
+    def broken_export(spec, quant, max_context, prompt_lengths, out_dir, seed):
+        stages = Stages()
+        with stages("lower"):
+            raise RuntimeError("operator foo is not supported")
+
+    monkeypatch.setattr(eager, "export", broken_export)
+    with pytest.raises(CompileError, match="stage 'lower'.*RuntimeError: operator foo") as info:
+        compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert isinstance(info.value.cause, RuntimeError)
+    assert not [p for p in (tmp_path / "artifacts").iterdir() if not p.name.startswith(".") or p.name.startswith(".tmp-")]
+
+
+def test_verification_rejects_a_wrong_artifact(tmp_path, monkeypatch):
+    # An eager artifact whose runner rebuilds other weights (seed 1) than the check uses (0).
+    import devices.backends.eager as eager
+
+    real_export = eager.export
+
+    def wrong_seed(spec, quant, max_context, prompt_lengths, out_dir, seed):
+        files, facts = real_export(spec, quant, max_context, prompt_lengths, out_dir, seed + 1)
+        return files, facts
+
+    monkeypatch.setattr(eager, "export", wrong_seed)
+    with pytest.raises(VerificationError, match="disagrees with eager") as info:
+        compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert info.value.stage == "verify" and not info.value.report["passed"]
+
+
+def test_compare_logits_measures_what_it_says():
+    reference = np.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    same = compare_logits(reference, reference)
+    assert same["max_abs_diff"] == 0 and same["top1_agreement"] == 1 and same["min_cosine"] == pytest.approx(1)
+    flipped = compare_logits(reference, reference[:, ::-1].copy())
+    assert flipped["top1_agreement"] == 0.5 and flipped["min_cosine"] < 0.8
+
+
+def test_eager_compile_does_not_import_executorch(tmp_path):
+    # `import executorch` costs ~355 MiB and ~7 s: only the executorch backend may pay it.
+    assert set(BACKEND_MODULES) == {"eager", "executorch", "onnx"}
+    code = (
+        "import sys, devices; from lfm2.spec import ArchSpec; "
+        f"spec = ArchSpec.from_json({SPEC.to_json()!r}); "
+        f"devices.compile(spec, 'eager', 'fp32', 32, (8,), cache_dir={str(tmp_path)!r}); "
+        "assert 'executorch' not in sys.modules and 'onnxruntime' not in sys.modules, 'imported too much'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
