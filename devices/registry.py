@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +115,11 @@ def add_device(name: str, url: str, token_file: str | Path, path: str | Path | N
     url = _check_url(url)
     token_path = Path(token_file).expanduser().resolve()
     read_token(token_path)  # fail now, not at search time
+    mode = stat.S_IMODE(token_path.stat().st_mode)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # the agent refuses such a file on its side (devices.agent.auth.ensure_token): a
+        # token that others on this machine can read protects nothing here either
+        raise UserError(f"token file {token_path} is readable by others (mode {mode:o}); run `chmod 600 {token_path}` and add the device again")
     devices = load_registry(path)
     if name in devices and not replace:
         raise UserError(f"a device named {name!r} is registered already ({devices[name].url}); `lfm2-nas devices remove {name}` first, or use --replace")

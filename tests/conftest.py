@@ -2,20 +2,24 @@
 
 `figures`: a scenario records what it did (jobs, faults injected, inputs tried, losses)
 with `figures("network cut", jobs=3, faults=2, losses=0)`; the terminal summary prints
-every record under "reliability figures", so a CI log shows the numbers behind a pass.
+the records under "reliability figures", so a CI log shows the numbers behind a pass.
+Records of one scenario (e.g. from a parametrized test) are added up field by field.
 """
 
 from __future__ import annotations
 
 import pytest
 
-_FIGURES: list[tuple[str, dict[str, object]]] = []
+_FIGURES: dict[str, dict[str, object]] = {}
 
 
 @pytest.fixture(scope="session")
 def figures():
     def record(scenario: str, **numbers: object) -> None:
-        _FIGURES.append((scenario, numbers))
+        totals = _FIGURES.setdefault(scenario, {})
+        for key, value in numbers.items():
+            summable = isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(totals.get(key), (int, float))
+            totals[key] = totals[key] + value if summable else value
 
     return record
 
@@ -24,5 +28,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if not _FIGURES:
         return
     terminalreporter.section("reliability figures")
-    for scenario, numbers in _FIGURES:
+    for scenario, numbers in _FIGURES.items():
         terminalreporter.write_line(f"{scenario}: " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in numbers.items()))

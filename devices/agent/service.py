@@ -545,6 +545,8 @@ async def _drain(request: Request) -> None:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port; choose one in 1-65535, or 0 to pick a free one")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -595,11 +597,12 @@ def serve(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (tls_cert is None) != (tls_key is None):
         raise UserError("give both --tls-cert and --tls-key, or neither")
-    agent = Agent(config, token)
+    # the address first: a port that cannot be had leaves the workdir untouched
+    sock = _bind(host, port)
     try:
-        sock = _bind(host, port)
+        agent = Agent(config, token)
     except BaseException:
-        agent.stop()
+        sock.close()
         raise
     actual_port = sock.getsockname()[1]
     scheme = "https" if tls_cert else "http"
