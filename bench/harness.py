@@ -29,6 +29,7 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks", type=Path, default=None, help=f"the markdown file to rewrite the block of (default {BENCHMARKS_MD.name} at the repository root; none with --quick)")
     parser.add_argument("--results", type=Path, default=None, help=f"where to save the raw results as JSON (default {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/{name}.json; a temporary file with --quick)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="compile cache (default: the project's, $LFM2_NAS_CACHE or ~/.cache/lfm2-nas)")
+    parser.add_argument("--note", default=None, help="a sentence to put in the BENCHMARKS.md block (e.g. why this run deviates from the defaults)")
     parser.add_argument("--threads", type=int, default=usable_cores(), help="runtime threads per measurement (default: every usable core)")
     return parser
 
@@ -80,7 +81,7 @@ class BenchRun:
             [
                 f"## {self.title}",
                 f"Run {self.date}, {self.elapsed_s() / 60:.1f} minutes. {machine_markdown(self.facts, self.load_before, load_after)}",
-                body.strip(),
+                body.strip() + (f"\n\n**Note on this run:** {self.args.note}" if getattr(self.args, "note", None) else ""),
                 f"Reproduce (one command, from the repository root with the project's venv active):\n\n```bash\n{reproduce}\n```\n\n"
                 + (f"This run: `python -m bench.{self.name} {' '.join(sys.argv[1:])}`. " if sys.argv[1:] and sys.argv[1:] != ["--quick"] else "")
                 + f"Raw results: `{_shown_path(self.results_path)}`.",

@@ -31,6 +31,7 @@ BACKENDS = (("executorch", "fp32"), ("executorch", "8da4w"), ("onnx", "fp32"), (
 
 def parse_args(argv=None):
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    parser.add_argument("--draw", type=int, default=20, help="architectures drawn from the small space (seed 0) to pick from (default 20, as bench.repeatability --archs 20)")
     parser.add_argument("--archs", type=int, default=3, help="architectures of the small space, spread over its sizes (default 3)")
     parser.add_argument("--prefill", type=int, default=512, help="prefill length in tokens (default 512)")
     parser.add_argument("--depth", type=int, default=512, help="decode context depth (default 512)")
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     if args.quick:
         specs, pairs, prefill, depth = [quick_models()["tiny-LFM2"]], [QUICK_BACKEND], QUICK_POINT, QUICK_POINT
     else:
-        specs = by_size(sample_space(20, seed=0), args.archs)
+        specs = by_size(sample_space(args.draw, seed=0), args.archs)
         pairs = [tuple(p.split(":")) for p in args.backends.split(",")]
         prefill, depth = args.prefill, args.depth
     protocol = Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if args.quick else 16, min_runs=3, max_runs=10, max_seconds_per_point=5.0 if not args.quick else 2.0, measure_memory=False, threads=args.threads)
