@@ -44,7 +44,7 @@ def report_command(
 def dashboard_command(
     study: str = _STUDY,
     storage: str = _STORAGE,
-    port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port to listen on (0: any free port)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", min=0, max=65535, help="TCP port to listen on (0: any free port)."),
     host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on; the default is this machine only."),
     refresh: float = typer.Option(DEFAULT_REFRESH_S, "--refresh", help="Seconds between the page's checks for new trials."),
 ) -> None:

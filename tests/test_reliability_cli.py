@@ -149,24 +149,12 @@ def test_bad_report_pick_dashboard_export_input_exits_2_and_writes_nothing(cli, 
     ],
     ids=["study-show", "study-pareto", "export"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="nas/storage.py (lead): load_existing_study -> open_storage builds an RDBStorage for a sqlite:/// URL whose file does not "
-    "exist, which creates an empty Optuna database (typo.db) before the 'no study named' error; reports/study_data.py refuses a "
-    "missing file first ('no database file ...; run the search first'): do the same in load_existing_study",
-)
 def test_a_mistyped_storage_file_is_not_created(cli, args):
     code, err = cli(*args)
     _check_refused(code, err, ["no study named 'nope'"])
     assert _files(cli.work) == set(), f"left behind: {_files(cli.work)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reports/cli.py + reports/dashboard.py (reports engineer): --port is passed to the HTTP server unchecked; "
-    "socket.bind raises OverflowError (not OSError) for a port outside 0-65535, which escapes as a traceback with exit 1; "
-    "check the range (typer.Option(min=0, max=65535) or a UserError naming 0-65535)",
-)
 def test_dashboard_port_out_of_range(cli, study_url):
     code, err = cli("dashboard", "--study", "s", "--storage", study_url, "--port", "70000")
     _check_refused(code, err, ["--port", "65535"])
