@@ -22,7 +22,7 @@ from nas.objectives import directions, objective_names
 
 #: The real study, once the lead provides it: set to DATA_DB (and nothing else changes).
 DATA_DB = Path(__file__).parent / "data" / "search_small.db"
-REAL_STUDY_DB: Path | None = None
+REAL_STUDY_DB: Path | None = DATA_DB
 STUDY_NAME = "small"
 BUDGET = 64 * 2**20
 #: The schema's memory constraint, set with `trial.set_constraint` (feasible when <= 0).

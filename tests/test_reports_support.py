@@ -31,7 +31,7 @@ from search_space.costs.counts import parameters
 DATA = Path(__file__).parent / "data"
 
 #: The committed study a real search wrote, as (file, study name); None: use the hand-made one.
-REAL_SEARCH_STUDY: tuple[Path, str] | None = None  # (DATA / "search_small.db", "small")
+REAL_SEARCH_STUDY: tuple[Path, str] | None = (DATA / "search_small.db", "small")
 if os.environ.get("LFM2_NAS_TEST_STUDY"):  # FILE.db:NAME: run the report tests on any study
     _file, _, _name = os.environ["LFM2_NAS_TEST_STUDY"].rpartition(":")
     REAL_SEARCH_STUDY = (Path(_file), _name)
