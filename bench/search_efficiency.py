@@ -130,7 +130,7 @@ def run_with_retry(run_search, config, config_class, attempts: int = 3):
 def main(argv=None) -> int:
     import optuna
 
-    from devices.sizes import parse_size
+    from lfm2.sizes import parse_size
     from nas.objectives import directions as objective_directions
     from nas.search import SearchConfig, run_search
 

@@ -15,4 +15,4 @@ from devices.stack import device_fingerprint, machine_facts  # noqa: E402
 from devices.agent import AgentClient, start_local_agent  # noqa: E402
 from devices.profiles import DeviceProfile, get_profile, load_profiles  # noqa: E402
 from devices.registry import get_device, load_registry  # noqa: E402
-from devices.sizes import format_size, parse_size  # noqa: E402
+from lfm2.sizes import format_size, parse_size  # noqa: E402

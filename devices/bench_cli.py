@@ -131,7 +131,7 @@ def bench(
     from devices.compile import compile
     from devices.measure import measure
     from devices.protocol import Limits, Protocol
-    from devices.sizes import parse_size
+    from lfm2.sizes import parse_size
 
     if backend not in BACKEND_CHOICES:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from devices.sizes import parse_size
+from lfm2.sizes import parse_size
 from lfm2.errors import UserError
 
 BUILTIN_FILE = Path(__file__).with_name("profiles.toml")

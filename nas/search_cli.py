@@ -33,7 +33,7 @@ def search(
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
-    from devices.sizes import format_size, parse_size
+    from lfm2.sizes import format_size, parse_size
     from nas.progress import pareto_table
     from nas.search import SearchConfig, SearchInterrupted, run_search
 

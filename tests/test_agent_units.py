@@ -21,7 +21,7 @@ from devices.artifact import ArtifactError
 from devices.profiles import get_profile, load_profiles
 from devices.protocol import Measurement, Protocol
 from devices.registry import add_device, get_device, load_registry, remove_device
-from devices.sizes import format_size, parse_size
+from lfm2.sizes import format_size, parse_size
 from lfm2.errors import UserError
 
 # -- sizes ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import httpx
 from devices.agent.bundle import pack_bundle
 from devices.artifact import MANIFEST, Artifact
 from devices.protocol import Measurement, Protocol
-from devices.sizes import format_size
+from lfm2.sizes import format_size
 from lfm2.errors import UserError
 
 API = "/v1"

@@ -21,7 +21,7 @@ from typing import Any
 
 from devices.profiles import DeviceProfile, get_profile
 from devices.protocol import Limits
-from devices.sizes import parse_size
+from lfm2.sizes import parse_size
 from devices.stack import device_fingerprint, machine_facts
 from lfm2.errors import UserError
 

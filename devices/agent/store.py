@@ -24,7 +24,7 @@ from typing import Any
 
 from devices.agent.bundle import DISK_FULL_ERRNOS, BundleError, extract_bundle
 from devices.artifact import Artifact, ArtifactError
-from devices.sizes import format_size
+from lfm2.sizes import format_size
 from lfm2.errors import UserError
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
