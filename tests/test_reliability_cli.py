@@ -149,10 +149,11 @@ def test_bad_report_pick_dashboard_export_input_exits_2_and_writes_nothing(cli, 
     ],
     ids=["study-show", "study-pareto", "export"],
 )
-def test_a_mistyped_storage_file_is_not_created(cli, args):
+def test_a_mistyped_storage_file_is_not_created(cli, args, figures):
     code, err = cli(*args)
     _check_refused(code, err, ["no study named 'nope'"])
     assert _files(cli.work) == set(), f"left behind: {_files(cli.work)}"
+    figures(f"CLI bad input: {args[0]}", inputs_tried=1, exit_2=1, files_written=0)
 
 
 def test_dashboard_port_out_of_range(cli, study_url):
