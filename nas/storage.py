@@ -60,7 +60,7 @@ def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
         path = Path(url.removeprefix("sqlite:///")).expanduser()
         if str(path) not in ("", ":memory:") and not path.exists():
             # Opening it would create an empty database under a mistyped name.
-            raise UserError(f"no study named {name!r}: {path} does not exist; check --storage (or run the search first)")
+            raise UserError(f"no study named {name!r}: {path} does not exist; check --study and --storage (or run the search first)")
     storage = open_storage(storage_url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
