@@ -137,7 +137,12 @@ def start_ray(address: str | None, worker_cpus: list[int] | None) -> None:
         # One Ray CPU per worker core: tasks pinned to the same cores would only time-share
         # them, and running them one after another gets the first artifact to the device sooner.
         num_cpus = len(worker_cpus or os.sched_getaffinity(0))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=RAY_TEMP_DIR, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=RAY_TEMP_DIR, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+        except Exception as exc:
+            ray.shutdown()  # a failed start leaves its GCS and monitor processes behind otherwise
+            raise UserError(f"could not start a local Ray cluster ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                            "on a heavily loaded machine try again, or start one with `ray start --head` and pass --ray-address") from exc
     else:
         # Joining `ray start --head`: its auth mode and temp dir are that cluster's settings.
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
