@@ -20,7 +20,14 @@ app = typer.Typer(
 )
 
 
+_registered = False
+
+
 def _register_commands() -> None:
+    global _registered
+    if _registered:  # main() may be called many times in one process (tests, scripts)
+        return
+    _registered = True
     from lfm2 import cli as lfm2_cli
     from nas import export_cli, search_cli
     from nas.quality import cli as quality_cli

@@ -95,6 +95,16 @@ def open_device(device: str, emulate: bool, workdir: str | None = None, memory_l
     registered = get_device(device)
     if registered is None:
         raise UserError(_not_registered_message(device, sorted(profiles)))
+    from devices.registry import probe_device
+
+    probe = probe_device(registered)
+    if not probe["online"] or probe["status"] != "online":
+        problem = {"offline": "is unreachable", "no token": "has no usable token file", "token refused": "refused our token"}.get(probe["status"], "answered with an error")
+        raise UserError(
+            f"device {device!r} {problem} at {registered.url}"
+            f"{': ' + probe['error'] if probe.get('error') else ''}; start its agent (lfm2-nas agent serve) "
+            "or check it with `lfm2-nas devices list`"
+        )
 
     def connect() -> DeviceSession:
         return DeviceSession(

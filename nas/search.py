@@ -200,7 +200,7 @@ class Search:
             start_ray(c.ray_address, self.device.worker_cpus)
             from nas.workers import DeviceActor
 
-            self.actor = DeviceActor.remote(self.device.url, self.device.token)
+            self.actor = DeviceActor.remote(self.device.url, self.device.token, self.device.name)
             info = ray.get(self.actor.info.remote(), timeout=60)
             self.device_facts = describe(self.device, info)
             self.device_fingerprint = _fingerprint(info, self.device)

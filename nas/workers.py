@@ -79,10 +79,10 @@ class DeviceActor:
     """Owns one agent connection and runs one measurement at a time (max_concurrency=1):
     Ray queues the calls, so the device takes the next artifact the moment it is free."""
 
-    def __init__(self, url: str, token: str):
+    def __init__(self, url: str, token: str, name: str | None = None):
         from devices.agent.client import AgentClient
 
-        self.client = AgentClient(url, token)
+        self.client = AgentClient(url, token, name=name)
         self.busy_s = 0.0
 
     def info(self) -> dict[str, Any]:

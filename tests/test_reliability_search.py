@@ -271,14 +271,6 @@ def test_driver_killed_while_the_agent_measures_resumes_without_measuring_again(
     figures("search, driver SIGKILLed mid-measurement, --resume", trials=trials, jobs=len(jobs), faults_injected=1, trials_left_running=0, measured_twice=0, losses=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nas/search.py + nas/workers.py (lead): a registered device whose agent is down is found only in Search.run, after "
-    "open_storage has created the study database; the DeviceActor's AgentClient (no name=, default retry_for_s=60) then raises "
-    "AgentUnreachable inside Ray, and the CLI prints Ray's RayTaskError text (actor ids, a Python traceback, 'agent http://... at http://...') "
-    "rather than the device's name and the fix. Probe the agent (devices.registry.probe_device or AgentClient(name=device).health) in "
-    "open_device/connect before opening storage, and raise a UserError naming --device and `lfm2-nas devices list`",
-)
 def test_a_registered_device_that_is_offline_exits_2_naming_it_and_writes_nothing(tmp_path):
     env = isolated_env(tmp_path)
     token = tmp_path / "off.token"
