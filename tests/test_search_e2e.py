@@ -63,7 +63,7 @@ def test_search_over_the_small_space_on_the_local_device(tmp_path, env):
 
 def test_resume_after_the_driver_is_killed_repeats_no_completed_trial(tmp_path, env):
     exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
-    driver = subprocess.Popen([exe, "search", *BASE, "--trials", "5", "--study", "crash"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen([exe, "search", *BASE, "--trials", "3", "--study", "crash"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = f"sqlite:///{tmp_path}/lfm2-nas.db"
     deadline = time.time() + 600
     completed_before = []
@@ -81,14 +81,14 @@ def test_resume_after_the_driver_is_killed_repeats_no_completed_trial(tmp_path, 
     driver.wait()
     before = {t.number: (t.values, t.user_attrs["spec_key"]) for t in completed_before}
 
-    result = lfm2_nas("search", *BASE, "--trials", "5", "--study", "crash", "--resume", cwd=tmp_path, env=env)
+    result = lfm2_nas("search", *BASE, "--trials", "3", "--study", "crash", "--resume", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = load(tmp_path, "crash")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     for number, (values, key) in before.items():
         assert study.trials[number].values == values and study.trials[number].user_attrs["spec_key"] == key
     counted = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("requeued")]
-    assert len(counted) == 5
+    assert len(counted) == 3
     # a candidate measured before the kill is not measured again after it
     keys_after = [t.user_attrs.get("spec_key") for t in study.trials if t.number not in before and t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("cached")]
     assert not set(keys_after) & {key for _, key in before.values()}
