@@ -16,3 +16,10 @@ from devices.agent import AgentClient, start_local_agent  # noqa: E402
 from devices.profiles import DeviceProfile, get_profile, load_profiles  # noqa: E402
 from devices.registry import get_device, load_registry  # noqa: E402
 from lfm2.sizes import format_size, parse_size  # noqa: E402
+
+__all__ = [
+    "compile", "CompileError", "VerificationError", "open_runner",
+    "measure", "Protocol", "Limits", "Measurement", "Stats", "device_fingerprint", "machine_facts",
+    "AgentClient", "start_local_agent", "DeviceProfile", "get_profile", "load_profiles",
+    "get_device", "load_registry", "format_size", "parse_size",
+]  # fmt: skip

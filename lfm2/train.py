@@ -694,7 +694,7 @@ def training_section(summary: dict[str, Any]) -> str:
     lines = [
         "## Training",
         "",
-        f"Trained by `lfm2-nas train` from the exported initial weights; loss curves in `train/loss.html`, per-step log in `train/log.jsonl`.",
+        "Trained by `lfm2-nas train` from the exported initial weights; loss curves in `train/loss.html`, per-step log in `train/log.jsonl`.",
         "",
         "| | |",
         "|---|---|",

@@ -28,7 +28,7 @@ from nas.cache import ResultCache, measurement_key
 from nas.device_session import DeviceSession, describe, open_device
 from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, objective_values
 from nas.storage import DEFAULT_STORAGE, open_storage
-from nas.study import METADATA_KEY, create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
+from nas.study import create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
 
 RAY_TEMP_DIR = "/tmp/lfm2-nas-ray"  # short: Ray's unix sockets live under it (108-byte path limit)
 log = logging.getLogger("lfm2_nas.search")

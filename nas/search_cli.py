@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from lfm2.errors import UserError
 
 study_app = typer.Typer(help="Look into stored studies.", no_args_is_help=True)
 

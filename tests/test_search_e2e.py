@@ -1,7 +1,6 @@
 """The search end to end, as a user runs it: the installed CLI, a real local agent, Ray,
 real compiles and measurements, a SQLite study file."""
 
-import json
 import os
 import shutil
 import signal
