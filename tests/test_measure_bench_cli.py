@@ -56,7 +56,9 @@ def test_bench_prints_a_table(spec_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LFM2_NAS_CACHE", str(tmp_path / "cache"))
     from nas.cli import main
 
-    main(["bench", str(spec_file), "--backend", "eager", "--prompt", "8", "--depth", "4", "--tokens", "2", "--max-seconds", "0.1"])
+    with pytest.raises(SystemExit) as finished:  # a CLI exits, with status 0 on success
+        main(["bench", str(spec_file), "--backend", "eager", "--prompt", "8", "--depth", "4", "--tokens", "2", "--max-seconds", "0.1"])
+    assert finished.value.code in (0, None)
     out = capsys.readouterr().out
     assert "pp8" in out and "tg@4" in out and "footprint" in out
 

@@ -196,6 +196,11 @@ torch.set_num_threads(1)
 spec = lfm2.ArchSpec.from_json(sys.argv[1])
 context = int(sys.argv[2])
 def peak():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and
+    # exec, so a child of a large pytest process would report the parent's peak.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 base = psutil.Process().memory_info().rss  # the RSS just before loading, as the measurement takes it
 with torch.no_grad():
