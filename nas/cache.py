@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -18,8 +17,11 @@ from typing import Any
 
 
 def cache_root() -> Path:
-    """`$LFM2_NAS_CACHE`, else `~/.cache/lfm2-nas` (artifacts live under it too)."""
-    return Path(os.environ.get("LFM2_NAS_CACHE", Path.home() / ".cache" / "lfm2-nas")).expanduser()
+    """The compile cache's root (`$LFM2_NAS_CACHE`, else `~/.cache/lfm2-nas`): results sit
+    beside the artifacts they were measured from."""
+    from devices.compile import default_cache_dir
+
+    return default_cache_dir().expanduser()
 
 
 def measurement_key(spec_key: str, backend: str, quant: str, protocol_key: str, device_fingerprint: str, toolchain: dict[str, str]) -> str:
