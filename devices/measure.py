@@ -20,8 +20,10 @@ a cap on it refuses models that fit. A cgroup memory limit is the right tool whe
 can be created, but that needs a writable cgroup (v2 delegation, or root on v1) that a
 phone or a shared host does not give. So the cap is on what the device would feel, the
 RSS: the parent polls the child's RSS (psutil, every 25 ms) and SIGKILLs it over the cap;
-a spike between two polls is caught afterwards from the child's peak RSS (ru_maxrss of
-wait4), so it is reported as `oom` too (only a little late). RLIMIT_DATA, set in the child
+a spike between two polls is caught afterwards from the child's own peak RSS (VmHWM,
+read at each poll and reported by the child at its end; ru_maxrss of wait4 where /proc
+does not exist, since on Linux it includes the parent's peak), so it is reported as `oom`
+too (only a little late). RLIMIT_DATA, set in the child
 at 1.25x the cap + 256 MiB, is a backstop against runaway allocation: an allocation past
 it fails inside the child (MemoryError / bad_alloc -> `oom`) before the host suffers.
 """
@@ -67,13 +69,30 @@ class ChildOutcome:
     returncode: int | None  # None: it did not end on its own
     signal: int | None  # the signal that ended it, if any
     killed_for: str | None  # "oom" | "timeout" when the parent killed it
-    max_rss_bytes: int  # its peak RSS over its whole life (wait4's ru_maxrss)
+    max_rss_bytes: int  # wait4's ru_maxrss: on Linux it includes the PARENT's peak RSS (see peak_rss_bytes)
     watched_rss_bytes: int  # the largest RSS the watchdog saw
+    watched_hwm_bytes: int | None  # the largest VmHWM (the child's own peak RSS) the watchdog read; None off Linux
     wall_s: float
     stdout: str
     stderr: str
     result: dict[str, Any] | None  # RESULT.json, if it wrote one
     partial: dict[str, Any] | None  # PARTIAL.json: the measurement so far
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        """The child's own peak RSS over its life.
+
+        Not ru_maxrss on Linux: exec folds the old address space's high-water mark into it,
+        and after fork/vfork that is the parent's, so a small child of a 2 GB parent "peaks" at
+        2 GB. The child's VmHWM belongs to its own post-exec address space; the watchdog reads
+        it at every poll (it is a running maximum, so spikes between polls are in it) and the
+        child reports its last value (`memory.peak_rss_end_bytes`) for the window after the
+        last poll. The child resets VmHWM once, after its baseline; the running maximum here
+        keeps what came before."""
+        if self.watched_hwm_bytes is None:
+            return max(self.max_rss_bytes, self.watched_rss_bytes)
+        reported = ((self.result or self.partial or {}).get("memory") or {}).get("peak_rss_end_bytes") or 0
+        return max(self.watched_hwm_bytes, self.watched_rss_bytes, int(reported))
 
     @property
     def last_phase(self) -> str | None:
@@ -95,6 +114,18 @@ def _tree_rss(process: psutil.Process) -> int:
         return process.memory_info().rss
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return 0
+
+
+def _child_hwm(pid: int) -> int | None:
+    """VmHWM of process `pid` in bytes (Linux), None where /proc does not give it."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _kill_group(pid: int) -> None:
@@ -120,6 +151,7 @@ def supervise(command: list[str], workdir: Path, *, memory_bytes: int | None = N
     deadline = start + timeout_s if timeout_s else None
     killed_for = None
     watched = 0
+    watched_hwm: int | None = None
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True, close_fds=True)
     watcher = psutil.Process(process.pid)
@@ -132,6 +164,9 @@ def supervise(command: list[str], workdir: Path, *, memory_bytes: int | None = N
             if memory_bytes is not None:
                 rss = _tree_rss(watcher)
                 watched = max(watched, rss)
+                hwm = _child_hwm(process.pid)
+                if hwm is not None:
+                    watched_hwm = max(watched_hwm or 0, hwm)
                 if rss > memory_bytes:
                     killed_for = "oom"
             if killed_for is None and deadline is not None and time.monotonic() > deadline:
@@ -157,6 +192,7 @@ def supervise(command: list[str], workdir: Path, *, memory_bytes: int | None = N
         killed_for=killed_for,
         max_rss_bytes=rusage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
         watched_rss_bytes=watched,
+        watched_hwm_bytes=watched_hwm,
         wall_s=time.monotonic() - start,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
@@ -247,12 +283,12 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
     if outcome.killed_for == "timeout":
         status, error = "timeout", f"the measurement ran past its {limits.timeout_s:g} s wall-clock limit{where}; it was killed"
     elif outcome.killed_for == "oom":
-        peak = max(outcome.watched_rss_bytes, outcome.max_rss_bytes)
+        peak = outcome.peak_rss_bytes
         status, error = "oom", f"the child's RSS went over the {_fmt_bytes(cap)} cap{where} (peak {_fmt_bytes(peak)}): the candidate does not fit; it was killed"
     elif outcome.result is not None:
         status = outcome.result.get("status", "error")
-        if status == "ok" and cap is not None and outcome.max_rss_bytes > cap:
-            status, error = "oom", f"the child's peak RSS was {_fmt_bytes(outcome.max_rss_bytes)}, over the {_fmt_bytes(cap)} cap (a spike between two watchdog polls): the candidate does not fit"
+        if status == "ok" and cap is not None and outcome.peak_rss_bytes > cap:
+            status, error = "oom", f"the child's peak RSS was {_fmt_bytes(outcome.peak_rss_bytes)}, over the {_fmt_bytes(cap)} cap (a spike between two watchdog polls): the candidate does not fit"
         elif status not in ("ok", "oom"):
             status = "error"
     elif outcome.signal == signal.SIGKILL:
@@ -270,7 +306,7 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
     if status == "error" and error and stderr_tail and stderr_tail not in error:
         error = f"{error}\n--- child stderr (tail) ---\n{stderr_tail}"
     memory = dict(data.get("memory") or {})
-    memory.update(child_max_rss_bytes=outcome.max_rss_bytes, cap_bytes=cap, cap_method=facts["cap_method"])
+    memory.update(child_peak_rss_bytes=outcome.peak_rss_bytes, child_max_rss_bytes=outcome.max_rss_bytes, cap_bytes=cap, cap_method=facts["cap_method"])
     data["memory"] = memory
     data["stack"] = {**(data.get("stack") or {}), "lock_wait_s": facts["lock_wait_s"], "child_wall_s": round(outcome.wall_s, 3)}
     data["device"] = facts["device"]
@@ -313,7 +349,7 @@ def measure(artifact: Artifact | str | Path, protocol: Protocol | None = None, l
         command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
         outcome = supervise(command, workdir, memory_bytes=cap, timeout_s=limits.timeout_s, env=_child_env(threads))
     cap_method = (
-        f"RSS watchdog every {POLL_S * 1000:.0f} ms + peak RSS from wait4 + RLIMIT_DATA backstop at {_fmt_bytes(job['data_limit_bytes'])}" if cap else "no cap"
+        f"RSS watchdog every {POLL_S * 1000:.0f} ms + the child's own peak RSS (VmHWM, else wait4) + RLIMIT_DATA backstop at {_fmt_bytes(job['data_limit_bytes'])}" if cap else "no cap"
     )
     measurement = _to_measurement(outcome, limits, {"cap_method": cap_method, "lock_wait_s": round(lock_wait_s, 3), "device": device_facts, "wall_time_s": round(time.monotonic() - start, 3)})
     if not measurement.spec_key:

@@ -164,3 +164,30 @@ def test_device_fingerprint_is_stable_and_follows_limits():
     assert device_fingerprint(facts) == device_fingerprint(machine_facts())
     assert device_fingerprint({**facts, "limits": {"memory_bytes": 1}}) != device_fingerprint(facts)
     assert device_fingerprint({**facts, "hostname": "elsewhere"}) == device_fingerprint(facts)
+
+
+def test_a_small_child_of_a_large_parent_is_not_taken_for_oom(tmp_path):
+    # On Linux the exec'ed child's ru_maxrss starts at its parent's peak RSS; the cap must be
+    # judged on the child's own peak. Make this process's peak clearly larger than the cap.
+    ballast = bytearray(320 << 20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: it is resident
+    code = f"import json, pathlib; pathlib.Path({str(tmp_path / 'result.json')!r}).write_text(json.dumps({{'status': 'ok', 'memory': {{}}}}))"
+    outcome = supervise([sys.executable, "-c", code], tmp_path, memory_bytes=200 << 20, timeout_s=60)
+    del ballast
+    facts = {"cap_method": "test", "lock_wait_s": 0.0, "device": {}, "wall_time_s": outcome.wall_s}
+    m = _to_measurement(outcome, Limits(memory_bytes=200 << 20, timeout_s=60), facts)
+    assert m.status == "ok", m.error
+    if sys.platform.startswith("linux"):
+        assert outcome.max_rss_bytes > 200 << 20  # the inherited figure the cap must not use
+        assert outcome.peak_rss_bytes < 200 << 20 and m.memory["child_peak_rss_bytes"] == outcome.peak_rss_bytes
+
+
+def test_a_spike_between_polls_is_still_oom(tmp_path):
+    # allocate, touch and free 300 MiB, possibly between two polls, then report ok with the
+    # child's own last VmHWM, as devices.measure_child does
+    code = ("import json, pathlib\n"
+            "from devices.stack import peak_rss_bytes\n"
+            "x = bytearray(300 << 20); x[::4096] = b'\\x01' * len(x[::4096]); del x\n"
+            f"pathlib.Path({str(tmp_path / 'result.json')!r}).write_text(json.dumps({{'status': 'ok', 'memory': {{'peak_rss_end_bytes': peak_rss_bytes()[0]}}}}))")
+    outcome, m = _run(tmp_path, code, memory_bytes=200 << 20, timeout_s=60)
+    assert m.status == "oom" and "cap" in m.error
