@@ -18,7 +18,7 @@ def search(
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (presets included)."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default: DEVICE-BACKEND-QUANT)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///FILE.db (default sqlite:///lfm2-nas.db), an RDB URL, or a journal file PATH.log."),
-    space: str = typer.Option("default", "--space", help="default, small, or a space file (.toml)."),
+    space: str = typer.Option("default", "--space", help="default, small, lfm2_350m (HF-exportable, around LFM2-350M), or a space file (.toml)."),
     backend: str = typer.Option("executorch", "--backend", help="executorch or onnx."),
     quant: str = typer.Option("8da4w", "--quant", help="executorch: 8da4w|fp32; onnx: int8|fp32."),
     context: int = typer.Option(2048, "--context", help="Prefill length and decode depth the latencies are measured at."),

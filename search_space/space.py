@@ -46,7 +46,7 @@ from lfm2.spec import ArchSpec
 from search_space.schema import Choice, SpaceDefinition, SpaceFileError, check_definition, ffn_width, format_of, parse_text
 
 #: The spaces shipped with the package (search_space/spaces/<name>.toml).
-BUILTIN_SPACES = ("default", "small")
+BUILTIN_SPACES = ("default", "small", "lfm2_350m")
 
 
 class NotInSpaceError(UserError):

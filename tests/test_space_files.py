@@ -36,9 +36,27 @@ def test_a_user_file_loads_with_defaults_and_keeps_its_text(tmp_path):
 
 
 def test_builtin_spaces_are_the_package_files():
-    for name in ("default", "small"):
+    for name in ("default", "small", "lfm2_350m"):
         space = SearchSpace.load(name)
         assert space.name == name and space.source_text.lstrip().startswith("#")
+
+
+def test_the_350m_space_holds_the_preset_and_only_hf_expressible_layouts():
+    import optuna
+
+    from lfm2.hf import to_hf_config
+    from lfm2.presets import presets
+    from search_space.costs.counts import parameters
+
+    space = SearchSpace.load("lfm2_350m")
+    assert space.contains(presets["LFM2-350M"]) and space.contains(presets["LFM2-350M-attn"])
+    low, high = space.parameter_range()
+    assert 150e6 < low < high < 500e6  # ~185-466M
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):  # every point exports to Hugging Face Lfm2 (no sliding-window layers)
+        spec = space.sample(study.ask())
+        assert "swa" not in spec.layers and low <= parameters(spec) <= high
+        to_hf_config(spec)
 
 
 def test_yaml_gives_the_same_space(tmp_path):
