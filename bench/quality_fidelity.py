@@ -5,9 +5,10 @@ twin, and seeded random points of an LFM2-like space -- this runs
 
 * the MAD proxy   (`nas.quality.score(spec, "mad", settings)`),
 * the LM proxy    (`nas.quality.score(spec, "lm", settings)`), and
-* the reference: the same proxy-width byte-level model trained `--long-factor` (20) times
-  as many steps on the same corpus at one fixed learning rate, its validation bits per byte
-  being the "true" quality,
+* the reference: the same proxy-width byte-level model trained on the same corpus at one
+  fixed learning rate for `--reference-factor` (20) times as many tokens as the costlier
+  proxy trains on (all learning rates counted), in batches of `--reference-batch` windows;
+  its validation bits per byte is the "true" quality,
 
 then reports Spearman's rank correlation between each proxy score and minus the
 reference's validation loss (so +1 means the proxy orders architectures exactly as the
@@ -17,10 +18,10 @@ Jobs run in `--workers` processes on one device (small models leave a GPU mostly
 between kernel launches, so several processes share it well); every finished job is
 appended to `<out>/fidelity.jsonl` at once, so a run cut short keeps what it finished.
 
-    # the real run (one H200, ~10 min):
-    python bench/quality_fidelity.py --device cuda --workers 6 --out bench_out
+    # the real run (one H200, ~15 min; --resume continues a run cut short):
+    python bench/quality_fidelity.py --device cuda --workers 8 --threads 1 --archs 12 --out bench_out
     # a smoke run on a CPU (a few minutes; numbers meaningless):
-    python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --long-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
+    python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --reference-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
 """
 
 from __future__ import annotations
@@ -101,6 +102,30 @@ def _settings(name: str, steps_scale: float = 1.0):
     return settings
 
 
+def proxy_tokens(settings) -> dict[str, int]:
+    """Tokens each proxy trains on, over all learning rates of its sweep (what the reference is
+    measured against: a reference "20x longer" sees 20x the tokens of the costlier proxy)."""
+    rates = len(settings.learning_rates)
+
+    def total_steps(steps: int) -> int:
+        if rates == 1:
+            return steps
+        sweep = max(1, round(steps * settings.sweep_fraction))
+        return rates * sweep + (steps - sweep)
+
+    n_tasks = len(settings.tasks)
+    mad_per_step = (settings.mad_batch_size // n_tasks) * n_tasks * settings.task_config.seq_len
+    return {"mad": total_steps(settings.mad_steps) * mad_per_step, "lm": total_steps(settings.lm_steps) * settings.lm_batch_size * settings.lm_seq_len}
+
+
+def reference_settings(settings, factor: float, batch_rows: int):
+    """The reference run: the LM task at one learning rate, `factor` x the costlier proxy's tokens."""
+    tokens = factor * max(proxy_tokens(settings).values())
+    steps = max(1, int(np.ceil(tokens / (batch_rows * settings.lm_seq_len))))
+    return settings.replace(name=f"{settings.name}-reference{factor:g}x", lm_steps=steps, lm_batch_size=batch_rows, learning_rates=(LONG_RUN_LR,),
+                            eval_every=10**9, lm_eval_windows=max(settings.lm_eval_windows, 1024))
+
+
 def run_job(job: dict) -> dict:
     """One (architecture, stage) job; runs in a worker process."""
     import torch
@@ -111,8 +136,7 @@ def run_job(job: dict) -> dict:
     settings = _settings(job["settings"], job.get("steps_scale", 1.0))
     spec = ArchSpec.from_dict(job["spec"])
     if job["stage"] == "long":
-        settings = settings.replace(name=f"{settings.name}-long{job['long_factor']}x", lm_steps=settings.lm_steps * job["long_factor"],
-                                    learning_rates=(LONG_RUN_LR,), eval_every=10**9)
+        settings = reference_settings(settings, job["reference_factor"], job["reference_batch"])
         kind = "lm"
     else:
         kind = job["stage"]
@@ -163,7 +187,9 @@ def summarise(rows: list[dict]) -> dict:
 def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
     lines = [f"Run {facts['date']} on {facts['machine']}; torch {facts['torch']}, Python {facts['python']}; settings `{facts['settings']}`"
              + (f" with every step count x{facts['steps_scale']}" if facts.get("steps_scale", 1.0) != 1.0 else "") + ", "
-             f"reference run {facts['long_factor']}x the LM proxy's steps at lr {LONG_RUN_LR}; {facts['workers']} worker processes sharing the device.", ""]
+             f"reference run {facts['reference_factor']:g}x the costlier proxy's tokens ({facts['reference_tokens'] / 1e6:.1f} M tokens: {facts['reference_steps']} steps of "
+             f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes) at lr {LONG_RUN_LR}; proxies' tokens: {facts['proxy_tokens']}; "
+             f"{facts['workers']} worker processes sharing the device.", ""]
     if timing:
         lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
         for kind, t in timing.items():
@@ -194,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="default", choices=["default", "cpu_small"])
     parser.add_argument("--archs", type=int, default=12)
     parser.add_argument("--arch-seed", type=int, default=0)
-    parser.add_argument("--long-factor", type=int, default=20)
+    parser.add_argument("--reference-factor", type=float, default=20.0, help="reference tokens / the costlier proxy's tokens")
+    parser.add_argument("--reference-batch", type=int, default=256, help="windows per reference step (large: the GPU is launch-bound at small batches)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished jobs of <out>/fidelity.jsonl and run only the rest")
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
     parser.add_argument("--timing", action="store_true", help="first time one candidate per kind, alone on the device")
@@ -210,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     facts = {"date": datetime.date.today().isoformat(), "machine": machine_facts(args.device), "torch": torch.__version__, "python": platform.python_version(),
-             "settings": args.settings, "long_factor": args.long_factor, "workers": args.workers, "archs": args.archs,
-             "steps_scale": args.steps_scale}
+             "settings": args.settings, "workers": args.workers, "archs": args.archs, "steps_scale": args.steps_scale}
+    settings = _settings(args.settings, args.steps_scale)
+    reference = reference_settings(settings, args.reference_factor, args.reference_batch)
+    facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_steps=reference.lm_steps,
+                 reference_tokens=reference.lm_steps * reference.lm_batch_size * reference.lm_seq_len, lm_seq_len=reference.lm_seq_len,
+                 proxy_tokens=proxy_tokens(settings), settings_key=settings.key)
     (out / "facts.json").write_text(json.dumps(facts, indent=1))
     print(json.dumps(facts), flush=True)
 
@@ -220,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = {}
         for kind in ("mad", "lm"):
             row = run_job({"arch": "LFM2-350M", "stage": kind, "spec": presets["LFM2-350M"].to_dict(), "settings": args.settings, "device": args.device,
-                           "threads": args.threads, "long_factor": args.long_factor, "steps_scale": args.steps_scale})
+                           "threads": args.threads, "steps_scale": args.steps_scale})
             timing[kind] = row
             print("timing", json.dumps(row), flush=True)
         (out / "timing.json").write_text(json.dumps(timing, indent=1))
@@ -229,10 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     # architecture by architecture (its longest stage first): a run cut short by the deadline
     # leaves whole architectures, not a stage of each
     jobs = [{"arch": name, "stage": stage, "spec": spec.to_dict(), "settings": args.settings, "device": args.device, "threads": args.threads,
-             "long_factor": args.long_factor, "steps_scale": args.steps_scale}
+             "reference_factor": args.reference_factor, "reference_batch": args.reference_batch, "steps_scale": args.steps_scale}
             for name, spec in architectures(args.archs, args.arch_seed) for stage in stages]
     rows: list[dict] = []
-    log = (out / "fidelity.jsonl").open("a")
+    log_path = out / "fidelity.jsonl"
+    if args.resume and log_path.exists():
+        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        done = {(row["arch"], row["stage"], row["spec_key"]) for row in rows if row.get("ok")}
+        jobs = [job for job in jobs if (job["arch"], job["stage"], ArchSpec.from_dict(job["spec"]).key) not in done]
+        print(f"resume: {len(done)} finished jobs kept, {len(jobs)} to run", flush=True)
+    elif log_path.exists():
+        log_path.unlink()  # a fresh run: rows of an earlier one would mix settings
+    log = log_path.open("a")
 
     def keep(row: dict) -> None:
         rows.append(row)

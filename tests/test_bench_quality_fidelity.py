@@ -1,0 +1,51 @@
+"""bench/quality_fidelity.py: the reference is sized from the proxies' real token counts, and
+a run cut short continues with --resume instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import quality_fidelity as fidelity  # noqa: E402
+
+from nas.quality import QualitySettings  # noqa: E402
+
+
+def test_proxy_tokens_count_every_learning_rate_of_the_sweep():
+    s = QualitySettings.default()
+    sweep = round(s.mad_steps * s.sweep_fraction)
+    mad_steps = len(s.learning_rates) * sweep + (s.mad_steps - sweep)
+    lm_sweep = round(s.lm_steps * s.sweep_fraction)
+    lm_steps = len(s.learning_rates) * lm_sweep + (s.lm_steps - lm_sweep)
+    assert fidelity.proxy_tokens(s) == {"mad": mad_steps * s.mad_batch_size * s.task_config.seq_len, "lm": lm_steps * s.lm_batch_size * s.lm_seq_len}
+    one_rate = s.replace(learning_rates=(1e-3,))
+    assert fidelity.proxy_tokens(one_rate)["mad"] == s.mad_steps * s.mad_batch_size * s.task_config.seq_len
+
+
+def test_the_reference_sees_at_least_the_factor_times_the_costlier_proxy():
+    s = QualitySettings.default()
+    for factor, batch in ((20, 256), (20, 100), (2.5, 64)):
+        ref = fidelity.reference_settings(s, factor, batch)
+        tokens = ref.lm_steps * ref.lm_batch_size * ref.lm_seq_len
+        assert factor * max(fidelity.proxy_tokens(s).values()) <= tokens < factor * max(fidelity.proxy_tokens(s).values()) + batch * s.lm_seq_len
+        assert ref.learning_rates == (fidelity.LONG_RUN_LR,) and ref.lm_batch_size == batch
+
+
+def test_a_run_resumes_from_its_log(tmp_path):
+    argv = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--stages", "long,lm", "--reference-factor", "2",
+            "--reference-batch", "8", "--steps-scale", "0.1", "--workers", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert fidelity.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(row["ok"] for row in rows)
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["reference_tokens"] >= 2 * max(facts["proxy_tokens"].values())
+    # drop one finished job, as if the run had been cut short: --resume runs only that one
+    (tmp_path / "fidelity.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))
+    assert fidelity.main([*argv, "--resume"]) == 0
+    again = [json.loads(line) for line in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert len(again) == 6 and again[:5] == rows[:5]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_lm_bpb"] == 3 and len(summary["pairs"]) == 3
