@@ -2,9 +2,11 @@
 report tokens/s, MFU and the loss curves (issue 9's "train the winners" run).
 
     python bench/train_h200.py --out runs --steps 150 --time-limit 200
+    python bench/train_h200.py --archs LFM2-350M,exports/lfm2-350m-class/trial-0007 ...
 
-Each architecture is built with our seeded initialisation, saved as a Hugging Face folder,
-and trained by `lfm2.train.train` (AdamW, warm-up + cosine, bf16 autocast, byte-level
+Each architecture is a preset name -- built with our seeded initialisation and saved as a
+Hugging Face folder -- or a folder that `lfm2-nas export --to hf` wrote (a search's winner,
+trained as exported); each is trained by `lfm2.train.train` (AdamW, warm-up + cosine, bf16 autocast, byte-level
 stdlib corpus); the summaries and loss logs land in OUT/<name>-trained/train/.
 """
 
@@ -17,14 +19,14 @@ import time
 from pathlib import Path
 
 from lfm2 import build_model, presets
-from lfm2.hf_io import save_hf_folder
+from lfm2.hf_io import read_spec, save_hf_folder
 from lfm2.train import TrainConfig, train
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs")
-    parser.add_argument("--archs", default="LFM2-350M,LFM2-350M-attn", help="preset names, comma-separated")
+    parser.add_argument("--archs", default="LFM2-350M,LFM2-350M-attn", help="preset names or exported HF folders, comma-separated")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-tokens", type=int, default=131072)
@@ -36,12 +38,18 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     results = []
-    for name in args.archs.split(","):
-        spec = presets[name]
-        folder = out / name
-        if folder.exists():
-            shutil.rmtree(folder)
-        save_hf_folder(build_model(spec, seed=0), folder, provenance={"preset": name})
+    for arch in args.archs.split(","):
+        if arch in presets:
+            name, spec = arch, presets[arch]
+            folder = out / name
+            if folder.exists():
+                shutil.rmtree(folder)
+            save_hf_folder(build_model(spec, seed=0), folder, provenance={"preset": name})
+        elif (Path(arch) / "config.json").is_file():
+            folder = Path(arch)
+            name, spec = folder.name, read_spec(folder)
+        else:
+            raise SystemExit(f"--archs: {arch!r} is neither a preset ({', '.join(sorted(presets))}) nor a folder with a config.json")
         config = TrainConfig(
             steps=args.steps, corpus="stdlib", tokenizer="bytes", seq_len=args.seq_len, batch_tokens=args.batch_tokens,
             micro_batch_tokens=args.micro_batch_tokens, lr=args.lr, device=args.device, time_limit_s=args.time_limit,
