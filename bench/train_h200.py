@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lfm2 import build_model, presets
-from lfm2.hf_io import read_spec, save_hf_folder
+from lfm2.hf_io import read_provenance, read_spec, save_hf_folder
 from lfm2.train import TrainConfig, train
 
 
@@ -48,6 +48,15 @@ def main() -> None:
         elif (Path(arch) / "config.json").is_file():
             folder = Path(arch)
             name, spec = folder.name, read_spec(folder)
+            if not (folder / "model.safetensors").is_file():
+                # shipped without its weights (a 350M model is 1.4 GB: too big to carry): rebuild
+                # the export's seeded initialisation, which is what `export --to hf` wrote
+                provenance = read_provenance(folder)
+                seed = (provenance.get("init") or {}).get("seed", 0)
+                folder = out / name
+                if folder.exists():
+                    shutil.rmtree(folder)
+                save_hf_folder(build_model(spec, seed=seed), folder, provenance={**provenance, "weights": f"rebuilt by bench/train_h200.py with seed {seed}"})
         else:
             raise SystemExit(f"--archs: {arch!r} is neither a preset ({', '.join(sorted(presets))}) nor a folder with a config.json")
         config = TrainConfig(
