@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from devices.artifact import MANIFEST, Artifact, ArtifactError, artifact_key, check_backend_quant, write_manifest
+from devices.artifact import MANIFEST, Artifact, ArtifactError, artifact_key, check_backend_quant, toolchain_versions, write_manifest
 from devices.backends import backend_module, open_runner
 from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
@@ -53,6 +53,14 @@ class CompileError(UserError):
         self.cause = cause
         detail = f": {type(cause).__name__}: {_first_lines(str(cause))}" if cause is not None else ""
         super().__init__(f"compile failed at stage {stage!r}: {message}{detail}")
+
+
+class CachedCompileError(CompileError):
+    """This request failed before with the same toolchain (see `compile`'s `retry_failed`)."""
+
+    def __init__(self, stage: str, text: str):
+        self.stage, self.cause = stage, None
+        UserError.__init__(self, text)
 
 
 class VerificationError(CompileError):
@@ -143,10 +151,16 @@ def compile(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     verify: bool = True,
+    retry_failed: bool = False,
 ) -> Artifact:
     """Compile `spec` for `backend` at `quant` with K/V buffers for `max_context` tokens
     and one static prefill graph per prompt length; cached, and checked against eager
-    unless `verify=False`. Raises `CompileError` (with `.stage`) when it cannot."""
+    unless `verify=False`. Raises `CompileError` (with `.stage`) when it cannot.
+
+    A failure that would repeat (the toolchain refused the model, or the artifact disagrees
+    with eager) is cached too, per toolchain versions, so a search does not spend minutes
+    failing the same candidate again; `retry_failed=True` compiles anyway. Failures that
+    may not repeat (out of memory, a signal, a full disk) are not cached."""
     lengths = check_request(spec, backend, quant, max_context, prompt_lengths)
     key = artifact_key(spec, backend, quant, max_context, lengths)
     name = key if seed == 0 else f"{key}-seed{seed}"
@@ -154,7 +168,10 @@ def compile(
     artifacts = root / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     final = artifacts / name
+    failure_path = artifacts / f".{name}.failed.json"
     with _locked(artifacts / f".{name}.lock"):
+        if not retry_failed:
+            _raise_cached_failure(failure_path, verify)
         if (final / MANIFEST).is_file():
             try:
                 artifact = Artifact.load(final)
@@ -167,6 +184,10 @@ def compile(
                 return artifact
         elif final.exists():
             shutil.rmtree(final)  # no manifest: an incomplete folder from outside compile
+        # Work folders of this artifact are only made under its lock, which is ours now: any
+        # left are from a compile that was killed (a search stopped with SIGKILL, an OOM).
+        for leftover in artifacts.glob(f".tmp-{name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=artifacts))
         try:
             start = time.perf_counter()
@@ -177,10 +198,47 @@ def compile(
                 artifact.manifest["verification"] = verify_against_eager(artifact, seed)
                 _rewrite_manifest(artifact)
             os.rename(tmp, final)
+        except CompileError as exc:
+            if _repeatable(exc):
+                _record_failure(failure_path, exc)
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return Artifact.load(final)
+
+
+def _repeatable(exc: CompileError) -> bool:
+    """Would compiling again fail the same way? Not after running out of memory or disk."""
+    cause = exc.cause
+    while cause is not None:
+        if isinstance(cause, (MemoryError, OSError, KeyboardInterrupt)):
+            return False
+        cause = cause.__cause__
+    return True
+
+
+def _record_failure(path: Path, exc: CompileError) -> None:
+    record = {"stage": exc.stage, "error": str(exc), "toolchain": toolchain_versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if isinstance(exc, VerificationError):
+        record["report"] = exc.report
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _raise_cached_failure(path: Path, verify: bool) -> None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if record.get("toolchain") != toolchain_versions():
+        path.unlink(missing_ok=True)  # another toolchain may compile it: try again
+        return
+    if record.get("stage") == "verify" and not verify:
+        return  # it compiled; only the check failed, and it is not asked for
+    raise CachedCompileError(record.get("stage", "?"), f"{record.get('error')} [cached: this request failed the same way on {record.get('when')} "
+                             f"with this toolchain; retry_failed=True, or deleting {path}, compiles it again]")
 
 
 # -- the check against eager --------------------------------------------------------------

@@ -172,3 +172,74 @@ def test_eager_compile_does_not_import_executorch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _wrong_seed_export(monkeypatch):
+    """Make the eager backend build an artifact that fails the check (seed + 1 weights)."""
+    import devices.backends.eager as eager
+
+    real_export = eager.export
+    calls = []
+
+    def wrong_seed(spec, quant, max_context, prompt_lengths, out_dir, seed):
+        calls.append(spec.key)
+        return real_export(spec, quant, max_context, prompt_lengths, out_dir, seed + 1)
+
+    monkeypatch.setattr(eager, "export", wrong_seed)
+    return calls
+
+
+def test_a_failure_that_would_repeat_is_cached_per_toolchain(tmp_path, monkeypatch):
+    from devices.compile import CachedCompileError
+
+    calls = _wrong_seed_export(monkeypatch)
+    with pytest.raises(VerificationError):
+        compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert len(calls) == 1
+    with pytest.raises(CachedCompileError, match="cached: this request failed the same way.*retry_failed=True") as info:
+        compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert info.value.stage == "verify" and "disagrees with eager" in str(info.value) and len(calls) == 1  # no second export
+    with pytest.raises(VerificationError):
+        compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path, retry_failed=True)
+    assert len(calls) == 2
+    # only the check failed: a compile that does not ask for it still gets its artifact
+    assert compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path, verify=False).manifest["verification"] is None
+    # another toolchain may do better: a record of another version is dropped and compiled again
+    record_path = next((tmp_path / "artifacts").glob(".*.failed.json"))
+    record = json.loads(record_path.read_text())
+    record["toolchain"] = {**record["toolchain"], "torch": "0.0.1"}
+    record_path.write_text(json.dumps(record))
+    monkeypatch.undo()
+    import shutil
+
+    shutil.rmtree(next(p for p in (tmp_path / "artifacts").iterdir() if not p.name.startswith(".")))  # the unverified artifact
+    assert compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path).manifest["verification"]["passed"]
+    assert not record_path.exists()
+
+
+def test_running_out_of_memory_is_not_cached(tmp_path, monkeypatch):
+    import devices.backends.eager as eager
+    from devices.compile import Stages
+
+    def out_of_memory(spec, quant, max_context, prompt_lengths, out_dir, seed):
+        with Stages()("export"):
+            raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(eager, "export", out_of_memory)
+    with pytest.raises(CompileError, match="MemoryError"):
+        compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert not list((tmp_path / "artifacts").glob(".*.failed.json"))
+    monkeypatch.undo()
+    assert compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path).manifest["verification"]["passed"]
+
+
+def test_work_folders_of_a_killed_compile_are_removed(tmp_path):
+    from devices.artifact import artifact_key
+
+    key = artifact_key(SPEC, "eager", "fp32", 64, (16,))
+    leftover = tmp_path / "artifacts" / f".tmp-{key}-abc123"
+    (leftover / "partial").mkdir(parents=True)
+    other = tmp_path / "artifacts" / ".tmp-someotherkey-xyz"  # another artifact's: its compile may be running
+    other.mkdir()
+    compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
+    assert not leftover.exists() and other.exists()
