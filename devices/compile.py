@@ -181,6 +181,8 @@ def compile(
                 if verify and not artifact.manifest.get("verification"):
                     artifact.manifest["verification"] = verify_against_eager(artifact, seed)
                     _rewrite_manifest(artifact)
+                with contextlib.suppress(OSError):  # the last use, for `lfm2-nas cache prune` (LRU)
+                    os.utime(final / MANIFEST)
                 return artifact
         elif final.exists():
             shutil.rmtree(final)  # no manifest: an incomplete folder from outside compile
