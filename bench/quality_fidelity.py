@@ -142,7 +142,7 @@ def run_job(job: dict) -> dict:
         kind = job["stage"]
     started = time.perf_counter()
     try:
-        result = score(spec, kind, device=job["device"], settings=settings, seed=0)
+        result = score(spec, kind, device=job["device"], settings=settings, seed=0, compile=job.get("compile", False))
     except Exception as exc:  # a failed job is a row, not a crashed benchmark
         return {**_job_facts(job), "ok": False, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - started}
     d = result.detail
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch-seed", type=int, default=0)
     parser.add_argument("--reference-factor", type=float, default=20.0, help="reference tokens / the costlier proxy's tokens")
     parser.add_argument("--reference-batch", type=int, default=256, help="windows per reference step (large: the GPU is launch-bound at small batches)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each proxy block (faster on a GPU; same scores up to rounding)")
     parser.add_argument("--resume", action="store_true", help="keep the finished jobs of <out>/fidelity.jsonl and run only the rest")
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     facts = {"date": datetime.date.today().isoformat(), "machine": machine_facts(args.device), "torch": torch.__version__, "python": platform.python_version(),
-             "settings": args.settings, "workers": args.workers, "archs": args.archs, "steps_scale": args.steps_scale}
+             "settings": args.settings, "workers": args.workers, "archs": args.archs, "steps_scale": args.steps_scale, "compile": args.compile}
     settings = _settings(args.settings, args.steps_scale)
     reference = reference_settings(settings, args.reference_factor, args.reference_batch)
     facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_steps=reference.lm_steps,
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = {}
         for kind in ("mad", "lm"):
             row = run_job({"arch": "LFM2-350M", "stage": kind, "spec": presets["LFM2-350M"].to_dict(), "settings": args.settings, "device": args.device,
-                           "threads": args.threads, "steps_scale": args.steps_scale})
+                           "threads": args.threads, "steps_scale": args.steps_scale, "compile": args.compile})
             timing[kind] = row
             print("timing", json.dumps(row), flush=True)
         (out / "timing.json").write_text(json.dumps(timing, indent=1))
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # architecture by architecture (its longest stage first): a run cut short by the deadline
     # leaves whole architectures, not a stage of each
     jobs = [{"arch": name, "stage": stage, "spec": spec.to_dict(), "settings": args.settings, "device": args.device, "threads": args.threads,
-             "reference_factor": args.reference_factor, "reference_batch": args.reference_batch, "steps_scale": args.steps_scale}
+             "reference_factor": args.reference_factor, "reference_batch": args.reference_batch, "steps_scale": args.steps_scale, "compile": args.compile}
             for name, spec in architectures(args.archs, args.arch_seed) for stage in stages]
     rows: list[dict] = []
     log_path = out / "fidelity.jsonl"

@@ -104,3 +104,14 @@ def test_cli_names_a_bad_architecture_and_exits_2(capsys):
         main(["quality", "no-such-preset"])
     assert exit_info.value.code == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on a CPU: ~2 minutes
+def test_compiled_blocks_give_the_same_score_up_to_rounding():
+    # torch.compile fuses kernels; in fp32 on a CPU the rounding barely differs, so neither does
+    # the curve (under bf16 on a GPU it can: see score's docstring)
+    eager = score(SPEC, "mad", settings=TINY, seed=0)
+    compiled = score(SPEC, "mad", settings=TINY, seed=0, compile=True)
+    assert compiled.detail["compiled"] and not eager.detail["compiled"] and compiled.key == eager.key
+    for (step_a, value_a), (step_b, value_b) in zip(eager.detail["curve"], compiled.detail["curve"]):
+        assert step_a == step_b and value_a == pytest.approx(value_b, abs=0.03)

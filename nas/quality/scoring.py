@@ -82,6 +82,16 @@ def _device_name(dev: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
+def _maybe_compiled(model: nn.Module, compile: bool) -> nn.Module:
+    # Blocks, not the whole model: the final norm keeps its forward hook (the MAD
+    # compression decoder reads the hidden state through it) outside the compiled graphs,
+    # and blocks of one kind and shape share one compiled graph.
+    if compile:
+        for layer in model.layers:
+            layer.compile()
+    return model
+
+
 def score(
     spec: ArchSpec,
     kind: str = "mad",
@@ -90,6 +100,7 @@ def score(
     settings: QualitySettings | None = None,
     seed: int = 0,
     report: Callable[[int, float], Any] | None = None,
+    compile: bool = False,
 ) -> QualityResult:
     """Build the proxy of `spec`, train it under `settings`, return its score.
 
@@ -97,6 +108,13 @@ def score(
     after the learning-rate sweep, then every `settings.eval_every` steps. If it returns
     something truthy, training stops there and the result is that last value, with
     `detail["stopped_early"] = True`.
+
+    `compile=True` runs each block of the proxy through `torch.compile` (fused kernels: a
+    proxy step on a GPU is bound by launching thousands of small kernels, not by the GPU).
+    On an H200 the MAD proxy's steps ran 2.0x and the LM task's 1.4x faster once compiled
+    (~30 s of compiling per process). It is not in the key: like the device, it changes the
+    rounding, not the recipe -- but under bf16 a rounding change moves a short MAD run's
+    score about as much as another seed would (0.136 eager vs 0.185 compiled, 400 steps).
 
     `detail`: `proxy_spec` (dict), `proxy_parameters`, `lr` (chosen), `sweep` (value of
     each rate when the sweep ended), `steps` (of the chosen rate), `steps_trained` (all
@@ -126,7 +144,7 @@ def score(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 decoder = CompressionDecoder(proxy.d_model, proxy.vocab_size, config.compress_tokens)
-            return nn.ModuleDict({"model": build_model(proxy, device=dev, seed=seed), "decoder": decoder.to(dev)})
+            return nn.ModuleDict({"model": _maybe_compiled(build_model(proxy, device=dev, seed=seed), compile), "decoder": decoder.to(dev)})
 
     else:
         from lfm2.corpus import BYTE_VOCAB_SIZE, stdlib_corpus
@@ -139,7 +157,7 @@ def score(
         steps, worst = settings.lm_steps, -UNIFORM_BPB
 
         def build(lr: float) -> nn.ModuleDict:
-            return nn.ModuleDict({"model": build_model(proxy, device=dev, seed=seed)})
+            return nn.ModuleDict({"model": _maybe_compiled(build_model(proxy, device=dev, seed=seed), compile)})
 
     sweep = train_sweep(
         build, task, steps=steps, learning_rates=settings.learning_rates, sweep_fraction=settings.sweep_fraction,
@@ -163,6 +181,7 @@ def score(
         "stopped_early": sweep.stopped_early,
         "diverged": best.diverged,
         "device": _device_name(dev),
+        "compiled": compile,
         "settings": settings.name,
         "settings_key": settings.key,
         "seed": seed,
