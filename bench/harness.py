@@ -194,26 +194,56 @@ def _compile_worker(spec_dict: dict, backend: str, quant: str, max_context: int,
     return {"ok": True, "path": str(artifact.path), "compile_s": artifact.manifest.get("compile_s"), "wall_s": time.perf_counter() - start}
 
 
+#: Peak memory of exporting a model, as a multiple of its fp32 weights, plus a fixed part.
+#: Measured here: ExecuTorch 8da4w of a 0.6B model peaked at ~12 GB (OOM-killed beside a
+#: second compile), ONNX int8 of LFM2-350M at ~6 GB.
+COMPILE_MEMORY_FACTOR = 6.0
+COMPILE_MEMORY_FIXED = 1 << 30
+
+
+def compile_memory_estimate(spec) -> int:
+    from search_space.costs import parameters
+
+    return int(COMPILE_MEMORY_FACTOR * 4 * parameters(spec) + COMPILE_MEMORY_FIXED)
+
+
+def _compile_isolated(call: tuple, worker=None) -> dict[str, Any]:
+    """One compile in a fresh process: if the OS kills it (out of memory), that is a failed
+    row for this artifact, not a crash of the whole benchmark."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import get_context
+
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        try:
+            return pool.submit(worker or _compile_worker, *call).result()
+        except BrokenProcessPool:
+            return {"ok": False, "error": "the compile process died (killed by the OS: most likely out of memory)", "wall_s": time.perf_counter() - start}
+
+
 def precompile(jobs, protocol, *, cache_dir: Path | None = None, workers: int | None = None, verify: bool = False) -> list[dict[str, Any]]:
     """Compile every (spec, backend, quant) of `jobs` into the cache before anything is
     measured, `workers` at a time (default: one per usable core; compiling is mostly
-    single-threaded Python), so that the measurements that follow find their artifacts
+    single-threaded Python) but no more than the free memory holds (`compile_memory_estimate`
+    of the largest job each), so that the measurements that follow find their artifacts
     ready and own the cores alone. Returns one result per job (`ok`, `wall_s`, `error`).
     The check against eager is left to `compile_and_measure` (`verify=False`), which
     records its outcome instead of discarding a compiled artifact that fails it."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
 
     jobs = list(jobs)
     if not jobs:
         return []
-    workers = max(1, min(workers or usable_cores(), len(jobs)))
+    largest = max(compile_memory_estimate(spec) for spec, _, _ in jobs)
+    fit = max(1, int(psutil.virtual_memory().available // largest))
+    workers = max(1, min(workers or usable_cores(), len(jobs), fit))
     calls = [(spec.to_dict(), backend, quant, protocol.max_context, tuple(protocol.prompt_lengths), str(cache_dir) if cache_dir else None, verify) for spec, backend, quant in jobs]
-    log(f"[bench] compiling {len(calls)} artifact(s), {workers} at a time (cached ones return at once)")
-    if workers == 1:
-        return [_compile_worker(*call) for call in calls]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_compile_worker, *zip(*calls)))
+    log(f"[bench] compiling {len(calls)} artifact(s), {workers} at a time (cached ones return at once; the largest may need ~{largest / 2**30:.1f} GiB)")
+    with ThreadPoolExecutor(max_workers=workers) as threads:  # each compile in its own process
+        return list(threads.map(_compile_isolated, calls))
 
 
 def measured_ms(result: dict[str, Any], kind: str, point: int) -> float | None:

@@ -1,0 +1,29 @@
+"""bench.harness.precompile: compiles in separate processes, sized to the free memory, and a
+compile the OS kills is a failed row, not a crashed benchmark."""
+
+from __future__ import annotations
+
+import os
+
+from bench.harness import _compile_isolated, compile_memory_estimate, precompile
+from devices.protocol import Protocol
+from lfm2.presets import presets
+from lfm2.spec import ArchSpec
+
+TINY = ArchSpec(vocab_size=256, d_model=32, layers=("conv", "attn"), n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=256)
+
+
+def test_precompile_fills_the_cache(tmp_path):
+    protocol = Protocol(prompt_lengths=(8,), decode_depths=(8,), decode_tokens=2)
+    rows = precompile([(TINY, "eager", "fp32"), (TINY.replace(d_model=64, ffn_dim=128), "eager", "fp32")], protocol, cache_dir=tmp_path, workers=2)
+    assert [row["ok"] for row in rows] == [True, True] and all(os.path.isdir(row["path"]) for row in rows)
+
+
+def test_a_killed_compile_is_a_failed_row():
+    row = _compile_isolated((1,), worker=os._exit)  # the process ends abruptly, as under the OOM killer
+    assert row["ok"] is False and "killed" in row["error"]
+
+
+def test_the_memory_estimate_grows_with_the_model():
+    small, large = compile_memory_estimate(TINY), compile_memory_estimate(presets["LFM2-350M"])
+    assert small < 2 << 30 < 8 << 30 < large
