@@ -222,9 +222,12 @@ def machine_markdown(facts: dict[str, Any], load_before: Sequence[float], load_a
     shown = ", ".join(f"{k} {versions[k]}" for k in ("python", "torch", "executorch", "torchao", "onnxruntime", "numpy", "optuna", "scipy") if k in versions)
     flags = ", ".join(facts.get("cpu_flags") or []) or "unknown"
     cores = facts["usable_cores"]
-    busy = max(list(load_before[:1]) + list(load_after[:1]) or [0.0])
+    # Judged on the load before the run only: the run itself keeps the cores busy, so the
+    # load after it says nothing about other work (a benchmark run just before still shows
+    # in the 1-minute average for a minute or two).
+    busy = float(load_before[0]) if len(load_before) else 0.0
     note = (
-        f" **Other work was running** (1-minute load above the {cores} cores): absolute timings are pessimistic and noisy; ratios measured side by side are the robust figures."
+        f" **Other work was running** (1-minute load {busy:g} before the run, on {cores} cores): absolute timings are pessimistic and noisy; ratios measured side by side are the robust figures."
         if busy > cores * 0.75
         else ""
     )

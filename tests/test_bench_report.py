@@ -59,3 +59,13 @@ def test_markdown_table_checks_row_width():
     assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
     with pytest.raises(ValueError):
         markdown_table(["a", "b"], [[1]])
+
+
+def test_other_work_is_judged_by_the_load_before_the_run_only():
+    from bench.report import machine_markdown
+
+    facts = {"versions": {"python": "3.11"}, "cpu_flags": ["avx2"], "usable_cores": 2, "logical_cores": 2, "cpu_model": "cpu", "memory_bytes": 2**34, "os": "linux"}
+    quiet = machine_markdown(facts, load_before=(0.3, 0.5, 0.6), load_after=(2.0, 1.2, 0.9))  # the run itself loaded both cores
+    assert "Other work" not in quiet
+    busy = machine_markdown(facts, load_before=(3.5, 3.0, 2.0), load_after=(2.0, 2.0, 2.0))
+    assert "**Other work was running** (1-minute load 3.5 before the run" in busy
