@@ -105,13 +105,10 @@ def _settings(name: str, steps_scale: float = 1.0):
 def proxy_tokens(settings) -> dict[str, int]:
     """Tokens each proxy trains on, over all learning rates of its sweep (what the reference is
     measured against: a reference "20x longer" sees 20x the tokens of the costlier proxy)."""
-    rates = len(settings.learning_rates)
+    from nas.quality.training import steps_over_all_rates
 
     def total_steps(steps: int) -> int:
-        if rates == 1:
-            return steps
-        sweep = max(1, round(steps * settings.sweep_fraction))
-        return rates * sweep + (steps - sweep)
+        return steps_over_all_rates(steps, len(settings.learning_rates), settings.sweep_fraction)
 
     n_tasks = len(settings.tasks)
     mad_per_step = (settings.mad_batch_size // n_tasks) * n_tasks * settings.task_config.seq_len
@@ -222,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch-seed", type=int, default=0)
     parser.add_argument("--reference-factor", type=float, default=20.0, help="reference tokens / the costlier proxy's tokens")
     parser.add_argument("--reference-batch", type=int, default=256, help="windows per reference step (large: the GPU is launch-bound at small batches)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each proxy block (faster on a GPU; same scores up to rounding)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each proxy block (faster on a GPU; under bf16 it changes rounding, which moves short MAD scores as a seed would)")
     parser.add_argument("--resume", action="store_true", help="keep the finished jobs of <out>/fidelity.jsonl and run only the rest")
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
@@ -239,12 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     facts = {"date": datetime.date.today().isoformat(), "machine": machine_facts(args.device), "torch": torch.__version__, "python": platform.python_version(),
-             "settings": args.settings, "workers": args.workers, "archs": args.archs, "steps_scale": args.steps_scale, "compile": args.compile}
+             "settings": args.settings, "workers": args.workers, "archs": args.archs, "arch_seed": args.arch_seed, "steps_scale": args.steps_scale, "compile": args.compile}
     settings = _settings(args.settings, args.steps_scale)
     reference = reference_settings(settings, args.reference_factor, args.reference_batch)
     facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_steps=reference.lm_steps,
                  reference_tokens=reference.lm_steps * reference.lm_batch_size * reference.lm_seq_len, lm_seq_len=reference.lm_seq_len,
                  proxy_tokens=proxy_tokens(settings), settings_key=settings.key)
+    if args.resume and (out / "facts.json").is_file():
+        earlier = json.loads((out / "facts.json").read_text())
+        changed = [k for k in ("settings_key", "reference_tokens", "reference_batch", "arch_seed") if earlier.get(k) != facts.get(k)]
+        if changed:  # rows of two recipes would be ranked as one
+            raise SystemExit(f"--resume: {out} holds a run with other {', '.join(changed)} ({', '.join(f'{k}={earlier.get(k)!r}' for k in changed)}); "
+                             f"give the same settings, or another --out for a new run")
     (out / "facts.json").write_text(json.dumps(facts, indent=1))
     print(json.dumps(facts), flush=True)
 

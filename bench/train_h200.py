@@ -23,6 +23,13 @@ from lfm2.hf_io import read_provenance, read_spec, save_hf_folder
 from lfm2.train import TrainConfig, train
 
 
+def initial_folder(folder: Path, spec, seed: int, provenance: dict) -> Path:
+    """A fresh Hugging Face folder holding `spec` with our seeded initialisation."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    return save_hf_folder(build_model(spec, seed=seed), folder, provenance=provenance)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs")
@@ -41,10 +48,7 @@ def main() -> None:
     for arch in args.archs.split(","):
         if arch in presets:
             name, spec = arch, presets[arch]
-            folder = out / name
-            if folder.exists():
-                shutil.rmtree(folder)
-            save_hf_folder(build_model(spec, seed=0), folder, provenance={"preset": name})
+            folder = initial_folder(out / name, spec, 0, {"preset": name})
         elif (Path(arch) / "config.json").is_file():
             folder = Path(arch)
             name, spec = folder.name, read_spec(folder)
@@ -53,10 +57,7 @@ def main() -> None:
                 # the export's seeded initialisation, which is what `export --to hf` wrote
                 provenance = read_provenance(folder)
                 seed = (provenance.get("init") or {}).get("seed", 0)
-                folder = out / name
-                if folder.exists():
-                    shutil.rmtree(folder)
-                save_hf_folder(build_model(spec, seed=seed), folder, provenance={**provenance, "weights": f"rebuilt by bench/train_h200.py with seed {seed}"})
+                folder = initial_folder(out / name, spec, seed, {**provenance, "weights": f"rebuilt by bench/train_h200.py with seed {seed}"})
         else:
             raise SystemExit(f"--archs: {arch!r} is neither a preset ({', '.join(sorted(presets))}) nor a folder with a config.json")
         config = TrainConfig(

@@ -10,18 +10,18 @@ kept, since they are small and cost minutes each.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from devices.artifact import MANIFEST
+from devices.compile import WORK_PREFIX, artifact_lock, artifact_of_work_folder, lock_path
 from lfm2.errors import UserError
+from lfm2.spec import ArchSpec
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -63,9 +63,8 @@ def _describe(path: Path) -> CachedArtifact:
         try:
             manifest = json.loads(manifest_path.read_text())
             backend, quant = manifest.get("backend"), manifest.get("quant")
-            layers = (manifest.get("spec") or {}).get("layers") or []
-            layout = "".join({"conv": "C", "attn": "A", "swa": "S"}.get(kind, "?") for kind in layers) or None
-        except (OSError, json.JSONDecodeError):
+            layout = ArchSpec.from_dict(manifest["spec"]).layout
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             complete = False
     stamp = manifest_path if manifest_path.is_file() else path
     return CachedArtifact(path.name, path, _folder_bytes(path), stamp.stat().st_mtime, backend, quant, layout, complete)
@@ -77,29 +76,6 @@ def list_artifacts(cache_dir: Path) -> list[CachedArtifact]:
     if not root.is_dir():
         return []
     return sorted((_describe(p) for p in root.iterdir() if p.is_dir()), key=lambda a: a.last_used)
-
-
-def _lock_name(artifact: CachedArtifact) -> str:
-    name = artifact.name
-    if name.startswith(".tmp-"):  # .tmp-<name>-<random>: the work folder of <name>'s compile
-        name = name[len(".tmp-"):].rsplit("-", 1)[0]
-    return f".{name}.lock"
-
-
-@contextlib.contextmanager
-def _unless_busy(artifact: CachedArtifact) -> Iterator[bool]:
-    """Hold the artifact's compile lock while removing it; yield False if someone holds it."""
-    lock_path = artifact.path.parent / _lock_name(artifact)
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def prune(cache_dir: Path, *, older_than_s: float | None = None, max_bytes: int | None = None, dry_run: bool = False,
@@ -122,7 +98,8 @@ def prune(cache_dir: Path, *, older_than_s: float | None = None, max_bytes: int 
             total -= artifact.bytes
     removed, busy = [], []
     for artifact in chosen:
-        with _unless_busy(artifact) as free:
+        name = artifact_of_work_folder(artifact.name) if artifact.name.startswith(WORK_PREFIX) else artifact.name
+        with artifact_lock(lock_path(artifact.path.parent, name), wait=False) as free:
             if not free:
                 busy.append(artifact)
                 continue

@@ -123,12 +123,31 @@ def check_request(spec: ArchSpec, backend: str, quant: str, max_context: int, pr
     return lengths
 
 
+#: Work folders of a compile are `<artifacts>/.tmp-<name>-<random>`, made under `<name>`'s lock.
+WORK_PREFIX = ".tmp-"
+
+
+def lock_path(artifacts: Path, name: str) -> Path:
+    """The lock a compile (or a prune) of artifact `name` holds while it works on it."""
+    return artifacts / f".{name}.lock"
+
+
+def artifact_of_work_folder(folder_name: str) -> str:
+    """`.tmp-<name>-<random>` -> `<name>` (mkdtemp's random part has no '-')."""
+    return folder_name[len(WORK_PREFIX):].rsplit("-", 1)[0]
+
+
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def artifact_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock at `path`; with `wait=False`, yield False at once if another holds it."""
+    with open(path, "a+") as handle:
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -169,7 +188,7 @@ def compile(
     artifacts.mkdir(parents=True, exist_ok=True)
     final = artifacts / name
     failure_path = artifacts / f".{name}.failed.json"
-    with _locked(artifacts / f".{name}.lock"):
+    with artifact_lock(lock_path(artifacts, name)):
         if not retry_failed:
             _raise_cached_failure(failure_path, verify)
         if (final / MANIFEST).is_file():
@@ -188,9 +207,9 @@ def compile(
             shutil.rmtree(final)  # no manifest: an incomplete folder from outside compile
         # Work folders of this artifact are only made under its lock, which is ours now: any
         # left are from a compile that was killed (a search stopped with SIGKILL, an OOM).
-        for leftover in artifacts.glob(f".tmp-{name}-*"):
+        for leftover in artifacts.glob(f"{WORK_PREFIX}{name}-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=artifacts))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{name}-", dir=artifacts))
         try:
             start = time.perf_counter()
             files, facts = backend_module(backend).export(spec, quant, max_context, lengths, tmp, seed)

@@ -48,7 +48,7 @@ import psutil
 
 from devices.artifact import Artifact, ArtifactError
 from devices.protocol import Limits, Measurement, Protocol
-from devices.stack import device_fingerprint, machine_facts, usable_cpus
+from devices.stack import device_fingerprint, machine_facts, status_kib, usable_cpus
 from lfm2.errors import UserError
 
 #: How often the parent samples the child's RSS when a memory cap is set.
@@ -116,18 +116,6 @@ def _tree_rss(process: psutil.Process) -> int:
         return 0
 
 
-def _child_hwm(pid: int) -> int | None:
-    """VmHWM of process `pid` in bytes (Linux), None where /proc does not give it."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -164,9 +152,9 @@ def supervise(command: list[str], workdir: Path, *, memory_bytes: int | None = N
             if memory_bytes is not None:
                 rss = _tree_rss(watcher)
                 watched = max(watched, rss)
-                hwm = _child_hwm(process.pid)
-                if hwm is not None:
-                    watched_hwm = max(watched_hwm or 0, hwm)
+                hwm_kib = status_kib("VmHWM", process.pid)
+                if hwm_kib is not None:
+                    watched_hwm = max(watched_hwm or 0, hwm_kib * 1024)
                 if rss > memory_bytes:
                     killed_for = "oom"
             if killed_for is None and deadline is not None and time.monotonic() > deadline:

@@ -138,9 +138,10 @@ def thermal_snapshot(cpus: list[int] | None = None) -> dict[str, Any]:
 # -- the process's memory -------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A field of /proc/PID/status in KiB (VmRSS, VmHWM, ...); None where /proc lacks it."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -149,14 +150,14 @@ def _status_kib(field: str) -> int | None:
 
 
 def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     return kib * 1024 if kib is not None else psutil.Process().memory_info().rss
 
 
 def peak_rss_bytes() -> tuple[int, str]:
     """The high-water mark of this process's RSS and where it comes from: VmHWM (which
     `reset_peak_rss` can reset), else ru_maxrss (the whole process lifetime)."""
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     if kib is not None:
         return kib * 1024, "VmHWM"
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

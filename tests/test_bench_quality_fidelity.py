@@ -49,3 +49,17 @@ def test_a_run_resumes_from_its_log(tmp_path):
     assert len(again) == 6 and again[:5] == rows[:5]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_lm_bpb"] == 3 and len(summary["pairs"]) == 3
+
+
+def test_resume_refuses_a_run_of_other_settings(tmp_path):
+    argv = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--stages", "lm", "--reference-factor", "2",
+            "--reference-batch", "8", "--steps-scale", "0.1", "--workers", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert fidelity.main(argv) == 0
+    before = (tmp_path / "fidelity.jsonl").read_text()
+    try:
+        fidelity.main([*argv[:9], "3", *argv[10:], "--resume"])  # another reference factor
+    except SystemExit as exc:
+        assert "reference_tokens" in str(exc) and "another --out" in str(exc)
+    else:
+        raise AssertionError("--resume must refuse rows of another recipe")
+    assert (tmp_path / "fidelity.jsonl").read_text() == before  # nothing lost

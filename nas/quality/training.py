@@ -64,6 +64,17 @@ def _autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
+def sweep_length(steps: int, n_rates: int, sweep_fraction: float) -> int:
+    """Steps every learning rate trains before the best one goes on alone."""
+    return steps if n_rates == 1 else max(1, round(steps * sweep_fraction))
+
+
+def steps_over_all_rates(steps: int, n_rates: int, sweep_fraction: float) -> int:
+    """What a full `train_sweep` trains, summed over its learning rates (no early stop)."""
+    sweep = sweep_length(steps, n_rates, sweep_fraction)
+    return n_rates * sweep + (steps - sweep)
+
+
 @dataclass
 class SweepResult:
     best: Run
@@ -95,7 +106,7 @@ def train_sweep(
     sweep and then every `eval_every` steps; when it returns something truthy, training stops
     and the result is the last evaluation."""
     started = time.perf_counter()
-    sweep_steps = steps if len(learning_rates) == 1 else max(1, round(steps * sweep_fraction))
+    sweep_steps = sweep_length(steps, len(learning_rates), sweep_fraction)
     runs = []
     for lr in learning_rates:
         modules = build(lr)
@@ -162,4 +173,4 @@ def train_sweep(
     return SweepResult(best, sweep_values, curve, steps_trained, stopped, time.perf_counter() - started)
 
 
-__all__ = ["train_sweep", "SweepResult", "Reporter", "lr_at", "make_optimizer"]
+__all__ = ["train_sweep", "SweepResult", "Reporter", "lr_at", "make_optimizer", "sweep_length", "steps_over_all_rates"]
