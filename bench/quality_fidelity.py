@@ -15,8 +15,15 @@ reference's validation loss (so +1 means the proxy orders architectures exactly 
 long run does), with the raw pairs.
 
 Jobs run in `--workers` processes on one device (small models leave a GPU mostly idle
-between kernel launches, so several processes share it well); every finished job is
-appended to `<out>/fidelity.jsonl` at once, so a run cut short keeps what it finished.
+between kernel launches, so several processes share it well), of which `--long-workers`
+run the long reference jobs and the rest the proxies: a reference shared many ways would
+finish late or not at all, so only a few run at once while the short jobs fill the gaps.
+Every finished job is appended to `<out>/fidelity.jsonl` at once, so a run cut short keeps
+what it finished and `--resume` continues it (in another session, too).
+
+`--seed-repeats N` scores the proxies of the first `--repeat-archs` architectures again with
+seeds 1..N: their spread is the proxies' noise floor, to hold against the spread between
+architectures before trusting a ranking.
 
     # the real run (one H200, ~15 min; --resume continues a run cut short):
     python bench/quality_fidelity.py --device cuda --workers 8 --threads 1 --archs 12 --out bench_out
@@ -32,6 +39,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,9 +145,11 @@ def run_job(job: dict) -> dict:
         kind = "lm"
     else:
         kind = job["stage"]
+    if job.get("start_before") is not None and time.time() > job["start_before"]:
+        return {**_job_facts(job), "ok": False, "skipped": True}  # past the deadline: not started, not logged
     started = time.perf_counter()
     try:
-        result = score(spec, kind, device=job["device"], settings=settings, seed=0, compile=job.get("compile", False))
+        result = score(spec, kind, device=job["device"], settings=settings, seed=job.get("seed", 0), compile=job.get("compile", False))
     except Exception as exc:  # a failed job is a row, not a crashed benchmark
         return {**_job_facts(job), "ok": False, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - started}
     d = result.detail
@@ -154,13 +164,43 @@ def run_job(job: dict) -> dict:
 
 
 def _job_facts(job: dict) -> dict:
-    return {"arch": job["arch"], "stage": job["stage"], "layout": ArchSpec.from_dict(job["spec"]).layout, "spec_key": ArchSpec.from_dict(job["spec"]).key}
+    spec = ArchSpec.from_dict(job["spec"])
+    return {"arch": job["arch"], "stage": job["stage"], "seed": job.get("seed", 0), "layout": spec.layout, "spec_key": spec.key}
+
+
+def job_key(row_or_job: dict) -> tuple:
+    spec_key = row_or_job.get("spec_key") or ArchSpec.from_dict(row_or_job["spec"]).key
+    return row_or_job["arch"], row_or_job["stage"], row_or_job.get("seed", 0), spec_key
+
+
+def seed_noise(rows: list[dict]) -> dict:
+    """Per architecture scored under several seeds: each proxy's scores, their spread, and the
+    spread between architectures (seed 0) to hold it against."""
+    scores: dict[str, dict[str, dict[int, float]]] = {}
+    for row in rows:
+        if row.get("ok") and row["stage"] in ("mad", "lm"):
+            value = row["score"] if row["stage"] == "mad" else row["bpb"]
+            scores.setdefault(row["stage"], {}).setdefault(row["arch"], {})[row.get("seed", 0)] = value
+    out: dict[str, dict] = {}
+    for stage, by_arch in scores.items():
+        repeated = {arch: values for arch, values in by_arch.items() if len(values) > 1}
+        if not repeated:
+            continue
+        first = [values[0] for values in by_arch.values() if 0 in values]
+        out[stage] = {
+            "per_arch": {arch: {"scores": [values[k] for k in sorted(values)], "std": float(np.std(list(values.values()), ddof=1)),
+                                "range": float(max(values.values()) - min(values.values()))} for arch, values in repeated.items()},
+            "median_seed_std": float(np.median([float(np.std(list(v.values()), ddof=1)) for v in repeated.values()])),
+            "between_arch_std": float(np.std(first, ddof=1)) if len(first) > 1 else None,
+            "n_archs": len(first),
+        }
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
     by_arch: dict[str, dict] = {}
     for row in rows:
-        if row.get("ok"):
+        if row.get("ok") and row.get("seed", 0) == 0:  # the ranking uses seed 0; other seeds measure noise
             by_arch.setdefault(row["arch"], {"layout": row["layout"]})[row["stage"]] = row
     pairs = []
     for arch, stages in by_arch.items():
@@ -178,6 +218,7 @@ def summarise(rows: list[dict]) -> dict:
             proxy_score = [p[proxy] if proxy == "mad" else -p[proxy] for p in usable]
             out[f"spearman_{proxy}"] = spearman(proxy_score, [-p["long_bpb"] for p in usable])
             out[f"n_{proxy}"] = len(usable)
+    out["seed_noise"] = seed_noise(rows)
     return out
 
 
@@ -200,6 +241,18 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
         mad = f"{p['mad']:.3f}" if p["mad"] is not None else "-"
         lm = f"{p['lm_bpb']:.3f}" if p["lm_bpb"] is not None else "-"
         lines.append(f"| {p['arch']} | `{p['layout']}` | {p['params']:,} | {mad} | {lm} | {p['long_bpb']:.3f} |")
+    noise = summary.get("seed_noise") or {}
+    if noise:
+        lines += ["", "Seed noise (the same architecture's proxy under seeds 0, 1, ...; std over seeds against the std between architectures at seed 0):", "",
+                  "| proxy | architecture | scores by seed | std | range |", "|---|---|---|---:|---:|"]
+        for stage, entry in noise.items():
+            for arch, e in entry["per_arch"].items():
+                lines.append(f"| {stage} | {arch} | {', '.join(f'{v:.3f}' for v in e['scores'])} | {e['std']:.4f} | {e['range']:.4f} |")
+        lines.append("")
+        for stage, entry in noise.items():
+            between = entry["between_arch_std"]
+            lines.append(f"- `{stage}`: median std over seeds {entry['median_seed_std']:.4f}; std between {entry['n_archs']} architectures "
+                         + (f"{between:.4f} (ratio {between / entry['median_seed_std']:.1f})" if between and entry["median_seed_std"] else "-"))
     return "\n".join(lines) + "\n"
 
 
@@ -221,14 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-batch", type=int, default=256, help="windows per reference step (large: the GPU is launch-bound at small batches)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each proxy block (faster on a GPU; under bf16 it changes rounding, which moves short MAD scores as a seed would)")
     parser.add_argument("--resume", action="store_true", help="keep the finished jobs of <out>/fidelity.jsonl and run only the rest")
-    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=6, help="processes in all (1: every job in this process, one after another)")
+    parser.add_argument("--long-workers", type=int, default=2, help="of --workers, how many run the long reference jobs")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
     parser.add_argument("--timing", action="store_true", help="first time one candidate per kind, alone on the device")
     parser.add_argument("--stages", default="long,mad,lm")
+    parser.add_argument("--seed-repeats", type=int, default=0, help="score the proxies of the first --repeat-archs architectures again with seeds 1..N")
+    parser.add_argument("--repeat-archs", type=int, default=3)
     parser.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
+    parser.add_argument("--long-deadline-s", type=float, default=None, help="start no reference job after this many seconds (default: --deadline-s)")
+    parser.add_argument("--stop-s", type=float, default=None, help="drop the jobs still running after this many seconds (default: wait for them)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (smoke runs only)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
+    if args.workers > 1 and not 1 <= args.long_workers < args.workers:
+        parser.error(f"--long-workers {args.long_workers} must be at least 1 and fewer than --workers {args.workers} (the rest run the proxies)")
 
     import torch
 
@@ -262,54 +322,69 @@ def main(argv: list[str] | None = None) -> int:
         (out / "timing.json").write_text(json.dumps(timing, indent=1))
 
     stages = [stage for stage in args.stages.split(",") if stage]
-    # architecture by architecture (its longest stage first): a run cut short by the deadline
-    # leaves whole architectures, not a stage of each
-    jobs = [{"arch": name, "stage": stage, "spec": spec.to_dict(), "settings": args.settings, "device": args.device, "threads": args.threads,
-             "reference_factor": args.reference_factor, "reference_batch": args.reference_batch, "steps_scale": args.steps_scale, "compile": args.compile}
-            for name, spec in architectures(args.archs, args.arch_seed) for stage in stages]
+    def wall_clock_at(seconds: float | None) -> float | None:  # jobs run in other processes: they compare against time.time()
+        return None if seconds is None else time.time() + seconds - (time.perf_counter() - started)
+
+    start_before = wall_clock_at(args.deadline_s)
+    long_start_before = wall_clock_at(args.long_deadline_s) if args.long_deadline_s is not None else start_before
+    archs = architectures(args.archs, args.arch_seed)
+    common = {"settings": args.settings, "device": args.device, "threads": args.threads, "reference_factor": args.reference_factor,
+              "reference_batch": args.reference_batch, "steps_scale": args.steps_scale, "compile": args.compile, "start_before": start_before}
+    # architecture by architecture: a run cut short leaves whole architectures, not a stage of each;
+    # the seed repeats come last (they measure noise, the ranking needs seed 0 first)
+    jobs = [{"arch": name, "stage": stage, "seed": 0, "spec": spec.to_dict(), **common, **({"start_before": long_start_before} if stage == "long" else {})}
+            for name, spec in archs for stage in stages]
+    jobs += [{"arch": name, "stage": stage, "seed": seed, "spec": spec.to_dict(), **common}
+             for seed in range(1, args.seed_repeats + 1) for name, spec in archs[: args.repeat_archs] for stage in stages if stage != "long"]
     rows: list[dict] = []
     log_path = out / "fidelity.jsonl"
     if args.resume and log_path.exists():
         rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        done = {(row["arch"], row["stage"], row["spec_key"]) for row in rows if row.get("ok")}
-        jobs = [job for job in jobs if (job["arch"], job["stage"], ArchSpec.from_dict(job["spec"]).key) not in done]
+        done = {job_key(row) for row in rows if row.get("ok")}
+        jobs = [job for job in jobs if job_key(job) not in done]
         print(f"resume: {len(done)} finished jobs kept, {len(jobs)} to run", flush=True)
     elif log_path.exists():
         log_path.unlink()  # a fresh run: rows of an earlier one would mix settings
     log = log_path.open("a")
+    lock = threading.Lock()
+    finished = 0
 
     def keep(row: dict) -> None:
-        rows.append(row)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(f"[{time.perf_counter() - started:6.0f}s] {row['arch']:12s} {row['stage']:4s} ok={row['ok']} "
-              f"score={row.get('score', float('nan')):.4f} wall={row['wall_s']:.1f}s", flush=True)
+        nonlocal finished
+        with lock:  # called from the pools' result threads
+            finished += 1
+            if row.get("skipped"):
+                return
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(f"[{time.perf_counter() - started:6.0f}s] {row['arch']:12s} {row['stage']:4s} seed {row.get('seed', 0)} ok={row['ok']} "
+                  f"score={row.get('score', float('nan')):.4f} wall={row.get('wall_s', 0):.1f}s", flush=True)
 
-    def past_deadline() -> bool:
-        return args.deadline_s is not None and time.perf_counter() - started > args.deadline_s
+    def past(limit: float | None) -> bool:
+        return limit is not None and time.perf_counter() - started > limit
 
     if args.workers <= 1:
         for job in jobs:
-            if past_deadline():
+            if past(args.stop_s):
                 break
-            keep(run_job(job))
+            keep(run_job(job))  # a job past its deadline returns at once, unlogged
     else:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        pool = ctx.Pool(args.workers, maxtasksperchild=6)
-        results = pool.imap_unordered(run_job, jobs)  # each row kept the moment it finishes
-        for _ in jobs:
-            remaining = None if args.deadline_s is None else args.deadline_s - (time.perf_counter() - started)
-            if remaining is not None and remaining <= 0:
-                print("deadline reached: unfinished jobs dropped", flush=True)
-                break
-            try:
-                keep(results.next(timeout=remaining))
-            except mp.TimeoutError:
-                print("deadline reached: unfinished jobs dropped", flush=True)
-                break
-        pool.terminate()
+        long_pool = ctx.Pool(args.long_workers, maxtasksperchild=1)
+        short_pool = ctx.Pool(args.workers - args.long_workers, maxtasksperchild=6)
+        for job in jobs:
+            pool = long_pool if job["stage"] == "long" else short_pool
+            pool.apply_async(run_job, (job,), callback=keep, error_callback=lambda exc: keep({"arch": "?", "stage": "?", "ok": False, "error": repr(exc)}))
+        while finished < len(jobs) and not past(args.stop_s):
+            time.sleep(0.5)
+        if finished < len(jobs):
+            print(f"stopped at --stop-s {args.stop_s}: {len(jobs) - finished} unfinished jobs dropped", flush=True)
+        for pool in (long_pool, short_pool):
+            pool.terminate()
+    log.close()
 
     summary = summarise(rows)
     summary["facts"] = facts

@@ -63,3 +63,50 @@ def test_resume_refuses_a_run_of_other_settings(tmp_path):
     else:
         raise AssertionError("--resume must refuse rows of another recipe")
     assert (tmp_path / "fidelity.jsonl").read_text() == before  # nothing lost
+
+
+def test_pooled_run_keeps_references_apart_and_measures_seed_noise(tmp_path):
+    """Two process pools (references / proxies) and seed repeats: every job lands once in the
+    log, the ranking uses seed 0, and the repeats give each proxy's spread over seeds."""
+    argv = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--stages", "long,lm", "--reference-factor", "2",
+            "--reference-batch", "8", "--steps-scale", "0.05", "--workers", "3", "--long-workers", "1", "--threads", "1",
+            "--seed-repeats", "2", "--repeat-archs", "2", "--out", str(tmp_path)]
+    assert fidelity.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    keys = sorted((row["arch"], row["stage"], row["seed"]) for row in rows)
+    expected = sorted([(arch, stage, 0) for arch in ("LFM2-350M", "all-conv-16", "all-attn-16") for stage in ("long", "lm")]
+                      + [(arch, "lm", seed) for arch in ("LFM2-350M", "all-conv-16") for seed in (1, 2)])
+    assert keys == expected and all(row["ok"] for row in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    seed0 = {row["arch"]: row["bpb"] for row in rows if row["stage"] == "lm" and row["seed"] == 0}
+    assert {p["arch"]: p["lm_bpb"] for p in summary["pairs"]} == seed0
+    noise = summary["seed_noise"]["lm"]
+    assert set(noise["per_arch"]) == {"LFM2-350M", "all-conv-16"} and noise["n_archs"] == 3
+    for arch, entry in noise["per_arch"].items():
+        scores = sorted(row["bpb"] for row in rows if row["arch"] == arch and row["stage"] == "lm")
+        assert sorted(entry["scores"]) == scores and abs(entry["range"] - (scores[-1] - scores[0])) < 1e-12
+    assert "Seed noise" in (tmp_path / "fidelity.md").read_text()
+
+
+def test_no_job_starts_after_the_deadline(tmp_path):
+    argv = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--stages", "lm", "--steps-scale", "0.05",
+            "--workers", "1", "--threads", "1", "--deadline-s", "0", "--out", str(tmp_path)]
+    assert fidelity.main(argv) == 0
+    assert (tmp_path / "fidelity.jsonl").read_text() == ""
+
+
+def test_long_workers_must_leave_room_for_the_proxies(tmp_path):
+    try:
+        fidelity.main(["--workers", "2", "--long-workers", "2", "--out", str(tmp_path)])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--long-workers equal to --workers must be refused")
+
+
+def test_the_reference_deadline_stops_references_only(tmp_path):
+    argv = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--stages", "long,lm", "--steps-scale", "0.05",
+            "--reference-factor", "2", "--reference-batch", "8", "--workers", "1", "--threads", "1", "--long-deadline-s", "0", "--out", str(tmp_path)]
+    assert fidelity.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert sorted(row["stage"] for row in rows) == ["lm"] * 3
