@@ -113,14 +113,25 @@ def log(message: str) -> None:
 
 def check_against_eager(artifact) -> dict[str, Any]:
     """The artifact's check against eager (`devices.compile.verify_against_eager`) as data:
-    the manifest's when compile already ran it, else run now. A failed check is recorded,
-    not raised: latency does not depend on the weights' values, so a quantised model of
-    random weights whose logits drift from eager is still timed, and the table says so."""
-    from devices.compile import CompileError, VerificationError, verify_against_eager
-
+    the manifest's when compile already ran it, else run now in a fresh process. A failed
+    check is recorded, not raised: latency does not depend on the weights' values, so a
+    quantised model of random weights whose logits drift from eager is still timed, and the
+    table says so. In its own process because the check loads the whole artifact (every
+    static prefill method's planned buffers: gigabytes for an fp32 0.6B model at 8,192
+    tokens) beside an eager copy, memory this benchmark process would otherwise keep: the
+    fp32 comparison was OOM-killed at 24 GB after three such checks."""
     keep = ("passed", "max_abs_diff", "min_cosine", "top1_agreement")
     if artifact.manifest.get("verification"):
         return {k: v for k, v in artifact.manifest["verification"].items() if k in keep}
+    return _in_fresh_process(_check_worker, str(artifact.path), died="the check process died (killed by the OS: most likely out of memory)")
+
+
+def _check_worker(path: str) -> dict[str, Any]:
+    from devices.artifact import Artifact
+    from devices.compile import CompileError, VerificationError, verify_against_eager
+
+    keep = ("passed", "max_abs_diff", "min_cosine", "top1_agreement")
+    artifact = Artifact.load(path, verify=False)
     try:
         report = verify_against_eager(artifact, artifact.manifest.get("seed", 0) or 0)
     except VerificationError as exc:
@@ -207,9 +218,10 @@ def compile_memory_estimate(spec) -> int:
     return int(COMPILE_MEMORY_FACTOR * 4 * parameters(spec) + COMPILE_MEMORY_FIXED)
 
 
-def _compile_isolated(call: tuple, worker=None) -> dict[str, Any]:
-    """One compile in a fresh process: if the OS kills it (out of memory), that is a failed
-    row for this artifact, not a crash of the whole benchmark."""
+def _in_fresh_process(worker, *args, died: str) -> dict[str, Any]:
+    """`worker(*args)` in a fresh (spawned) process: its memory goes back to the system when
+    it ends, and if the OS kills it (out of memory) that is a failed row, not a crash of the
+    whole benchmark."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
@@ -217,9 +229,14 @@ def _compile_isolated(call: tuple, worker=None) -> dict[str, Any]:
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         try:
-            return pool.submit(worker or _compile_worker, *call).result()
+            return pool.submit(worker, *args).result()
         except BrokenProcessPool:
-            return {"ok": False, "error": "the compile process died (killed by the OS: most likely out of memory)", "wall_s": time.perf_counter() - start}
+            return {"ok": False, "passed": False, "error": died, "wall_s": time.perf_counter() - start}
+
+
+def _compile_isolated(call: tuple, worker=None) -> dict[str, Any]:
+    """One compile in a fresh process (`_in_fresh_process`)."""
+    return _in_fresh_process(worker or _compile_worker, *call, died="the compile process died (killed by the OS: most likely out of memory)")
 
 
 def precompile(jobs, protocol, *, cache_dir: Path | None = None, workers: int | None = None, verify: bool = False) -> list[dict[str, Any]]:

@@ -27,3 +27,14 @@ def test_a_killed_compile_is_a_failed_row():
 def test_the_memory_estimate_grows_with_the_model():
     small, large = compile_memory_estimate(TINY), compile_memory_estimate(presets["LFM2-350M"])
     assert small < 2 << 30 < 8 << 30 < large
+
+
+def test_the_check_against_eager_runs_in_its_own_process(tmp_path):
+    """The benchmark process must not keep the memory of loading every artifact it checks."""
+    from bench.harness import check_against_eager
+    from devices.compile import compile as compile_artifact
+
+    artifact = compile_artifact(TINY, "onnx", "fp32", 16, (8,), cache_dir=tmp_path, verify=False)
+    assert not artifact.manifest.get("verification")  # so the check has to run now
+    check = check_against_eager(artifact)
+    assert check["passed"] is True and check["min_cosine"] > 0.999
