@@ -16,13 +16,21 @@ so that a reader can tell what the ratio should be from arithmetic alone.
     python -m bench.lfm2_vs_attention            # defaults sized for 10 minutes (see --help)
     python -m bench.lfm2_vs_attention --full     # everything the issue lists (hours on 2 cores)
     python -m bench.lfm2_vs_attention --quick    # tiny LFM2 vs its twin, one point
+
+`--full` is hours on 2 cores; `--merge` lets it be done in parts: each part measures some
+backends and points (every model of a pair in the same run, so each ratio is still measured
+side by side) and the last one folds the earlier parts' results files into one table, the
+newest run winning where two measured the same point.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms, precompile
 from bench.models import MODELS, PAIRS, QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, WEIGHT_PRECISION, arithmetic, quick_models
-from bench.report import fmt, markdown_table, mib
+from bench.report import fmt, load_json, markdown_table, mib
 from bench.stats import crossing, speedup
 
 NAME = "lfm2_vs_attention"
@@ -54,8 +62,12 @@ def parse_args(argv=None):
     parser.add_argument("--prefill", type=_ints, default=DEFAULT_PREFILL, help=f"prefill lengths (default {','.join(map(str, DEFAULT_PREFILL))})")
     parser.add_argument("--decode", type=_ints, default=DEFAULT_DECODE, help=f"decode context depths (default {','.join(map(str, DEFAULT_DECODE))})")
     parser.add_argument("--compare-with", type=_names, default=None, help=f"override the models each LFM2 model is compared with (names from {', '.join(MODELS)})")
+    parser.add_argument("--merge", type=_names, default=(), help="results files of earlier runs to fold into this one (comma-separated, oldest first)")
     parser.add_argument("--min-runs", type=int, default=2, help="timed runs per point after one warm-up (default 2: an 8,192-token prefill of a 0.6B model takes a minute)")
     args = parser.parse_args(argv)
+    missing = [path for path in args.merge if not Path(path).is_file()]
+    if missing:
+        parser.error(f"--merge: no results file at {', '.join(missing)} (give the --results files of earlier runs)")
     if args.full:
         args.pairs, args.backends, args.prefill, args.decode = tuple(PAIRS), ALL_BACKENDS, ALL_PREFILL, ALL_DECODE
     return args
@@ -66,7 +78,8 @@ def ratio_table(models: dict[str, dict], lfm2: str, other: str, points: tuple[in
     out = []
     for point in points:
         a, b = models[lfm2][kind].get(point), models[other][kind].get(point)
-        out.append(speedup(b, a) if a and b else None)
+        runs = {m.get("source", {}).get(kind, {}).get(point) for m in (models[lfm2], models[other])}
+        out.append(speedup(b, a) if a and b and len(runs) == 1 else None)  # never a ratio of two runs' numbers
     return out
 
 
@@ -118,6 +131,14 @@ def main(argv=None) -> int:
                 "verification": (result.get("artifact") or {}).get("verification"),
             }
 
+    runs = [{"date": run.date, "argv": sys.argv[1:], "backends": list(backends), "prefill": list(prefill), "decode": list(decode),
+             "load_before": run.load_before, "wall_s": round(run.elapsed_s(), 1)}]
+    raw_runs = [raw]
+    if args.merge:
+        merged = merge_results([load_json(path) for path in args.merge] + [{"models": {n: s.to_dict() for n, s in models.items()}, "pairs": pairs, "measured": measured,
+                                                                             "runs": runs, "raw_runs": raw_runs}])
+        models, pairs, measured, runs, raw_runs = merged["models"], merged["pairs"], merged["measured"], merged["runs"], merged["raw_runs"]
+        backends, prefill, decode = merged["backends"], merged["prefill"], merged["decode"]
     arith = {pair: {name: arithmetic(spec, prefill, decode, WEIGHT_PRECISION[tuple(pair.split(":"))]) for name, spec in models.items()} for pair in backends}
     ratios = {}
     for pair in backends:
@@ -134,9 +155,60 @@ def main(argv=None) -> int:
                     entry[kind] = {"points": list(points), "measured": values, "expected_from_arithmetic": expected, "two_x": crossing([p for p, _ in usable], [r for _, r in usable], 2.0) if usable else None}
                 ratios[f"{pair} {lfm2} vs {other}"] = entry
 
-    run.save({"models": {n: s.to_dict() for n, s in models.items()}, "pairs": pairs, "backends": list(backends), "prefill": list(prefill), "decode": list(decode), "protocol": protocol.to_dict(), "measured": measured, "arithmetic": arith, "ratios": ratios, "raw": raw})
-    run.finish(render(args, models, pairs, backends, prefill, decode, measured, arith, ratios), "python -m bench.lfm2_vs_attention" + (" --quick" if args.quick else " --full" if args.full else ""))
+    run.save({"models": {n: s.to_dict() for n, s in models.items()}, "pairs": pairs, "backends": list(backends), "prefill": list(prefill), "decode": list(decode), "protocol": protocol.to_dict(),
+              "measured": measured, "arithmetic": arith, "ratios": ratios, "runs": runs, "raw_runs": raw_runs})
+    run.finish(render(args, models, pairs, backends, prefill, decode, measured, arith, ratios, runs), "python -m bench.lfm2_vs_attention" + (" --quick" if args.quick else " --full" if args.full or args.merge else ""))
     return 0
+
+
+def _run_entry(data: dict) -> list[dict]:
+    """The runs a results file holds: its own list when it is itself a merge, else the one run."""
+    if "runs" in data:
+        return data["runs"]
+    return [{"date": data.get("date"), "argv": data.get("argv", []), "backends": data["backends"], "prefill": data["prefill"], "decode": data["decode"],
+             "load_before": data.get("load_before"), "wall_s": data.get("wall_s")}]
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """Fold results of several runs (oldest first) into one: per backend, model and point the
+    newest run that measured it wins; every run measured all models of its pairs, so each
+    ratio still compares numbers measured side by side."""
+    from lfm2.spec import ArchSpec
+
+    out: dict = {"models": {}, "pairs": {}, "measured": {}, "runs": [], "raw_runs": [], "backends": [], "prefill": set(), "decode": set()}
+    for data in parts:
+        offset = len(out["runs"])  # a merged file's own run indices count from its first run
+        run_index = offset + len(_run_entry(data)) - 1
+        for name, spec in data["models"].items():
+            spec = spec if isinstance(spec, ArchSpec) else ArchSpec.from_dict(spec)
+            if name in out["models"] and out["models"][name].key != spec.key:  # one name, two models: their rows must not share a table
+                raise SystemExit(f"--merge: the runs define {name!r} differently ({out['models'][name].key} vs {spec.key}); merge only runs of the same models")
+            out["models"][name] = spec
+        for lfm2, others in data["pairs"].items():
+            known = out["pairs"].setdefault(lfm2, [])
+            known += [o for o in others if o not in known]
+        for pair, by_model in data["measured"].items():
+            if pair not in out["backends"]:
+                out["backends"].append(pair)
+            for name, m in by_model.items():
+                slot = out["measured"].setdefault(pair, {}).setdefault(name, {"prefill": {}, "decode": {}, "footprint": None, "error": None, "source": {"prefill": {}, "decode": {}}})
+                for kind in ("prefill", "decode"):
+                    points = {int(point): value for point, value in m[kind].items()}
+                    sources = {int(point): offset + run for point, run in m.get("source", {}).get(kind, {}).items()}
+                    out[kind] |= set(points)
+                    for point, value in points.items():
+                        if value is not None or point not in slot[kind]:  # a point this run could not measure keeps an older value
+                            slot[kind][point] = value
+                            slot["source"][kind][point] = sources.get(point, run_index)
+                if not m.get("error"):
+                    slot.update({key: m.get(key) for key in ("footprint", "compile_wall_s", "verification")}, error=None)
+                elif not any(slot["prefill"].values()) and not any(slot["decode"].values()):
+                    slot["error"] = m["error"]
+        out["runs"] += _run_entry(data)
+        out["raw_runs"] += data.get("raw_runs", [data.get("raw")])
+    out["pairs"] = {k: tuple(v) for k, v in out["pairs"].items()}
+    out["prefill"], out["decode"] = tuple(sorted(out["prefill"])), tuple(sorted(out["decode"]))
+    return out
 
 
 def check_cell(check: dict | None) -> str:
@@ -147,7 +219,7 @@ def check_cell(check: dict | None) -> str:
     return ("passed " if check.get("passed") else "FAILED ") + figures
 
 
-def render(args, models, pairs, backends, prefill, decode, measured, arith, ratios) -> str:
+def render(args, models, pairs, backends, prefill, decode, measured, arith, ratios, runs=()) -> str:
     parts = []
     ran = f"Ran: backends {', '.join(backends)}; models {', '.join(models)}; prefill {', '.join(map(str, prefill))} tokens; decode at depth {', '.join(map(str, decode))}."
     missing_backends = [b for b in ALL_BACKENDS if b not in backends]
@@ -181,6 +253,14 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
         "the ratio would be if time followed arithmetic alone."
     )
     parts += [ran, how]
+    if len(runs) > 1:
+        lines = [f"Merged from {len(runs)} runs (`--merge`; where two measured the same point, the later one is shown; every model of a pair was measured in the same run):", ""]
+        for i, r in enumerate(runs, 1):
+            load = f", load before {r['load_before'][0]:.2f}" if r.get("load_before") else ""
+            wall = f", {r['wall_s'] / 60:.0f} min" if r.get("wall_s") else ""
+            lines.append(f"{i}. {r['date']}{wall}{load}: {', '.join(r['backends'])}; prefill {', '.join(map(str, r['prefill']))}; decode {', '.join(map(str, r['decode']))} "
+                         f"(`{' '.join(r['argv']) or 'defaults'}`)")
+        parts.append("\n".join(lines))
 
     for pair in backends:
         headers = ["model", "params", "attention layers"] + [f"prefill {t} tok/s" for t in prefill] + [f"decode @{c} tok/s" for c in decode] + ["footprint", "vs eager"]
@@ -190,7 +270,7 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
             if m["error"]:
                 rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + ["failed"] * (len(prefill) + len(decode)) + [m["error"][:100], check_cell(m["verification"])])
                 continue
-            rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + [fmt(m["prefill"][t]) for t in prefill] + [fmt(m["decode"][c]) for c in decode] + [mib(m["footprint"]), check_cell(m["verification"])])
+            rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + [fmt(m["prefill"].get(t)) for t in prefill] + [fmt(m["decode"].get(c)) for c in decode] + [mib(m["footprint"]), check_cell(m["verification"])])
         parts.append(f"### {pair}\n\n" + markdown_table(headers, rows))
         ratio_rows = []
         for key, entry in ratios.items():
