@@ -41,6 +41,7 @@ def test_mad_score_returns_the_documented_structure():
     for field in ("lr", "sweep", "steps", "steps_trained", "tokens", "tokens_trained", "curve", "wall_s", "device", "proxy_spec", "proxy_parameters", "chance", "stopped_early"):
         assert field in d, field
     assert d["steps"] == TINY.mad_steps and d["tokens"] == TINY.mad_steps * 24 * TINY.task_config.seq_len
+    assert len(d["curve_details"]) == len(d["curve"]) and d["curve_details"][-1]["task_accuracy"] == d["task_accuracy"]
     assert d["device"].startswith("cpu") and not d["stopped_early"]
     assert ArchSpec.from_dict(d["proxy_spec"]).layers == SPEC.layers
     assert result.key == cache_key(SPEC, "mad", TINY, 0)
@@ -56,6 +57,11 @@ def test_lm_score_is_minus_bits_per_byte():
     assert 0 < d["bpb"] < 9 and result.score == -d["bpb"]
     assert d["corpus"]["fingerprint"] and d["corpus"]["name"] == "stdlib[:200000]"
     assert d["proxy_spec"]["vocab_size"] == 256 and d["steps"] == TINY.lm_steps
+    # the same measure on windows of the train split, at every point of the curve too: a
+    # widening gap between the two is a run memorising its corpus
+    assert 0 < d["train_bpb"] < 9 and d["train_bpb"] != d["bpb"]
+    assert len(d["curve_details"]) == len(d["curve"]) and d["curve_details"][-1]["bpb"] == d["bpb"]
+    assert all({"bpb", "train_bpb"} <= set(point) for point in d["curve_details"])
 
 
 def test_report_receives_intermediate_values_and_can_stop_training():

@@ -119,9 +119,12 @@ def score(
     `detail`: `proxy_spec` (dict), `proxy_parameters`, `lr` (chosen), `sweep` (value of
     each rate when the sweep ended), `steps` (of the chosen rate), `steps_trained` (all
     rates), `tokens` (seen by the chosen rate), `tokens_trained`, `curve` ([step, value]),
+    `curve_details` (the task's detail at each point of `curve`: per-task accuracies, or
+    validation and train bpb),
     `wall_s`, `device`, `settings` (name), `settings_key`, `seed`, `stopped_early`,
-    `diverged`; for `mad` also `task_accuracy` and `chance` (per task); for `lm` also `bpb`
-    and `corpus` (name, fingerprint, Python version, sizes).
+    `diverged`; for `mad` also `task_accuracy` and `chance` (per task); for `lm` also `bpb`,
+    `train_bpb` (the same measure on fixed windows of the train split) and `corpus` (name,
+    fingerprint, Python version, sizes).
     """
     _check_kind(kind)
     settings = settings or QualitySettings.default()
@@ -178,6 +181,7 @@ def score(
         "tokens": best.step * task.tokens_per_step(),
         "tokens_trained": sweep.steps_trained * task.tokens_per_step(),
         "curve": [[s, v] for s, v in sweep.curve],
+        "curve_details": sweep.curve_details,
         "stopped_early": sweep.stopped_early,
         "diverged": best.diverged,
         "device": _device_name(dev),
@@ -191,6 +195,7 @@ def score(
         detail["chance"] = {t: settings.task_config.chance(t) for t in settings.tasks}
     else:
         detail["bpb"] = best.detail.get("bpb", UNIFORM_BPB)
+        detail["train_bpb"] = best.detail.get("train_bpb", UNIFORM_BPB)
         detail["corpus"] = corpus.describe()
     detail["wall_s"] = time.perf_counter() - started
     return QualityResult(score=float(value), kind=kind, key=cache_key(spec, kind, settings, seed), detail=detail)

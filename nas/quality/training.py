@@ -83,6 +83,7 @@ class SweepResult:
     steps_trained: int  # over all rates
     stopped_early: bool
     wall_s: float
+    curve_details: list[dict[str, Any]] = field(default_factory=list)  # the task's detail at each point of `curve`
 
 
 def train_sweep(
@@ -113,7 +114,12 @@ def train_sweep(
         runs.append(Run(lr, modules, make_optimizer(modules, lr, weight_decay)))
     steps_trained = 0
     curve: list[tuple[int, float]] = []
+    curve_details: list[dict[str, Any]] = []
     stopped = False
+
+    def record(run: Run) -> None:
+        curve.append((run.step, run.value))
+        curve_details.append(dict(run.detail or {}))
 
     def advance(run: Run, until: int, live_report: bool) -> bool:
         """Train `run` to step `until`; True when the caller asked to stop."""
@@ -136,7 +142,7 @@ def train_sweep(
             steps_trained += 1
             if live_report and (run.step % eval_every == 0 or run.step == until):
                 evaluate(run)
-                curve.append((run.step, run.value))
+                record(run)
                 if report is not None and run.step < steps and report(run.step, run.value):
                     return True
         return False
@@ -162,15 +168,15 @@ def train_sweep(
         if run is not best:
             run.modules, run.optimizer = None, None  # type: ignore[assignment]
     if not single and not stopped and not best.diverged:
-        curve.append((best.step, best.value))
+        record(best)
         if report is not None and best.step < steps and report(best.step, best.value):
             stopped = True
         elif advance(best, steps, live_report=True):
             stopped = True
     if best.modules is not None and not best.diverged and (not curve or curve[-1][0] != best.step):
         evaluate(best)
-        curve.append((best.step, best.value))
-    return SweepResult(best, sweep_values, curve, steps_trained, stopped, time.perf_counter() - started)
+        record(best)
+    return SweepResult(best, sweep_values, curve, steps_trained, stopped, time.perf_counter() - started, curve_details)
 
 
 __all__ = ["train_sweep", "SweepResult", "Reporter", "lr_at", "make_optimizer", "sweep_length", "steps_over_all_rates"]
