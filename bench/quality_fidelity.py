@@ -51,6 +51,7 @@ from lfm2.presets import presets  # noqa: E402
 from lfm2.spec import ArchSpec  # noqa: E402
 
 LONG_RUN_LR = 2e-3  # one rate for every reference run: between the two the default sweep tries
+REFERENCE_EVALS = 8  # validation (and train-window) bpb measured this many times along a reference run
 
 
 def random_arch(rng: np.random.Generator) -> ArchSpec:
@@ -127,8 +128,10 @@ def reference_settings(settings, factor: float, batch_rows: int):
     """The reference run: the LM task at one learning rate, `factor` x the costlier proxy's tokens."""
     tokens = factor * max(proxy_tokens(settings).values())
     steps = max(1, int(np.ceil(tokens / (batch_rows * settings.lm_seq_len))))
+    # evaluated at 8 points along the way: a reference whose validation loss turns up again
+    # (many epochs over a small corpus) shows it in its curve
     return settings.replace(name=f"{settings.name}-reference{factor:g}x", lm_steps=steps, lm_batch_size=batch_rows, learning_rates=(LONG_RUN_LR,),
-                            eval_every=10**9, lm_eval_windows=max(settings.lm_eval_windows, 1024))
+                            eval_every=max(1, -(-steps // REFERENCE_EVALS)), lm_eval_windows=max(settings.lm_eval_windows, 1024))
 
 
 def run_job(job: dict) -> dict:
@@ -157,7 +160,10 @@ def run_job(job: dict) -> dict:
            "tokens": d["tokens"], "lr": d["lr"], "proxy_parameters": d["proxy_parameters"], "device_name": d["device"]}
     if kind == "lm":
         row["bpb"] = d["bpb"]
+        row["train_bpb"] = d["train_bpb"]
         row["corpus"] = d["corpus"]["fingerprint"]
+        row["epochs"] = d["tokens"] / d["corpus"]["train_bytes"]  # passes over the train split
+        row["curve"] = [[step, c.get("bpb"), c.get("train_bpb")] for (step, _), c in zip(d["curve"], d["curve_details"])]
     else:
         row["task_accuracy"] = d["task_accuracy"]
     return row
@@ -202,18 +208,21 @@ def summarise(rows: list[dict]) -> dict:
     for row in rows:
         if row.get("ok") and row.get("seed", 0) == 0:  # the ranking uses seed 0; other seeds measure noise
             by_arch.setdefault(row["arch"], {"layout": row["layout"]})[row["stage"]] = row
-    pairs = []
+    pairs = []  # every architecture with a score; those without a finished reference are listed, not ranked
     for arch, stages in by_arch.items():
-        if "long" in stages:
-            pairs.append({
-                "arch": arch, "layout": stages["layout"], "long_bpb": stages["long"]["bpb"],
-                "mad": stages["mad"]["score"] if "mad" in stages else None,
-                "lm_bpb": stages["lm"]["bpb"] if "lm" in stages else None,
-                "params": stages["long"]["proxy_parameters"],
-            })
+        long = stages.get("long", {})
+        valid = [point[1] for point in long.get("curve", []) if point[1] is not None]
+        some = long or stages.get("mad") or stages.get("lm")
+        pairs.append({
+            "arch": arch, "layout": stages["layout"], "long_bpb": long.get("bpb"),
+            "long_min_bpb": min(valid) if valid else None, "long_train_bpb": long.get("train_bpb"), "long_epochs": long.get("epochs"),
+            "mad": stages["mad"]["score"] if "mad" in stages else None,
+            "lm_bpb": stages["lm"]["bpb"] if "lm" in stages else None,
+            "params": some["proxy_parameters"],
+        })
     out = {"pairs": pairs}
     for proxy in ("mad", "lm_bpb"):
-        usable = [p for p in pairs if p[proxy] is not None]
+        usable = [p for p in pairs if p[proxy] is not None and p["long_bpb"] is not None]
         if len(usable) >= 3:
             proxy_score = [p[proxy] if proxy == "mad" else -p[proxy] for p in usable]
             out[f"spearman_{proxy}"] = spearman(proxy_score, [-p["long_bpb"] for p in usable])
@@ -236,11 +245,18 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
     for proxy, label in (("mad", "MAD proxy (mean task accuracy)"), ("lm_bpb", "LM proxy (-bits per byte)")):
         if f"spearman_{proxy}" in summary:
             lines.append(f"- Spearman({label}, -reference bpb) = **{summary[f'spearman_{proxy}']:+.3f}** over {summary[f'n_{proxy}']} architectures")
-    lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | reference bpb |", "|---|---|---:|---:|---:|---:|"]
-    for p in sorted(summary["pairs"], key=lambda p: p["long_bpb"]):
-        mad = f"{p['mad']:.3f}" if p["mad"] is not None else "-"
-        lm = f"{p['lm_bpb']:.3f}" if p["lm_bpb"] is not None else "-"
-        lines.append(f"| {p['arch']} | `{p['layout']}` | {p['params']:,} | {mad} | {lm} | {p['long_bpb']:.3f} |")
+    lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | reference bpb | lowest along the run | train windows |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for p in sorted(summary["pairs"], key=lambda p: (p["long_bpb"] is None, p["long_bpb"] or 0.0)):  # unfinished references last
+        lines.append(f"| {p['arch']} | `{p['layout']}` | {p['params']:,} | {cell(p['mad'])} | {cell(p['lm_bpb'])} | {cell(p['long_bpb'])} | "
+                     f"{cell(p.get('long_min_bpb'))} | {cell(p.get('long_train_bpb'))} |")
+    epochs = [p["long_epochs"] for p in summary["pairs"] if p.get("long_epochs")]
+    if epochs:
+        lines.append(f"\nEach reference made {max(epochs):.1f} passes over the corpus's train split (validation is other files).")
     noise = summary.get("seed_noise") or {}
     if noise:
         lines += ["", "Seed noise (the same architecture's proxy under seeds 0, 1, ...; std over seeds against the std between architectures at seed 0):", "",

@@ -42,6 +42,10 @@ def test_a_run_resumes_from_its_log(tmp_path):
     assert len(rows) == 6 and all(row["ok"] for row in rows)
     facts = json.loads((tmp_path / "facts.json").read_text())
     assert facts["reference_tokens"] >= 2 * max(facts["proxy_tokens"].values())
+    for row in rows:
+        if row["stage"] == "long":  # the reference's validation and train-window bpb along the way
+            assert len(row["curve"]) >= 2 and row["curve"][-1][0] == row["steps"] and row["curve"][-1][1] == row["bpb"]
+            assert all(0 < bpb <= 8 and 0 < train <= 8 for _, bpb, train in row["curve"]) and row["epochs"] > 0
     # drop one finished job, as if the run had been cut short: --resume runs only that one
     (tmp_path / "fidelity.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))
     assert fidelity.main([*argv, "--resume"]) == 0
@@ -110,3 +114,18 @@ def test_the_reference_deadline_stops_references_only(tmp_path):
     assert fidelity.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
     assert sorted(row["stage"] for row in rows) == ["lm"] * 3
+
+
+def test_architectures_without_a_reference_are_listed_but_not_ranked():
+    def row(arch, stage, value):
+        base = {"arch": arch, "stage": stage, "seed": 0, "layout": "CA", "ok": True, "proxy_parameters": 10}
+        return {**base, "score": value, "bpb": -value} if stage != "mad" else {**base, "score": value}
+
+    rows = [row(a, "mad", m) for a, m in (("x", 0.1), ("y", 0.2), ("z", 0.3), ("w", 0.9))]
+    rows += [row(a, "long", -b) for a, b in (("x", 2.0), ("y", 1.5), ("z", 1.2))]
+    summary = fidelity.summarise(rows)
+    assert summary["n_mad"] == 3 and summary["spearman_mad"] == 1.0
+    assert {p["arch"]: p["long_bpb"] for p in summary["pairs"]} == {"x": 2.0, "y": 1.5, "z": 1.2, "w": None}
+    text = fidelity.markdown(summary, {"date": "d", "machine": "m", "torch": "t", "python": "p", "settings": "s", "reference_factor": 20, "reference_tokens": 1e6,
+                                       "reference_steps": 10, "reference_batch": 8, "lm_seq_len": 32, "proxy_tokens": {}, "workers": 1}, None)
+    assert text.index("| z |") < text.index("| x |") < text.index("| w |")
