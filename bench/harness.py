@@ -141,10 +141,17 @@ def _check_worker(path: str) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k in keep}
 
 
-def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, threads: int | None = None, timeout_s: float | None = 900.0) -> dict[str, Any]:
+def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, threads: int | None = None, timeout_s: float | None = 900.0,
+                        precompiled: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile `spec` (cached; normally already done by `precompile`), check it against
     eager (recorded, see `check_against_eager`) and measure it in a fresh child process
     (`devices.measure`).
+
+    `precompiled`: this job's row from `precompile`. When that compile failed, this one
+    reports it and does not compile again: here the compile would run in the benchmark's own
+    process, and a compile that was killed for memory in its own process would take the
+    whole benchmark with it (an fp32 0.6B ExecuTorch export with four prefill lengths needs
+    more than this machine's 24 GB).
 
     Returns plain data: `ok`, `compile_wall_s`, `artifact` facts with `verification`, the
     `measurement` dict, or `error` with the stage. A failure is data, not an exception:
@@ -155,6 +162,9 @@ def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: 
     from devices.protocol import Limits
 
     result: dict[str, Any] = {"spec_key": spec.key, "backend": backend, "quant": quant}
+    if precompiled is not None and not precompiled.get("ok"):
+        result.update(ok=False, stage="compile", error=f"{precompiled.get('error')} (in precompile; not compiled again)"[:2000])
+        return result
     start = time.perf_counter()
     try:
         artifact = compile_artifact(spec, backend, quant, protocol.max_context, protocol.prompt_lengths, cache_dir=cache_dir, verify=False)

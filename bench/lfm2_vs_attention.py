@@ -63,8 +63,11 @@ def parse_args(argv=None):
     parser.add_argument("--decode", type=_ints, default=DEFAULT_DECODE, help=f"decode context depths (default {','.join(map(str, DEFAULT_DECODE))})")
     parser.add_argument("--compare-with", type=_names, default=None, help=f"override the models each LFM2 model is compared with (names from {', '.join(MODELS)})")
     parser.add_argument("--merge", type=_names, default=(), help="results files of earlier runs to fold into this one (comma-separated, oldest first)")
+    parser.add_argument("--merge-only", action="store_true", help="measure nothing: fold the --merge files into one table (and results file)")
     parser.add_argument("--min-runs", type=int, default=2, help="timed runs per point after one warm-up (default 2: an 8,192-token prefill of a 0.6B model takes a minute)")
     args = parser.parse_args(argv)
+    if args.merge_only and not args.merge:
+        parser.error("--merge-only needs --merge FILES (the results files to fold)")
     missing = [path for path in args.merge if not Path(path).is_file()]
     if missing:
         parser.error(f"--merge: no results file at {', '.join(missing)} (give the --results files of earlier runs)")
@@ -107,10 +110,11 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
         models = {name: MODELS[name] for p, others in pairs.items() for name in (p, *others)}
-        backends, prefill, decode = args.backends, args.prefill, args.decode
+        backends, prefill, decode = (() if args.merge_only else args.backends), args.prefill, args.decode
     protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8 if not args.quick else QUICK_DECODE_TOKENS, warmup_runs=1, min_runs=args.min_runs, max_runs=5, max_seconds_per_point=20.0 if not args.quick else 2.0, measure_memory=True, threads=args.threads)
 
-    precompile([(spec, *pair.split(":")) for pair in backends for spec in models.values()], protocol, cache_dir=args.cache_dir)
+    jobs = [(spec, *pair.split(":")) for pair in backends for spec in models.values()]
+    compiled = {(spec.key, backend, quant): row for (spec, backend, quant), row in zip(jobs, precompile(jobs, protocol, cache_dir=args.cache_dir))}
     measured: dict[str, dict[str, dict]] = {}  # backend -> model -> {"prefill": {T: tok/s}, "decode": {C: tok/s}, "footprint": bytes}
     raw: dict[str, dict[str, dict]] = {}
     for pair in backends:
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
         measured[pair], raw[pair] = {}, {}
         for name, spec in models.items():
             log(f"[{NAME}] {pair}: {name} (compile, then measure prefill {prefill} and decode at {decode})")
-            result = compile_and_measure(spec, backend, quant, protocol, cache_dir=args.cache_dir, threads=args.threads, timeout_s=3600.0)
+            result = compile_and_measure(spec, backend, quant, protocol, cache_dir=args.cache_dir, threads=args.threads, timeout_s=3600.0, precompiled=compiled[(spec.key, backend, quant)])
             if not result["ok"]:
                 log(f"[{NAME}]   failed at {result.get('stage')}: {result.get('error', '')[:300]}")
             raw[pair][name] = result
@@ -135,8 +139,8 @@ def main(argv=None) -> int:
              "load_before": run.load_before, "wall_s": round(run.elapsed_s(), 1)}]
     raw_runs = [raw]
     if args.merge:
-        merged = merge_results([load_json(path) for path in args.merge] + [{"models": {n: s.to_dict() for n, s in models.items()}, "pairs": pairs, "measured": measured,
-                                                                             "runs": runs, "raw_runs": raw_runs}])
+        this_run = [] if args.merge_only else [{"models": {n: s.to_dict() for n, s in models.items()}, "pairs": pairs, "measured": measured, "runs": runs, "raw_runs": raw_runs}]
+        merged = merge_results([load_json(path) for path in args.merge] + this_run)
         models, pairs, measured, runs, raw_runs = merged["models"], merged["pairs"], merged["measured"], merged["runs"], merged["raw_runs"]
         backends, prefill, decode = merged["backends"], merged["prefill"], merged["decode"]
     arith = {pair: {name: arithmetic(spec, prefill, decode, WEIGHT_PRECISION[tuple(pair.split(":"))]) for name, spec in models.items()} for pair in backends}

@@ -61,12 +61,12 @@ def main(argv=None) -> int:
         specs, prefill, depth = sample_space(args.archs, seed=args.seed), args.prefill, args.depth
     protocol = protocol_for(prefill, depth, args.threads, args.quick)
 
-    precompile([(spec, args.backend, args.quant) for spec in specs], protocol, cache_dir=args.cache_dir)
+    compiled = precompile([(spec, args.backend, args.quant) for spec in specs], protocol, cache_dir=args.cache_dir)
     passes: list[list[dict]] = [[], []]
     for index in range(2):
         for number, spec in enumerate(specs):
             log(f"[{NAME}] pass {index + 1}, {number + 1}/{len(specs)}: {spec.layout} d={spec.d_model} ({costs.parameters(spec) / 1e6:.1f}M)")
-            result = compile_and_measure(spec, args.backend, args.quant, protocol, cache_dir=args.cache_dir, threads=args.threads)
+            result = compile_and_measure(spec, args.backend, args.quant, protocol, cache_dir=args.cache_dir, threads=args.threads, precompiled=compiled[number])
             if not result["ok"]:
                 log(f"[{NAME}]   failed at {result.get('stage')}: {result.get('error', '')[:300]}")
             passes[index].append(result)

@@ -68,12 +68,12 @@ def main(argv=None) -> int:
 
     log(f"[{NAME}] measuring the machine's ceilings ({args.threads} threads)")
     before = measure_ceilings(args.threads, quick=args.quick)
-    precompile([(spec, backend, quant) for backend, quant in pairs for spec in specs], protocol, cache_dir=args.cache_dir)
+    compiled = iter(precompile([(spec, backend, quant) for backend, quant in pairs for spec in specs], protocol, cache_dir=args.cache_dir))
     results = []
     for backend, quant in pairs:
-        for spec in specs:
+        for spec in specs:  # the order precompile was given
             log(f"[{NAME}] {backend}/{quant} {spec.layout} d={spec.d_model} ({costs.parameters(spec) / 1e6:.1f}M)")
-            results.append(compile_and_measure(spec, backend, quant, protocol, cache_dir=args.cache_dir, threads=args.threads))
+            results.append(compile_and_measure(spec, backend, quant, protocol, cache_dir=args.cache_dir, threads=args.threads, precompiled=next(compiled)))
             if not results[-1]["ok"]:
                 log(f"[{NAME}]   failed at {results[-1].get('stage')}: {results[-1].get('error', '')[:300]}")
     log(f"[{NAME}] measuring the ceilings again")

@@ -38,3 +38,12 @@ def test_the_check_against_eager_runs_in_its_own_process(tmp_path):
     assert not artifact.manifest.get("verification")  # so the check has to run now
     check = check_against_eager(artifact)
     assert check["passed"] is True and check["min_cosine"] > 0.999
+
+
+def test_a_failed_precompile_is_reported_not_compiled_again(tmp_path):
+    from bench.harness import compile_and_measure
+
+    protocol = Protocol(prompt_lengths=(8,), decode_depths=(8,), decode_tokens=2)
+    row = compile_and_measure(TINY, "eager", "fp32", protocol, cache_dir=tmp_path, precompiled={"ok": False, "error": "the compile process died"})
+    assert row["ok"] is False and row["stage"] == "compile" and "not compiled again" in row["error"]
+    assert not any(tmp_path.iterdir())  # nothing was compiled here

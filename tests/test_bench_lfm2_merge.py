@@ -102,3 +102,33 @@ def test_a_missing_merge_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--merge", str(tmp_path / "nope.json")])
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_merge_only_folds_files_into_one_results_file_and_block(tmp_path):
+    from bench.lfm2_vs_attention import main
+    from bench.report import load_json
+
+    old = part("2026-11-29 04:59 UTC", {"onnx:int8": speeds(30, 20, 10, (512, 2048))}, (512, 2048), (512,))
+    fp32 = part("2026-11-29 08:00 UTC", {"executorch:fp32": speeds(90, 60, 30, (512, 8192))}, (512, 8192), (512,))
+    paths = []
+    for name, data in (("old.json", old), ("fp32.json", fp32)):
+        (tmp_path / name).write_text(json.dumps(data))
+        paths.append(str(tmp_path / name))
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n")
+    assert main(["--merge-only", "--merge", ",".join(paths), "--results", str(tmp_path / "merged.json"), "--benchmarks", str(md)]) == 0
+    merged = load_json(tmp_path / "merged.json")
+    assert merged["backends"] == ["onnx:int8", "executorch:fp32"] and [r["date"] for r in merged["runs"]] == [old["date"], fp32["date"]]
+    assert merged["ratios"]["executorch:fp32 LFM2-350M vs Qwen3-0.6B-shaped"]["prefill"]["points"] == [512, 2048, 8192]
+    assert merged["ratios"]["executorch:fp32 LFM2-350M vs Qwen3-0.6B-shaped"]["prefill"]["measured"] == [3.0, None, 3.0]  # 2048: fp32 not measured there
+    assert "Merged from 2 runs" in md.read_text()
+
+
+def test_merge_only_needs_files(capsys):
+    import pytest
+
+    from bench.lfm2_vs_attention import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--merge-only"])
+    assert "--merge FILES" in capsys.readouterr().err
