@@ -97,6 +97,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     run = BenchRun(NAME, "LFM2 against all-attention models of its size: prefill and decode on this CPU", args)
+    if args.merge_only:
+        run.load_before = []  # nothing measured now: the block lists each measuring run's own load
     if args.quick:
         models = quick_models()
         pairs = {"tiny-LFM2": ("tiny-LFM2-attn",)}

@@ -231,11 +231,11 @@ def machine_markdown(facts: dict[str, Any], load_before: Sequence[float], load_a
         if busy > cores * 0.75
         else ""
     )
+    load = f"Load average (1/5/15 min) before: {'/'.join(str(x) for x in load_before)}, after: {'/'.join(str(x) for x in load_after)}.{note}" if len(load_before) else ""
     return (
         f"Machine: {facts['cpu_model']} ({flags}), {cores} usable of {facts['logical_cores']} logical cores, "
-        f"{facts['memory_bytes'] / 2**30:.1f} GiB RAM, {facts['os']}. Versions: {shown}. "
-        f"Load average (1/5/15 min) before: {'/'.join(str(x) for x in load_before)}, after: {'/'.join(str(x) for x in load_after)}.{note}"
-    )
+        f"{facts['memory_bytes'] / 2**30:.1f} GiB RAM, {facts['os']}. Versions: {shown}. " + load
+    ).rstrip()
 
 
 def today() -> str:
