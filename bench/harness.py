@@ -111,6 +111,10 @@ def log(message: str) -> None:
 # -- compile + measure -----------------------------------------------------------------------
 
 
+#: What a benchmark keeps of a check against eager.
+CHECK_FIELDS = ("passed", "max_abs_diff", "min_cosine", "top1_agreement")
+
+
 def check_against_eager(artifact) -> dict[str, Any]:
     """The artifact's check against eager (`devices.compile.verify_against_eager`) as data:
     the manifest's when compile already ran it, else run now in a fresh process. A failed
@@ -120,9 +124,8 @@ def check_against_eager(artifact) -> dict[str, Any]:
     static prefill method's planned buffers: gigabytes for an fp32 0.6B model at 8,192
     tokens) beside an eager copy, memory this benchmark process would otherwise keep: the
     fp32 comparison was OOM-killed at 24 GB after three such checks."""
-    keep = ("passed", "max_abs_diff", "min_cosine", "top1_agreement")
     if artifact.manifest.get("verification"):
-        return {k: v for k, v in artifact.manifest["verification"].items() if k in keep}
+        return {k: v for k, v in artifact.manifest["verification"].items() if k in CHECK_FIELDS}
     return _in_fresh_process(_check_worker, str(artifact.path), died="the check process died (killed by the OS: most likely out of memory)")
 
 
@@ -130,15 +133,14 @@ def _check_worker(path: str) -> dict[str, Any]:
     from devices.artifact import Artifact
     from devices.compile import CompileError, VerificationError, verify_against_eager
 
-    keep = ("passed", "max_abs_diff", "min_cosine", "top1_agreement")
     artifact = Artifact.load(path, verify=False)
     try:
         report = verify_against_eager(artifact, artifact.manifest.get("seed", 0) or 0)
     except VerificationError as exc:
-        return {**{k: v for k, v in exc.report.items() if k in keep}, "passed": False, "error": str(exc)[:500]}
+        return {**{k: v for k, v in exc.report.items() if k in CHECK_FIELDS}, "passed": False, "error": str(exc)[:500]}
     except CompileError as exc:
         return {"passed": False, "error": str(exc)[:500]}
-    return {k: v for k, v in report.items() if k in keep}
+    return {k: v for k, v in report.items() if k in CHECK_FIELDS}
 
 
 def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, threads: int | None = None, timeout_s: float | None = 900.0,

@@ -193,10 +193,11 @@ def seed_noise(rows: list[dict]) -> dict:
         if not repeated:
             continue
         first = [values[0] for values in by_arch.values() if 0 in values]
+        per_arch = {arch: {"scores": [values[k] for k in sorted(values)], "std": float(np.std(list(values.values()), ddof=1)),
+                           "range": float(max(values.values()) - min(values.values()))} for arch, values in repeated.items()}
         out[stage] = {
-            "per_arch": {arch: {"scores": [values[k] for k in sorted(values)], "std": float(np.std(list(values.values()), ddof=1)),
-                                "range": float(max(values.values()) - min(values.values()))} for arch, values in repeated.items()},
-            "median_seed_std": float(np.median([float(np.std(list(v.values()), ddof=1)) for v in repeated.values()])),
+            "per_arch": per_arch,
+            "median_seed_std": float(np.median([entry["std"] for entry in per_arch.values()])),
             "between_arch_std": float(np.std(first, ddof=1)) if len(first) > 1 else None,
             "n_archs": len(first),
         }
