@@ -6,9 +6,11 @@ twin, and seeded random points of an LFM2-like space -- this runs
 * the MAD proxy   (`nas.quality.score(spec, "mad", settings)`),
 * the LM proxy    (`nas.quality.score(spec, "lm", settings)`), and
 * the reference: the same proxy-width byte-level model trained on the same corpus at one
-  fixed learning rate for `--reference-factor` (20) times as many tokens as the costlier
-  proxy trains on (all learning rates counted), in batches of `--reference-batch` windows;
-  its validation bits per byte is the "true" quality,
+  fixed learning rate (`--reference-lr`) for `--reference-factor` (20) times as many tokens
+  as the costlier proxy trains on (all learning rates counted; `--reference-of lm`: as the
+  LM proxy trains on), in batches of `--reference-batch` windows; its validation bits per
+  byte is the "true" quality (20x the costlier proxy is ~30 passes over a stdlib-sized
+  corpus and over-fits: BENCHMARKS.md shows the curves),
 
 then reports Spearman's rank correlation between each proxy score and minus the
 reference's validation loss (so +1 means the proxy orders architectures exactly as the
@@ -25,8 +27,8 @@ what it finished and `--resume` continues it (in another session, too).
 seeds 1..N: their spread is the proxies' noise floor, to hold against the spread between
 architectures before trusting a ranking.
 
-    # the real run (one H200, ~15 min; --resume continues a run cut short):
-    python bench/quality_fidelity.py --device cuda --workers 8 --threads 1 --archs 12 --out bench_out
+    # the real run (one H200, ~25 min; --resume continues a run cut short):
+    python bench/quality_fidelity.py --device cuda --workers 16 --long-workers 12 --threads 1 --archs 12 --compile --reference-of lm --out bench_out
     # a smoke run on a CPU (a few minutes; numbers meaningless):
     python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --reference-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
 """
@@ -50,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lfm2.presets import presets  # noqa: E402
 from lfm2.spec import ArchSpec  # noqa: E402
 
-LONG_RUN_LR = 2e-3  # one rate for every reference run: between the two the default sweep tries
+LONG_RUN_LR = 2e-3  # the default rate of every reference run: between the two the default sweep tries
+REFERENCE_OF = {"costlier": "costlier proxy", "lm": "LM proxy"}  # --reference-of: whose tokens the factor multiplies
 REFERENCE_EVALS = 8  # validation (and train-window) bpb measured this many times along a reference run
 
 
@@ -101,6 +104,18 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def spearman_p_value(x: list[float], y: list[float], permutations: int = 20_000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of `spearman(x, y)`: the share of random pairings of the
+    same values whose |rho| is at least as large (12 pairs are too few for the t approximation)."""
+    observed = abs(spearman(x, y))
+    if not np.isfinite(observed):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, dtype=float)
+    hits = sum(abs(spearman(x, rng.permutation(y).tolist())) >= observed - 1e-12 for _ in range(permutations))
+    return (hits + 1) / (permutations + 1)
+
+
 def _settings(name: str, steps_scale: float = 1.0):
     from nas.quality import QualitySettings
 
@@ -124,13 +139,15 @@ def proxy_tokens(settings) -> dict[str, int]:
     return {"mad": total_steps(settings.mad_steps) * mad_per_step, "lm": total_steps(settings.lm_steps) * settings.lm_batch_size * settings.lm_seq_len}
 
 
-def reference_settings(settings, factor: float, batch_rows: int):
-    """The reference run: the LM task at one learning rate, `factor` x the costlier proxy's tokens."""
-    tokens = factor * max(proxy_tokens(settings).values())
+def reference_settings(settings, factor: float, batch_rows: int, lr: float = LONG_RUN_LR, of: str = "costlier"):
+    """The reference run: the LM task at one learning rate, `factor` x the tokens of the costlier
+    proxy (`of="costlier"`) or of the LM proxy (`of="lm"`, the run the reference is a longer
+    copy of: a 20x-the-costlier run over-fits a stdlib-sized corpus, see BENCHMARKS.md)."""
+    tokens = factor * (max(proxy_tokens(settings).values()) if of == "costlier" else proxy_tokens(settings)[of])
     steps = max(1, int(np.ceil(tokens / (batch_rows * settings.lm_seq_len))))
     # evaluated at 8 points along the way: a reference whose validation loss turns up again
     # (many epochs over a small corpus) shows it in its curve
-    return settings.replace(name=f"{settings.name}-reference{factor:g}x", lm_steps=steps, lm_batch_size=batch_rows, learning_rates=(LONG_RUN_LR,),
+    return settings.replace(name=f"{settings.name}-reference{factor:g}x", lm_steps=steps, lm_batch_size=batch_rows, learning_rates=(lr,),
                             eval_every=max(1, -(-steps // REFERENCE_EVALS)), lm_eval_windows=max(settings.lm_eval_windows, 1024))
 
 
@@ -144,7 +161,7 @@ def run_job(job: dict) -> dict:
     settings = _settings(job["settings"], job.get("steps_scale", 1.0))
     spec = ArchSpec.from_dict(job["spec"])
     if job["stage"] == "long":
-        settings = reference_settings(settings, job["reference_factor"], job["reference_batch"])
+        settings = reference_settings(settings, job["reference_factor"], job["reference_batch"], job.get("reference_lr", LONG_RUN_LR), job.get("reference_of", "costlier"))
         kind = "lm"
     else:
         kind = job["stage"]
@@ -227,7 +244,10 @@ def summarise(rows: list[dict]) -> dict:
         if len(usable) >= 3:
             proxy_score = [p[proxy] if proxy == "mad" else -p[proxy] for p in usable]
             out[f"spearman_{proxy}"] = spearman(proxy_score, [-p["long_bpb"] for p in usable])
+            out[f"spearman_p_{proxy}"] = spearman_p_value(proxy_score, [-p["long_bpb"] for p in usable])
             out[f"n_{proxy}"] = len(usable)
+            if all(p["long_min_bpb"] is not None for p in usable):  # the early-stopped reference: its best validation point
+                out[f"spearman_min_{proxy}"] = spearman(proxy_score, [-p["long_min_bpb"] for p in usable])
     out["seed_noise"] = seed_noise(rows)
     return out
 
@@ -235,8 +255,8 @@ def summarise(rows: list[dict]) -> dict:
 def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
     lines = [f"Run {facts['date']} on {facts['machine']}; torch {facts['torch']}, Python {facts['python']}; settings `{facts['settings']}`"
              + (f" with every step count x{facts['steps_scale']}" if facts.get("steps_scale", 1.0) != 1.0 else "") + ", "
-             f"reference run {facts['reference_factor']:g}x the costlier proxy's tokens ({facts['reference_tokens'] / 1e6:.1f} M tokens: {facts['reference_steps']} steps of "
-             f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes) at lr {LONG_RUN_LR}; proxies' tokens: {facts['proxy_tokens']}; "
+             f"reference run {facts['reference_factor']:g}x the {REFERENCE_OF[facts.get('reference_of', 'costlier')]}'s tokens ({facts['reference_tokens'] / 1e6:.1f} M tokens: {facts['reference_steps']} steps of "
+             f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes) at lr {facts.get('reference_lr', LONG_RUN_LR):g}; proxies' tokens: {facts['proxy_tokens']}; "
              f"{facts['workers']} worker processes sharing the device.", ""]
     if timing:
         lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
@@ -245,7 +265,11 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
         lines.append("")
     for proxy, label in (("mad", "MAD proxy (mean task accuracy)"), ("lm_bpb", "LM proxy (-bits per byte)")):
         if f"spearman_{proxy}" in summary:
-            lines.append(f"- Spearman({label}, -reference bpb) = **{summary[f'spearman_{proxy}']:+.3f}** over {summary[f'n_{proxy}']} architectures")
+            p_value = summary.get(f"spearman_p_{proxy}")
+            lowest = summary.get(f"spearman_min_{proxy}")
+            lines.append(f"- Spearman({label}, -reference bpb) = **{summary[f'spearman_{proxy}']:+.3f}** over {summary[f'n_{proxy}']} architectures"
+                         + (f" (permutation p = {p_value:.3f})" if p_value is not None else "")
+                         + (f"; against the lowest validation bpb along the run {lowest:+.3f}" if lowest is not None else ""))
     lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | reference bpb | lowest along the run | train windows |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
 
@@ -288,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", type=int, default=12)
     parser.add_argument("--arch-seed", type=int, default=0)
     parser.add_argument("--reference-factor", type=float, default=20.0, help="reference tokens / the costlier proxy's tokens")
+    parser.add_argument("--reference-of", default="costlier", choices=sorted(REFERENCE_OF), help="whose tokens --reference-factor multiplies: the costlier proxy's or the LM proxy's")
+    parser.add_argument("--reference-lr", type=float, default=LONG_RUN_LR, help="the reference run's one learning rate (peak of its warm-up and cosine)")
+    parser.add_argument("--only", default=None, help="comma-separated architecture names of the --archs list to run (default: all)")
     parser.add_argument("--reference-batch", type=int, default=256, help="windows per reference step (large: the GPU is launch-bound at small batches)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each proxy block (faster on a GPU; under bf16 it changes rounding, which moves short MAD scores as a seed would)")
     parser.add_argument("--resume", action="store_true", help="keep the finished jobs of <out>/fidelity.jsonl and run only the rest")
@@ -315,13 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     facts = {"date": datetime.date.today().isoformat(), "machine": machine_facts(args.device), "torch": torch.__version__, "python": platform.python_version(),
              "settings": args.settings, "workers": args.workers, "archs": args.archs, "arch_seed": args.arch_seed, "steps_scale": args.steps_scale, "compile": args.compile}
     settings = _settings(args.settings, args.steps_scale)
-    reference = reference_settings(settings, args.reference_factor, args.reference_batch)
-    facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_steps=reference.lm_steps,
+    reference = reference_settings(settings, args.reference_factor, args.reference_batch, args.reference_lr, args.reference_of)
+    facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_lr=args.reference_lr, reference_of=args.reference_of, reference_steps=reference.lm_steps,
                  reference_tokens=reference.lm_steps * reference.lm_batch_size * reference.lm_seq_len, lm_seq_len=reference.lm_seq_len,
                  proxy_tokens=proxy_tokens(settings), settings_key=settings.key)
     if args.resume and (out / "facts.json").is_file():
         earlier = json.loads((out / "facts.json").read_text())
-        changed = [k for k in ("settings_key", "reference_tokens", "reference_batch", "arch_seed") if earlier.get(k) != facts.get(k)]
+        changed = [k for k in ("settings_key", "reference_tokens", "reference_batch", "reference_lr", "arch_seed")
+                   if earlier.get(k, LONG_RUN_LR if k == "reference_lr" else None) != facts.get(k)]
         if changed:  # rows of two recipes would be ranked as one
             raise SystemExit(f"--resume: {out} holds a run with other {', '.join(changed)} ({', '.join(f'{k}={earlier.get(k)!r}' for k in changed)}); "
                              f"give the same settings, or another --out for a new run")
@@ -345,8 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     start_before = wall_clock_at(args.deadline_s)
     long_start_before = wall_clock_at(args.long_deadline_s) if args.long_deadline_s is not None else start_before
     archs = architectures(args.archs, args.arch_seed)
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in dict(archs)]
+        if unknown:
+            parser.error(f"--only {', '.join(unknown)}: not among the {args.archs} architectures ({', '.join(name for name, _ in archs)})")
+        archs = [(name, spec) for name, spec in archs if name in wanted]
     common = {"settings": args.settings, "device": args.device, "threads": args.threads, "reference_factor": args.reference_factor,
-              "reference_batch": args.reference_batch, "steps_scale": args.steps_scale, "compile": args.compile, "start_before": start_before}
+              "reference_batch": args.reference_batch, "reference_lr": args.reference_lr, "reference_of": args.reference_of, "steps_scale": args.steps_scale, "compile": args.compile, "start_before": start_before}
     # architecture by architecture: a run cut short leaves whole architectures, not a stage of each;
     # the seed repeats come last (they measure noise, the ranking needs seed 0 first)
     jobs = [{"arch": name, "stage": stage, "seed": 0, "spec": spec.to_dict(), **common, **({"start_before": long_start_before} if stage == "long" else {})}

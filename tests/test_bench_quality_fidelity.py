@@ -125,7 +125,48 @@ def test_architectures_without_a_reference_are_listed_but_not_ranked():
     rows += [row(a, "long", -b) for a, b in (("x", 2.0), ("y", 1.5), ("z", 1.2))]
     summary = fidelity.summarise(rows)
     assert summary["n_mad"] == 3 and summary["spearman_mad"] == 1.0
+    assert "spearman_min_mad" not in summary  # these references have no curve to take a lowest point of
     assert {p["arch"]: p["long_bpb"] for p in summary["pairs"]} == {"x": 2.0, "y": 1.5, "z": 1.2, "w": None}
     text = fidelity.markdown(summary, {"date": "d", "machine": "m", "torch": "t", "python": "p", "settings": "s", "reference_factor": 20, "reference_tokens": 1e6,
                                        "reference_steps": 10, "reference_batch": 8, "lm_seq_len": 32, "proxy_tokens": {}, "workers": 1}, None)
     assert text.index("| z |") < text.index("| x |") < text.index("| w |")
+
+
+def test_spearman_p_value_separates_a_perfect_ranking_from_a_shuffled_one():
+    x = list(range(12))
+    assert fidelity.spearman(x, x) == 1.0 and fidelity.spearman_p_value(x, x, permutations=2000) < 0.001
+    shuffled = [5, 11, 0, 7, 2, 9, 4, 1, 10, 3, 8, 6]
+    assert fidelity.spearman_p_value(x, shuffled, permutations=2000) > 0.2
+
+
+def test_the_reference_can_be_sized_from_the_lm_proxy(tmp_path):
+    """--reference-of lm: factor x the LM proxy's tokens (a 20x-the-costlier run over-fits the
+    stdlib corpus); --only picks architectures; the facts name the recipe and --resume checks it."""
+    s = QualitySettings.default()
+    ref = fidelity.reference_settings(s, 20, 256, 1e-3, of="lm")
+    tokens = ref.lm_steps * ref.lm_batch_size * ref.lm_seq_len
+    assert 20 * fidelity.proxy_tokens(s)["lm"] <= tokens < 20 * fidelity.proxy_tokens(s)["lm"] + 256 * s.lm_seq_len and ref.learning_rates == (1e-3,)
+    argv = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--only", "all-conv-16", "--stages", "long", "--reference-of", "lm",
+            "--reference-lr", "1e-3", "--reference-factor", "2", "--reference-batch", "8", "--steps-scale", "0.05", "--workers", "1", "--threads", "1",
+            "--out", str(tmp_path)]
+    assert fidelity.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
+    assert [(row["arch"], row["stage"], row["lr"]) for row in rows] == [("all-conv-16", "long", 1e-3)]
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["reference_of"] == "lm" and facts["reference_lr"] == 1e-3
+    assert "the LM proxy's tokens" in (tmp_path / "fidelity.md").read_text() and "lr 0.001" in (tmp_path / "fidelity.md").read_text()
+    try:
+        fidelity.main([*argv[:-1], str(tmp_path), "--reference-lr", "2e-3", "--resume"])
+    except SystemExit as exc:
+        assert "reference_lr" in str(exc)
+    else:
+        raise AssertionError("--resume must refuse a run at another reference rate")
+
+
+def test_only_names_architectures_of_the_list(tmp_path):
+    try:
+        fidelity.main(["--archs", "3", "--only", "random-07", "--out", str(tmp_path)])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--only with a name outside --archs must be refused")
