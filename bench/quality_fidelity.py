@@ -49,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lfm2.corpus import CORPORA  # noqa: E402
 from lfm2.presets import presets  # noqa: E402
 from lfm2.spec import ArchSpec  # noqa: E402
 
@@ -139,16 +140,18 @@ def proxy_tokens(settings) -> dict[str, int]:
     return {"mad": total_steps(settings.mad_steps) * mad_per_step, "lm": total_steps(settings.lm_steps) * settings.lm_batch_size * settings.lm_seq_len}
 
 
-def reference_settings(settings, factor: float, batch_rows: int, lr: float = LONG_RUN_LR, of: str = "costlier"):
+def reference_settings(settings, factor: float, batch_rows: int, lr: float = LONG_RUN_LR, of: str = "costlier", corpus: str | None = None):
     """The reference run: the LM task at one learning rate, `factor` x the tokens of the costlier
     proxy (`of="costlier"`) or of the LM proxy (`of="lm"`, the run the reference is a longer
-    copy of: a 20x-the-costlier run over-fits a stdlib-sized corpus, see BENCHMARKS.md)."""
+    copy of: a 20x-the-costlier run over-fits a stdlib-sized corpus, see BENCHMARKS.md), on
+    `corpus` (default: the proxies' own; "python-sources" has ~10x the stdlib's text)."""
     tokens = factor * (max(proxy_tokens(settings).values()) if of == "costlier" else proxy_tokens(settings)[of])
     steps = max(1, int(np.ceil(tokens / (batch_rows * settings.lm_seq_len))))
     # evaluated at 8 points along the way: a reference whose validation loss turns up again
     # (many epochs over a small corpus) shows it in its curve
     return settings.replace(name=f"{settings.name}-reference{factor:g}x", lm_steps=steps, lm_batch_size=batch_rows, learning_rates=(lr,),
-                            eval_every=max(1, -(-steps // REFERENCE_EVALS)), lm_eval_windows=max(settings.lm_eval_windows, 1024))
+                            eval_every=max(1, -(-steps // REFERENCE_EVALS)), lm_eval_windows=max(settings.lm_eval_windows, 1024),
+                            lm_corpus=corpus or settings.lm_corpus)
 
 
 def run_job(job: dict) -> dict:
@@ -161,7 +164,8 @@ def run_job(job: dict) -> dict:
     settings = _settings(job["settings"], job.get("steps_scale", 1.0))
     spec = ArchSpec.from_dict(job["spec"])
     if job["stage"] == "long":
-        settings = reference_settings(settings, job["reference_factor"], job["reference_batch"], job.get("reference_lr", LONG_RUN_LR), job.get("reference_of", "costlier"))
+        settings = reference_settings(settings, job["reference_factor"], job["reference_batch"], job.get("reference_lr", LONG_RUN_LR), job.get("reference_of", "costlier"),
+                                      job.get("reference_corpus"))
         kind = "lm"
     else:
         kind = job["stage"]
@@ -256,7 +260,7 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
     lines = [f"Run {facts['date']} on {facts['machine']}; torch {facts['torch']}, Python {facts['python']}; settings `{facts['settings']}`"
              + (f" with every step count x{facts['steps_scale']}" if facts.get("steps_scale", 1.0) != 1.0 else "") + ", "
              f"reference run {facts['reference_factor']:g}x the {REFERENCE_OF[facts.get('reference_of', 'costlier')]}'s tokens ({facts['reference_tokens'] / 1e6:.1f} M tokens: {facts['reference_steps']} steps of "
-             f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes) at lr {facts.get('reference_lr', LONG_RUN_LR):g}; proxies' tokens: {facts['proxy_tokens']}; "
+             f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes of the {facts.get('reference_corpus', 'stdlib')} corpus) at lr {facts.get('reference_lr', LONG_RUN_LR):g}; proxies' tokens: {facts['proxy_tokens']}; "
              f"{facts['workers']} worker processes sharing the device.", ""]
     if timing:
         lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
@@ -313,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch-seed", type=int, default=0)
     parser.add_argument("--reference-factor", type=float, default=20.0, help="reference tokens / the costlier proxy's tokens")
     parser.add_argument("--reference-of", default="costlier", choices=sorted(REFERENCE_OF), help="whose tokens --reference-factor multiplies: the costlier proxy's or the LM proxy's")
+    parser.add_argument("--reference-corpus", default=None, choices=sorted(CORPORA), help="the reference's corpus (default: the proxies' own; python-sources: ~10x the stdlib, so a long reference does not over-fit)")
     parser.add_argument("--reference-lr", type=float, default=LONG_RUN_LR, help="the reference run's one learning rate (peak of its warm-up and cosine)")
     parser.add_argument("--only", default=None, help="comma-separated architecture names of the --archs list to run (default: all)")
     parser.add_argument("--reference-batch", type=int, default=256, help="windows per reference step (large: the GPU is launch-bound at small batches)")
@@ -342,14 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     facts = {"date": datetime.date.today().isoformat(), "machine": machine_facts(args.device), "torch": torch.__version__, "python": platform.python_version(),
              "settings": args.settings, "workers": args.workers, "archs": args.archs, "arch_seed": args.arch_seed, "steps_scale": args.steps_scale, "compile": args.compile}
     settings = _settings(args.settings, args.steps_scale)
-    reference = reference_settings(settings, args.reference_factor, args.reference_batch, args.reference_lr, args.reference_of)
-    facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_lr=args.reference_lr, reference_of=args.reference_of, reference_steps=reference.lm_steps,
+    reference = reference_settings(settings, args.reference_factor, args.reference_batch, args.reference_lr, args.reference_of, args.reference_corpus)
+    facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_lr=args.reference_lr, reference_of=args.reference_of, reference_corpus=reference.lm_corpus, reference_steps=reference.lm_steps,
                  reference_tokens=reference.lm_steps * reference.lm_batch_size * reference.lm_seq_len, lm_seq_len=reference.lm_seq_len,
                  proxy_tokens=proxy_tokens(settings), settings_key=settings.key)
     if args.resume and (out / "facts.json").is_file():
         earlier = json.loads((out / "facts.json").read_text())
-        changed = [k for k in ("settings_key", "reference_tokens", "reference_batch", "reference_lr", "arch_seed")
-                   if earlier.get(k, LONG_RUN_LR if k == "reference_lr" else None) != facts.get(k)]
+        changed = [k for k in ("settings_key", "reference_tokens", "reference_batch", "reference_lr", "reference_corpus", "arch_seed")
+                   if earlier.get(k, {"reference_lr": LONG_RUN_LR, "reference_corpus": "stdlib"}.get(k)) != facts.get(k)]
         if changed:  # rows of two recipes would be ranked as one
             raise SystemExit(f"--resume: {out} holds a run with other {', '.join(changed)} ({', '.join(f'{k}={earlier.get(k)!r}' for k in changed)}); "
                              f"give the same settings, or another --out for a new run")
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only {', '.join(unknown)}: not among the {args.archs} architectures ({', '.join(name for name, _ in archs)})")
         archs = [(name, spec) for name, spec in archs if name in wanted]
     common = {"settings": args.settings, "device": args.device, "threads": args.threads, "reference_factor": args.reference_factor,
-              "reference_batch": args.reference_batch, "reference_lr": args.reference_lr, "reference_of": args.reference_of, "steps_scale": args.steps_scale, "compile": args.compile, "start_before": start_before}
+              "reference_batch": args.reference_batch, "reference_lr": args.reference_lr, "reference_of": args.reference_of, "reference_corpus": args.reference_corpus, "steps_scale": args.steps_scale, "compile": args.compile, "start_before": start_before}
     # architecture by architecture: a run cut short leaves whole architectures, not a stage of each;
     # the seed repeats come last (they measure noise, the ranking needs seed 0 first)
     jobs = [{"arch": name, "stage": stage, "seed": 0, "spec": spec.to_dict(), **common, **({"start_before": long_start_before} if stage == "long" else {})}

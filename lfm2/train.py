@@ -197,20 +197,20 @@ def _split_documents(documents: list[bytes], val_fraction: float) -> tuple[list[
     return [d for d in train if d], [d for d in validation if d]
 
 
-def _stdlib(source: str) -> Corpus:
-    """`stdlib` or `stdlib:MAX_BYTES`: `lfm2.corpus.stdlib_corpus`, with its own split by
-    file; its file separator is replaced by our end-of-text token between documents."""
-    try:
-        from lfm2.corpus import FILE_SEPARATOR, stdlib_corpus
-    except ImportError as exc:
-        raise UserError("the stdlib corpus (lfm2.corpus) is not available in this checkout; pass --corpus PATH (a text file or a folder of text files)") from exc
+def _named(source: str) -> Corpus:
+    """`NAME` or `NAME:MAX_BYTES` for a corpus of `lfm2.corpus.CORPORA` (`stdlib`,
+    `python-sources`), with its own split by file; its file separator is replaced by our
+    end-of-text token between documents."""
+    from lfm2.corpus import CORPORA, FILE_SEPARATOR, corpus_by_name
+
+    name, _, cap = source.partition(":")
     max_bytes = None
-    if source != "stdlib":
+    if cap:
         try:
-            max_bytes = int(float(source.split(":", 1)[1]))
+            max_bytes = int(float(cap))
         except ValueError:
-            raise UserError(f"--corpus {source}: write stdlib or stdlib:MAX_BYTES (e.g. stdlib:2000000)") from None
-    corpus = stdlib_corpus(max_bytes)
+            raise UserError(f"--corpus {source}: write {name} or {name}:MAX_BYTES (e.g. {name}:2000000); corpora: {', '.join(CORPORA)}") from None
+    corpus = corpus_by_name(name, max_bytes)
     return Corpus(
         name=corpus.name,
         train=[d for d in corpus.train.tobytes().split(FILE_SEPARATOR) if d],
@@ -219,13 +219,16 @@ def _stdlib(source: str) -> Corpus:
 
 
 def load_corpus(source: str, val_fraction: float = 0.05) -> Corpus:
-    """`stdlib[:MAX_BYTES]` (the Python standard library corpus of `lfm2.corpus`) or a text
-    file or folder of text files (split by `val_fraction` of the bytes)."""
-    if source == "stdlib" or source.startswith("stdlib:"):
-        return _stdlib(source)
+    """A corpus of `lfm2.corpus` by name (`stdlib[:MAX_BYTES]`: the Python standard library;
+    `python-sources[:MAX_BYTES]`: it and the installed packages' sources, ~10x larger) or a
+    text file or folder of text files (split by `val_fraction` of the bytes)."""
+    from lfm2.corpus import CORPORA
+
+    if source.partition(":")[0] in CORPORA:
+        return _named(source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise UserError(f"--corpus {source}: no such file or folder; give a text file, a folder of text files, or 'stdlib'")
+        raise UserError(f"--corpus {source}: no such file or folder; give a text file, a folder of text files, or one of {', '.join(CORPORA)}")
     documents = _read_text_files(path)
     if not documents:
         raise UserError(f"--corpus {source}: found no UTF-8 text files there")

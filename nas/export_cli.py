@@ -51,7 +51,7 @@ def export(
 def train(
     folder: Path = typer.Argument(..., help="An exported Hugging Face LFM2 folder (lfm2-nas export --to hf)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where the run and the trained model go (default: FOLDER-trained)."),
-    corpus: str = typer.Option("stdlib", "--corpus", help="'stdlib' (the Python standard library corpus) or a text file / folder of text files."),
+    corpus: str = typer.Option("stdlib", "--corpus", help="'stdlib' (the Python standard library corpus), 'python-sources' (it and the installed packages' sources, ~10x larger; NAME:MAX_BYTES caps either) or a text file / folder of text files."),
     tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes (id = byte, <|endoftext|> = 256) or bpe (byte-level BPE trained here, vocab = the model's)."),
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),

@@ -147,13 +147,14 @@ def test_the_reference_can_be_sized_from_the_lm_proxy(tmp_path):
     tokens = ref.lm_steps * ref.lm_batch_size * ref.lm_seq_len
     assert 20 * fidelity.proxy_tokens(s)["lm"] <= tokens < 20 * fidelity.proxy_tokens(s)["lm"] + 256 * s.lm_seq_len and ref.learning_rates == (1e-3,)
     argv = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--only", "all-conv-16", "--stages", "long", "--reference-of", "lm",
-            "--reference-lr", "1e-3", "--reference-factor", "2", "--reference-batch", "8", "--steps-scale", "0.05", "--workers", "1", "--threads", "1",
+            "--reference-lr", "1e-3", "--reference-corpus", "python-sources", "--reference-factor", "2", "--reference-batch", "8", "--steps-scale", "0.05", "--workers", "1", "--threads", "1",
             "--out", str(tmp_path)]
     assert fidelity.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "fidelity.jsonl").read_text().splitlines()]
     assert [(row["arch"], row["stage"], row["lr"]) for row in rows] == [("all-conv-16", "long", 1e-3)]
     facts = json.loads((tmp_path / "facts.json").read_text())
-    assert facts["reference_of"] == "lm" and facts["reference_lr"] == 1e-3
+    assert facts["reference_of"] == "lm" and facts["reference_lr"] == 1e-3 and facts["reference_corpus"] == "python-sources"
+    assert "of the python-sources corpus" in (tmp_path / "fidelity.md").read_text()
     assert "the LM proxy's tokens" in (tmp_path / "fidelity.md").read_text() and "lr 0.001" in (tmp_path / "fidelity.md").read_text()
     try:
         fidelity.main([*argv[:-1], str(tmp_path), "--reference-lr", "2e-3", "--resume"])

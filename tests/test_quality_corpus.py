@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lfm2.corpus import CorpusError, is_validation_file, stdlib_corpus, stdlib_files
+from lfm2.corpus import CorpusError, corpus_by_name, is_validation_file, python_sources_corpus, stdlib_corpus, stdlib_files, stdlib_root
 
 MAX_BYTES = 300_000
 
@@ -55,3 +55,28 @@ def test_bad_requests_say_what_to_do():
         stdlib_corpus(10)
     with pytest.raises(CorpusError, match="split"):
         stdlib_corpus(MAX_BYTES).split("test")
+
+
+def test_python_sources_add_the_installed_packages_without_moving_the_stdlib_split():
+    """~10x the stdlib's text for long runs: the stdlib files keep their names and split,
+    package files are named site-packages/..., and no file's bytes appear twice."""
+    stdlib = stdlib_corpus()
+    full = python_sources_corpus()
+    root = stdlib_root()
+    assert full.name == "python-sources" and len(full.train) > 3 * len(stdlib.train)  # pytest, torch, numpy... are installed here
+    package_files = [f for f in full.train_files + full.validation_files if f.startswith("site-packages/")]
+    assert any(f.startswith("site-packages/torch/") for f in package_files)
+    assert all(is_validation_file(f) for f in full.validation_files) and not any(is_validation_file(f) for f in full.train_files)
+    kept = set(full.train_files + full.validation_files)
+    stdlib_names = stdlib.train_files + stdlib.validation_files
+    kept_bytes = {(root / name).read_bytes() for name in stdlib_names if name in kept}
+    dropped = [name for name in stdlib_names if name not in kept]  # duplicates, e.g. empty __init__.py files
+    assert len(dropped) < len(stdlib_names) // 4 and all((root / name).read_bytes() in kept_bytes for name in dropped)
+    assert set(full.train_files) & set(stdlib.validation_files) == set()  # a stdlib file never changes split
+    assert len(set(full.train_files + full.validation_files)) == len(full.train_files) + len(full.validation_files)
+    # read again from disk: the same corpus
+    python_sources_corpus.cache_clear()
+    assert python_sources_corpus().fingerprint == full.fingerprint
+    assert corpus_by_name("python-sources", MAX_BYTES).name == f"python-sources[:{MAX_BYTES}]"
+    with pytest.raises(CorpusError, match="unknown corpus 'enwik8'; use one of stdlib, python-sources"):
+        corpus_by_name("enwik8")

@@ -87,6 +87,19 @@ def test_cache_key_names_exactly_what_changes_a_score():
     assert base not in others and len(others) == 5
 
 
+def test_the_lm_corpus_is_part_of_the_key_and_the_stdlib_keeps_the_old_keys():
+    bigger = TINY.replace(lm_corpus="python-sources")
+    assert cache_key(SPEC, "lm", bigger, 0) != cache_key(SPEC, "lm", TINY, 0)
+    # settings stored before the field existed (no lm_corpus) are the stdlib ones, with the same key
+    old = TINY.to_dict()
+    del old["lm_corpus"]
+    assert QualitySettings.from_dict(old) == TINY and QualitySettings.from_dict(old).key == TINY.key
+    result = score(SPEC, "lm", settings=bigger, seed=0)
+    assert result.detail["corpus"]["name"] == "python-sources[:200000]" and 0 < result.detail["bpb"] < 9
+    with pytest.raises(UserError, match="lm_corpus must be one of stdlib, python-sources"):
+        TINY.replace(lm_corpus="wikipedia")
+
+
 def test_settings_presets_round_trip():
     for settings in (QualitySettings.cpu_small(), QualitySettings.default()):
         again = QualitySettings.from_dict(json.loads(json.dumps(settings.to_dict())))

@@ -65,6 +65,10 @@ def test_stdlib_corpus_becomes_documents():
     assert not any(b"\n\x00\n" in doc for doc in corpus.train)  # the file separator became document boundaries
     with pytest.raises(UserError, match="stdlib:MAX_BYTES"):
         load_corpus("stdlib:lots")
+    bigger = load_corpus("python-sources:100000")
+    assert bigger.name == "python-sources[:100000]" and bigger.train
+    with pytest.raises(UserError, match="python-sources"):
+        load_corpus("no-such-corpus-or-file")
 
 
 def test_bpe_run_saves_a_tokenizer_transformers_loads(tmp_path):

@@ -150,10 +150,10 @@ def score(
             return nn.ModuleDict({"model": _maybe_compiled(build_model(proxy, device=dev, seed=seed), compile), "decoder": decoder.to(dev)})
 
     else:
-        from lfm2.corpus import BYTE_VOCAB_SIZE, stdlib_corpus
+        from lfm2.corpus import BYTE_VOCAB_SIZE, corpus_by_name
         from nas.quality.lm import UNIFORM_BPB, LmTask
 
-        corpus = stdlib_corpus(settings.lm_corpus_max_bytes)
+        corpus = corpus_by_name(settings.lm_corpus, settings.lm_corpus_max_bytes)
         proxy = proxy_spec(spec, width_factor=settings.width_factor, vocab_size=BYTE_VOCAB_SIZE, seq_len=settings.lm_seq_len,
                            width_multiple=settings.width_multiple, min_d_model=settings.min_d_model, min_head_dim=settings.min_head_dim)
         task = LmTask(corpus, batch_size=settings.lm_batch_size, seq_len=settings.lm_seq_len, eval_windows=settings.lm_eval_windows, seed=seed, device=dev)

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from lfm2.corpus import CORPORA
 from lfm2.errors import UserError
 from nas.quality.tasks import TASKS, TaskConfig
 
@@ -64,7 +65,8 @@ class QualitySettings:
     lm_batch_size: int = 64
     lm_seq_len: int = 256
     lm_eval_windows: int = 256
-    lm_corpus_max_bytes: int | None = None  # None: the whole stdlib corpus
+    lm_corpus_max_bytes: int | None = None  # None: the whole corpus
+    lm_corpus: str = "stdlib"  # a name of lfm2.corpus.CORPORA ("python-sources": ~10x the text, for long runs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -83,6 +85,8 @@ class QualitySettings:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mad_batch_size < len(self.tasks):
             raise SettingsError(f"mad_batch_size={self.mad_batch_size} must give each of the {len(self.tasks)} tasks at least one row")
+        if self.lm_corpus not in CORPORA:
+            raise SettingsError(f"lm_corpus must be one of {', '.join(CORPORA)}, got {self.lm_corpus!r}")
         if self.min_head_dim % 2:
             raise SettingsError(f"min_head_dim must be even (rotary embeddings), got {self.min_head_dim}")
 
@@ -143,6 +147,8 @@ class QualitySettings:
         """Hash of every field but the name: equal settings give equal keys, whatever they are called."""
         data = self.to_dict()
         data.pop("name")
+        if data["lm_corpus"] == "stdlib":  # the corpus every key before this field was made with: those keys stay valid
+            data.pop("lm_corpus")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
