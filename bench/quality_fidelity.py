@@ -252,8 +252,24 @@ def summarise(rows: list[dict]) -> dict:
             out[f"n_{proxy}"] = len(usable)
             if all(p["long_min_bpb"] is not None for p in usable):  # the early-stopped reference: its best validation point
                 out[f"spearman_min_{proxy}"] = spearman(proxy_score, [-p["long_min_bpb"] for p in usable])
+    # free baselines a proxy has to beat to be worth its GPU time (the layout alone, no training)
+    ranked = [p for p in pairs if p["long_bpb"] is not None]
+    if len(ranked) >= 3:
+        reference = [-p["long_bpb"] for p in ranked]
+        out["baselines"] = {name: spearman([feature(p) for p in ranked], reference) for name, feature in BASELINES.items()}
     out["seed_noise"] = seed_noise(rows)
     return out
+
+
+def _attention_layers(layout: str) -> int:
+    return sum(op in "AS" for op in layout)  # full and sliding-window attention
+
+
+BASELINES = {
+    "number of attention layers": lambda p: _attention_layers(p["layout"]),
+    "has any attention layer": lambda p: float(_attention_layers(p["layout"]) > 0),
+    "proxy parameter count": lambda p: p["params"],
+}
 
 
 def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
@@ -274,6 +290,8 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
             lines.append(f"- Spearman({label}, -reference bpb) = **{summary[f'spearman_{proxy}']:+.3f}** over {summary[f'n_{proxy}']} architectures"
                          + (f" (permutation p = {p_value:.3f})" if p_value is not None else "")
                          + (f"; against the lowest validation bpb along the run {lowest:+.3f}" if lowest is not None else ""))
+    for name, rho in (summary.get("baselines") or {}).items():
+        lines.append(f"- baseline, {name}: Spearman {rho:+.3f} (no training: a proxy should beat this)")
     lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | reference bpb | lowest along the run | train windows |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
 

@@ -126,6 +126,10 @@ def test_architectures_without_a_reference_are_listed_but_not_ranked():
     summary = fidelity.summarise(rows)
     assert summary["n_mad"] == 3 and summary["spearman_mad"] == 1.0
     assert "spearman_min_mad" not in summary  # these references have no curve to take a lowest point of
+    assert summary["baselines"]["has any attention layer"] != summary["baselines"]["has any attention layer"]  # one layout for all: no ranking (nan)
+    layouts = {"x": "CCCC", "y": "CACC", "z": "CASA"}  # more attention, lower reference bpb
+    baselines = fidelity.summarise([{**r, "layout": layouts.get(r["arch"], "CC")} for r in rows])["baselines"]
+    assert baselines["number of attention layers"] == 1.0 and baselines["has any attention layer"] > 0
     assert {p["arch"]: p["long_bpb"] for p in summary["pairs"]} == {"x": 2.0, "y": 1.5, "z": 1.2, "w": None}
     text = fidelity.markdown(summary, {"date": "d", "machine": "m", "torch": "t", "python": "p", "settings": "s", "reference_factor": 20, "reference_tokens": 1e6,
                                        "reference_steps": 10, "reference_batch": 8, "lm_seq_len": 32, "proxy_tokens": {}, "workers": 1}, None)
