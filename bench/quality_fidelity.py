@@ -357,6 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1 and not 1 <= args.long_workers < args.workers:
         parser.error(f"--long-workers {args.long_workers} must be at least 1 and fewer than --workers {args.workers} (the rest run the proxies)")
 
+    archs = architectures(args.archs, args.arch_seed)
+    if args.only:  # checked before anything is written to --out
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in dict(archs)]
+        if unknown:
+            parser.error(f"--only {', '.join(unknown)}: not among the {args.archs} architectures ({', '.join(name for name, _ in archs)})")
+        archs = [(name, spec) for name, spec in archs if name in wanted]
+
     import torch
 
     out = Path(args.out)
@@ -395,13 +403,6 @@ def main(argv: list[str] | None = None) -> int:
 
     start_before = wall_clock_at(args.deadline_s)
     long_start_before = wall_clock_at(args.long_deadline_s) if args.long_deadline_s is not None else start_before
-    archs = architectures(args.archs, args.arch_seed)
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
-        unknown = [name for name in wanted if name not in dict(archs)]
-        if unknown:
-            parser.error(f"--only {', '.join(unknown)}: not among the {args.archs} architectures ({', '.join(name for name, _ in archs)})")
-        archs = [(name, spec) for name, spec in archs if name in wanted]
     common = {"settings": args.settings, "device": args.device, "threads": args.threads, "reference_factor": args.reference_factor,
               "reference_batch": args.reference_batch, "reference_lr": args.reference_lr, "reference_of": args.reference_of, "reference_corpus": args.reference_corpus, "steps_scale": args.steps_scale, "compile": args.compile, "start_before": start_before}
     # architecture by architecture: a run cut short leaves whole architectures, not a stage of each;

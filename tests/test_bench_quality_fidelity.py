@@ -169,9 +169,11 @@ def test_the_reference_can_be_sized_from_the_lm_proxy(tmp_path):
 
 
 def test_only_names_architectures_of_the_list(tmp_path):
+    (tmp_path / "facts.json").write_text("{}")  # an earlier run's: a refused command leaves it alone
     try:
         fidelity.main(["--archs", "3", "--only", "random-07", "--out", str(tmp_path)])
     except SystemExit as exc:
         assert exc.code == 2
     else:
         raise AssertionError("--only with a name outside --archs must be refused")
+    assert (tmp_path / "facts.json").read_text() == "{}"
