@@ -82,8 +82,17 @@ def ratio_table(models: dict[str, dict], lfm2: str, other: str, points: tuple[in
     for point in points:
         a, b = models[lfm2][kind].get(point), models[other][kind].get(point)
         runs = {m.get("source", {}).get(kind, {}).get(point) for m in (models[lfm2], models[other])}
-        out.append(speedup(b, a) if a and b and len(runs) == 1 else None)  # never a ratio of two runs' numbers
+        if not (a and b and len(runs) == 1):  # never a ratio of two runs' numbers: the newest run that measured both, if any
+            a, b = _newest_common(models[lfm2], models[other], kind, point)
+        out.append(speedup(b, a) if a and b else None)
     return out
+
+
+def _newest_common(x: dict, y: dict, kind: str, point: int) -> tuple[float | None, float | None]:
+    """Two models' values at one point from the newest merged run that measured both."""
+    xs, ys = (m.get("by_run", {}).get(kind, {}).get(point, {}) for m in (x, y))
+    common = sorted(set(xs) & set(ys))
+    return (xs[common[-1]], ys[common[-1]]) if common else (None, None)
 
 
 def throughput(result: dict, kind: str, point: int, tokens: int) -> float | None:
@@ -150,6 +159,8 @@ def main(argv=None) -> int:
     for pair in backends:
         for lfm2, others in pairs.items():
             for other in others:
+                if lfm2 not in measured[pair] or other not in measured[pair]:  # a merged backend one of the two was never measured on
+                    continue
                 entry = {}
                 for kind, points in (("prefill", prefill), ("decode", decode)):
                     values = ratio_table(measured[pair], lfm2, other, points, kind)
@@ -203,6 +214,8 @@ def merge_results(parts: list[dict]) -> dict:
                     sources = {int(point): offset + run for point, run in m.get("source", {}).get(kind, {}).items()}
                     out[kind] |= set(points)
                     for point, value in points.items():
+                        if value is not None:  # every run's number, for ratios of a pair measured together
+                            slot.setdefault("by_run", {}).setdefault(kind, {}).setdefault(point, {})[sources.get(point, run_index)] = value
                         if value is not None or point not in slot[kind]:  # a point this run could not measure keeps an older value
                             slot[kind][point] = value
                             slot["source"][kind][point] = sources.get(point, run_index)
@@ -210,6 +223,8 @@ def merge_results(parts: list[dict]) -> dict:
                     slot.update({key: m.get(key) for key in ("footprint", "compile_wall_s", "verification")}, error=None)
                 elif not any(slot["prefill"].values()) and not any(slot["decode"].values()):
                     slot["error"] = m["error"]
+                else:  # older runs measured some points: keep them, and say why this run's are missing
+                    slot.setdefault("missing", []).append(f"run {run_index + 1}: {m['error']}")
         out["runs"] += _run_entry(data)
         out["raw_runs"] += data.get("raw_runs", [data.get("raw")])
     out["pairs"] = {k: tuple(v) for k, v in out["pairs"].items()}
@@ -260,7 +275,7 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
     )
     parts += [ran, how]
     if len(runs) > 1:
-        lines = [f"Merged from {len(runs)} runs (`--merge`; where two measured the same point, the later one is shown; every model of a pair was measured in the same run):", ""]
+        lines = [f"Merged from {len(runs)} runs (`--merge`; where two measured the same point, the later one is shown; each ratio divides two numbers of one run, the newest that measured both models):", ""]
         for i, r in enumerate(runs, 1):
             load = f", load before {r['load_before'][0]:.2f}" if r.get("load_before") else ""
             wall = f", {r['wall_s'] / 60:.0f} min" if r.get("wall_s") else ""
@@ -271,13 +286,15 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
     for pair in backends:
         headers = ["model", "params", "attention layers"] + [f"prefill {t} tok/s" for t in prefill] + [f"decode @{c} tok/s" for c in decode] + ["footprint", "vs eager"]
         rows = []
-        for name in models:
+        missing = []
+        for name in [n for n in models if n in measured[pair]]:
             m, a = measured[pair][name], arith[pair][name]
+            missing += [f"{name}, {why}" for why in m.get("missing", [])]
             if m["error"]:
                 rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + ["failed"] * (len(prefill) + len(decode)) + [m["error"][:100], check_cell(m["verification"])])
                 continue
             rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + [fmt(m["prefill"].get(t)) for t in prefill] + [fmt(m["decode"].get(c)) for c in decode] + [mib(m["footprint"]), check_cell(m["verification"])])
-        parts.append(f"### {pair}\n\n" + markdown_table(headers, rows))
+        parts.append(f"### {pair}\n\n" + markdown_table(headers, rows) + "".join(f"\n\nNot measured ('-'): {why}" for why in missing))
         ratio_rows = []
         for key, entry in ratios.items():
             if not key.startswith(pair + " "):

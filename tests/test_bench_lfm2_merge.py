@@ -61,7 +61,38 @@ def test_no_ratio_between_numbers_of_two_runs():
     b["measured"]["onnx:int8"] = {"LFM2-350M": b["measured"]["onnx:int8"]["LFM2-350M"]}  # a run that measured LFM2 alone
     merged = merge_results([a, b])
     int8 = merged["measured"]["onnx:int8"]
-    assert ratio_table(int8, "LFM2-350M", "LFM2-350M-attn", (512,), "prefill") == [None]
+    assert int8["LFM2-350M"]["prefill"] == {512: 40}  # the table shows the newest number ...
+    # ... but the ratio is the older run's, where both were measured (30 / 20), never 40 / 20
+    assert ratio_table(int8, "LFM2-350M", "LFM2-350M-attn", (512,), "prefill") == [1.5]
+    c = part("d3", {"onnx:int8": speeds(50, 20, 10, (2048,))}, (2048,), (512,))
+    c["measured"]["onnx:int8"] = {"LFM2-350M": c["measured"]["onnx:int8"]["LFM2-350M"]}
+    assert ratio_table(merge_results([a, c])["measured"]["onnx:int8"], "LFM2-350M", "LFM2-350M-attn", (2048,), "prefill") == [None]  # no run had both
+
+
+def test_a_backend_measured_for_some_models_and_a_partly_failed_run_render(tmp_path):
+    """fp32 measured for LFM2 and its twin only; a later int8 run lost one model's points to
+    an OOM kill: the tables show what exists, say why points are missing, and no ratio crosses runs."""
+    from bench.lfm2_vs_attention import main
+
+    old = part("d1", {"onnx:int8": speeds(30, 20, 10, (512, 2048))}, (512, 2048), (512,))
+    fp32 = part("d2", {"executorch:fp32": speeds(90, 60, 30, (512,))}, (512,), (512,))
+    fp32["measured"]["executorch:fp32"].pop("Qwen3-0.6B-shaped")
+    long = part("d3", {"onnx:int8": speeds(40, 20, 10, (4096,))}, (4096,), (512,))
+    long["measured"]["onnx:int8"]["Qwen3-0.6B-shaped"].update(prefill={"4096": None}, decode={"512": None}, error="measure: oom: killed during prefill (length 4096)")
+    paths = []
+    for name, data in (("old.json", old), ("fp32.json", fp32), ("long.json", long)):
+        (tmp_path / name).write_text(json.dumps(data))
+        paths.append(str(tmp_path / name))
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n")
+    assert main(["--merge-only", "--merge", ",".join(paths), "--results", str(tmp_path / "merged.json"), "--benchmarks", str(md)]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert "executorch:fp32 LFM2-350M vs Qwen3-0.6B-shaped" not in merged["ratios"]
+    qwen = merged["ratios"]["onnx:int8 LFM2-350M vs Qwen3-0.6B-shaped"]
+    assert qwen["prefill"]["measured"] == [3.0, 3.0, None] and qwen["decode"]["measured"] == [3.0]  # decode: from run 1, where both ran
+    text = md.read_text()
+    assert "Not measured ('-'): Qwen3-0.6B-shaped, run 3: measure: oom" in text
+    assert "Qwen3-0.6B-shaped" not in text.split("### executorch:fp32")[1].split("Arithmetic")[0]
 
 
 def test_the_merged_table_renders_with_missing_points_and_lists_its_runs():
