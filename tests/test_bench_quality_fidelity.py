@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import quality_fidelity as fidelity  # noqa: E402
@@ -100,12 +102,9 @@ def test_no_job_starts_after_the_deadline(tmp_path):
 
 
 def test_long_workers_must_leave_room_for_the_proxies(tmp_path):
-    try:
+    with pytest.raises(SystemExit) as refused:  # --long-workers equal to --workers
         fidelity.main(["--workers", "2", "--long-workers", "2", "--out", str(tmp_path)])
-    except SystemExit as exc:
-        assert exc.code == 2
-    else:
-        raise AssertionError("--long-workers equal to --workers must be refused")
+    assert refused.value.code == 2
 
 
 def test_the_reference_deadline_stops_references_only(tmp_path):
@@ -170,10 +169,6 @@ def test_the_reference_can_be_sized_from_the_lm_proxy(tmp_path):
 
 def test_only_names_architectures_of_the_list(tmp_path):
     (tmp_path / "facts.json").write_text("{}")  # an earlier run's: a refused command leaves it alone
-    try:
+    with pytest.raises(SystemExit) as refused:  # a name outside the --archs list
         fidelity.main(["--archs", "3", "--only", "random-07", "--out", str(tmp_path)])
-    except SystemExit as exc:
-        assert exc.code == 2
-    else:
-        raise AssertionError("--only with a name outside --archs must be refused")
-    assert (tmp_path / "facts.json").read_text() == "{}"
+    assert refused.value.code == 2 and (tmp_path / "facts.json").read_text() == "{}"
