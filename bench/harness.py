@@ -276,10 +276,12 @@ def precompile(jobs, protocol, *, cache_dir: Path | None = None, workers: int | 
 
 
 def measured_ms(result: dict[str, Any], kind: str, point: int) -> float | None:
-    """The median latency in ms of `kind` ('prefill' or 'decode') at `point`, or None."""
-    if not result.get("ok"):
-        return None
-    stats = result["measurement"].get(kind, {}).get(str(point)) or result["measurement"].get(kind, {}).get(point)
+    """The median latency in ms of `kind` ('prefill' or 'decode') at `point`, or None.
+
+    A measurement that failed part-way (say OOM-killed at the longest prefill) still gives the
+    points it finished before: each was timed in full, and its failure is reported beside it."""
+    measurement = result.get("measurement") or {}
+    stats = measurement.get(kind, {}).get(str(point)) or measurement.get(kind, {}).get(point)
     return None if stats is None else stats["median_ms"]
 
 

@@ -290,7 +290,9 @@ def render(args, models, pairs, backends, prefill, decode, measured, arith, rati
         for name in [n for n in models if n in measured[pair]]:
             m, a = measured[pair][name], arith[pair][name]
             missing += [f"{name}, {why}" for why in m.get("missing", [])]
-            if m["error"]:
+            if m["error"] and any(v is not None for v in (*m["prefill"].values(), *m["decode"].values())):
+                missing.append(f"{name}: {m['error']}")  # failed part-way: the points it finished are shown
+            elif m["error"]:
                 rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + ["failed"] * (len(prefill) + len(decode)) + [m["error"][:100], check_cell(m["verification"])])
                 continue
             rows.append([name, fmt(a["parameters"]), a["attention_layers"]] + [fmt(m["prefill"].get(t)) for t in prefill] + [fmt(m["decode"].get(c)) for c in decode] + [mib(m["footprint"]), check_cell(m["verification"])])

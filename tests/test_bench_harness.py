@@ -47,3 +47,16 @@ def test_a_failed_precompile_is_reported_not_compiled_again(tmp_path):
     row = compile_and_measure(TINY, "eager", "fp32", protocol, cache_dir=tmp_path, precompiled={"ok": False, "error": "the compile process died"})
     assert row["ok"] is False and row["stage"] == "compile" and "not compiled again" in row["error"]
     assert not any(tmp_path.iterdir())  # nothing was compiled here
+
+
+def test_a_measurement_killed_part_way_keeps_the_points_it_finished():
+    """An artifact OOM-killed at its longest prefill: the shorter prefill was timed in full and
+    counts; the longer one and the footprint (the kill came after the memory pass) do not."""
+    from bench.harness import footprint_bytes, measured_ms
+
+    result = {"ok": False, "stage": "measure", "error": "oom: SIGKILLed during prefill (length 8192)",
+              "measurement": {"prefill": {"4096": {"median_ms": 66884.1}}, "decode": {}, "memory": {"footprint_bytes": 16 << 30}}}
+    assert measured_ms(result, "prefill", 4096) == 66884.1
+    assert measured_ms(result, "prefill", 8192) is None and measured_ms(result, "decode", 512) is None
+    assert footprint_bytes(result) is None
+    assert measured_ms({"ok": False, "stage": "compile", "error": "export failed"}, "prefill", 4096) is None  # nothing was measured
