@@ -79,20 +79,19 @@ def parse_args(argv=None):
 def ratio_table(models: dict[str, dict], lfm2: str, other: str, points: tuple[int, ...], kind: str) -> list[float | None]:
     """LFM2's throughput over `other`'s at each point (tok/s ratio = latency ratio inverted)."""
     out = []
-    for point in points:
-        a, b = models[lfm2][kind].get(point), models[other][kind].get(point)
-        runs = {m.get("source", {}).get(kind, {}).get(point) for m in (models[lfm2], models[other])}
-        if not (a and b and len(runs) == 1):  # never a ratio of two runs' numbers: the newest run that measured both, if any
-            a, b = _newest_common(models[lfm2], models[other], kind, point)
-        out.append(speedup(b, a) if a and b else None)
+    for point in points:  # never a ratio of two runs' numbers: the newest run that measured both, if any
+        xs, ys = _values_by_run(models[lfm2], kind, point), _values_by_run(models[other], kind, point)
+        common = set(xs) & set(ys)
+        out.append(speedup(ys[max(common)], xs[max(common)]) if common else None)
     return out
 
 
-def _newest_common(x: dict, y: dict, kind: str, point: int) -> tuple[float | None, float | None]:
-    """Two models' values at one point from the newest merged run that measured both."""
-    xs, ys = (m.get("by_run", {}).get(kind, {}).get(point, {}) for m in (x, y))
-    common = sorted(set(xs) & set(ys))
-    return (xs[common[-1]], ys[common[-1]]) if common else (None, None)
+def _values_by_run(m: dict, kind: str, point: int) -> dict[int, float]:
+    """A model's numbers at one point by the run that measured them (one run when not merged)."""
+    if "by_run" in m:
+        return m["by_run"].get(kind, {}).get(point, {})
+    value = m[kind].get(point)
+    return {} if value is None else {0: value}
 
 
 def throughput(result: dict, kind: str, point: int, tokens: int) -> float | None:

@@ -161,14 +161,13 @@ def run_job(job: dict) -> dict:
     from nas.quality import score
 
     torch.set_num_threads(job["threads"])
-    settings = _settings(job["settings"], job.get("steps_scale", 1.0))
+    from nas.quality import QualitySettings
+
     spec = ArchSpec.from_dict(job["spec"])
-    if job["stage"] == "long":
-        settings = reference_settings(settings, job["reference_factor"], job["reference_batch"], job.get("reference_lr", LONG_RUN_LR), job.get("reference_of", "costlier"),
-                                      job.get("reference_corpus"))
-        kind = "lm"
+    if job["stage"] == "long":  # the reference's settings, as main() derived them once
+        settings, kind = QualitySettings.from_dict(job["reference"]), "lm"
     else:
-        kind = job["stage"]
+        settings, kind = _settings(job["settings"], job.get("steps_scale", 1.0)), job["stage"]
     if job.get("start_before") is not None and time.time() > job["start_before"]:
         return {**_job_facts(job), "ok": False, "skipped": True}  # past the deadline: not started, not logged
     started = time.perf_counter()
@@ -403,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start_before = wall_clock_at(args.deadline_s)
     long_start_before = wall_clock_at(args.long_deadline_s) if args.long_deadline_s is not None else start_before
-    common = {"settings": args.settings, "device": args.device, "threads": args.threads, "reference_factor": args.reference_factor,
-              "reference_batch": args.reference_batch, "reference_lr": args.reference_lr, "reference_of": args.reference_of, "reference_corpus": args.reference_corpus, "steps_scale": args.steps_scale, "compile": args.compile, "start_before": start_before}
+    common = {"settings": args.settings, "device": args.device, "threads": args.threads, "reference": reference.to_dict(), "steps_scale": args.steps_scale,
+              "compile": args.compile, "start_before": start_before}
     # architecture by architecture: a run cut short leaves whole architectures, not a stage of each;
     # the seed repeats come last (they measure noise, the ranking needs seed 0 first)
     jobs = [{"arch": name, "stage": stage, "seed": 0, "spec": spec.to_dict(), **common, **({"start_before": long_start_before} if stage == "long" else {})}

@@ -196,10 +196,11 @@ def python_sources_corpus(max_bytes: int | None = None) -> Corpus:
     What is installed differs between machines: `fingerprint` says which corpus it was."""
     _check_max_bytes(max_bytes)
     root = stdlib_root()
+    sites = site_roots()
     files = [(root, relative, relative) for relative in stdlib_files(root)]
-    for site in site_roots():
+    for site in sites:
         files += [(site, relative, f"site-packages/{relative}") for relative in _python_files(str(site))]
-    return _read_corpus("python-sources", files, max_bytes, os.pathsep.join([str(root), *map(str, site_roots())]), deduplicate=True)
+    return _read_corpus("python-sources", files, max_bytes, os.pathsep.join(map(str, (root, *sites))), deduplicate=True)
 
 
 #: Corpora by the name settings and command lines give them.
