@@ -27,8 +27,9 @@ what it finished and `--resume` continues it (in another session, too).
 seeds 1..N: their spread is the proxies' noise floor, to hold against the spread between
 architectures before trusting a ranking.
 
-    # the real run (one H200, ~25 min; --resume continues a run cut short):
-    python bench/quality_fidelity.py --device cuda --workers 16 --long-workers 12 --threads 1 --archs 12 --compile --reference-of lm --out bench_out
+    # the real run (one H200: the 12 references side by side take ~23 min, the proxies as much
+    # again; --resume continues a run cut short, --summarise-only rebuilds its reports):
+    python bench/quality_fidelity.py --device cuda --workers 16 --long-workers 12 --threads 1 --archs 12 --compile --reference-corpus python-sources --out bench_out
     # a smoke run on a CPU (a few minutes; numbers meaningless):
     python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --reference-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
 """
@@ -55,6 +56,7 @@ from lfm2.spec import ArchSpec  # noqa: E402
 
 LONG_RUN_LR = 2e-3  # the default rate of every reference run: between the two the default sweep tries
 REFERENCE_OF = {"costlier": "costlier proxy", "lm": "LM proxy"}  # --reference-of: whose tokens the factor multiplies
+INVOCATION_FACTS = ("date", "machine", "torch", "python", "workers", "compile")  # what may differ between the invocations of one --resume'd run
 REFERENCE_EVALS = 8  # validation (and train-window) bpb measured this many times along a reference run
 
 
@@ -161,6 +163,11 @@ def run_job(job: dict) -> dict:
     from nas.quality import score
 
     torch.set_num_threads(job["threads"])
+    if job.get("compile"):
+        # a worker runs several jobs: graphs compiled for earlier proxies count against dynamo's
+        # recompile limit (8 per function), past which Block.forward silently runs eagerly --
+        # slower, and rounded differently from the jobs that were compiled (seen on the H200)
+        torch._dynamo.reset()
     from nas.quality import QualitySettings
 
     spec = ArchSpec.from_dict(job["spec"])
@@ -171,8 +178,13 @@ def run_job(job: dict) -> dict:
     if job.get("start_before") is not None and time.time() > job["start_before"]:
         return {**_job_facts(job), "ok": False, "skipped": True}  # past the deadline: not started, not logged
     started = time.perf_counter()
+    report = None
+    if job["stage"] == "long":  # a reference runs for many minutes: say how far it got at each evaluation
+        def report(step: int, value: float) -> None:
+            print(f"  {job['arch']:12s} long seed {job.get('seed', 0)}: step {step}/{settings.lm_steps} validation bpb {-value:.4f} "
+                  f"after {time.perf_counter() - started:.0f} s", flush=True)
     try:
-        result = score(spec, kind, device=job["device"], settings=settings, seed=job.get("seed", 0), compile=job.get("compile", False))
+        result = score(spec, kind, device=job["device"], settings=settings, seed=job.get("seed", 0), report=report, compile=job.get("compile", False))
     except Exception as exc:  # a failed job is a row, not a crashed benchmark
         return {**_job_facts(job), "ok": False, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - started}
     d = result.detail
@@ -251,12 +263,37 @@ def summarise(rows: list[dict]) -> dict:
             out[f"n_{proxy}"] = len(usable)
             if all(p["long_min_bpb"] is not None for p in usable):  # the early-stopped reference: its best validation point
                 out[f"spearman_min_{proxy}"] = spearman(proxy_score, [-p["long_min_bpb"] for p in usable])
+    out.update(seed_mean_ranking(rows, {p["arch"]: p["long_bpb"] for p in pairs if p["long_bpb"] is not None}))
     # free baselines a proxy has to beat to be worth its GPU time (the layout alone, no training)
     ranked = [p for p in pairs if p["long_bpb"] is not None]
     if len(ranked) >= 3:
         reference = [-p["long_bpb"] for p in ranked]
         out["baselines"] = {name: spearman([feature(p) for p in ranked], reference) for name, feature in BASELINES.items()}
+        out["baselines_p"] = {name: spearman_p_value([feature(p) for p in ranked], reference) for name, feature in BASELINES.items()}
     out["seed_noise"] = seed_noise(rows)
+    return out
+
+
+def seed_mean_ranking(rows: list[dict], reference_bpb: dict[str, float]) -> dict:
+    """Spearman of each proxy's mean over every seed it was scored with (where some
+    architecture has more than one) against the reference: what ranking by the mean of a few
+    seeds would buy over one seed."""
+    out: dict = {}
+    for stage, proxy in (("mad", "mad"), ("lm", "lm_bpb")):
+        values: dict[str, list[float]] = {}
+        for row in rows:
+            if row.get("ok") and row["stage"] == stage and row["arch"] in reference_bpb:
+                values.setdefault(row["arch"], []).append(row["score"] if stage == "mad" else -row["bpb"])
+        counts = [len(v) for v in values.values()]
+        if len(values) < 3 or max(counts) < 2:
+            continue
+        archs = sorted(values)
+        means = [float(np.mean(values[arch])) for arch in archs]
+        reference = [-reference_bpb[arch] for arch in archs]
+        out[f"spearman_seed_mean_{proxy}"] = spearman(means, reference)
+        out[f"spearman_p_seed_mean_{proxy}"] = spearman_p_value(means, reference)
+        out[f"seeds_{proxy}"] = [min(counts), max(counts)]
+        out[f"n_seed_mean_{proxy}"] = len(archs)
     return out
 
 
@@ -276,7 +313,8 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
              + (f" with every step count x{facts['steps_scale']}" if facts.get("steps_scale", 1.0) != 1.0 else "") + ", "
              f"reference run {facts['reference_factor']:g}x the {REFERENCE_OF[facts.get('reference_of', 'costlier')]}'s tokens ({facts['reference_tokens'] / 1e6:.1f} M tokens: {facts['reference_steps']} steps of "
              f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes of the {facts.get('reference_corpus', 'stdlib')} corpus) at lr {facts.get('reference_lr', LONG_RUN_LR):g}; proxies' tokens: {facts['proxy_tokens']}; "
-             f"{facts['workers']} worker processes sharing the device.", ""]
+             f"{facts['workers']} worker processes sharing the device"
+             + "".join(f"; earlier invocation: {e.get('date')}, {e.get('machine')}, {e.get('workers')} workers" for e in facts.get("earlier", [])) + ".", ""]
     if timing:
         lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
         for kind, t in timing.items():
@@ -289,8 +327,14 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
             lines.append(f"- Spearman({label}, -reference bpb) = **{summary[f'spearman_{proxy}']:+.3f}** over {summary[f'n_{proxy}']} architectures"
                          + (f" (permutation p = {p_value:.3f})" if p_value is not None else "")
                          + (f"; against the lowest validation bpb along the run {lowest:+.3f}" if lowest is not None else ""))
+        if f"spearman_seed_mean_{proxy}" in summary:
+            low, high = summary[f"seeds_{proxy}"]
+            lines.append(f"  - ranked by the mean over {low if low == high else f'{low}-{high}'} seeds per architecture: **{summary[f'spearman_seed_mean_{proxy}']:+.3f}** "
+                         f"over {summary[f'n_seed_mean_{proxy}']} (permutation p = {summary[f'spearman_p_seed_mean_{proxy}']:.3f})")
     for name, rho in (summary.get("baselines") or {}).items():
-        lines.append(f"- baseline, {name}: Spearman {rho:+.3f} (no training: a proxy should beat this)")
+        p_value = (summary.get("baselines_p") or {}).get(name)
+        lines.append(f"- baseline, {name}: Spearman {rho:+.3f}" + (f" (permutation p = {p_value:.3f})" if p_value is not None else "")
+                     + "; no training: a proxy should beat this")
     lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | reference bpb | lowest along the run | train windows |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
 
@@ -352,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-s", type=float, default=None, help="drop the jobs still running after this many seconds (default: wait for them)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (smoke runs only)")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--summarise-only", action="store_true", help="run nothing: rewrite <out>/summary.json and fidelity.md from its rows and facts")
     args = parser.parse_args(argv)
+    if args.summarise_only:
+        return summarise_only(Path(args.out))
     if args.workers > 1 and not 1 <= args.long_workers < args.workers:
         parser.error(f"--long-workers {args.long_workers} must be at least 1 and fewer than --workers {args.workers} (the rest run the proxies)")
 
@@ -383,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         if changed:  # rows of two recipes would be ranked as one
             raise SystemExit(f"--resume: {out} holds a run with other {', '.join(changed)} ({', '.join(f'{k}={earlier.get(k)!r}' for k in changed)}); "
                              f"give the same settings, or another --out for a new run")
+        # the invocations before this one, so that their machine and worker count are not lost
+        facts["earlier"] = earlier.get("earlier", []) + [{k: earlier[k] for k in INVOCATION_FACTS if k in earlier}]
     (out / "facts.json").write_text(json.dumps(facts, indent=1))
     print(json.dumps(facts), flush=True)
 
@@ -459,7 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         for pool in (long_pool, short_pool):
             pool.terminate()
     log.close()
+    write_reports(out, rows, facts, timing)
+    return 0
 
+
+def write_reports(out: Path, rows: list[dict], facts: dict, timing: dict | None) -> None:
+    """`<out>/summary.json` and `<out>/fidelity.md` from the rows (also printed)."""
     summary = summarise(rows)
     summary["facts"] = facts
     summary["timing"] = {k: {"wall_s": v["wall_s"], "steps_trained": v.get("steps_trained"), "tokens": v.get("tokens")} for k, v in (timing or {}).items()}
@@ -467,6 +521,17 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(summary, facts, {k: v for k, v in (timing or {}).items() if v.get("ok")} or None)
     (out / "fidelity.md").write_text(text)
     print(text, flush=True)
+
+
+def summarise_only(out: Path) -> int:
+    """Rewrite the reports of a finished (or cut-short) run from its files, running nothing:
+    for a summary that gained a statistic, on any machine (the facts stay the run's own)."""
+    missing = [name for name in ("facts.json", "fidelity.jsonl") if not (out / name).is_file()]
+    if missing:
+        raise SystemExit(f"--summarise-only: {out} has no {' or '.join(missing)}; give the --out of an earlier run")
+    rows = [json.loads(line) for line in (out / "fidelity.jsonl").read_text().splitlines() if line.strip()]
+    timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").is_file() else None
+    write_reports(out, rows, json.loads((out / "facts.json").read_text()), timing)
     return 0
 
 

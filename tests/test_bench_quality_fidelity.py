@@ -55,6 +55,42 @@ def test_a_run_resumes_from_its_log(tmp_path):
     assert len(again) == 6 and again[:5] == rows[:5]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_lm_bpb"] == 3 and len(summary["pairs"]) == 3
+    facts_after = json.loads((tmp_path / "facts.json").read_text())  # the first invocation's machine and workers are kept
+    assert facts_after["earlier"] == [{k: facts[k] for k in fidelity.INVOCATION_FACTS}]
+    # the reports can be rebuilt from the files alone, running nothing, with the run's own facts
+    report = (tmp_path / "fidelity.md").read_text()
+    (tmp_path / "fidelity.md").unlink()
+    (tmp_path / "summary.json").unlink()
+    assert fidelity.main(["--summarise-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "fidelity.md").read_text() == report and json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert "earlier invocation" in report
+
+
+def test_summarise_only_names_what_the_folder_lacks(tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        fidelity.main(["--summarise-only", "--out", str(tmp_path)])
+    assert "no facts.json or fidelity.jsonl" in str(refused.value) and "--out of an earlier run" in str(refused.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_ranking_by_the_mean_over_seeds():
+    """One seed of y scores it low (a proxy run that missed); the mean over its three seeds
+    puts it back in order, which seed 0 alone cannot."""
+    def row(arch, stage, seed, value):
+        base = {"arch": arch, "stage": stage, "seed": seed, "layout": "CA", "ok": True, "proxy_parameters": 10}
+        return {**base, "score": -value, "bpb": value} if stage == "long" else {**base, "score": value}
+
+    rows = [row(a, "long", 0, b) for a, b in (("x", 2.0), ("y", 1.5), ("z", 1.2), ("w", 1.0))]
+    rows += [row("x", "mad", s, v) for s, v in ((0, 0.2), (1, 0.2), (2, 0.2))]
+    rows += [row("y", "mad", s, v) for s, v in ((0, 0.1), (1, 0.5), (2, 0.6))]  # seed 0 missed
+    rows += [row("z", "mad", s, v) for s, v in ((0, 0.6), (1, 0.7))]
+    rows += [row("w", "mad", 0, 0.9)]
+    summary = fidelity.summarise(rows)
+    assert summary["spearman_mad"] == pytest.approx(0.8)  # seed 0 alone: y and x swapped
+    assert summary["spearman_seed_mean_mad"] == pytest.approx(1.0) and summary["seeds_mad"] == [1, 3] and summary["n_seed_mean_mad"] == 4
+    assert "spearman_seed_mean_lm_bpb" not in summary  # no LM proxy rows
+    one_seed = fidelity.summarise([r for r in rows if r["seed"] == 0])
+    assert "spearman_seed_mean_mad" not in one_seed  # nothing to average
 
 
 def test_resume_refuses_a_run_of_other_settings(tmp_path):
@@ -129,6 +165,7 @@ def test_architectures_without_a_reference_are_listed_but_not_ranked():
     layouts = {"x": "CCCC", "y": "CACC", "z": "CASA"}  # more attention, lower reference bpb
     baselines = fidelity.summarise([{**r, "layout": layouts.get(r["arch"], "CC")} for r in rows])["baselines"]
     assert baselines["number of attention layers"] == 1.0 and baselines["has any attention layer"] > 0
+    assert set(summary["baselines_p"]) == set(fidelity.BASELINES)  # each baseline with its permutation p-value
     assert {p["arch"]: p["long_bpb"] for p in summary["pairs"]} == {"x": 2.0, "y": 1.5, "z": 1.2, "w": None}
     text = fidelity.markdown(summary, {"date": "d", "machine": "m", "torch": "t", "python": "p", "settings": "s", "reference_factor": 20, "reference_tokens": 1e6,
                                        "reference_steps": 10, "reference_batch": 8, "lm_seq_len": 32, "proxy_tokens": {}, "workers": 1}, None)
