@@ -215,16 +215,22 @@ def job_key(row_or_job: dict) -> tuple:
     return row_or_job["arch"], row_or_job["stage"], row_or_job.get("seed", 0), spec_key
 
 
-def seed_noise(rows: list[dict]) -> dict:
-    """Per architecture scored under several seeds: each proxy's scores, their spread, and the
-    spread between architectures (seed 0) to hold it against."""
+def proxy_scores_by_seed(rows: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """{stage: {architecture: {seed: value}}} of the finished proxy rows (`mad`: mean task
+    accuracy, `lm`: bits per byte)."""
     scores: dict[str, dict[str, dict[int, float]]] = {}
     for row in rows:
         if row.get("ok") and row["stage"] in ("mad", "lm"):
             value = row["score"] if row["stage"] == "mad" else row["bpb"]
             scores.setdefault(row["stage"], {}).setdefault(row["arch"], {})[row.get("seed", 0)] = value
+    return scores
+
+
+def seed_noise(rows: list[dict]) -> dict:
+    """Per architecture scored under several seeds: each proxy's scores, their spread, and the
+    spread between architectures (seed 0) to hold it against."""
     out: dict[str, dict] = {}
-    for stage, by_arch in scores.items():
+    for stage, by_arch in proxy_scores_by_seed(rows).items():
         repeated = {arch: values for arch, values in by_arch.items() if len(values) > 1}
         if not repeated:
             continue
@@ -283,16 +289,14 @@ def seed_mean_ranking(rows: list[dict], reference_bpb: dict[str, float]) -> dict
     architecture has more than one) against the reference: what ranking by the mean of a few
     seeds would buy over one seed."""
     out: dict = {}
-    for stage, proxy in (("mad", "mad"), ("lm", "lm_bpb")):
-        values: dict[str, list[float]] = {}
-        for row in rows:
-            if row.get("ok") and row["stage"] == stage and row["arch"] in reference_bpb:
-                values.setdefault(row["arch"], []).append(row["score"] if stage == "mad" else -row["bpb"])
+    scores = proxy_scores_by_seed(rows)
+    for stage, proxy, sign in (("mad", "mad", 1.0), ("lm", "lm_bpb", -1.0)):  # higher is better: minus bpb
+        values = {arch: by_seed for arch, by_seed in scores.get(stage, {}).items() if arch in reference_bpb}
         counts = [len(v) for v in values.values()]
         if len(values) < 3 or max(counts) < 2:
             continue
         archs = sorted(values)
-        means = [float(np.mean(values[arch])) for arch in archs]
+        means = [sign * float(np.mean(list(values[arch].values()))) for arch in archs]
         reference = [-reference_bpb[arch] for arch in archs]
         out[f"spearman_seed_mean_{proxy}"] = spearman(means, reference)
         out[f"spearman_p_seed_mean_{proxy}"] = spearman_p_value(means, reference)
