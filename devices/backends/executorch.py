@@ -88,6 +88,18 @@ def quantize_8da4w(model) -> dict[str, Any]:
     }
 
 
+def reference_model(artifact: Artifact, seed: int):
+    """The eager model an 8da4w artifact must reproduce: the same seeded model quantised by
+    the same `quantize_8da4w` (torchao's int8-dynamic/int4-weight linears, run eagerly), so
+    verification checks export, lowering and the XNNPACK kernels, not the quantiser."""
+    from lfm2.model import build_model
+
+    model = build_model(artifact.spec, seed=seed).eval()
+    if artifact.quant == "8da4w":
+        quantize_8da4w(model)
+    return model, f"eager {artifact.quant} (torchao, same quantisation)"
+
+
 def _graph_facts(edge, methods: list[str]) -> dict[str, Any]:
     partitions: dict[str, int] = {}
     outside: dict[str, dict[str, int]] = {}
@@ -240,4 +252,4 @@ class ExecuTorchRunner(Runner):
 
 RUNNER = ExecuTorchRunner
 
-__all__ = ["ExecuTorchRunner", "RUNNER", "export", "quantize_8da4w", "PROGRAM"]
+__all__ = ["ExecuTorchRunner", "RUNNER", "export", "quantize_8da4w", "reference_model", "PROGRAM"]
