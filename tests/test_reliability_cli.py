@@ -44,15 +44,11 @@ def cli(tmp_path, monkeypatch, capsys):
     def run(*args: str) -> tuple[int, str]:
         from nas import cli as nas_cli
 
-        # main() registers every command on the module's app at each call (once per process
-        # for the script); put the app back as it was, or it grows with every call here
-        commands, groups = list(nas_cli.app.registered_commands), list(nas_cli.app.registered_groups)
+        # main() registers the commands once per process (it is idempotent), so the app is
+        # left as it is: restoring an earlier, empty command list broke every later call
         capsys.readouterr()
-        try:
-            with pytest.raises(SystemExit) as exit_:
-                nas_cli.main([str(a) for a in args])
-        finally:
-            nas_cli.app.registered_commands[:], nas_cli.app.registered_groups[:] = commands, groups
+        with pytest.raises(SystemExit) as exit_:
+            nas_cli.main([str(a) for a in args])
         return exit_.value.code, capsys.readouterr().err
 
     run.work = work
