@@ -150,7 +150,7 @@ def bench(
     limits = Limits(
         cpus=parse_cpus(cpus),
         threads=threads,
-        memory_bytes=parse_size(memory_cap, "--memory-cap") if memory_cap else None,
+        memory_bytes=parse_size(memory_cap, "--memory-cap", require_unit=True) if memory_cap else None,
         timeout_s=timeout,
     )
     console = Console(stderr=True)

@@ -56,7 +56,7 @@ def prune_command(
     A search that needs a removed artifact compiles it again; cached measurements stay."""
     root = _root(cache_dir)
     removed, busy = prune(root, older_than_s=parse_duration(older_than) if older_than else None,
-                          max_bytes=parse_size(max_size, "--max-size") if max_size else None, dry_run=dry_run)
+                          max_bytes=parse_size(max_size, "--max-size", require_unit=True) if max_size else None, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for a in removed:
         typer.echo(f"{verb} {a.name} ({a.backend or '?'} {a.quant or ''} {a.layout or ''}, {format_size(a.bytes)}, last used {_when(a.last_used)})")

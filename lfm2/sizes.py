@@ -36,8 +36,11 @@ _SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s
 ACCEPTED = "a number of bytes with an optional unit: 800M, 1.5GiB, 2GB, 512k, 1048576 (kB/MB/GB/TB are powers of 1000; k/M/G/T and KiB/MiB/GiB/TiB powers of 1024)"
 
 
-def parse_size(text: str | int, what: str = "size") -> int:
-    """Bytes in `text`; raises `UserError` naming `what` and the accepted spellings."""
+def parse_size(text: str | int, what: str = "size", *, require_unit: bool = False) -> int:
+    """Bytes in `text`; raises `UserError` naming `what` and the accepted spellings.
+
+    `require_unit`: refuse a bare number. Command-line flags ask for it: `--budget 500`
+    meant as 500 MB would otherwise be read as 500 bytes and exclude every candidate."""
     if isinstance(text, bool):
         raise UserError(f"{what} must be {ACCEPTED}; got {text!r}")
     if isinstance(text, int):
@@ -50,6 +53,8 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if not match:
         raise UserError(f"{what} {text!r} is not a size; use {ACCEPTED}")
     unit = match["unit"].lower()
+    if require_unit and not unit:
+        raise UserError(f"{what} {text!r} has no unit; write it with one, e.g. {match['number']}MB or {match['number']}MiB ({ACCEPTED})")
     if unit not in _UNITS:
         raise UserError(f"{what} {text!r} has an unknown unit {match['unit']!r}; use {ACCEPTED}")
     value = float(match["number"]) * _UNITS[unit]

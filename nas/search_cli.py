@@ -37,7 +37,7 @@ def search(
     from nas.search import SearchConfig, SearchInterrupted, run_search
 
     config = SearchConfig(
-        device=device, budget_bytes=parse_size(budget, what="--budget"), trials=trials, study=study, storage=storage, space=space,
+        device=device, budget_bytes=parse_size(budget, what="--budget", require_unit=True), trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate,
     )

@@ -68,7 +68,7 @@ def pick_command(
     """The best-quality architecture within the limits (lowest decode latency for --quality none studies).
 
     Exits 1 and says which limit nothing meets when no architecture qualifies."""
-    limits = Limits(max_decode_ms=max_decode_ms, max_prefill_ms=max_prefill_ms, max_memory_bytes=parse_size(max_memory, "--max-memory") if max_memory is not None else None)
+    limits = Limits(max_decode_ms=max_decode_ms, max_prefill_ms=max_prefill_ms, max_memory_bytes=parse_size(max_memory, "--max-memory", require_unit=True) if max_memory is not None else None)
     result = pick(load_study_data(study, storage), limits)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), sort_keys=True))

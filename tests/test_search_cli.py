@@ -20,6 +20,7 @@ def lfm2_nas(*args, cwd):
     [
         (["--device", "local", "--budget", "lots"], ["--budget", "800M"]),
         (["--device", "local", "--budget", "500XB"], ["unknown unit"]),
+        (["--device", "local", "--budget", "500"], ["--budget", "no unit", "500MB"]),
         (["--device", "pixel8", "--budget", "500MB"], ["no device agent named 'pixel8'", "lfm2-nas agent serve", "lfm2-nas devices add", "--emulate"]),
         (["--device", "nosuchboard", "--budget", "500MB", "--emulate"], ["profile", "pixel8"]),
         (["--device", "local", "--budget", "500MB", "--backend", "tflite"], ["unknown backend", "executorch"]),
