@@ -1,9 +1,13 @@
 """Repeatability: the same architectures measured twice, each time in a fresh process.
 
 Draws architectures from the small search space (seeded, so always the same ones),
-compiles each once, then measures all of them (pass 1) and all of them again (pass 2)
-through `devices.measure`, which runs every measurement in its own child process. The
-two passes are minutes apart, so what changes on a shared machine in between shows up.
+compiles each once, then measures each twice through `devices.measure`, which runs every
+measurement in its own child process. `--order sequential` (the default) measures all of
+them (pass 1), then all of them again (pass 2): the passes are minutes apart, so drift of
+the machine between them shows up. `--order interleaved` measures each architecture's two
+passes back to back (A A B B ...): only process-to-process differences remain, so the two
+orders side by side separate drift from process noise, and the median's own confidence
+interval (reported per measurement) gives the within-process sampling noise.
 Reported for prefill and decode: the median relative spread |a - b| / mean(a, b) over
 the architectures and Kendall's tau between the two passes' rankings (what a search
 needs: the same order, even when absolute numbers drift).
@@ -34,13 +38,41 @@ def parse_args(argv=None):
     parser.add_argument("--quant", default="fp32", help="precision (default fp32)")
     parser.add_argument("--prefill", type=int, default=512, help="prefill length in tokens (default 512)")
     parser.add_argument("--depth", type=int, default=512, help="decode context depth (default 512)")
+    parser.add_argument("--order", choices=("sequential", "interleaved"), default="sequential",
+                        help="sequential: pass 1 over all, then pass 2 (drift + process noise); interleaved: each architecture's passes back to back (process noise only)")
     return parser.parse_args(argv)
 
 
 def protocol_for(prefill: int, depth: int, threads: int, quick: bool):
     from devices.protocol import Protocol
 
-    return Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if quick else 16, min_runs=3, max_runs=10, max_seconds_per_point=2.0 if quick else 4.0, measure_memory=True, threads=threads)
+    # The protocol's defaults otherwise: sampling until the median's interval is within +-2%,
+    # warm-up until steady, the calibration check around every point.
+    return Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if quick else 16, max_seconds_per_point=2.0 if quick else 6.0, measure_memory=True, threads=threads)
+
+
+def point_stats(result: dict, kind: str, point: int) -> dict | None:
+    stats = (result.get("measurement") or {}).get(kind, {}).get(str(point))
+    return stats if isinstance(stats, dict) else None
+
+
+def within_process(results: list[dict], kind: str, point: int) -> dict | None:
+    """The sampling noise inside one process: the median over measurements of the median's
+    95% interval half-width (relative), the timed runs it took, and the points flagged."""
+    stats = [s for s in (point_stats(r, kind, point) for r in results) if s and s.get("ci_half_width_rel") is not None]
+    if not stats:
+        return None
+    widths = sorted(s["ci_half_width_rel"] for s in stats)
+    runs = sorted(len(s["samples_ms"]) for s in stats)
+    return {
+        "n": len(stats),
+        "median_ci_half_width": widths[len(widths) // 2],
+        "max_ci_half_width": widths[-1],
+        "median_runs": runs[len(runs) // 2],
+        "noisy": sum(bool(s.get("noisy")) for s in stats),
+        "disturbed": sum(bool(s.get("disturbed")) for s in stats),
+        "remeasured": sum(int(s.get("remeasured") or 0) for s in stats),
+    }
 
 
 def pair_metrics(first: list[float | None], second: list[float | None]) -> dict | None:
@@ -62,14 +94,20 @@ def main(argv=None) -> int:
     protocol = protocol_for(prefill, depth, args.threads, args.quick)
 
     compiled = precompile([(spec, args.backend, args.quant) for spec in specs], protocol, cache_dir=args.cache_dir)
-    passes: list[list[dict]] = [[], []]
-    for index in range(2):
-        for number, spec in enumerate(specs):
-            log(f"[{NAME}] pass {index + 1}, {number + 1}/{len(specs)}: {spec.layout} d={spec.d_model} ({costs.parameters(spec) / 1e6:.1f}M)")
-            result = compile_and_measure(spec, args.backend, args.quant, protocol, cache_dir=args.cache_dir, threads=args.threads, precompiled=compiled[number])
-            if not result["ok"]:
-                log(f"[{NAME}]   failed at {result.get('stage')}: {result.get('error', '')[:300]}")
-            passes[index].append(result)
+    passes: list[list[dict]] = [[None] * len(specs), [None] * len(specs)]
+    order = [(index, number) for index in range(2) for number in range(len(specs))]
+    if args.order == "interleaved":
+        order = [(index, number) for number in range(len(specs)) for index in range(2)]
+    point_seconds = []
+    for index, number in order:
+        spec = specs[number]
+        log(f"[{NAME}] pass {index + 1}, {number + 1}/{len(specs)}: {spec.layout} d={spec.d_model} ({costs.parameters(spec) / 1e6:.1f}M)")
+        result = compile_and_measure(spec, args.backend, args.quant, protocol, cache_dir=args.cache_dir, threads=args.threads, precompiled=compiled[number])
+        if not result["ok"]:
+            log(f"[{NAME}]   failed at {result.get('stage')}: {result.get('error', '')[:300]}")
+        elif (result.get("measurement") or {}).get("wall_time_s"):
+            point_seconds.append(result["measurement"]["wall_time_s"] / 2)  # a measurement is two points (prefill, decode)
+        passes[index][number] = result
 
     metrics = {}
     for kind, point in (("prefill", prefill), ("decode", depth)):
@@ -79,6 +117,9 @@ def main(argv=None) -> int:
     footprints = [(footprint_bytes(a), footprint_bytes(b)) for a, b in zip(*passes)]
     fp_pairs = [(a, b) for a, b in footprints if a and b]
     metrics["footprint"] = pair_metrics([a for a, _ in fp_pairs], [b for _, b in fp_pairs]) if len(fp_pairs) >= 2 else None
+    metrics["within_process"] = {kind: within_process(passes[0] + passes[1], kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
+    metrics["seconds_per_point"] = sorted(point_seconds)[len(point_seconds) // 2] if point_seconds else None
+    metrics["order"] = args.order
 
     rows = []
     for spec, a, b in zip(specs, *passes):
@@ -107,6 +148,11 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
             summary.append([label, "-", "-", "-", "-", "-", "fewer than 2 architectures measured twice"])
         else:
             summary.append([label, m["n"], pct(m["median_relative_spread"], 1), pct(m["p90_relative_spread"], 1), pct(m["max_relative_spread"], 1), f"{m['tau']:.3f}", f"{m['p_value']:.2g}"])
+    for kind, label in (("prefill", f"prefill {prefill} tokens"), ("decode", f"decode per token at depth {depth}")):
+        w = (metrics.get("within_process") or {}).get(kind)
+        if w:
+            summary.append([f"{label}: inside one process (median's 95% CI, +-)", w["n"], pct(w["median_ci_half_width"], 1), "-", pct(w["max_ci_half_width"], 1), "-",
+                            f"{w['median_runs']} runs (median); {w['noisy']} noisy, {w['disturbed']} disturbed, {w['remeasured']} re-measures"])
     detail = []
     for r in rows:
         p, d, f = r["prefill_ms"], r["decode_ms"], r["footprint_bytes"]
@@ -114,9 +160,12 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
     failed = sum(1 for r in rows if r["errors"])
     how = (
         ("How: the quick run's tiny LFM2 and its all-attention twin, " if args.quick else f"How: {len(rows)} architectures drawn uniformly from the small search space (Optuna random sampler, seed {args.seed}), ")
-        + f"compiled once for {args.backend} {args.quant} (two compiles at a time, before any measurement), then measured in two passes over all of them, every measurement "
-        f"in a fresh child process (`devices.measure`; {args.threads} threads; median of 3-10 timed runs after a warm-up). "
-        "Relative spread = |pass 1 - pass 2| / mean; Kendall's tau-b (scipy) between the two passes' orderings "
+        + f"compiled once for {args.backend} {args.quant} (two compiles at a time, before any measurement), then measured twice "
+        + ("back to back (interleaved: A A B B ..., process-to-process noise only)" if metrics.get("order") == "interleaved" else "in two passes over all of them (sequential: drift between passes included)")
+        + f", every measurement in a fresh child process (`devices.measure`; {args.threads} threads; warm-up until steady, then timed runs until the median's 95% interval "
+        f"is within +-2% or the point's time cap; a point disturbed per the calibration kernel is re-measured). "
+        + (f"Median wall time per measured point: {metrics['seconds_per_point']:.1f} s. " if metrics.get("seconds_per_point") else "")
+        + "Relative spread = |pass 1 - pass 2| / mean; Kendall's tau-b (scipy) between the two passes' orderings "
         f"(1 = identical ranking). {failed} architecture(s) failed in at least one pass."
         + (
             " The backend is ONNX Runtime because the default must finish in 10 minutes: ONNX export takes seconds per "

@@ -8,6 +8,7 @@ checked against eager), then `devices.measure.measure` in a fresh child process.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +61,26 @@ def bench_rows(measurement) -> list[dict[str, Any]]:
     for label, points in (("pp{}", measurement.prefill), ("tg@{}", measurement.decode)):
         for key in sorted(points):
             stats = points[key]
+            # llama-bench's figure: the mean and std of the per-run rates
+            rates = [stats.tokens * 1000.0 / sample for sample in stats.samples_ms if sample > 0]
             rows.append(
                 {
                     "test": label.format(key),
                     "tokens_per_s": stats.tokens_per_s,
+                    "tokens_per_s_mean": statistics.fmean(rates) if rates else None,
+                    "tokens_per_s_std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
                     "median_ms": stats.median_ms,
+                    "ci_low_ms": stats.ci_low_ms,
+                    "ci_high_ms": stats.ci_high_ms,
+                    "ci_level": stats.ci_level,
                     "trimmed_mean_ms": stats.trimmed_mean_ms,
                     "p10_ms": stats.p10_ms,
                     "p90_ms": stats.p90_ms,
                     "cv": stats.cv,
                     "runs": len(stats.samples_ms),
                     "noisy": stats.noisy,
+                    "disturbed": stats.disturbed,
+                    "remeasured": stats.remeasured,
                 }
             )
     return rows
@@ -88,17 +98,18 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
         highlight=False,
     )
     table = Table()
-    for column in ("test", "t/s", "median ms", "p10-p90 ms", "CV", "runs", ""):
+    for column in ("test", "t/s ± std", "median ms", "95% CI ms", "p10-p90 ms", "CV", "runs", ""):
         table.add_column(column, justify="left" if column in ("test", "") else "right")
     for row in bench_rows(measurement):
         table.add_row(
             row["test"],
-            f"{row['tokens_per_s']:.1f}",
+            f"{row['tokens_per_s_mean']:.1f} ± {row['tokens_per_s_std']:.1f}",
             f"{row['median_ms']:.2f}",
+            "-" if row["ci_low_ms"] is None else f"{row['ci_low_ms']:.2f}-{row['ci_high_ms']:.2f}",
             f"{row['p10_ms']:.2f}-{row['p90_ms']:.2f}",
             f"{row['cv'] * 100:.1f}%",
             str(row["runs"]),
-            "noisy" if row["noisy"] else "",
+            " ".join(flag for flag, on in (("noisy", row["noisy"]), ("disturbed", row["disturbed"]), (f"remeasured x{row['remeasured']}", row["remeasured"])) if on),
         )
     console.print(table)
     console.print(
@@ -107,7 +118,13 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
         f"compile {artifact.manifest.get('compile_s', 0):.1f} s   decode cost follows context: {artifact.manifest.get('decode_cost_follows_context')}",
         highlight=False,
     )
-    console.print("tg@N: one decode step at context depth N (tokens/s = 1000 / median ms per token); pp: a prefill of N tokens.", style="dim", highlight=False)
+    console.print(
+        "tg@N: one decode step at context depth N; pp: a prefill of N tokens. t/s ± std: mean and std of the runs' rates (as llama-bench); "
+        "95% CI: the median's distribution-free interval; noisy: that interval is wider than the protocol's target; disturbed: "
+        "the calibration kernel ran slower around the point (other work on these cores).",
+        style="dim",
+        highlight=False,
+    )
 
 
 def bench(

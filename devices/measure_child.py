@@ -15,9 +15,12 @@ The order of work (see DESIGN.md, "Measurement protocol"):
 4. MEMORY PASS: one run of every point (each prefill length; each decode depth), with the
    RSS high-water mark reset after the baseline, so that peak - baseline is the model's
    own footprint (weights, runtime buffers, the state at the deepest context);
-5. TIMING: per point, warm-up runs (discarded), then timed runs bounded by count and by
-   time; a point whose CV is over the threshold is measured again (bounded), the attempt
-   with the lowest CV is kept, and it is flagged `noisy` if that is still over.
+5. TIMING (`devices.sampling`): a calibration kernel is timed once as the reference; per
+   point, warm-up until steady (discarded), then timed runs until the median's confidence
+   interval is within the protocol's target (bounded by count and time); a point around
+   which the calibration kernel ran slower than the threshold (another process on these
+   cores) or whose CV is high is measured again (bounded); it is flagged `disturbed` or
+   `noisy` if that does not help.
 
 Decode at depth C, per run: `reset()`, one untimed decode at position C-1 (it gives the
 state of a C-token context; decode latency does not depend on the state's values), then
@@ -31,7 +34,6 @@ PARTIAL.json after each point, so the parent can say where a timeout or kill str
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import resource
@@ -63,61 +65,6 @@ def pin_threads(cpus: list[int]) -> None:
             pass  # a thread that has just ended
 
 
-def summarize(samples_ms: list[float], tokens: int, trim_fraction: float):
-    """`Stats` of raw samples: median, trimmed mean (`trim_fraction` cut from each end),
-    p10/p90 (linear interpolation), coefficient of variation (sample std / mean)."""
-    import numpy as np
-
-    from devices.protocol import Stats
-
-    values = np.sort(np.asarray(samples_ms, dtype=np.float64))
-    cut = int(len(values) * trim_fraction)
-    kept = values[cut : len(values) - cut] if len(values) - 2 * cut >= 1 else values
-    mean = float(values.mean())
-    cv = float(values.std(ddof=1) / mean) if len(values) > 1 and mean > 0 else 0.0
-    return Stats(
-        median_ms=float(np.median(values)),
-        trimmed_mean_ms=float(kept.mean()),
-        p10_ms=float(np.percentile(values, 10)),
-        p90_ms=float(np.percentile(values, 90)),
-        cv=cv,
-        samples_ms=[float(v) for v in samples_ms],
-        tokens=tokens,
-    )
-
-
-def timed_runs(run_once, protocol) -> list[float]:
-    """At least min_runs, at most max_runs; stop after min_runs once the point has used
-    max_seconds_per_point."""
-    samples: list[float] = []
-    start = time.perf_counter()
-    gc.collect()
-    gc.disable()  # a collection inside a timed run is noise, not model latency
-    try:
-        while len(samples) < protocol.max_runs:
-            samples.append(run_once())
-            if len(samples) >= protocol.min_runs and time.perf_counter() - start >= protocol.max_seconds_per_point:
-                break
-    finally:
-        gc.enable()
-    return samples
-
-
-def measure_point(run_once, protocol, tokens: int):
-    for _ in range(protocol.warmup_runs):
-        run_once()
-    best = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
-    attempts = 0
-    while best.cv > protocol.cv_threshold and attempts < protocol.max_remeasures:
-        attempts += 1
-        again = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
-        if again.cv < best.cv:
-            best = again
-    best.remeasured = attempts
-    best.noisy = best.cv > protocol.cv_threshold
-    return best
-
-
 class Child:
     def __init__(self, job: dict[str, Any], result_path: Path, partial_path: Path):
         self.job = job
@@ -139,6 +86,7 @@ class Child:
         from devices.artifact import Artifact
         from devices.backends import backend_module, open_runner
         from devices.protocol import Protocol
+        from devices.sampling import Calibration, measure_point
 
         job = self.job
         protocol = Protocol.from_dict(job["protocol"])
@@ -181,6 +129,11 @@ class Child:
                 runner.decode(decode_tokens[:, i + 1 : i + 2], depth + i)
             return (time.perf_counter_ns() - start) / 1e6 / protocol.decode_tokens
 
+        calibration = None
+        if protocol.disturbance_threshold > 0:
+            self.progress("calibrate")
+            calibration = Calibration()
+            self.result["stack"]["calibration"] = calibration.describe()
         if protocol.measure_memory:
             self.progress("memory")
             for n in protocol.prompt_lengths:
@@ -203,11 +156,11 @@ class Child:
 
         for n in protocol.prompt_lengths:
             self.progress("prefill", length=n)
-            self.result["prefill"][str(n)] = measure_point(lambda: prefill_once(n), protocol, n).to_dict()
+            self.result["prefill"][str(n)] = measure_point(lambda: prefill_once(n), protocol, n, calibration).to_dict()
             self.checkpoint()
         for depth in protocol.decode_depths:
             self.progress("decode", depth=depth)
-            self.result["decode"][str(depth)] = measure_point(lambda: decode_once(depth), protocol, 1).to_dict()
+            self.result["decode"][str(depth)] = measure_point(lambda: decode_once(depth), protocol, 1, calibration).to_dict()
             self.checkpoint()
 
         memory["peak_rss_end_bytes"] = stack.peak_rss_bytes()[0]

@@ -24,12 +24,15 @@ class Protocol:
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     decode_depths: tuple[int, ...] = (128, 2048)
     decode_tokens: int = 16  # tokens generated per timed decode run
-    warmup_runs: int = 1
-    min_runs: int = 3
-    max_runs: int = 20
+    warmup_runs: int = 1  # at least this many untimed runs; then more until two agree (devices.sampling.warm_up)
+    max_warmup_runs: int = 10
+    min_runs: int = 5
+    max_runs: int = 60
     max_seconds_per_point: float = 10.0
     trim_fraction: float = 0.2
+    ci_target: float = 0.02  # stop sampling once the median's 95% interval is within +-2% of it
     cv_threshold: float = 0.10  # re-measure a point whose coefficient of variation is above this
+    disturbance_threshold: float = 0.15  # re-measure a point around which the calibration kernel ran >15% slower; 0: no check
     max_remeasures: int = 1
     measure_memory: bool = True
     threads: int | None = None  # None: the device's recommended thread count
@@ -49,6 +52,13 @@ class Protocol:
         for name in ("decode_tokens", "min_runs", "max_runs"):
             if getattr(self, name) < 1:
                 raise UserError(f"protocol {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_runs", "max_warmup_runs", "max_remeasures"):
+            if getattr(self, name) < 0:
+                raise UserError(f"protocol {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("ci_target", "cv_threshold", "disturbance_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value == value and value != float("inf")):
+                raise UserError(f"protocol {name} must be a finite number >= 0, got {value!r}")
         if self.max_runs < self.min_runs:
             raise UserError(f"protocol max_runs ({self.max_runs}) must be >= min_runs ({self.min_runs})")
         if not 0 <= self.trim_fraction < 0.5:
@@ -113,8 +123,23 @@ class Stats:
     cv: float
     samples_ms: list[float]
     tokens: int  # tokens per sample: the prompt length for prefill; 1 for decode (a decode sample is the per-token latency of a run of decode_tokens)
-    noisy: bool = False  # CV still above the threshold after the allowed re-measures
+    noisy: bool = False  # the median's interval still wider than ci_target after the allowed re-measures
     remeasured: int = 0
+    # the median's distribution-free confidence interval and its exact coverage (devices.sampling)
+    ci_low_ms: float | None = None
+    ci_high_ms: float | None = None
+    ci_level: float | None = None
+    warmup_runs: int | None = None  # untimed runs made before the samples (warm-up until steady)
+    calibration_slowdown: float | None = None  # the calibration kernel around the kept attempt, over its reference
+    disturbed: bool = False  # every attempt ran while the cores were busy with something else
+    disturbances: list[float] = field(default_factory=list)  # slowdowns of the attempts found disturbed
+
+    @property
+    def ci_half_width_rel(self) -> float | None:
+        """+-x of the median (relative) at the interval's confidence."""
+        if self.ci_low_ms is None or self.ci_high_ms is None or self.median_ms <= 0:
+            return None
+        return (self.ci_high_ms - self.ci_low_ms) / 2 / self.median_ms
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,11 +148,12 @@ class Stats:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["tokens_per_s"] = self.tokens_per_s
+        data["ci_half_width_rel"] = self.ci_half_width_rel
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Stats:
-        data = {k: v for k, v in data.items() if k != "tokens_per_s"}
+        data = {k: v for k, v in data.items() if k not in ("tokens_per_s", "ci_half_width_rel")}
         return cls(**data)
 
 

@@ -34,7 +34,11 @@ OUTCOME_LABELS = {
     "failed": "failed (compile error, error, timeout, lost)",
     "running": "running or queued",
 }
-AXIS_TITLES = {"quality": "quality (proxy score, higher is better)", "prefill_ms": "prefill latency, ms (median)", "decode_ms": "decode latency per token, ms (median)"}
+AXIS_TITLES = {
+    "quality": "quality (proxy score, higher is better)",
+    "prefill_ms": "prefill latency, ms (median, bars: 95% CI)",
+    "decode_ms": "decode latency per token, ms (median, bars: 95% CI)",
+}
 _VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"]
 OVER_BUDGET_COLOUR = "#d62728"
 
@@ -74,10 +78,12 @@ def _hover(trial: TrialRow) -> str:
     parts = [f"trial {trial.number}" + (f" · {trial.preset}" if trial.preset else ""), f"layout {trial.layout or '?'}"]
     if trial.quality is not None:
         parts.append(f"quality {trial.quality:.4f}")
-    if trial.prefill_ms is not None:
-        parts.append(f"prefill {trial.prefill_ms:.1f} ms")
-    if trial.decode_ms is not None:
-        parts.append(f"decode {trial.decode_ms:.2f} ms")
+    for metric, label, digits in (("prefill_ms", "prefill", 1), ("decode_ms", "decode", 2)):
+        value = getattr(trial, metric)
+        if value is not None:
+            interval = _interval(trial, metric) if metric in trial.values else None
+            spread = f" (95% CI −{interval[0]:.{digits}f}/+{interval[1]:.{digits}f})" if interval else ""
+            parts.append(f"{label} {value:.{digits}f} ms{spread}")
     parts.append(f"memory {format_bytes(trial.footprint_bytes)}")
     if trial.params is not None:
         parts.append(f"{trial.params / 1e6:.1f} M params")
@@ -85,10 +91,39 @@ def _hover(trial: TrialRow) -> str:
     return "<br>".join(parts)
 
 
+def _interval(trial: TrialRow, metric: str) -> tuple[float, float] | None:
+    """(below, above) the plotted median: the measured 95% interval of a latency objective,
+    when the trial stored one (`ci_low_ms`/`ci_high_ms` in its stats)."""
+    stats = {"prefill_ms": trial.prefill_stats, "decode_ms": trial.decode_stats}.get(metric)
+    if not stats or stats.get("ci_low_ms") is None or stats.get("ci_high_ms") is None or metric not in trial.values:
+        return None
+    value = trial.values[metric]
+    return max(0.0, value - stats["ci_low_ms"]), max(0.0, stats["ci_high_ms"] - value)
+
+
+def _error_bars(trials: list[TrialRow], metric: str) -> dict[str, Any] | None:
+    """Plotly error bars of the measured intervals, or None when no trial has one (a study
+    stored before intervals, or the quality axis)."""
+    intervals = [_interval(t, metric) for t in trials]
+    if not any(intervals):
+        return None
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [i[1] if i else 0 for i in intervals],
+        "arrayminus": [i[0] if i else 0 for i in intervals],
+        "thickness": 1,
+        "width": 3,
+        "color": "#666",
+    }
+
+
 def _scatter(trials: list[TrialRow], x: str, y: str, name: str, marker: dict[str, Any], **extra: Any) -> go.Scatter:
     return go.Scatter(
         x=[t.values[x] for t in trials],
         y=[t.values[y] for t in trials],
+        error_x=_error_bars(trials, x),
+        error_y=_error_bars(trials, y),
         mode=extra.pop("mode", "markers"),
         name=name,
         marker=marker,

@@ -14,7 +14,8 @@ import pytest
 from devices.artifact import ArtifactError
 from devices.compile import compile
 from devices.measure import _to_measurement, measure, supervise
-from devices.measure_child import is_out_of_memory, measure_point, summarize
+from devices.measure_child import is_out_of_memory
+from devices.sampling import measure_point, summarize
 from devices.protocol import Limits, Measurement, Protocol
 from devices.stack import device_fingerprint, machine_facts
 from lfm2.errors import UserError
@@ -49,7 +50,8 @@ def test_measurement_has_the_full_structure_and_round_trips(eager_artifact):
         assert all(s > 0 for s in stats.samples_ms)
         assert stats.median_ms > 0 and stats.trimmed_mean_ms > 0 and stats.cv >= 0
         assert stats.p10_ms <= stats.median_ms <= stats.p90_ms
-        assert stats.remeasured == 0 and stats.noisy == (stats.cv > QUICK.cv_threshold)
+        assert stats.remeasured == 0 and stats.ci_low_ms <= stats.median_ms <= stats.ci_high_ms and 0 < stats.ci_level <= 1
+        assert stats.calibration_slowdown > 0 and stats.warmup_runs >= QUICK.warmup_runs
     assert all(stats.tokens == 1 for stats in m.decode.values())  # per-token samples
     memory = m.memory
     assert memory["baseline_rss_bytes"] > 0 and memory["peak_rss_bytes"] >= memory["baseline_rss_bytes"]
@@ -58,6 +60,7 @@ def test_measurement_has_the_full_structure_and_round_trips(eager_artifact):
     for key in ("cpu_model", "logical_cores", "os", "runtimes", "affinity", "threads", "backend", "quant"):
         assert key in m.stack, key
     assert m.stack["affinity"] == [cpu] and m.stack["threads"] == 1  # set in the child, recorded
+    assert m.stack["calibration"]["reference_ms"] > 0
     assert m.stack["thread_env"]["OMP_NUM_THREADS"] == "1"
     assert m.stack["runtimes"]["torch"] != "absent"
     assert set(m.thermal) == {"before", "after"} and "cpu_freq_source" in m.thermal["before"]

@@ -196,3 +196,26 @@ def test_presets_are_starred_and_every_outcome_told_apart(tmp_path):
     assert sum(outcome_bars.values()) == len(data.trials) and len(outcome_bars) == 5
     prefiltered_preset = next(t for t in data.trials if t.outcome == "prefiltered" and t.preset)
     assert f'id="arch-{prefiltered_preset.number}"' in payload["sections"]["architectures"]  # shown for comparison
+
+
+def test_latency_axes_carry_the_measured_intervals_as_error_bars(tmp_path, study):
+    from reports.figures import front_figure
+
+    # the committed real study predates intervals (no bars); a study written as the search now does has them
+    assert all(t.error_x.array is None for t in front_figure(read_study(study), "prefill_ms", "decode_ms").data)
+    study = write_handmade_study(f"sqlite:///{tmp_path / 'intervals.db'}")
+    data = read_study(study)
+    figure = front_figure(data, "prefill_ms", "decode_ms")
+    checked = 0
+    for trace in (t for t in figure.data if t.mode == "markers" and len(t.x)):
+        for i, number in enumerate(trace.customdata):
+            stats = study.trials[number].user_attrs["prefill_stats"]
+            if stats.get("ci_low_ms") is None:  # a trial stored before intervals: no bar
+                assert trace.error_x.array is None or trace.error_x.array[i] == trace.error_x.arrayminus[i] == 0
+                continue
+            x = trace.x[i]
+            assert x - trace.error_x.arrayminus[i] == pytest.approx(stats["ci_low_ms"]) and x + trace.error_x.array[i] == pytest.approx(stats["ci_high_ms"])
+            checked += 1
+    assert checked > 0
+    quality = front_figure(data, "prefill_ms", "quality")
+    assert all(t.error_y.array is None for t in quality.data)  # no interval for the proxy score

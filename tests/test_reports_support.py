@@ -25,6 +25,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from devices.protocol import Measurement, Protocol, Stats
+from devices.sampling import summarize
 from lfm2 import ArchSpec, presets
 from search_space.costs.counts import parameters
 
@@ -61,18 +62,9 @@ def parameter_count(spec: ArchSpec) -> int:
 
 
 def _stats(rng: np.random.Generator, median_ms: float, cv: float, tokens: int, runs: int = 8) -> Stats:
+    """Stats of synthetic samples, summarised as a measurement does (interval included)."""
     samples = sorted(float(x) for x in rng.normal(median_ms, cv * median_ms, size=runs).clip(min=median_ms * 0.5))
-    array = np.asarray(samples)
-    trim = int(len(samples) * PROTOCOL.trim_fraction)
-    return Stats(
-        median_ms=float(np.median(array)),
-        trimmed_mean_ms=float(array[trim : len(samples) - trim].mean()),
-        p10_ms=float(np.percentile(array, 10)),
-        p90_ms=float(np.percentile(array, 90)),
-        cv=float(array.std() / array.mean()),
-        samples_ms=samples,
-        tokens=tokens,
-    )
+    return summarize(samples, tokens, PROTOCOL.trim_fraction)
 
 
 def _variant(base: str, **changes) -> ArchSpec:

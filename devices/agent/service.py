@@ -102,10 +102,13 @@ class ProtocolBody(BaseModel):
     decode_depths: list[_Length] = Field(default=list(_DEFAULT.decode_depths), min_length=1, max_length=64)
     decode_tokens: _int(1, 1 << 16) = _DEFAULT.decode_tokens
     warmup_runs: _int(0, 1000) = _DEFAULT.warmup_runs
+    max_warmup_runs: _int(0, 1000) = _DEFAULT.max_warmup_runs
     min_runs: _int(1, 10_000) = _DEFAULT.min_runs
     max_runs: _int(1, 10_000) = _DEFAULT.max_runs
     max_seconds_per_point: _number(gt=0, le=86_400) = _DEFAULT.max_seconds_per_point
     trim_fraction: _number(ge=0, lt=0.5) = _DEFAULT.trim_fraction
+    ci_target: _number(ge=0, le=100) = _DEFAULT.ci_target
+    disturbance_threshold: _number(ge=0, le=100) = _DEFAULT.disturbance_threshold
     cv_threshold: _number(ge=0, le=100) = _DEFAULT.cv_threshold
     max_remeasures: _int(0, 100) = _DEFAULT.max_remeasures
     measure_memory: StrictBool = _DEFAULT.measure_memory

@@ -1,0 +1,209 @@
+"""How one measured point is sampled: warm-up until steady, timed runs until the median is
+pinned down, an interference check around the point, and a re-measure when it was disturbed.
+
+The search ranks candidates by the median latency of each point, so the question a
+measurement must answer is "how sure is this median?". `median_interval` gives a
+distribution-free confidence interval for it (order statistics of the samples: no
+normality assumed, which timing samples with their long right tail do not satisfy), and
+`timed_runs` keeps sampling until that interval is within `Protocol.ci_target` of the
+median (relative half-width), bounded by `max_runs` and `max_seconds_per_point`.
+
+A point measured while something else ran on its cores is slower for reasons that have
+nothing to do with the model. `Calibration` times a fixed kernel (a small GEMM and a memory
+sweep: the two things a language model's layers do) once when the measuring process is
+ready, and again around every point; a point around which the kernel ran more than
+`disturbance_threshold` slower is re-measured (up to `max_remeasures` times) and, if it
+stays disturbed, flagged `disturbed` rather than silently reported slower.
+
+Nothing here knows about models or runtimes: `run_once` is any callable returning one
+sample in milliseconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+
+from devices.protocol import Protocol, Stats
+
+#: Confidence of the interval reported for every median.
+CI_LEVEL = 0.95
+#: Warm-up ends when two consecutive runs differ by less than this (relative).
+STEADY_TOLERANCE = 0.05
+
+
+@lru_cache(maxsize=256)
+def _order_statistic_ranks(n: int, level: float) -> tuple[int, int, float]:
+    """0-based ranks (lo, hi) of the sorted samples that bound the median with at least
+    `level` confidence, and the exact coverage. The number B of samples below the true
+    median is Binomial(n, 1/2), and the k-th smallest sample (0-based) lies above the median
+    when B <= k, so [x_(k), x_(n-1-k)] covers it with probability 1 - 2 P(B <= k). With too
+    few samples for `level` (n < 6 at 95%) it is [min, max] at its own, lower, coverage."""
+    if n < 1:
+        raise ValueError("no samples")
+    cdf = 0.0
+    k_best = 0
+    for k in range((n - 1) // 2 + 1):
+        cdf += math.comb(n, k) / 2**n
+        if 1 - 2 * cdf < level:
+            break
+        k_best = k
+    coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k_best + 1)) / 2**n
+    return k_best, n - 1 - k_best, max(coverage, 0.0)
+
+
+def median_interval(samples_ms: list[float] | np.ndarray, level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(low, high, coverage) of a distribution-free confidence interval for the median."""
+    values = np.sort(np.asarray(samples_ms, dtype=np.float64))
+    lo, hi, coverage = _order_statistic_ranks(len(values), level)
+    return float(values[lo]), float(values[hi]), coverage
+
+
+def relative_half_width(samples_ms: list[float]) -> float:
+    """Half the width of the median's interval over the median: +-x of the figure ranked."""
+    low, high, _ = median_interval(samples_ms)
+    median = float(np.median(samples_ms))
+    return (high - low) / 2 / median if median > 0 else math.inf
+
+
+def summarize(samples_ms: list[float], tokens: int, trim_fraction: float) -> Stats:
+    """`Stats` of raw samples: median with its confidence interval, trimmed mean
+    (`trim_fraction` cut from each end), p10/p90 (linear interpolation), coefficient of
+    variation (sample std / mean)."""
+    values = np.sort(np.asarray(samples_ms, dtype=np.float64))
+    cut = int(len(values) * trim_fraction)
+    kept = values[cut : len(values) - cut] if len(values) - 2 * cut >= 1 else values
+    mean = float(values.mean())
+    cv = float(values.std(ddof=1) / mean) if len(values) > 1 and mean > 0 else 0.0
+    low, high, coverage = median_interval(values)
+    median = float(np.median(values))
+    return Stats(
+        median_ms=median,
+        trimmed_mean_ms=float(kept.mean()),
+        p10_ms=float(np.percentile(values, 10)),
+        p90_ms=float(np.percentile(values, 90)),
+        cv=cv,
+        samples_ms=[float(v) for v in samples_ms],
+        tokens=tokens,
+        ci_low_ms=low,
+        ci_high_ms=high,
+        ci_level=round(coverage, 4),
+    )
+
+
+class Calibration:
+    """A fixed kernel timed on the measuring process's own cores: the reference when the
+    process is ready, then around each point. `slowdown()` is the kernel's current time over
+    the reference: ~1 on a quiet machine, ~2 with a CPU hog sharing the core."""
+
+    #: The kernel: GEMMs of this size, then a sum over this many bytes (larger than L2, so it
+    #: reads memory or L3 as a decode step does).
+    GEMM_N = 160
+    GEMMS = 6
+    SWEEP_BYTES = 8 << 20
+    REPEATS = 5
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self._a = rng.standard_normal((self.GEMM_N, self.GEMM_N)).astype(np.float32)
+        self._b = rng.standard_normal((self.GEMM_N, self.GEMM_N)).astype(np.float32)
+        self._sweep = np.ones(self.SWEEP_BYTES // 4, dtype=np.float32)
+        self.time_ms()  # first touch of the pages and the BLAS threads: not part of any figure
+        self.reference_ms = self.time_ms()
+
+    def _kernel_once(self) -> float:
+        start = time.perf_counter_ns()
+        c = self._a
+        for _ in range(self.GEMMS):
+            c = c @ self._b
+            c *= 1.0 / self.GEMM_N  # keep values finite
+        float(self._sweep.sum())
+        return (time.perf_counter_ns() - start) / 1e6
+
+    def time_ms(self) -> float:
+        """The median of a few runs of the kernel."""
+        return float(np.median([self._kernel_once() for _ in range(self.REPEATS)]))
+
+    def slowdown(self) -> float:
+        return self.time_ms() / self.reference_ms
+
+    def describe(self) -> dict:
+        return {
+            "kernel": f"{self.GEMMS} fp32 GEMMs {self.GEMM_N}x{self.GEMM_N} + a {self.SWEEP_BYTES >> 20} MiB sum, median of {self.REPEATS}",
+            "reference_ms": round(self.reference_ms, 4),
+        }
+
+
+def warm_up(run_once: Callable[[], float], protocol: Protocol) -> int:
+    """At least `warmup_runs` runs, then more until two consecutive runs agree within
+    STEADY_TOLERANCE (caches, lazily packed weights and thread pools settled), at most
+    `max_warmup_runs` runs and half the point's time budget. Returns the runs made."""
+    limit = max(protocol.warmup_runs, protocol.max_warmup_runs)
+    runs = 0
+    previous = None
+    start = time.perf_counter()
+    while runs < limit:
+        sample = run_once()
+        runs += 1
+        if runs >= protocol.warmup_runs:
+            if previous is not None and abs(sample - previous) <= STEADY_TOLERANCE * previous:
+                break
+            if time.perf_counter() - start >= protocol.max_seconds_per_point / 2:
+                break
+        previous = sample
+    return runs
+
+
+def timed_runs(run_once: Callable[[], float], protocol: Protocol) -> list[float]:
+    """At least `min_runs`; then stop as soon as the median's interval is within
+    `ci_target`, or at `max_runs`, or once the point has used `max_seconds_per_point`."""
+    samples: list[float] = []
+    start = time.perf_counter()
+    gc.collect()
+    gc.disable()  # a collection inside a timed run is noise, not model latency
+    try:
+        while len(samples) < protocol.max_runs:
+            samples.append(run_once())
+            if len(samples) < protocol.min_runs:
+                continue
+            if time.perf_counter() - start >= protocol.max_seconds_per_point:
+                break
+            if len(samples) >= 2 and relative_half_width(samples) <= protocol.ci_target:
+                break
+    finally:
+        gc.enable()
+    return samples
+
+
+def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int, calibration: Calibration | None = None) -> Stats:
+    """Warm up, then sample the point; re-measure (at most `max_remeasures` times) while it
+    was disturbed (the calibration kernel ran more than `disturbance_threshold` slower around
+    it than at the reference) or its CV is over `cv_threshold`. Keeps the best attempt (an
+    undisturbed one first, then the tightest interval); flags `disturbed` if every attempt
+    was, and `noisy` if the kept interval is still wider than `ci_target`."""
+    warmups = warm_up(run_once, protocol)
+    attempts: list[Stats] = []
+    for _ in range(1 + protocol.max_remeasures):
+        before = calibration.slowdown() if calibration else None
+        stats = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
+        if calibration:
+            after = calibration.slowdown()
+            stats.calibration_slowdown = round(max(before, after), 4)
+            stats.disturbed = protocol.disturbance_threshold > 0 and stats.calibration_slowdown > 1 + protocol.disturbance_threshold
+        attempts.append(stats)
+        if not stats.disturbed and stats.cv <= protocol.cv_threshold:
+            break
+    best = min(attempts, key=lambda s: (s.disturbed, s.ci_high_ms - s.ci_low_ms if s.median_ms else math.inf))
+    best.remeasured = len(attempts) - 1
+    best.warmup_runs = warmups
+    best.disturbances = [s.calibration_slowdown for s in attempts if s.disturbed]
+    best.noisy = relative_half_width(best.samples_ms) > protocol.ci_target
+    return best
+
+
+__all__ = ["CI_LEVEL", "Calibration", "median_interval", "relative_half_width", "summarize", "timed_runs", "warm_up", "measure_point"]
