@@ -8,11 +8,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lfm2.model import build_model, count_parameters
 from lfm2.presets import PUBLISHED_PARAMETERS, presets
 
 
 def presets_table() -> list[dict]:
+    from lfm2.model import build_model, count_parameters  # torch: only when the command runs
+
     rows = []
     for name, spec in presets.items():
         rows.append(

@@ -29,10 +29,34 @@ rule over earlier candidates' curves, kept in the driver or a user attr, never v
 loss becomes non-finite stops at once with the worst score.
 """
 
-from nas.quality.proxy import proxy_spec
-from nas.quality.scoring import KINDS, QUALITY_VERSION, QualityResult, cache_key, score
-from nas.quality.settings import QualitySettings, SettingsError
-from nas.quality.tasks import TASKS, TaskBatch, TaskConfig, TaskError, generate
+from importlib import import_module
+
+# Loaded on first use (PEP 562): scoring needs torch, which `lfm2-nas --help` (it imports the
+# `quality` command's module, a submodule of this package) must not pay for.
+_LAZY = {
+    "proxy_spec": "nas.quality.proxy",
+    "KINDS": "nas.quality.scoring",
+    "QUALITY_VERSION": "nas.quality.scoring",
+    "QualityResult": "nas.quality.scoring",
+    "cache_key": "nas.quality.scoring",
+    "score": "nas.quality.scoring",
+    "QualitySettings": "nas.quality.settings",
+    "SettingsError": "nas.quality.settings",
+    "TASKS": "nas.quality.tasks",
+    "TaskBatch": "nas.quality.tasks",
+    "TaskConfig": "nas.quality.tasks",
+    "TaskError": "nas.quality.tasks",
+    "generate": "nas.quality.tasks",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nas.quality' has no attribute {name!r}")
+
 
 __all__ = [
     "score",
