@@ -27,7 +27,7 @@ from lfm2.spec import ArchSpec
 from nas.cache import ResultCache, measurement_key
 from nas.device_session import DeviceSession, describe, open_device
 from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, objective_values
-from nas.storage import DEFAULT_STORAGE, open_storage
+from nas.storage import DEFAULT_STORAGE, missing_sqlite_file, open_storage
 from nas.study import create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
 
 RAY_TEMP_DIR = "/tmp/lfm2-nas-ray"  # short: Ray's unix sockets live under it (108-byte path limit)
@@ -468,10 +468,9 @@ def _stop_on_signals():
 
 def _require_existing_sqlite(url: str, study: str) -> None:
     """--resume of a SQLite file that does not exist: say so rather than create an empty one."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path not in ("", ":memory:") and not os.path.exists(path):
-            raise UserError(f"--resume: there is no study {study!r} to resume: {path} does not exist; drop --resume to start it, or check --storage")
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        raise UserError(f"--resume: there is no study {study!r} to resume: {missing} does not exist; drop --resume to start it, or check --storage")
 
 
 def _quality_settings(name: str):

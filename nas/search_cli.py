@@ -82,7 +82,7 @@ def study_list(storage: Optional[str] = typer.Option(None, "--storage"), as_json
 
     from nas.storage import DEFAULT_STORAGE, open_storage
 
-    summaries = optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False)
+    summaries = optuna.get_all_study_summaries(open_storage(storage, must_exist=True), include_best_trial=False)
     rows = [{"study": s.study_name, "trials": s.n_trials, "directions": [d.name.lower() for d in s.directions], "started": str(s.datetime_start)} for s in summaries]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -106,13 +106,15 @@ def study_show(study: str = typer.Option(..., "--study"), storage: Optional[str]
         return
     from rich.table import Table
 
+    # one labelled column per objective (the names the search stored), not an unnamed list
+    metrics = loaded.metric_names or [f"objective {i}" for i in range(len(loaded.directions))]
     table = Table(title=f"{study}: {len(rows)} trials")
-    for column in ("#", "state", "status", "layout", "values", "footprint MiB", "reason"):
-        table.add_column(column)
+    for column in ("#", "state", "status", "layout", *metrics, "footprint MiB", "reason"):
+        table.add_column(column, justify="right" if column in metrics else "left")
     for row in rows:
-        values = ", ".join(f"{v:.4g}" for v in row["values"]) if row["values"] else "-"
+        values = [f"{v:.4g}" for v in row["values"]] if row["values"] else ["-"] * len(metrics)
         footprint = f"{row['footprint_bytes'] / 2**20:.0f}" if row["footprint_bytes"] else "-"
-        table.add_row(str(row["number"]), row["state"], row["status"] or "", (row["preset"] or "") + " " + (row["layout"] or ""), values, footprint, (row["reason"] or "")[:80])
+        table.add_row(str(row["number"]), row["state"], row["status"] or "", (row["preset"] or "") + " " + (row["layout"] or ""), *values, footprint, (row["reason"] or "")[:80])
     Console(width=160).print(table)
 
 

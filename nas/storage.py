@@ -23,10 +23,26 @@ def describe_storage_forms() -> str:
     )
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """Open (and check) the storage named by `url`, raising a `UserError` that says what
-    forms are accepted when it cannot be used. Nothing is created for a URL that fails."""
+def missing_sqlite_file(url: str | None) -> Path | None:
+    """The file of a `sqlite:///` URL when it does not exist (opening it would create an
+    empty database, under a mistyped name as often as not), else None."""
     url = url or DEFAULT_STORAGE
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+        if str(path) not in ("", ":memory:") and not path.exists():
+            return path
+    return None
+
+
+def open_storage(url: str | None, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """Open (and check) the storage named by `url`, raising a `UserError` that says what
+    forms are accepted when it cannot be used. Nothing is created for a URL that fails.
+    `must_exist`: a command that only reads (or resumes) refuses a SQLite file that does not
+    exist instead of creating an empty one."""
+    url = url or DEFAULT_STORAGE
+    missing = missing_sqlite_file(url) if must_exist else None
+    if missing is not None:
+        raise UserError(f"storage {url!r}: {missing} does not exist, so it holds no study; check --storage (or run the search first)")
     if url.startswith("journal:") or (url.endswith(JOURNAL_SUFFIXES) and "://" not in url):
         path = Path(url.removeprefix("journal:")).expanduser()
         if not path.parent.is_dir():
@@ -55,12 +71,9 @@ def _engine_kwargs(url: str) -> dict:
 
 
 def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
-    url = storage_url or DEFAULT_STORAGE
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///")).expanduser()
-        if str(path) not in ("", ":memory:") and not path.exists():
-            # Opening it would create an empty database under a mistyped name.
-            raise UserError(f"no study named {name!r}: {path} does not exist; check --study and --storage (or run the search first)")
+    missing = missing_sqlite_file(storage_url)
+    if missing is not None:
+        raise UserError(f"no study named {name!r}: {missing} does not exist; check --study and --storage (or run the search first)")
     storage = open_storage(storage_url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
@@ -69,4 +82,4 @@ def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-__all__ = ["DEFAULT_STORAGE", "open_storage", "load_existing_study", "describe_storage_forms"]
+__all__ = ["DEFAULT_STORAGE", "open_storage", "load_existing_study", "describe_storage_forms", "missing_sqlite_file"]

@@ -48,3 +48,23 @@ def test_missing_study_names_what_exists(tmp_path):
 def test_resume_of_a_study_that_does_not_exist(tmp_path):
     result = lfm2_nas("search", "--device", "local", "--budget", "500MB", "--space", "small", "--study", "ghost", "--resume", cwd=tmp_path)
     assert result.returncode == 2 and "no study 'ghost'" in result.stderr
+
+
+def test_study_list_of_a_missing_file_refuses_and_creates_nothing(tmp_path):
+    # the same rule as `study show`: a command that reads never creates an empty database
+    result = lfm2_nas("study", "list", "--storage", f"sqlite:///{tmp_path}/typo.db", cwd=tmp_path)
+    assert result.returncode == 2 and "typo.db does not exist" in result.stderr and "--storage" in result.stderr
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_study_show_labels_each_objective(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    db = tmp_path / "small.db"
+    shutil.copyfile(Path(__file__).parent / "data" / "search_small.db", db)
+    result = lfm2_nas("study", "show", "--study", "small", "--storage", f"sqlite:///{db}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    header = " ".join(result.stdout.split())
+    for name in ("quality", "prefill_ms", "decode_ms", "footprint MiB"):
+        assert name in header, (name, result.stdout)
