@@ -29,13 +29,13 @@ def _register_commands() -> None:
         return
     _registered = True
     from lfm2 import cli as lfm2_cli
-    from nas import export_cli, search_cli
+    from nas import export_cli, predict_cli, search_cli
     from nas.quality import cli as quality_cli
     from search_space import cli as space_cli
     from devices import agent_cli, bench_cli, cache_cli
     from reports import cli as reports_cli
 
-    for module in (lfm2_cli, search_cli, space_cli, agent_cli, export_cli, reports_cli, bench_cli, cache_cli, quality_cli):
+    for module in (lfm2_cli, search_cli, predict_cli, space_cli, agent_cli, export_cli, reports_cli, bench_cli, cache_cli, quality_cli):
         module.register(app)
 
 
