@@ -9,14 +9,15 @@ One folder layout, two flavours, told apart by what `transformers` can express:
   the head is left out of the file, as `transformers` itself saves it.
 * **lfm2-nas folder** (any other spec, e.g. with sliding-window `swa` layers): the same
   `model.safetensors` and no `config.json`, so that no tool mistakes it for a model
-  `transformers` can run (Lfm2 would silently make the `swa` layers full attention).
+  `transformers` can run (Lfm2 has no sliding window: the same weights in its full-attention
+  layers would give other logits).
   lfm2-nas trains and loads it (`load_model_folder`); the export tools build it too.
 
 Both keep `lfm2_nas.json`: the full `ArchSpec` (the source of truth where there is no
 `config.json`), `transformers: {loadable, reason}`, the token ids and where the weights came
 from. Weights are stored under Hugging Face LFM2's names in both (an `swa` layer has the
 parameters of an attention layer and takes its names), so that a folder of a representable
-spec is byte for byte what `--to hf` writes.
+spec has byte for byte the `config.json` and weights `--to hf` writes.
 
 `transformers` is not imported: the files are plain JSON and safetensors.
 """

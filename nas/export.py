@@ -8,12 +8,12 @@ Reads the study only through Optuna's public API and the layout of docs/study-sc
   (spec and provenance, machine-readable) and `ARCH.md` (the measured figures and where
   they come from). Specs Hugging Face's Lfm2 cannot express (sliding-window layers, ...)
   are refused, naming the trial, the reason and `--to lfm2`.
-* `--to lfm2`: the same folder for any spec (`lfm2.hf_io.save_model_folder`): byte for byte
-  the `--to hf` folder where Lfm2 can express the spec; otherwise an lfm2-nas folder with the
-  same weights file and `lfm2_nas.json` (the full spec, marked not loadable by
-  `transformers`) and no `config.json`. `lfm2-nas train` trains either, and
-  `lfm2.hf_io.load_model_folder` loads either. This is the target for the small and default
-  spaces, whose winners often have sliding-window layers.
+* `--to lfm2`: the same folder for any spec (`lfm2.hf_io.save_model_folder`): a `--to hf`
+  folder (the same config.json and weights, byte for byte) where Lfm2 can express the spec;
+  otherwise an lfm2-nas folder with the same weights file and `lfm2_nas.json` (the full
+  spec, marked not loadable by `transformers`) and no `config.json`. `lfm2-nas train`
+  trains either, and `lfm2.hf_io.load_model_folder` loads either. This is the target for
+  the small and default spaces, whose winners often have sliding-window layers.
 * `--to executorch|onnx`: a copy of the compiled artifact each trial was measured with
   (files + `manifest.json`, verified against its sha256s before and after the copy), with
   the same `ARCH.md` and `lfm2_nas.json` next to it.

@@ -88,7 +88,7 @@ def train(
     FOLDER is what `lfm2-nas export --to lfm2` (any searched architecture) or `--to hf` wrote. The result, in --out, is a
     folder of the same kind: a Hugging Face folder that transformers loads, or (for specs Lfm2 cannot express, e.g.
     sliding-window layers) an lfm2-nas folder that lfm2.hf_io.load_model_folder loads. For a quick CPU check:
-    --device cpu --steps 20 --seq-len 64 --batch-tokens 1024 --eval-tokens 4096 --corpus stdlib:2000000."""
+    --device cpu --steps 10 --seq-len 64 --batch-tokens 512 --eval-every 10 --eval-tokens 1024 --corpus stdlib:2000000."""
     from lfm2.train import TrainConfig
     from lfm2.train import train as run_training
 
