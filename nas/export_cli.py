@@ -32,8 +32,8 @@ def export(
 ) -> None:
     """Export a search's winners: trainable model folders (hf, lfm2) or the measured artifacts (executorch, onnx).
 
-    A study whose winners have sliding-window layers (the small and default spaces search them) exports with --to lfm2;
-    `lfm2-nas train` trains those folders like Hugging Face ones."""
+    Winners with sliding-window layers (the small and default spaces search them) export with --to lfm2, which `lfm2-nas train` trains like a Hugging Face folder.
+    """
     from lfm2.errors import UserError
     from nas.export import export_from_study, export_preset
 
@@ -85,10 +85,10 @@ def train(
 ) -> None:
     """Train an exported architecture on a text corpus.
 
-    FOLDER is what `lfm2-nas export --to lfm2` (any searched architecture) or `--to hf` wrote. The result, in --out, is a
-    folder of the same kind: a Hugging Face folder that transformers loads, or (for specs Lfm2 cannot express, e.g.
-    sliding-window layers) an lfm2-nas folder that lfm2.hf_io.load_model_folder loads. For a quick CPU check:
-    --device cpu --steps 10 --seq-len 64 --batch-tokens 512 --eval-every 10 --eval-tokens 1024 --corpus stdlib:2000000."""
+    FOLDER is what `lfm2-nas export --to lfm2` (any searched architecture) or `--to hf` wrote. The result, in --out, is a folder of the same kind: a Hugging Face folder that transformers loads or, for specs Lfm2 cannot express (sliding-window layers), an lfm2-nas folder that lfm2.hf_io.load_model_folder loads.
+
+    A CPU smoke run: --device cpu --steps 10 --seq-len 64 --batch-tokens 512 --eval-every 10 --eval-tokens 1024 --corpus stdlib:2000000
+    """
     from lfm2.train import TrainConfig
     from lfm2.train import train as run_training
 
