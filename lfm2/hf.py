@@ -128,21 +128,42 @@ _ATTN_NAMES = {
 
 
 def _name_map(spec: ArchSpec) -> dict[str, str]:
+    """Our parameter names -> Hugging Face's. Defined for every spec: an `swa` layer has the
+    parameters of an attention layer and takes its names (`self_attn.*`), and without q/k
+    norm those two weights are simply absent. Only `to_hf_state_dict` insists that
+    `Lfm2ForCausalLM` could use the result."""
     names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.embedding_norm.weight"}
     if not spec.tie_embeddings:
         names["head.weight"] = "lm_head.weight"
     for i, op in enumerate(spec.layers):
         per_op = _CONV_NAMES if op == "conv" else _ATTN_NAMES
         for ours, theirs in {**_LAYER_NAMES, **per_op}.items():
+            if not spec.qk_norm and ours in ("op.q_norm.weight", "op.k_norm.weight"):
+                continue
             names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
     return names
+
+
+def hf_named_state_dict(model: Any) -> dict[str, Tensor]:
+    """Our model's weights under Hugging Face LFM2's names (the tied head left out), for any
+    spec: what an lfm2-nas folder stores, whether or not `transformers` could load it."""
+    ours = model.state_dict()
+    return {theirs: ours[name] for name, theirs in _name_map(model.spec).items()}
 
 
 def to_hf_state_dict(model: Any) -> dict[str, Tensor]:
     """Our model's weights under `Lfm2ForCausalLM`'s names (the tied head is left out)."""
     _check_representable(model.spec)
-    ours = model.state_dict()
-    return {theirs: ours[name] for name, theirs in _name_map(model.spec).items()}
+    return hf_named_state_dict(model)
+
+
+def hf_representable(spec: ArchSpec) -> str | None:
+    """None when `transformers.Lfm2ForCausalLM` can express `spec`, else the reason it cannot."""
+    try:
+        _check_representable(spec)
+    except NotRepresentableError as exc:
+        return str(exc)
+    return None
 
 
 def from_hf_state_dict(state_dict: dict[str, Tensor], spec: ArchSpec) -> dict[str, Tensor]:
@@ -160,4 +181,4 @@ def from_hf_state_dict(state_dict: dict[str, Tensor], spec: ArchSpec) -> dict[st
     return converted
 
 
-__all__ = ["to_hf_config", "from_hf_config", "to_hf_state_dict", "from_hf_state_dict", "NotRepresentableError"]
+__all__ = ["to_hf_config", "from_hf_config", "to_hf_state_dict", "from_hf_state_dict", "hf_named_state_dict", "hf_representable", "NotRepresentableError"]

@@ -1,11 +1,23 @@
-"""Save our model as a Hugging Face folder, and load such a folder back into our model.
+"""Model folders: save our model, read its architecture, load it back.
 
-A folder holds what `transformers.AutoModelForCausalLM.from_pretrained` needs, with no
-remote code: `config.json` (model_type `lfm2`, architectures `Lfm2ForCausalLM`),
-`model.safetensors` (our weights under Hugging Face's names) and `generation_config.json`.
-With tied embeddings the head is left out of the file, as `transformers` itself saves it:
-`Lfm2ForCausalLM` ties `lm_head.weight` to `model.embed_tokens.weight` on load.
-Next to them, `lfm2_nas.json` keeps our `ArchSpec` and where the weights came from.
+One folder layout, two flavours, told apart by what `transformers` can express:
+
+* **Hugging Face folder** (any spec `Lfm2ForCausalLM` can express: conv and full-attention
+  layers, head_dim * heads == d_model, q/k norm): what `AutoModelForCausalLM.from_pretrained`
+  needs, with no remote code -- `config.json` (model_type `lfm2`, architectures
+  `Lfm2ForCausalLM`), `model.safetensors` and `generation_config.json`. With tied embeddings
+  the head is left out of the file, as `transformers` itself saves it.
+* **lfm2-nas folder** (any other spec, e.g. with sliding-window `swa` layers): the same
+  `model.safetensors` and no `config.json`, so that no tool mistakes it for a model
+  `transformers` can run (Lfm2 has no sliding window: the same weights in its full-attention
+  layers would give other logits).
+  lfm2-nas trains and loads it (`load_model_folder`); the export tools build it too.
+
+Both keep `lfm2_nas.json`: the full `ArchSpec` (the source of truth where there is no
+`config.json`), `transformers: {loadable, reason}`, the token ids and where the weights came
+from. Weights are stored under Hugging Face LFM2's names in both (an `swa` layer has the
+parameters of an attention layer and takes its names), so that a folder of a representable
+spec has byte for byte the `config.json` and weights `--to hf` writes.
 
 `transformers` is not imported: the files are plain JSON and safetensors.
 """
@@ -21,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lfm2.errors import UserError
-from lfm2.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from lfm2.hf import from_hf_config, from_hf_state_dict, hf_named_state_dict, hf_representable, to_hf_config, to_hf_state_dict
 from lfm2.model import LFM2, build_model
 from lfm2.spec import ArchSpec
 
@@ -29,6 +41,8 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 PROVENANCE = "lfm2_nas.json"
+#: Version of the folder layout recorded in `lfm2_nas.json`.
+FOLDER_FORMAT = 1
 
 #: The byte-level tokenizer's end-of-text id (see `lfm2.tokenizer`): an exported folder
 #: names it as bos/eos/pad until training replaces the tokenizer.
@@ -61,6 +75,45 @@ def generation_config_dict(token_ids: dict[str, int | None]) -> dict[str, Any]:
     return {**token_ids, "do_sample": False, "use_cache": True}
 
 
+def save_model_folder(
+    model: LFM2,
+    folder: str | Path,
+    *,
+    token_ids: dict[str, int | None] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as a model folder (created if needed) and return its path: a Hugging Face
+    folder when `transformers` can express the spec, an lfm2-nas folder otherwise (see the
+    module docstring)."""
+    spec = model.spec
+    token_ids = token_ids if token_ids is not None else default_token_ids(spec)
+    weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in hf_named_state_dict(model).items()}
+    dtypes = {tensor.dtype for tensor in weights.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    not_loadable = hf_representable(spec)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
+    if not_loadable is None:
+        (folder / CONFIG).write_text(json.dumps(hf_config_dict(spec, token_ids, dtype), indent=2) + "\n")
+        (folder / GENERATION_CONFIG).write_text(json.dumps(generation_config_dict(token_ids), indent=2) + "\n")
+        transformers_note = {"loadable": True}
+    else:
+        for stale in (CONFIG, GENERATION_CONFIG):  # a folder reused for another spec must not keep one
+            (folder / stale).unlink(missing_ok=True)
+        transformers_note = {"loadable": False, "reason": not_loadable, "load_with": "lfm2.hf_io.load_model_folder"}
+    record: dict[str, Any] = {
+        "spec": spec.to_dict(),
+        "spec_key": spec.key,
+        "folder_format": FOLDER_FORMAT,
+        "transformers": transformers_note,
+        "token_ids": token_ids,
+    }
+    record.update({k: v for k, v in (provenance or {}).items() if k not in record})
+    (folder / PROVENANCE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return folder
+
+
 def save_hf_folder(
     model: LFM2,
     folder: str | Path,
@@ -68,35 +121,35 @@ def save_hf_folder(
     token_ids: dict[str, int | None] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` as a Hugging Face LFM2 folder (created if needed) and return its path."""
-    spec = model.spec
-    token_ids = token_ids if token_ids is not None else default_token_ids(spec)
-    weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in to_hf_state_dict(model).items()}
-    dtypes = {tensor.dtype for tensor in weights.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    config = hf_config_dict(spec, token_ids, dtype)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
-    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    (folder / GENERATION_CONFIG).write_text(json.dumps(generation_config_dict(token_ids), indent=2) + "\n")
-    record = {"spec": spec.to_dict(), "spec_key": spec.key, **(provenance or {})}
-    (folder / PROVENANCE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return folder
+    """Write `model` as a Hugging Face LFM2 folder; raises `NotRepresentableError` (naming
+    the reason) for a spec `transformers` cannot express -- `save_model_folder` writes those."""
+    to_hf_config(model.spec)  # refuses before anything is written
+    return save_model_folder(model, folder, token_ids=token_ids, provenance=provenance)
+
+
+def is_transformers_loadable(folder: str | Path) -> bool:
+    """Whether `transformers` can load the folder (it has a Hugging Face `config.json`)."""
+    return (Path(folder) / CONFIG).is_file()
 
 
 def read_spec(folder: str | Path) -> ArchSpec:
-    """The architecture of a Hugging Face LFM2 folder (from its `config.json`)."""
+    """The architecture of a model folder: from `config.json` when it has one (checked against
+    `lfm2_nas.json`), else from `lfm2_nas.json` (an lfm2-nas folder)."""
     folder = Path(folder)
     config_path = folder / CONFIG
+    provenance = read_provenance(folder)
     if not config_path.is_file():
-        raise UserError(f"{folder} is not a Hugging Face model folder: it has no {CONFIG} (make one with `lfm2-nas export --to hf`)")
+        if provenance.get("spec"):
+            return ArchSpec.from_dict(provenance["spec"])
+        raise UserError(
+            f"{folder} is not a model folder: it has neither {CONFIG} nor a {PROVENANCE} with a spec "
+            "(make one with `lfm2-nas export --to lfm2` or `--to hf`)"
+        )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_path} is not valid JSON ({exc})") from exc
     spec = from_hf_config(config)
-    provenance = read_provenance(folder)
     if provenance.get("spec"):
         # Our own record keeps fields config.json cannot (none today, but say so if they drift).
         recorded = ArchSpec.from_dict(provenance["spec"])
@@ -110,11 +163,16 @@ def read_spec(folder: str | Path) -> ArchSpec:
 
 def read_provenance(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / PROVENANCE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); export the folder again") from exc
 
 
-def load_hf_folder(folder: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LFM2:
-    """Our model with the weights of a Hugging Face LFM2 folder."""
+def load_model_folder(folder: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LFM2:
+    """Our model with the weights of a model folder (Hugging Face or lfm2-nas)."""
     folder = Path(folder)
     spec = read_spec(folder)
     weights_path = folder / WEIGHTS
@@ -131,6 +189,10 @@ def load_hf_folder(folder: str | Path, *, device: str | torch.device | None = No
     return model
 
 
+#: The name this loader had when it read Hugging Face folders only.
+load_hf_folder = load_model_folder
+
+
 __all__ = [
     "CONFIG",
     "WEIGHTS",
@@ -139,8 +201,12 @@ __all__ = [
     "default_token_ids",
     "hf_config_dict",
     "generation_config_dict",
+    "FOLDER_FORMAT",
+    "save_model_folder",
     "save_hf_folder",
+    "is_transformers_loadable",
     "read_spec",
     "read_provenance",
+    "load_model_folder",
     "load_hf_folder",
 ]

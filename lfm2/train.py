@@ -1,12 +1,17 @@
-"""Train an exported LFM2 architecture (a Hugging Face folder) on a text corpus.
+"""Train an exported LFM2 architecture (a model folder, see `lfm2.hf_io`) on a text corpus.
 
-`train(folder, out, TrainConfig(...))` reads the folder's config and initial weights,
+Any architecture the search produces trains: a Hugging Face folder (`lfm2-nas export --to hf`)
+or an lfm2-nas folder (`--to lfm2`, e.g. with sliding-window layers), and the result has the
+same flavour as the input (a spec `transformers` cannot express stays an lfm2-nas folder).
+
+`train(folder, out, TrainConfig(...))` reads the folder's architecture and initial weights,
 tokenises the corpus (byte-level, or a BPE trained here; see `lfm2.tokenizer`), and runs
 AdamW with linear warm-up and cosine decay, gradient clipping, bf16 autocast on CUDA and
 gradient accumulation up to `batch_tokens` per step. Everything lands in `out`:
 
-    out/config.json, model.safetensors, generation_config.json,   the trained model, a
-        tokenizer.json, tokenizer_config.json, ARCH.md, lfm2_nas.json  Hugging Face folder
+    out/model.safetensors, lfm2_nas.json, tokenizer.json,          the trained model folder
+        tokenizer_config.json, ARCH.md (+ config.json,             (+ what transformers needs,
+        generation_config.json)                                      where it can express it)
     out/train/log.jsonl        one record per step ("train") and per evaluation ("val")
     out/train/loss.html        the loss curves (plotly), written when the run ends or stops
     out/train/checkpoints/     step-XXXXXXXX.pt: model, optimizer, scheduler, RNG, data position
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lfm2.errors import UserError
-from lfm2.hf_io import load_hf_folder, read_provenance, read_spec, save_hf_folder
+from lfm2.hf_io import is_transformers_loadable, load_model_folder, read_provenance, read_spec, save_model_folder
 from lfm2.model import LFM2
 from lfm2.spec import ArchSpec
 from lfm2.tokenizer import (
@@ -463,7 +468,7 @@ def _optimizer(model: LFM2, config: TrainConfig, device: torch.device) -> torch.
 
 
 def train(folder: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, *, resume: bool = True, log: Callable[[str], None] = print) -> TrainResult:
-    """Train the Hugging Face LFM2 folder `folder`; write the run and the result to `out`
+    """Train the model folder `folder` (Hugging Face or lfm2-nas); write the run and the result to `out`
     (default: `<folder>-trained`). Resumes from `out`'s latest checkpoint unless `resume`
     is False (then the old checkpoints and log are discarded)."""
     threads = torch.get_num_threads()
@@ -497,7 +502,7 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
     log(f"tokens: {len(train_tokens):,} train, {len(val_tokens):,} validation ({config.tokenizer}); {sampler.n_windows:,} windows of {config.seq_len}")
 
     torch.manual_seed(config.seed)
-    model = load_hf_folder(folder, device=device, dtype=torch.float32)
+    model = load_model_folder(folder, device=device, dtype=torch.float32)
     model.train()
     optimizer = _optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -661,7 +666,13 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
     completed = reason is None
     if completed:
         _write_result(folder, out, model, tokenizer, config, spec, summary)
-        log(f"saved the trained model to {out}")
+        if is_transformers_loadable(out):
+            log(f"saved the trained model to {out} (a Hugging Face folder: transformers.AutoModelForCausalLM.from_pretrained loads it)")
+        else:
+            log(
+                f"saved the trained model to {out} (an lfm2-nas folder: lfm2.hf_io.load_model_folder loads it; "
+                f"transformers cannot: {read_provenance(out)['transformers']['reason']})"
+            )
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return TrainResult(
         out=out,
@@ -683,7 +694,7 @@ def _write_result(folder: Path, out: Path, model: LFM2, tokenizer, config: Train
     provenance.pop("spec", None)
     provenance.pop("spec_key", None)
     provenance["trained"] = {"from": str(folder.resolve()), **summary}
-    save_hf_folder(model, out, token_ids=token_ids, provenance=provenance)
+    save_model_folder(model, out, token_ids=token_ids, provenance=provenance)
     save_tokenizer(tokenizer, out, config.tokenizer, spec.max_seq_len)
     arch = (folder / "ARCH.md").read_text() if (folder / "ARCH.md").is_file() else f"# {spec.layout} ({spec.key})\n"
     (out / "ARCH.md").write_text(arch.rstrip() + "\n\n" + training_section(summary) + "\n")

@@ -1,4 +1,4 @@
-"""Export a search's winners: trainable Hugging Face folders, or the artifacts that were measured.
+"""Export a search's winners: trainable model folders, or the artifacts that were measured.
 
 Reads the study only through Optuna's public API and the layout of docs/study-schema.md.
 
@@ -7,7 +7,13 @@ Reads the study only through Optuna's public API and the layout of docs/study-sc
   initialisation, `lfm2.model.init_weights`), `generation_config.json`, `lfm2_nas.json`
   (spec and provenance, machine-readable) and `ARCH.md` (the measured figures and where
   they come from). Specs Hugging Face's Lfm2 cannot express (sliding-window layers, ...)
-  are refused, naming the trial and the reason.
+  are refused, naming the trial, the reason and `--to lfm2`.
+* `--to lfm2`: the same folder for any spec (`lfm2.hf_io.save_model_folder`): a `--to hf`
+  folder (the same config.json and weights, byte for byte) where Lfm2 can express the spec;
+  otherwise an lfm2-nas folder with the same weights file and `lfm2_nas.json` (the full
+  spec, marked not loadable by `transformers`) and no `config.json`. `lfm2-nas train`
+  trains either, and `lfm2.hf_io.load_model_folder` loads either. This is the target for
+  the small and default spaces, whose winners often have sliding-window layers.
 * `--to executorch|onnx`: a copy of the compiled artifact each trial was measured with
   (files + `manifest.json`, verified against its sha256s before and after the copy), with
   the same `ARCH.md` and `lfm2_nas.json` next to it.
@@ -34,13 +40,17 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lfm2.errors import UserError
-from lfm2.hf import NotRepresentableError, to_hf_config
-from lfm2.hf_io import save_hf_folder
+from lfm2.hf import NotRepresentableError, hf_representable, to_hf_config
+from lfm2.hf_io import save_hf_folder, save_model_folder
 from lfm2.model import build_model, count_parameters
 from lfm2.spec import ArchSpec
 from nas.storage import DEFAULT_STORAGE, load_existing_study
 
-TARGETS = ("hf", "executorch", "onnx")
+TARGETS = ("hf", "lfm2", "executorch", "onnx")
+#: Targets that write a trainable model folder with our seeded initial weights.
+MODEL_TARGETS = ("hf", "lfm2")
+#: Targets that copy the compiled artifact a trial was measured with.
+ARTIFACT_TARGETS = ("executorch", "onnx")
 TIER_METRICS = {"memory": "footprint_bytes", "latency": "decode_ms"}
 METADATA_KEY = "lfm2_nas"
 
@@ -166,7 +176,7 @@ def provenance(study: optuna.Study, member: Member, storage_url: str, target: st
     return {
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "export_target": target,
-        "init": {"function": "lfm2.model.init_weights", "seed": seed} if target == "hf" else None,
+        "init": {"function": "lfm2.model.init_weights", "seed": seed} if target in MODEL_TARGETS else None,
         "study": {
             "name": study.study_name,
             "storage": redact_storage(storage_url),
@@ -245,6 +255,33 @@ def hf_use_section(seed: int | None) -> list[str]:
     ]
 
 
+def lfm2_use_section(spec: ArchSpec, seed: int | None) -> list[str]:
+    """`--to lfm2`: where Lfm2 can express the spec the folder is also a Hugging Face one."""
+    not_loadable = hf_representable(spec)
+    if not_loadable is None:
+        return hf_use_section(seed)
+    return [
+        "## Weights",
+        "",
+        INIT_DESCRIPTION + f" Seed {seed}.",
+        "",
+        "## Use",
+        "",
+        f"This is an lfm2-nas folder, not a Hugging Face one: {not_loadable}, so there is no `config.json` "
+        "and `transformers` cannot load it (`lfm2_nas.json` records `transformers.loadable: false`). "
+        "`model.safetensors` holds the weights under Hugging Face LFM2's names (a sliding-window layer's "
+        "under `self_attn.*`); the full architecture is the `spec` in `lfm2_nas.json`.",
+        "",
+        "```python",
+        "from lfm2.hf_io import load_model_folder",
+        "model = load_model_folder('.')  # lfm2.LFM2: model(tokens) -> logits, model.step(...) for decoding",
+        "```",
+        "",
+        "Train it: `lfm2-nas train . --corpus stdlib --steps 1000` (see the README); the trained model is an lfm2-nas folder too.",
+        "",
+    ]
+
+
 def arch_markdown(spec: ArchSpec, record: dict[str, Any], parameters: int) -> str:
     """ARCH.md: the architecture, what was measured, and the provenance of every number."""
     study, trial, measured = record["study"], record["trial"], record["measured"]
@@ -296,6 +333,8 @@ def arch_markdown(spec: ArchSpec, record: dict[str, Any], parameters: int) -> st
     ]
     if record["export_target"] == "hf":
         lines += hf_use_section(record["init"]["seed"])
+    elif record["export_target"] == "lfm2":
+        lines += lfm2_use_section(spec, record["init"]["seed"])
     else:
         lines += ["## Use", "", f"The files are the {record['export_target']} artifact that was measured; `devices.artifact.Artifact.load('.')` verifies them.", ""]
     return "\n".join(lines)
@@ -336,11 +375,11 @@ def _check_artifact_info(member: Member, target: str) -> dict[str, Any]:
     number = member.trial.number
     info = member.trial.user_attrs.get("artifact")
     if not info or not info.get("path"):
-        raise UserError(f"trial {number} records no measured artifact (status {member.trial.user_attrs.get('status')!r}); export it with --to hf, or pick a measured trial")
+        raise UserError(f"trial {number} records no measured artifact (status {member.trial.user_attrs.get('status')!r}); export it with --to hf or --to lfm2, or pick a measured trial")
     if info.get("backend") and info["backend"] != target:
         raise UserError(
             f"trial {number} was measured with backend {info['backend']} ({info.get('quant')}), not {target}: "
-            + (f"export it with --to {info['backend']} (the measured files) or --to hf (a trainable folder)" if info["backend"] in TARGETS else "only --to hf can export it")
+            + (f"export it with --to {info['backend']} (the measured files) or --to hf / --to lfm2 (a trainable folder)" if info["backend"] in ARTIFACT_TARGETS else "only --to hf or --to lfm2 can export it")
         )
     return info
 
@@ -386,16 +425,18 @@ def export_members(
         if problems and not skip_unsupported:
             lines = "; ".join(f"trial {m.trial.number} ({m.spec.layout}): {why}" for m, why in problems)
             raise UserError(
-                f"cannot export to Hugging Face Lfm2: {lines}. Export these with --to executorch or --to onnx "
-                "(the artifacts that were measured), or pass --skip-unsupported to export the others"
+                f"cannot export to Hugging Face Lfm2: {lines}. To train them, export with --to lfm2 instead "
+                "(the same folder with the full spec in lfm2_nas.json; `lfm2-nas train` trains it, transformers "
+                "cannot load it); --to executorch or --to onnx copies the artifacts that were measured; "
+                "--skip-unsupported exports only the others to hf"
             )
         for member, why in problems:
             result.skipped.append(f"trial {member.trial.number}: {why}")
             log(f"skipped trial {member.trial.number}: {why}")
         members = [m for m in members if all(m is not p for p, _ in problems)]
         if not members:
-            raise UserError("no member of the selection can be exported to Hugging Face Lfm2; use --to executorch or --to onnx")
-    else:
+            raise UserError("no member of the selection can be exported to Hugging Face Lfm2; use --to lfm2 (trainable by lfm2-nas), --to executorch or --to onnx")
+    elif target in ARTIFACT_TARGETS:
         for member in members:  # refuse before anything is written
             _check_artifact_info(member, target)
     out.mkdir(parents=True, exist_ok=True)
@@ -408,10 +449,10 @@ def export_members(
         if family_name:
             family = {"name": family_name, "tier": member.tier, "size": len(members), "tier_by": tier_by, "tier_metric": TIER_METRICS[tier_by], "tier_value": member.tier_value}
         record = provenance(study, member, storage_url, target, seed, family)
-        if target == "hf":
+        if target in MODEL_TARGETS:
             model = build_model(member.spec, seed=seed)
             parameters = count_parameters(model)
-            save_hf_folder(model, destination, provenance=record)
+            (save_hf_folder if target == "hf" else save_model_folder)(model, destination, provenance=record)
             del model
         else:
             _export_artifact(member, target, destination, storage_url)
@@ -552,6 +593,7 @@ def export_preset(name: str, out: str | Path, *, seed: int | None = 0, overwrite
 __all__ = [
     "export_preset",
     "TARGETS",
+    "MODEL_TARGETS",
     "TIER_METRICS",
     "INIT_DESCRIPTION",
     "Member",

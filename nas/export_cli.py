@@ -1,5 +1,5 @@
-"""`lfm2-nas export` (a study's winners -> HF folders or measured artifacts) and
-`lfm2-nas train` (an exported HF folder -> a trained HF folder)."""
+"""`lfm2-nas export` (a study's winners -> model folders or measured artifacts) and
+`lfm2-nas train` (an exported model folder -> a trained model folder of the same kind)."""
 
 from __future__ import annotations
 
@@ -19,20 +19,28 @@ def export(
     family: Optional[int] = typer.Option(None, "--family", help="With --pareto: K members spread over the budget, exported as a named family (family.json)."),
     family_name: Optional[str] = typer.Option(None, "--family-name", help="The family's name (default: the study's)."),
     tier_by: str = typer.Option("memory", "--tier-by", help="Spread the family by 'memory' (measured footprint) or 'latency' (decode ms)."),
-    to: str = typer.Option(..., "--to", help="hf (trainable Hugging Face folder), executorch or onnx (the measured artifact)."),
+    to: str = typer.Option(
+        ..., "--to",
+        help="hf: a Hugging Face Lfm2 folder (transformers loads it; refuses sliding-window layers and other specs Lfm2 cannot express). "
+        "lfm2: the same folder for ANY architecture, sliding-window layers included (lfm2-nas trains and loads it; transformers "
+        "only where it can express the spec). executorch or onnx: the artifact that was measured.",
+    ),
     preset: Optional[str] = typer.Option(None, "--preset", help="Instead of --study: an LFM2 preset (see `lfm2-nas presets`), --to hf only."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights (--to hf)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights (--to hf, --to lfm2)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing member folders."),
-    skip_unsupported: bool = typer.Option(False, "--skip-unsupported", help="--to hf: skip architectures Hugging Face Lfm2 cannot express instead of failing."),
+    skip_unsupported: bool = typer.Option(False, "--skip-unsupported", help="--to hf: skip architectures Hugging Face Lfm2 cannot express instead of failing (--to lfm2 exports them all)."),
 ) -> None:
-    """Export a search's winners: trainable Hugging Face LFM2 folders or the measured artifacts."""
+    """Export a search's winners: trainable model folders (hf, lfm2) or the measured artifacts (executorch, onnx).
+
+    Winners with sliding-window layers (the small and default spaces search them) export with --to lfm2, which `lfm2-nas train` trains like a Hugging Face folder.
+    """
     from lfm2.errors import UserError
     from nas.export import export_from_study, export_preset
 
     if preset is not None:
         if study is not None or trial is not None or pareto or family is not None:
             raise UserError("--preset exports a preset on its own; drop --study/--trial/--pareto/--family")
-        if to != "hf":
+        if to not in ("hf", "lfm2"):
             raise UserError(f"a preset was never compiled or measured: only --to hf exports it, not --to {to}")
         export_preset(preset, out, seed=seed, overwrite=overwrite, log=typer.echo)
         return
@@ -44,12 +52,12 @@ def export(
     )
     if result.family_index:
         typer.echo(f"family index: {result.family_index}")
-    if to == "hf" and result.folders:
+    if to in ("hf", "lfm2") and result.folders:
         typer.echo(f"train one: lfm2-nas train {result.folders[0]} --corpus stdlib --steps 1000")
 
 
 def train(
-    folder: Path = typer.Argument(..., help="An exported Hugging Face LFM2 folder (lfm2-nas export --to hf)."),
+    folder: Path = typer.Argument(..., help="An exported model folder: lfm2-nas export --to lfm2 (any architecture, sliding-window layers included) or --to hf."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where the run and the trained model go (default: FOLDER-trained)."),
     corpus: str = typer.Option("stdlib", "--corpus", help="'stdlib' (the Python standard library corpus), 'python-sources' (it and the installed packages' sources, ~10x larger; NAME:MAX_BYTES caps either) or a text file / folder of text files."),
     tokenizer: str = typer.Option("bytes", "--tokenizer", help="bytes (id = byte, <|endoftext|> = 256) or bpe (byte-level BPE trained here, vocab = the model's)."),
@@ -75,7 +83,12 @@ def train(
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="The device's bf16 peak, for MFU on a GPU not in the built-in table."),
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON at the end."),
 ) -> None:
-    """Train an exported LFM2 architecture on a text corpus; the result is a Hugging Face folder."""
+    """Train an exported architecture on a text corpus.
+
+    FOLDER is what `lfm2-nas export --to lfm2` (any searched architecture) or `--to hf` wrote. The result, in --out, is a folder of the same kind: a Hugging Face folder that transformers loads or, for specs Lfm2 cannot express (sliding-window layers), an lfm2-nas folder that lfm2.hf_io.load_model_folder loads.
+
+    A CPU smoke run: --device cpu --steps 10 --seq-len 64 --batch-tokens 512 --eval-every 10 --eval-tokens 1024 --corpus stdlib:2000000
+    """
     from lfm2.train import TrainConfig
     from lfm2.train import train as run_training
 

@@ -56,6 +56,8 @@ def search(
     console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {format_size(config.budget_bytes)})"))
     storage_flag = f" --storage {storage}" if storage else ""
     console.print(f"report: [bold]lfm2-nas report --study {config.study}{storage_flag} --out {config.study}.html[/]")
+    # --to lfm2 exports every winner, sliding-window layers included (the same files as --to hf where Lfm2 can express it).
+    console.print(f"export the winners to train them: [bold]lfm2-nas export --study {config.study}{storage_flag} --pareto --to lfm2 winners[/]")
 
 
 def _trial_row(trial) -> dict:

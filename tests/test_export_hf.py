@@ -113,11 +113,50 @@ def test_unrepresentable_specs_are_refused_by_name(tmp_path):
             export_from_study("swa", tmp_path / "out", storage=url, target="hf", log=quiet, **selection)
         message = str(error.value)
         assert f"trial {swa_trial.number}" in message and "sliding-window" in message and "--to executorch" in message
+        assert "--to lfm2" in message and "lfm2-nas train" in message  # the way on to training
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
     # --skip-unsupported exports the others and says which it skipped.
     result = export_from_study("swa", tmp_path / "out", storage=url, pareto=True, target="hf", skip_unsupported=True, log=quiet)
     assert len(result.folders) == 1 and "CCAC" in result.folders[0].name
     assert result.skipped and f"trial {swa_trial.number}" in result.skipped[0]
+
+
+def test_lfm2_target_exports_any_architecture_and_reloads_exactly(tmp_path):
+    """`--to lfm2` writes every Pareto member, sliding-window layers included: a Hugging Face
+    folder where Lfm2 can express the spec (the same files as `--to hf`), else an lfm2-nas
+    folder without config.json that `load_model_folder` rebuilds to the exported weights."""
+    from lfm2.hf_io import is_transformers_loadable, load_model_folder, read_provenance
+
+    url = f"sqlite:///{tmp_path / 'swa.db'}"
+    swa = tiny_spec("CSCA", swa_window=16)
+    s = build_study(url, name="swa", measured=[("CCAC", 64, 0.3, 10.0, 1.0, 8)], extra=[(swa, 0.9, 12.0, 1.1, 9)])
+    result = export_from_study("swa", tmp_path / "lfm2", storage=url, pareto=True, target="lfm2", log=quiet)
+    assert len(result.folders) == 2 and not result.skipped
+    by_layout = {folder.name.split("-")[2]: folder for folder in result.folders}
+    native, plain = by_layout["CSCA"], by_layout["CCAC"]
+
+    # The sliding-window winner: no config.json, the full spec and the reason in lfm2_nas.json.
+    assert not is_transformers_loadable(native) and not (native / "config.json").exists()
+    record = read_provenance(native)
+    assert record["spec"] == swa.to_dict() and record["transformers"]["loadable"] is False
+    assert "sliding-window" in record["transformers"]["reason"] and record["export_target"] == "lfm2"
+    assert record["init"] == {"function": "lfm2.model.init_weights", "seed": 0}
+    arch = (native / "ARCH.md").read_text()
+    assert "lfm2-nas folder" in arch and "load_model_folder" in arch and "lfm2-nas train" in arch
+    with pytest.raises((OSError, ValueError), match="config.json"):
+        transformers.AutoConfig.from_pretrained(native)  # nothing there for transformers to misread
+    back, ours = load_model_folder(native).eval(), build_model(swa, seed=0).eval()
+    assert back.spec == swa and back.head.weight is back.embed.weight
+    tokens = torch.randint(0, swa.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))  # longer than the window
+    with torch.no_grad():
+        assert torch.equal(back(tokens), ours(tokens))
+
+    # The representable winner: byte for byte the --to hf folder.
+    hf = export_from_study("swa", tmp_path / "hf", storage=url, pareto=True, target="hf", skip_unsupported=True, log=quiet).folders[0]
+    assert hf.name == plain.name and is_transformers_loadable(plain)
+    for name_ in ("config.json", "model.safetensors", "generation_config.json"):
+        assert (plain / name_).read_bytes() == (hf / name_).read_bytes(), name_
+    assert read_provenance(plain)["transformers"] == {"loadable": True}
 
 
 def test_bad_selections_and_artifact_targets_say_what_to_do(study, tmp_path):

@@ -25,6 +25,7 @@ DATA_DB = Path(__file__).parent / "data" / "search_small.db"
 # The committed real study (tests/data/search_small.db) is not used here: its feasible winners
 # all have sliding-window layers, which Hugging Face Lfm2 cannot express, so `--to hf` would
 # refuse every one. The hand-made study below follows the same schema with exportable specs.
+# tests/test_quickstart_path.py takes the real study through `--to lfm2` and `lfm2-nas train`.
 REAL_STUDY_DB: Path | None = None
 STUDY_NAME = "small"
 BUDGET = 64 * 2**20

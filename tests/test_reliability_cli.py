@@ -116,7 +116,7 @@ def study_url(tmp_path_factory):
         (["pick", "--study", "nope", "--storage", "sqlite:///missing.db"], ["no database file", "missing.db"]),
         (["dashboard", "--study", "s", "--storage", "STUDY", "--refresh", "-1"], ["--refresh must be a positive number"]),
         (["dashboard", "--study", "s", "--storage", "sqlite:///missing.db"], ["no database file", "missing.db"]),
-        (["export", "out", "--study", "s", "--storage", "STUDY", "--to", "tflite"], ["--to must be one of hf, executorch, onnx"]),
+        (["export", "out", "--study", "s", "--storage", "STUDY", "--to", "tflite"], ["--to must be one of hf, lfm2, executorch, onnx"]),
         (["export", "out", "--study", "s", "--storage", "STUDY", "--to", "hf"], ["--trial N", "--pareto"]),
         (["export", "out", "--study", "s", "--storage", "STUDY", "--trial", "999", "--to", "hf"], ["no trial 999", "0..9"]),
         (["export", "out", "--study", "s", "--storage", "STUDY", "--pareto", "--family", "0", "--to", "hf"], ["--family must be >= 1"]),

@@ -158,6 +158,35 @@ def test_a_stopped_run_resumes_onto_the_uninterrupted_curve(tmp_path):
         train(folder, tmp_path / "parts", small_config(steps=8, seq_len=16), log=quiet)
 
 
+def test_a_sliding_window_architecture_trains_and_reloads_as_trained(tmp_path):
+    """An architecture Hugging Face Lfm2 cannot express (an `swa` layer whose window binds at
+    the training length) trains from an lfm2-nas folder; the result is an lfm2-nas folder whose
+    model gives exactly the logits of the model the run ended with (its last checkpoint)."""
+    from lfm2.hf_io import is_transformers_loadable, load_model_folder, read_provenance, read_spec, save_model_folder
+
+    spec = ArchSpec(vocab_size=512, d_model=64, layers=("swa", "conv", "attn", "swa"), n_heads=4, n_kv_heads=2, ffn_dim=128, swa_window=8, max_seq_len=256)
+    folder = save_model_folder(build_model(spec, seed=0), tmp_path / "swa")
+    assert not is_transformers_loadable(folder) and read_spec(folder) == spec
+    result = train(folder, None, small_config(steps=4, eval_every=4, checkpoint_every=4), log=quiet)
+    assert result.completed and result.final_val_loss < result.initial_val_loss
+    out = result.out
+    assert out == tmp_path / "swa-trained" and not (out / "config.json").exists() and (out / "tokenizer.json").is_file()
+    record = read_provenance(out)
+    assert record["transformers"]["loadable"] is False and record["spec"] == spec.to_dict() and record["trained"]["steps"] == 4
+    assert record["token_ids"]["eos_token_id"] == 256 and "## Training" in (out / "ARCH.md").read_text()
+
+    trained = load_model_folder(out).eval()
+    checkpoint = torch.load(out / "train" / "checkpoints" / "step-00000004.pt", map_location="cpu", weights_only=True)
+    ended = build_model(spec, device="meta")
+    ended.load_state_dict(checkpoint["model"], assign=True)
+    ended.head.weight = ended.embed.weight
+    initial = load_model_folder(folder).eval()
+    tokens = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained(tokens), ended.eval()(tokens))
+        assert not torch.allclose(trained(tokens), initial(tokens))  # it did train
+
+
 def test_bad_settings_say_what_to_do(tmp_path):
     folder = exported(tmp_path / "tiny")
     with pytest.raises(UserError, match="--seq-len"):
