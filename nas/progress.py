@@ -1,5 +1,7 @@
 """What a running search shows: trials done/total, candidates per stage, device
-utilisation, ETA, and the Pareto front so far (rich, refreshed in place)."""
+utilisation, ETA, and the Pareto front so far: on a terminal refreshed in place (rich
+`Live`); when the output is piped or logged, one plain line per finished trial (a `Live`
+draws nothing off a terminal, so a piped search printed nothing until it ended)."""
 
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ class Progress:
         self.console = console or Console()
         self.live: Live | None = None
         self.last = 0.0
+        self.lines_for_told = -1  # off a terminal: the trial count of the last line printed
 
     def __enter__(self) -> Progress:
-        if self.enabled:
+        if self.enabled and self.console.is_terminal:
             self.live = Live(self._render(), console=self.console, refresh_per_second=2, transient=False)
             self.live.__enter__()
         return self
@@ -56,6 +59,11 @@ class Progress:
         if self.live is not None and time.perf_counter() - self.last > 1.0:
             self.last = time.perf_counter()
             self.live.update(self._render())
+        elif self.enabled and self.live is None:
+            told = sum(self.search.stats.told.values())
+            if told != self.lines_for_told:
+                self.lines_for_told = told
+                self.console.print(self._render(with_front=False), highlight=False, soft_wrap=True)
 
     def _render(self, with_front: bool = True):
         from nas.study import finished_trials

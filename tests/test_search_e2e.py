@@ -39,6 +39,9 @@ def test_search_over_the_small_space_on_the_local_device(tmp_path, env):
     result = lfm2_nas("search", *BASE, "--trials", "4", "--study", "e2e", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Pareto front" in result.stdout and "lfm2-nas report --study e2e" in result.stdout
+    # piped, not a terminal: a plain progress line per finished trial, as it happens
+    progress = [line for line in result.stdout.splitlines() if "e2e on local:" in line and "/4 trials" in line]
+    assert len(progress) >= 4, result.stdout[-3000:]
     study = load(tmp_path, "e2e")
     assert study.metric_names == ["prefill_ms", "decode_ms"]
     meta = study.user_attrs["lfm2_nas"]
@@ -50,6 +53,8 @@ def test_search_over_the_small_space_on_the_local_device(tmp_path, env):
         assert trial.user_attrs["footprint_bytes"] > 0
         assert trial.user_attrs["measurement"]["status"] == "ok"
         assert trial.user_attrs["prefill_stats"]["samples_ms"]
+        stats = trial.user_attrs["decode_stats"]
+        assert stats["ci_low_ms"] <= stats["median_ms"] <= stats["ci_high_ms"]  # the interval is stored with every figure
     assert study.best_trials
     assert len([t for t in study.trials if t.state.is_finished()]) == 4
 
