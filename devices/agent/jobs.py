@@ -404,7 +404,10 @@ class Worker:
             measurement = self._measure_job(job)
             if measurement.status != "ok":
                 log.info("job %s: %s; the full report: %s", job.id, measurement.status, (measurement.error or "")[-4000:])
-                measurement.error = public_error(failure_kind(measurement), measurement.error or "", hide)
+                kind = failure_kind(measurement)
+                measurement.error = public_error(kind, measurement.error or "", hide)
+                if kind == "child_failed":
+                    measurement.error += "; the agent's log has the details"
         except UserError as exc:  # a request measure() refuses (e.g. the protocol needs a longer context)
             kind = "artifact_invalid" if isinstance(exc, ArtifactError) else "refused"
             measurement = Measurement.failure("error", public_error(kind, str(exc), hide))
