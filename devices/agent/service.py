@@ -691,7 +691,7 @@ def serve(
     if exit_with_parent:
         _watch_parent(os.getppid())
     app = create_app(agent, on_ready=on_ready)
-    config_ = uvicorn.Config(
+    server_config = uvicorn.Config(
         app,
         log_level=log_level,
         log_config=None,  # uvicorn's loggers propagate to ours, and so through the rate limit
@@ -703,7 +703,7 @@ def serve(
         **server_settings(),
     )
     rate_limit_logs()
-    server = uvicorn.Server(config_)
+    server = uvicorn.Server(server_config)
     server.run(sockets=[sock])
 
 
