@@ -371,7 +371,8 @@ def test_a_huge_manifest_is_refused_before_it_is_parsed(agents, tmp_path, figure
         (planted / "manifest.json").write_text(json.dumps(manifest))
         with RssSampler(agent.process.pid, every_s=0.05) as rss_reads:
             for _ in range(4):
-                assert client.get(f"/v1/artifacts/{sha256(data)}").status_code == 422
+                response = client.get(f"/v1/artifacts/{sha256(data)}")
+                assert response.status_code == 422 and str(agent.workdir) not in response.text, response.text
                 assert client.head(f"/v1/artifacts/{sha256(data)}").status_code == 422
             job = _wait_done(client, _submit(client, sha256(data), QUICK).json()["job_id"])
     assert job["measurement"]["error"].startswith("artifact_invalid: "), job

@@ -135,7 +135,12 @@ class ArtifactStore:
 
     def load(self, sha256: str, verify: bool = False) -> Artifact | None:
         path = self.path(sha256)
-        return Artifact.load(path, verify=verify) if path is not None else None
+        if path is None:
+            return None
+        try:
+            return Artifact.load(path, verify=verify)
+        except ArtifactError as exc:  # a damaged stored artifact: say so without the agent's paths
+            raise ArtifactError(str(exc).replace(f"{path}/", "").replace(str(path), f"artifact {sha256[:12]}")) from None
 
     def describe(self, sha256: str) -> dict[str, Any] | None:
         artifact = self.load(sha256)
