@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from devices.agent.config import DEFAULT_JOB_TIMEOUT_S, DEFAULT_PORT
+from devices.agent.config import DEFAULT_JOB_TIMEOUT_S, DEFAULT_MAX_QUEUE, DEFAULT_PORT
 
 agent_app = typer.Typer(help="Run a device agent: measures artifacts where the model will run.", no_args_is_help=True)
 devices_app = typer.Typer(help="The device agents this machine knows (a user config file).", no_args_is_help=True)
@@ -37,6 +37,7 @@ def serve_command(
     max_upload: str = typer.Option("8GiB", "--max-upload", help="Largest artifact bundle accepted."),
     cooldown: float = typer.Option(0.0, "--cooldown", help="Seconds to pause between jobs, so the next starts on cool cores."),
     job_timeout: float = typer.Option(DEFAULT_JOB_TIMEOUT_S, "--job-timeout", help="Wall-clock limit of one measurement, in seconds; over it gives status timeout."),
+    max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", help="Jobs waiting at most; past it a submission gets 429 with Retry-After."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {url, port, pid} as JSON here once serving (for scripts)."),
     tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
     tls_key: Optional[str] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
@@ -60,6 +61,7 @@ def serve_command(
         cooldown_s=cooldown,
         job_timeout_s=job_timeout,
         profiles_files=(profiles_file,) if profiles_file else (),
+        max_queue=max_queue,
     )
     token_path = (token_file or config.workdir / "token").expanduser().resolve()
     token = ensure_token(token_path)

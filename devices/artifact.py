@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lfm2.errors import UserError
@@ -22,6 +23,23 @@ from lfm2.spec import ArchSpec
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+#: The largest manifest read: it is checked before the file is parsed (a manifest names
+#: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
+#: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.
+MAX_MANIFEST_BYTES = 1 << 20
+
+#: Path components an artifact's member names may use: what compile writes, nothing a
+#: shell or OS treats specially.
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,254}$")
+MAX_MEMBER_DEPTH = 16
+
+#: Manifest fields (dotted paths) that hold member names a runner opens, per backend. Each
+#: must be a member name listed in `files`: checked at upload and at every load, and again
+#: by `Artifact.file` where a runner joins it onto the folder. A backend that keeps a file
+#: name in its manifest facts adds it here.
+MANIFEST_PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx.weights", "onnx.weights_index", "onnx.prefill", "onnx.decode"),
+}
 
 #: Backends and the precisions each one compiles.
 QUANTS: dict[str, tuple[str, ...]] = {
@@ -36,6 +54,58 @@ _TOOLCHAIN_PACKAGES = ("torch", "executorch", "torchao", "onnx", "onnxruntime", 
 
 class ArtifactError(UserError):
     """An artifact folder is missing, incomplete, or does not match its manifest."""
+
+
+def check_member_name(name: object) -> PurePosixPath:
+    """The relative path that the member name `name` stands for, or `ArtifactError` if it
+    could leave the artifact folder or confuse a reader: not a string, absolute, `..`,
+    a backslash or NUL, a component outside [A-Za-z0-9._+=-], or nested too deep."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or name.startswith("/"):
+        raise ArtifactError(f"member name {str(name)[:80]!r} is absolute or malformed; an artifact names its files by relative paths only")
+    path = PurePosixPath(name)
+    if any(part == ".." for part in path.parts):
+        raise ArtifactError(f"member name {name[:80]!r} climbs out of the artifact with '..'; refused")
+    if not all(_SAFE_PART.match(part) for part in path.parts) or len(path.parts) > MAX_MEMBER_DEPTH:
+        raise ArtifactError(f"member name {name[:80]!r} has a path component outside [A-Za-z0-9._+=-] (or is nested too deep); refused")
+    return path
+
+
+def manifest_paths(manifest: dict[str, Any]) -> dict[str, object]:
+    """The member names a manifest's backend facts hold, by dotted field (see
+    `MANIFEST_PATH_FIELDS`); a field that is absent maps to None."""
+    found: dict[str, object] = {}
+    for dotted in MANIFEST_PATH_FIELDS.get(manifest.get("backend"), ()):  # type: ignore[arg-type]
+        value: object = manifest
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        found[dotted] = value
+    return found
+
+
+def check_manifest_paths(manifest: dict[str, Any]) -> None:
+    """Every path a manifest holds is a safe member name listed in its `files` (with a
+    hash): the file names themselves, and the backend facts that name files."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"the {MANIFEST}'s 'files' must be an object of name -> {{sha256, bytes}}; compile the artifact again")
+    for name, entry in files.items():
+        try:
+            check_member_name(name)
+        except ArtifactError as exc:
+            raise ArtifactError(f"the {MANIFEST}'s 'files': {exc}") from None
+        if name == MANIFEST:
+            raise ArtifactError(f"the {MANIFEST} lists itself among its files; compile the artifact again")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int) or isinstance(entry.get("bytes"), bool):
+            raise ArtifactError(f"the {MANIFEST}'s entry for {name!r} must be {{sha256, bytes}}; compile the artifact again")
+    for field, value in manifest_paths(manifest).items():
+        if value is None:
+            continue  # a backend's runner refuses an artifact without its facts, naming them
+        try:
+            check_member_name(value)
+        except ArtifactError as exc:
+            raise ArtifactError(f"the {MANIFEST}'s {field!r}: {exc}") from None
+        if value not in files:
+            raise ArtifactError(f"the {MANIFEST}'s {field!r} names {str(value)[:80]!r}, which is not one of its listed files; compile the artifact again")
 
 
 def check_backend_quant(backend: str, quant: str) -> None:
@@ -115,7 +185,18 @@ class Artifact:
         return sum(entry["bytes"] for entry in self.files.values())
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """The path of the member `name`: a safe name, listed in the manifest's `files`
+        (so its hash was checked), that resolves inside the artifact folder. Every runner
+        opens the artifact's files through this, so a manifest cannot make one read
+        anything else (an absolute path would otherwise replace the folder)."""
+        check_member_name(name)
+        if name not in self.files:
+            raise ArtifactError(f"{name!r} is not one of the artifact's listed files; compile it again")
+        path = self.path / name
+        root = self.path.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise ArtifactError(f"{name!r} resolves outside the artifact folder (a link?); refused")
+        return path
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> Artifact:
@@ -123,10 +204,15 @@ class Artifact:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise ArtifactError(f"{path} is not an artifact: it has no {MANIFEST} (compile it again with devices.compile)")
+        size = manifest_path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:  # before parsing: the size of a parsed JSON is several times its text
+            raise ArtifactError(f"{manifest_path} has {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit of a manifest; the artifact is damaged, compile it again")
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is damaged, compile it again") from exc
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{manifest_path} is not a JSON object; the artifact is damaged, compile it again")
         for required in ("spec", "backend", "quant", "max_context", "prompt_lengths", "files", "key"):
             if required not in manifest:
                 raise ArtifactError(f"{manifest_path} lacks {required!r}; the artifact is damaged, compile it again")
@@ -136,12 +222,12 @@ class Artifact:
         return artifact
 
     def verify(self) -> None:
-        """Check that every listed file exists with its recorded size and sha256."""
+        """Check that every path in the manifest is a safe listed member, and that every
+        listed file exists with its recorded size and sha256."""
+        check_manifest_paths(self.manifest)
         for name, entry in self.files.items():
-            file = self.path / name
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ArtifactError(f"manifest lists an unsafe file name {name!r}")
-            if not file.is_file():
+            file = self.file(name)
+            if file.is_symlink() or not file.is_file():
                 raise ArtifactError(f"artifact {self.path} is missing {name}; compile it again")
             size = file.stat().st_size
             if size != entry["bytes"]:
@@ -171,4 +257,4 @@ def write_manifest(path: Path, spec: ArchSpec, backend: str, quant: str, max_con
     return Artifact(path=path, manifest=manifest)
 
 
-__all__ = ["Artifact", "ArtifactError", "BACKENDS", "QUANTS", "MANIFEST", "artifact_key", "check_backend_quant", "toolchain_versions", "write_manifest", "sha256_file"]
+__all__ = ["Artifact", "ArtifactError", "BACKENDS", "QUANTS", "MANIFEST", "MAX_MANIFEST_BYTES", "MANIFEST_PATH_FIELDS", "check_member_name", "check_manifest_paths", "manifest_paths", "artifact_key", "check_backend_quant", "toolchain_versions", "write_manifest", "sha256_file"]

@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,8 +102,13 @@ class ChildOutcome:
                 progress = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            detail = ", ".join(f"{k} {v}" for k, v in progress.items() if k not in ("phase", "t"))
-            return progress.get("phase", "?") + (f" ({detail})" if detail else "")
+            if not isinstance(progress, dict):
+                continue
+            # only what our child writes (a phase name, numbers): this text reaches results
+            phase = progress.get("phase")
+            phase = phase if isinstance(phase, str) and re.fullmatch(r"[a-z_ ]{1,40}", phase) else "?"
+            detail = ", ".join(f"{k} {v}" for k, v in progress.items() if k not in ("phase", "t") and re.fullmatch(r"[a-z_]{1,40}", str(k)) and isinstance(v, (int, float)) and not isinstance(v, bool))
+            return phase + (f" ({detail})" if detail else "")
         return None
 
 
@@ -198,18 +204,40 @@ def _lock_dir() -> Path:
     return path
 
 
+class CoresBusy(Exception):
+    """The measurement cores stayed locked by someone else for the whole wait allowed."""
+
+    def __init__(self, cpus: list[int], waited_s: float):
+        super().__init__(f"cores {sorted(cpus)} stayed locked by another measurement or process for {waited_s:.0f} s")
+        self.cpus, self.waited_s = cpus, waited_s
+
+
+#: How often a held core lock is tried again while waiting (a flock wait cannot time out).
+LOCK_POLL_S = 0.05
+
+
 @contextlib.contextmanager
-def own_cores(cpus: list[int]) -> Iterator[float]:
+def own_cores(cpus: list[int], timeout_s: float | None = None) -> Iterator[float]:
     """Hold an exclusive lock per core (in order, so two callers cannot deadlock) while a
     measurement runs: no other measurement of ours uses these cores meanwhile. Yields the
-    seconds spent waiting."""
+    seconds spent waiting. With `timeout_s`, gives up after that long (`CoresBusy`): the
+    lock folder is shared by every user of the host, and any process holding a lock file
+    would otherwise stall the measurement with no limit."""
     start = time.monotonic()
+    deadline = start + timeout_s if timeout_s is not None else None
     handles = []
     try:
         for cpu in sorted(cpus):
             handle = open(_lock_dir() / f"cpu{cpu}.lock", "a+")
             handles.append(handle)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:  # type: ignore[operator]
+                        raise CoresBusy(cpus, time.monotonic() - start) from None
+                    time.sleep(LOCK_POLL_S)
         yield time.monotonic() - start
     finally:
         for handle in reversed(handles):
@@ -277,8 +305,14 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
         status = outcome.result.get("status", "error")
         if status == "ok" and cap is not None and outcome.peak_rss_bytes > cap:
             status, error = "oom", f"the child's peak RSS was {_fmt_bytes(outcome.peak_rss_bytes)}, over the {_fmt_bytes(cap)} cap (a spike between two watchdog polls): the candidate does not fit"
-        elif status not in ("ok", "oom"):
-            status = "error"
+        elif status != "ok":
+            status = "oom" if status == "oom" else "error"
+            # The first line is ours (what and where); the exception's own text, which an
+            # artifact can fill with anything, follows as detail (see the agent's results).
+            raised = str(error or "").split(":", 1)[0].strip()
+            raised = raised if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,80}", raised) else "an exception"
+            summary = "ran out of memory" if status == "oom" else "raised"
+            error = f"the measurement child {summary} ({raised}){where}\n{error or ''}"
     elif outcome.signal == signal.SIGKILL:
         status, error = "oom", f"the child was SIGKILLed by someone other than the measurement{where}: most likely the kernel's OOM killer (the candidate does not fit in this machine's memory)"
     elif any(marker in stderr_tail for marker in _OOM_MARKERS):
@@ -305,12 +339,23 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
     return Measurement.from_dict({k: v for k, v in data.items() if k in known})
 
 
-def measure(artifact: Artifact | str | Path, protocol: Protocol | None = None, limits: Limits | None = None, device: dict[str, Any] | None = None, *, seed: int = 0) -> Measurement:
+def measure(
+    artifact: Artifact | str | Path,
+    protocol: Protocol | None = None,
+    limits: Limits | None = None,
+    device: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    scratch_dir: str | Path | None = None,
+) -> Measurement:
     """Measure `artifact` under `protocol` in a fresh child process, within `limits`.
 
     Raises `UserError` (ArtifactError for a missing, truncated or tampered artifact) for
     a request that cannot run; everything that goes wrong in the child comes back as a
-    Measurement with status oom, timeout or error."""
+    Measurement with status oom, timeout or error. The wait for the cores counts against
+    `limits.timeout_s`: cores held elsewhere for all of it give status `timeout`. The
+    child's files go to a folder under `scratch_dir` (default: the system temp folder);
+    an agent gives its workdir, so that it can clean up after being killed."""
     start = time.monotonic()
     protocol = protocol or Protocol()
     limits = limits or Limits()
@@ -331,11 +376,27 @@ def measure(artifact: Artifact | str | Path, protocol: Protocol | None = None, l
     facts = dict(machine_facts())
     device_facts = dict(device or {})
     device_facts.setdefault("fingerprint", device_fingerprint({**facts, "limits": limits.to_dict(), "threads": threads, "cpus": cpus}))
-    with tempfile.TemporaryDirectory(prefix="lfm2-measure-") as tmp, own_cores(cpus) as lock_wait_s:
-        workdir = Path(tmp)
-        (workdir / "job.json").write_text(json.dumps(job))
-        command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
-        outcome = supervise(command, workdir, memory_bytes=cap, timeout_s=limits.timeout_s, env=_child_env(threads))
+    if scratch_dir is not None:
+        Path(scratch_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lfm2-measure-", dir=scratch_dir) as tmp, own_cores(cpus, limits.timeout_s) as lock_wait_s:
+            workdir = Path(tmp)
+            (workdir / "job.json").write_text(json.dumps(job))
+            command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
+            left_s = None if limits.timeout_s is None else max(0.001, limits.timeout_s - lock_wait_s)
+            outcome = supervise(command, workdir, memory_bytes=cap, timeout_s=left_s, env=_child_env(threads))
+    except CoresBusy as busy:
+        return Measurement.failure(
+            "timeout",
+            f"{busy}, the whole {limits.timeout_s:g} s wall-clock limit of the measurement; nothing was run (free the cores, see LFM2_NAS_LOCKS)",
+            artifact_sha256="",
+            backend=artifact.backend,
+            quant=artifact.quant,
+            spec_key=artifact.spec.key,
+            protocol=protocol.to_dict(),
+            device=device_facts,
+            wall_time_s=round(time.monotonic() - start, 3),
+        )
     cap_method = (
         f"RSS watchdog every {POLL_S * 1000:.0f} ms + the child's own peak RSS (VmHWM, else wait4) + RLIMIT_DATA backstop at {_fmt_bytes(job['data_limit_bytes'])}" if cap else "no cap"
     )
@@ -348,4 +409,4 @@ def measure(artifact: Artifact | str | Path, protocol: Protocol | None = None, l
     return measurement
 
 
-__all__ = ["measure", "machine_facts", "device_fingerprint", "supervise", "own_cores", "ChildOutcome", "ArtifactError"]
+__all__ = ["measure", "machine_facts", "device_fingerprint", "supervise", "own_cores", "CoresBusy", "ChildOutcome", "ArtifactError"]

@@ -338,3 +338,82 @@ def test_worker_runs_jobs_in_order_with_a_cool_down_between_them(tmp_path):
     for before, after in zip(done, done[1:]):
         assert after.measurement["thermal"]["cooldown_before_s"] > 0  # it paused before this one
         assert after.started_at >= before.finished_at
+
+
+# -- issue 20: manifest paths, job errors, log rate limit ------------------------------------------
+
+
+def test_artifact_file_opens_only_listed_members_inside_the_folder(tmp_path):
+    artifact = handmade_artifact(tmp_path / "a")
+    assert artifact.file("model.bin") == artifact.path / "model.bin"
+    for name in ("/etc/passwd", "../a/model.bin", "other.bin", "a\\b", "", "sub/../model.bin"):
+        with pytest.raises(ArtifactError):
+            artifact.file(name)
+    # a listed name that is a link out of the folder (a bundle cannot make one; a disk can)
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    (artifact.path / "model.bin").unlink()
+    (artifact.path / "model.bin").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        artifact.file("model.bin")
+
+
+def test_manifest_paths_must_be_listed_member_names(tmp_path):
+    from devices.artifact import check_manifest_paths
+
+    files = {"w.bin": {"sha256": "0" * 64, "bytes": 1}}
+    check_manifest_paths({"backend": "onnx", "files": files, "onnx": {"weights": "w.bin"}})
+    for weights, message in (("/etc/shadow", "absolute"), ("../w.bin", "climbs"), ("x.bin", "not one of its listed files"), (["w.bin"], "malformed")):
+        with pytest.raises(ArtifactError, match=message):
+            check_manifest_paths({"backend": "onnx", "files": files, "onnx": {"weights": weights}})
+    with pytest.raises(ArtifactError, match="lists itself"):
+        check_manifest_paths({"backend": "eager", "files": {"manifest.json": files["w.bin"]}})
+
+
+def test_public_error_is_one_short_line_without_server_paths():
+    from devices.agent.jobs import MAX_ERROR_CHARS, public_error
+
+    text = public_error("child_failed", "the measurement child raised (ValueError) during load\nTraceback ...\nsecret bytes", ("/srv/agent",))
+    assert text == "child_failed: the measurement child raised (ValueError) during load"
+    text = public_error("refused", "/srv/agent/artifacts/abc/model.bin has 3 bytes; compile it again", ("/srv/agent/artifacts/abc", "/srv/agent"))
+    assert text == "refused: model.bin has 3 bytes; compile it again"
+    assert len(public_error("refused", "x" * 5000)) <= MAX_ERROR_CHARS + len("refused: ")
+
+
+def test_log_lines_are_rate_limited_per_template():
+    import logging
+
+    from devices.agent.guard import RateLimitedLog
+
+    limiter = RateLimitedLog(burst=3, window_s=0.2)
+
+    def record(msg: str, level: int = logging.WARNING, name: str = "uvicorn.error") -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, ("1.2.3.4",), None)
+
+    passed = [limiter.filter(record("closed a connection from %s")) for _ in range(10)]
+    assert passed == [True] * 3 + [False] * 7
+    assert limiter.filter(record("another template %s"))
+    assert all(limiter.filter(record("job %s: measuring", logging.INFO, "lfm2_nas.agent")) for _ in range(10))  # a job's own lines pass
+    time.sleep(0.25)
+    later = record("closed a connection from %s")
+    assert limiter.filter(later) and "7 more like this suppressed" in later.getMessage()
+
+
+def test_connection_cap_follows_the_fd_limit():
+    from devices.agent.guard import MAX_CONNECTIONS, connection_cap, server_settings
+
+    assert connection_cap(1024) == MAX_CONNECTIONS and connection_cap(160) == 48 and connection_cap(10) == 4
+    settings = server_settings(160)
+    assert settings["backlog"] == 12 and settings["limit_concurrency"] == 96 and settings["timeout_keep_alive"] > 0
+
+
+def test_a_full_queue_refuses_new_jobs_but_not_a_resent_one(tmp_path):
+    from devices.agent.jobs import QueueFull
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    for i in range(3):
+        jobs.submit(f"j{i}", "a" * 64, Protocol(), max_queued=3)
+    with pytest.raises(QueueFull) as full:
+        jobs.submit("j3", "a" * 64, Protocol(), max_queued=3, retry_after_s=7)
+    assert full.value.retry_after_s == 7
+    assert jobs.submit("j0", "a" * 64, Protocol(), max_queued=3)[1] is False  # the same job again is no new one
+    jobs.close()

@@ -22,10 +22,11 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from devices.artifact import MANIFEST, Artifact
+from devices.artifact import MANIFEST, MAX_MANIFEST_BYTES, Artifact, ArtifactError, check_manifest_paths
+from devices.artifact import check_member_name as _check_artifact_member
 from lfm2.errors import UserError
 
-#: Path components a bundle may use: what compile writes, nothing a shell or OS treats specially.
+#: A short name (key, backend, quant): what compile writes, nothing a shell or OS treats specially.
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,254}$")
 MAX_MEMBERS = 10_000
 #: Errors that mean "no room": the caller reports them as such (HTTP 507), not as a bad bundle.
@@ -46,15 +47,12 @@ def bundle_members(artifact: Artifact) -> list[str]:
 
 
 def check_member_name(name: str) -> PurePosixPath:
-    """The relative path `name` stands for, or `BundleError` if it could escape or confuse."""
-    if not name or "\\" in name or "\x00" in name or name.startswith("/"):
-        raise BundleError(f"bundle member {name!r} has an absolute or malformed path; bundles hold relative paths only")
-    path = PurePosixPath(name)
-    if any(part == ".." for part in path.parts):
-        raise BundleError(f"bundle member {name!r} climbs out of the bundle with '..'; refused")
-    if not all(_SAFE_PART.match(part) for part in path.parts) or len(path.parts) > 16:
-        raise BundleError(f"bundle member {name!r} has a path component outside [A-Za-z0-9._+=-] (or is nested too deep); refused")
-    return path
+    """The relative path `name` stands for, or `BundleError` if it could escape or confuse
+    (the same rule as `devices.artifact.check_member_name`, which every load applies)."""
+    try:
+        return _check_artifact_member(name)
+    except ArtifactError as exc:
+        raise BundleError(f"bundle {exc}") from None
 
 
 class _HashingWriter(io.RawIOBase):
@@ -133,6 +131,10 @@ def check_manifest(manifest: dict) -> None:
     if not isinstance(lengths, list) or len(lengths) > 1024 or not all(positive_int(n) for n in lengths):
         raise refuse("prompt_lengths", "a list of positive integers")
     try:
+        check_manifest_paths(manifest)
+    except ArtifactError as exc:
+        raise BundleError(f"the bundle's {exc}") from None
+    try:
         check_backend_quant(manifest["backend"], manifest["quant"])
         ArchSpec.from_dict(manifest["spec"])
     except UserError as exc:
@@ -169,6 +171,8 @@ def extract_bundle(tar_path: str | Path, dest: str | Path) -> Artifact:
                     raise BundleError(f"bundle member {member.name!r} is a link (to {member.linkname!r}); bundles may not hold links")
                 if not member.isreg() or member.issparse():
                     raise BundleError(f"bundle member {member.name!r} is not a regular file (type {member.type!r}); refused")
+                if key == MANIFEST and member.size > MAX_MANIFEST_BYTES:  # refused before a byte of it is parsed
+                    raise BundleError(f"the bundle's {MANIFEST} has {member.size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit of a manifest; refused")
                 target = dest / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)

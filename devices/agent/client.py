@@ -4,7 +4,7 @@ Safe to retry by construction: uploads are content-addressed (asked for with HEA
 PUT; a repeated PUT is a no-op on the agent) and every submission carries a job id
 (made here if the caller gives none), so resending a POST after a lost answer returns
 the same job instead of starting a second measurement. Connection errors and 502/503/504
-are retried with exponential backoff within `retry_for_s`; `wait` keeps polling through
+(and 429, after its Retry-After) are retried with exponential backoff within `retry_for_s`; `wait` keeps polling through
 an unreachable agent until its own timeout, so a network cut or an agent restart in the
 middle of a job does not lose the result.
 """
@@ -60,6 +60,14 @@ class JobTimeout(AgentError):
 
 class JobLost(AgentError):
     """The agent no longer knows the job (its workdir was wiped)."""
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds a 429 asks to wait (Retry-After in seconds), bounded; None if it says none."""
+    try:
+        return min(max(float(response.headers.get("retry-after", "")), 0.5), 300.0)
+    except ValueError:
+        return None
 
 
 def _detail(response: httpx.Response) -> Any:
@@ -147,9 +155,14 @@ class AgentClient:
                     return response
                 if response.status_code == 401:
                     raise AgentAuthError(f"agent {self.name} at {self.url} refused the token; use the token file the agent wrote (its --token-file)")
-                if response.status_code not in _RETRY_STATUSES or time.monotonic() + delay > deadline:
+                wait = _retry_after(response) if response.status_code == 429 else None
+                retryable = response.status_code in _RETRY_STATUSES or wait is not None
+                if not retryable or time.monotonic() + (wait or delay) > deadline:
                     detail = _detail(response)
                     raise AgentRejected(f"agent {self.name}: {method} {path} -> {response.status_code}: {detail}", response.status_code, detail)
+                if response.status_code == 429:  # the queue is full: come back when it says
+                    time.sleep(wait)
+                    continue
             if "content" in kwargs and hasattr(kwargs["content"], "seek"):
                 kwargs["content"].seek(0)  # a streamed file body starts over on a retry
             time.sleep(delay * (0.75 + random.random() / 2))

@@ -29,6 +29,9 @@ API_VERSION = "v1"
 DEFAULT_PORT = 7341
 DEFAULT_MAX_UPLOAD = 8 << 30
 DEFAULT_JOB_TIMEOUT_S = 1800.0
+#: Jobs waiting at most: beyond it a submission gets 429 with Retry-After. A search keeps a
+#: few jobs in flight per device; hundreds waiting are a client gone wrong (or an attack).
+DEFAULT_MAX_QUEUE = 256
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -76,6 +79,7 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     max_upload: int = DEFAULT_MAX_UPLOAD
     cooldown_s: float = 0.0
+    max_queue: int = DEFAULT_MAX_QUEUE
     notes: list[str] = field(default_factory=list)  # why a limit is what it is
 
     def machine(self) -> dict[str, Any]:
@@ -114,6 +118,7 @@ def build_config(
     cooldown_s: float = 0.0,
     job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
     profiles_files: tuple[str | Path, ...] = (),
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> AgentConfig:
     if not AGENT_NAME.match(name or ""):
         raise UserError(f"agent name {name!r} must be letters, digits, '.', '_' or '-' (at most 64), e.g. pixel8-lab")
@@ -124,8 +129,10 @@ def build_config(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if cooldown_s < 0:
         raise UserError(f"--cooldown must be >= 0 seconds, got {cooldown_s}")
-    if job_timeout_s <= 0:
-        raise UserError(f"--job-timeout must be > 0 seconds, got {job_timeout_s}")
+    if not job_timeout_s > 0 or job_timeout_s == float("inf"):
+        raise UserError(f"--job-timeout must be a finite number of seconds > 0, got {job_timeout_s}")
+    if not 1 <= max_queue <= 100_000:
+        raise UserError(f"--max-queue must be in 1-100000 jobs, got {max_queue}")
     notes: list[str] = []
     available = usable_cpus()
     chosen_cpus = parse_cpus(cpus) if isinstance(cpus, str) or cpus is None else tuple(cpus)
@@ -162,8 +169,9 @@ def build_config(
         limits=Limits(cpus=chosen_cpus, threads=run_threads, memory_bytes=memory_bytes, timeout_s=float(job_timeout_s)),
         max_upload=parse_size(max_upload, "--max-upload"),
         cooldown_s=float(cooldown_s),
+        max_queue=int(max_queue),
         notes=notes,
     )
 
 
-__all__ = ["AgentConfig", "build_config", "parse_cpus", "usable_cpus", "agent_version", "default_workdir", "API_VERSION", "DEFAULT_PORT", "DEFAULT_MAX_UPLOAD"]
+__all__ = ["AgentConfig", "build_config", "parse_cpus", "usable_cpus", "agent_version", "default_workdir", "API_VERSION", "DEFAULT_PORT", "DEFAULT_MAX_UPLOAD", "DEFAULT_MAX_QUEUE"]

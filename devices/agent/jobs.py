@@ -5,7 +5,15 @@ never lost or duplicated by a crash: a job the agent was RUNNING when it died is
 back in the queue at the next start, with an event saying so, and results stay.
 A job that has been started `max_attempts` times without finishing (it keeps killing
 the agent, or the agent keeps being killed) is finished with status `error` instead
-of being tried forever.
+of being tried forever. A job that the agent itself could not run because the host ran
+out of a resource (file descriptors, memory, processes) is put back in the queue, with
+a growing pause, up to `MAX_RESOURCE_ATTEMPTS` starts: that is the host's trouble, not
+the candidate's, and must not become the candidate's result.
+
+Results say why a job failed in one short line, `<kind>: <message>`, of the agent's own
+making (`public_error`): never an exception's text, a traceback or a server path, which
+a hostile artifact could fill with the bytes of files it made the runtime read. The
+details go to the agent's log.
 
 Jobs run strictly one at a time in submission order (FIFO by a sequence number); the
 worker is one thread that calls `devices.measure.measure`, which runs the measurement
@@ -15,19 +23,21 @@ the HTTP server stays responsive.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devices.artifact import ArtifactError
 from devices.protocol import Limits, Measurement, Protocol
 from lfm2.errors import UserError
 
@@ -35,6 +45,13 @@ log = logging.getLogger("lfm2_nas.agent")
 
 STATES = ("queued", "running", "done")
 MAX_ATTEMPTS = 3
+#: Starts of a job that keeps meeting a host resource error before it is given up.
+MAX_RESOURCE_ATTEMPTS = 5
+#: The pause before a job re-queued for a resource error runs again: doubles each time.
+RESOURCE_BACKOFF_S = (1.0, 60.0)
+#: Errors that say "the host is out of something", not "this job is bad".
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC, errno.ENOBUFS})
+MAX_ERROR_CHARS = 300
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,6 +78,40 @@ class JobConflict(UserError):
 
 class StoreUnavailable(UserError):
     """The job database cannot be written (disk full, read-only)."""
+
+
+class QueueFull(UserError):
+    """The queue holds as many jobs as the agent takes; answered with 429 and Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    """The host ran out of something (fds, memory, processes): worth trying again later."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS)
+
+
+def public_error(kind: str, message: str, hide: tuple[str, ...] = ()) -> str:
+    """`<kind>: <message>` for a job result: the message's first line, without the
+    strings in `hide` (server paths), cut to `MAX_ERROR_CHARS`."""
+    line = (message or "").strip().splitlines()[0] if (message or "").strip() else "no details"
+    line = line.removesuffix("; its stderr ends with:").rstrip(":")
+    for secret in sorted((h for h in hide if h), key=len, reverse=True):
+        line = line.replace(secret + "/", "").replace(secret, "the artifact")
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[: MAX_ERROR_CHARS - 3] + "..."
+    return f"{kind}: {line}"
+
+
+def failure_kind(measurement: Measurement) -> str:
+    """The kind of a failed measurement that `devices.measure` returned."""
+    if measurement.status == "timeout":
+        return "cores_busy" if re.search(r"stayed locked", measurement.error or "") else "timeout"
+    if measurement.status == "oom":
+        return "oom"
+    return "child_failed"
 
 
 def request_sha256(artifact_sha256: str, protocol: Protocol) -> str:
@@ -156,9 +207,10 @@ class JobStore:
             return None
         return db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (row["seq"],)).fetchone()[0]
 
-    def submit(self, job_id: str, artifact_sha256: str, protocol: Protocol) -> tuple[Job, bool]:
+    def submit(self, job_id: str, artifact_sha256: str, protocol: Protocol, max_queued: int | None = None, retry_after_s: int = 30) -> tuple[Job, bool]:
         """Queue a job; returns (job, created). The same id with the same request returns
-        the existing job (created False); with a different request raises `JobConflict`."""
+        the existing job (created False); with a different request raises `JobConflict`.
+        A new job when `max_queued` jobs are already waiting raises `QueueFull`."""
         digest = request_sha256(artifact_sha256, protocol)
         with self._transaction() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -168,6 +220,10 @@ class JobStore:
                         f"job id {job_id!r} is already used by a different request (another artifact or protocol); use a new job id"
                     )
                 return self._job(row, self._position(db, row)), False
+            if max_queued is not None:
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+                if queued >= max_queued:
+                    raise QueueFull(f"the agent's queue is full ({queued} jobs waiting, its limit); submit again after {retry_after_s} s", retry_after_s)
             now = time.time()
             events = json.dumps([{"at": now, "event": "submitted"}])
             db.execute(
@@ -211,6 +267,13 @@ class JobStore:
             )
             return self._job(db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone())
 
+    def requeue(self, job_id: str, reason: str) -> None:
+        """Put a job the worker could not run back in the queue, at its place (its attempts stay counted)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT events FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            events = json.loads(row["events"]) + [{"at": time.time(), "event": "requeued", "reason": reason}]
+            db.execute("UPDATE jobs SET state = 'queued', events = ? WHERE id = ?", (json.dumps(events), job_id))
+
     def finish(self, job_id: str, measurement: Measurement) -> None:
         with self._transaction() as db:
             row = db.execute("SELECT events FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -231,7 +294,7 @@ class JobStore:
                 events = json.loads(row["events"])
                 if row["attempts"] >= max_attempts:
                     reason = f"the agent stopped during this job {row['attempts']} times (killed, crashed or restarted); not tried again"
-                    measurement = Measurement.failure("error", reason, artifact_sha256=row["artifact_sha256"], protocol=json.loads(row["protocol"]))
+                    measurement = Measurement.failure("error", public_error("abandoned", reason), artifact_sha256=row["artifact_sha256"], protocol=json.loads(row["protocol"]))
                     events.append({"at": now, "event": "abandoned", "reason": reason})
                     db.execute(
                         "UPDATE jobs SET state = 'done', finished_at = ?, measurement = ?, events = ? WHERE seq = ?",
@@ -264,8 +327,13 @@ class Worker:
         device: dict[str, Any],
         cooldown_s: float = 0.0,
         measure: MeasureFn = _default_measure,
+        scratch_dir: Path | None = None,
+        hide: tuple[str, ...] = (),
     ):
         self.jobs = jobs
+        self.scratch_dir = scratch_dir
+        self.hide = tuple(hide)  # server paths a result must not show
+        self._resource_failures = 0
         self.artifact_path = artifact_path
         self.limits = limits
         self.device = device
@@ -305,7 +373,7 @@ class Worker:
                 waiting = self.jobs.counts()["queued"] > 0
                 cooled = self._cool_down() if waiting else 0.0
                 job = self.jobs.claim_next() if waiting and not self._stop.is_set() else None
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, sqlite3.Error, OSError, MemoryError) as exc:  # e.g. out of fds: wait, never die
                 log.error("cannot claim a job: %s", exc)
                 self._stop.wait(5.0)
                 continue
@@ -331,12 +399,26 @@ class Worker:
     def _run(self, job: Job, cooled_s: float) -> None:
         self.current_job, self.phase = job.id, "running"
         log.info("job %s: measuring artifact %s (attempt %d)", job.id, job.artifact_sha256[:12], job.attempts)
+        hide = (*self.hide, str(self.artifact_path(job.artifact_sha256) or ""))
         try:
             measurement = self._measure_job(job)
+            if measurement.status != "ok":
+                log.info("job %s: %s; the full report: %s", job.id, measurement.status, (measurement.error or "")[-4000:])
+                kind = failure_kind(measurement)
+                measurement.error = public_error(kind, measurement.error or "", hide)
+                if kind == "child_failed":
+                    measurement.error += "; the agent's log has the details"
         except UserError as exc:  # a request measure() refuses (e.g. the protocol needs a longer context)
-            measurement = Measurement.failure("error", str(exc))
+            kind = "artifact_invalid" if isinstance(exc, ArtifactError) else "refused"
+            measurement = Measurement.failure("error", public_error(kind, str(exc), hide))
         except BaseException as exc:  # never let one job take the worker down
-            measurement = Measurement.failure("error", f"the agent failed to run the measurement: {type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}")
+            if is_resource_error(exc) and not self._stop.is_set() and job.attempts < MAX_RESOURCE_ATTEMPTS:
+                self._requeue_for_resources(job, exc)
+                return
+            log.exception("job %s: the agent failed to run the measurement", job.id)
+            kind = "resource_exhausted" if is_resource_error(exc) else "agent_error"
+            measurement = Measurement.failure("error", public_error(kind, f"the agent could not run the measurement ({type(exc).__name__}); its log has the details"))
+        self._resource_failures = 0
         if self._stop.is_set():
             # the agent is stopping and has killed the child: that is no result of the
             # candidate's; the job stays RUNNING and is re-queued at the next start
@@ -358,12 +440,28 @@ class Worker:
         self._last_finished = time.monotonic()
         self.current_job, self.phase = None, "idle"
 
+    def _requeue_for_resources(self, job: Job, exc: BaseException) -> None:
+        """The host ran out of something while starting this job: back to the queue, and a
+        pause (doubling, bounded) before the worker takes a job again."""
+        self._resource_failures += 1
+        pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
+        reason = f"the host ran out of a resource ({errno.errorcode.get(getattr(exc, 'errno', None) or 0, type(exc).__name__)}); tried again in {pause:g} s"
+        log.warning("job %s: %s", job.id, reason)
+        try:
+            self.jobs.requeue(job.id, reason)
+        except StoreUnavailable as store_error:
+            log.error("job %s: cannot re-queue it (%s); it will run again after a restart", job.id, store_error)
+        self.current_job, self.phase = None, "idle"
+        self._stop.wait(pause)
+
     def _measure_job(self, job: Job) -> Measurement:
         path = self.artifact_path(job.artifact_sha256)
         if path is None:
-            return Measurement.failure("error", f"artifact {job.artifact_sha256} is no longer on the agent; upload it again and submit a new job")
+            return Measurement.failure("error", public_error("artifact_missing", f"artifact {job.artifact_sha256} is no longer on the agent; upload it again and submit a new job"))
         protocol = Protocol.from_dict(job.protocol)
-        return self._measure(path, protocol, limits=self.limits, device=dict(self.device))
+        if self.scratch_dir is None:
+            return self._measure(path, protocol, limits=self.limits, device=dict(self.device))
+        return self._measure(path, protocol, limits=self.limits, device=dict(self.device), scratch_dir=self.scratch_dir)
 
 
-__all__ = ["JobStore", "Job", "Worker", "JobConflict", "StoreUnavailable", "request_sha256", "STATES", "MAX_ATTEMPTS"]
+__all__ = ["JobStore", "Job", "Worker", "JobConflict", "StoreUnavailable", "QueueFull", "request_sha256", "public_error", "is_resource_error", "STATES", "MAX_ATTEMPTS", "MAX_RESOURCE_ATTEMPTS"]

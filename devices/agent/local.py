@@ -116,6 +116,7 @@ def start_local_agent(
     start_timeout_s: float = START_TIMEOUT_S,
     port: int = 0,
     token: str | None = None,
+    max_queue: int | None = None,
 ) -> LocalAgent:
     """Start an agent for this machine on a free loopback port with a fresh token.
 
@@ -137,6 +138,7 @@ def start_local_agent(
         name, root, token_file, ready_file, port,
         profile=profile, cpus=cpus, threads=threads, memory_limit=memory_limit, emulate=emulate,
         cooldown=cooldown_s, job_timeout=job_timeout_s, max_upload=max_upload, profiles_file=profiles_file,
+        max_queue=max_queue,
     )  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -40,6 +41,7 @@ import psutil
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
@@ -49,7 +51,8 @@ from starlette.requests import ClientDisconnect
 
 from devices.agent.auth import bearer_token, token_matches
 from devices.agent.config import API_VERSION, AgentConfig, agent_version
-from devices.agent.jobs import JobConflict, JobStore, StoreUnavailable, Worker, request_sha256
+from devices.agent.guard import rate_limit_logs, server_settings
+from devices.agent.jobs import JobConflict, JobStore, QueueFull, StoreUnavailable, Worker, request_sha256
 from devices.agent.store import ArtifactStore, UploadError
 from devices.protocol import Protocol
 from lfm2.errors import UserError
@@ -59,6 +62,8 @@ log = logging.getLogger("lfm2_nas.agent")
 OPEN_PATHS = frozenset({f"/{API_VERSION}/health"})
 MAX_JSON_BODY = 256 << 10
 UPLOAD_CHUNK = 1 << 20
+#: What a client is told to wait when the queue is full (429): about one short job.
+QUEUE_FULL_RETRY_AFTER_S = 30
 #: After refusing an upload, read (and drop) up to this much more of it, so the client
 #: sees the refusal instead of a connection reset halfway through its send.
 DRAIN_AFTER_REFUSAL = 32 << 20
@@ -189,6 +194,7 @@ class Info(BaseModel):
     busy: bool
     current_job: str | None
     queue_length: int
+    max_queue: int
     jobs: dict[str, int]
     cooldown_s: float
     worker_alive: bool
@@ -246,7 +252,12 @@ class Agent:
         os.environ[WORKDIR_ENV] = str(config.workdir)
         self.artifacts = ArtifactStore(config.workdir, config.max_upload)
         self.jobs = JobStore(config.workdir / "jobs.sqlite")
-        self.worker = Worker(self.jobs, self.artifacts.path, config.limits, config.device_facts(), config.cooldown_s)
+        # measurement children write their files here, not in the system temp folder: an
+        # agent that is killed leaves them in its own workdir, removed at its next start
+        self.scratch = config.workdir / "measure"
+        self.worker = Worker(
+            self.jobs, self.artifacts.path, config.limits, config.device_facts(), config.cooldown_s, scratch_dir=self.scratch, hide=(str(config.workdir),)
+        )
         self.started_at = time.time()
         self._machine = config.machine()
 
@@ -267,13 +278,22 @@ class Agent:
         orphans = self.kill_measurement_children()
         if orphans:
             log.warning("killed %d measurement process(es) left running by a previous agent on this workdir", orphans)
-        cleaned = self.artifacts.clean_tmp()
+        cleaned = self.artifacts.clean_tmp() + self.clean_scratch()
         requeued = self.jobs.recover()
         if cleaned:
-            log.info("removed %d leftover(s) of interrupted uploads", cleaned)
+            log.info("removed %d leftover(s) of interrupted uploads and measurements", cleaned)
         if requeued:
             log.warning("re-queued %d job(s) that were running when the agent stopped: %s", len(requeued), ", ".join(requeued))
         self.worker.start()
+
+    def clean_scratch(self) -> int:
+        """Remove what measurements of a killed agent left (run after their processes are killed)."""
+        self.scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+        removed = 0
+        for entry in self.scratch.iterdir():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def stop(self) -> None:
         self.worker.stop(timeout=0.5)
@@ -302,6 +322,7 @@ class Agent:
             "busy": self.worker.phase != "idle" or counts["running"] > 0,
             "current_job": self.worker.current_job,
             "queue_length": counts["queued"],
+            "max_queue": self.config.max_queue,
             "jobs": counts,
             "cooldown_s": self.config.cooldown_s,
             "worker_alive": self.worker.alive,
@@ -322,8 +343,11 @@ class BearerAuth:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope["path"] not in OPEN_PATHS:
-            headers = dict(scope["headers"])
-            presented = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+            given = [value for name, value in scope["headers"] if name == b"authorization"]
+            if len(given) > 1:  # which one counts would be up to each proxy and server on the way: refuse
+                response = JSONResponse({"detail": "send one Authorization header, not several"}, status_code=400)
+                return await response(scope, receive, send)
+            presented = bearer_token((given[0] if given else b"").decode("latin-1"))
             if not token_matches(presented, self.token):
                 reason = "missing" if presented is None else "wrong"
                 response = JSONResponse(
@@ -387,6 +411,18 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         allowed = sorted({m for r in app.router.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path) for m in r.methods})
         return JSONResponse({"detail": f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"}, status_code=405, headers={"Allow": ", ".join(allowed)})
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each bad input back, and a NaN or 1e999 in the body
+        # (which Python's JSON parser accepts) cannot be encoded into the answer: a 500.
+        # Where, what and why are enough, and always encodable.
+        errors = [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")), "type": str(error.get("type", ""))} for error in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
         if isinstance(exc, UploadError):
@@ -442,7 +478,11 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         except UploadError:
             await _drain(request)
             raise
-        upload = store.begin()
+        try:
+            upload = store.begin(declared)
+        except UploadError:
+            await _drain(request)
+            raise
         try:
             buffer = bytearray()
             async for chunk in request.stream():
@@ -477,13 +517,14 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         status_code=201,
         response_model=JobView,
         dependencies=authed,
-        responses={200: {"model": JobView, "description": "this job id was submitted before with the same body"}, **_errors(404, 409, 413, 422, 507)},
+        responses={200: {"model": JobView, "description": "this job id was submitted before with the same body"}, **_errors(404, 409, 413, 422, 429, 507)},
         tags=["jobs"],
     )
     def submit_job(body: JobRequest, response: Response) -> dict[str, Any]:
         """Queue a measurement of an uploaded artifact. With a `job_id`, submitting again is
         safe: the same id and body return the same job (200), never a second measurement."""
         protocol = body.protocol.to_protocol()
+        check_protocol_fits(protocol, agent.config.limits.timeout_s)
         if body.job_id is not None:
             existing = agent.jobs.get(body.job_id)
             if existing is not None:
@@ -493,7 +534,7 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
                 return existing.to_dict()
         if not agent.artifacts.has(body.artifact_sha256):
             raise HTTPException(404, f"artifact {body.artifact_sha256} is not on this agent; upload it first with PUT {prefix}/artifacts/{body.artifact_sha256}")
-        job, created = agent.jobs.submit(body.job_id or uuid.uuid4().hex, body.artifact_sha256, protocol)
+        job, created = agent.jobs.submit(body.job_id or uuid.uuid4().hex, body.artifact_sha256, protocol, max_queued=agent.config.max_queue, retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
         agent.worker.wake()
         response.status_code = 201 if created else 200
         return job.to_dict()
@@ -516,6 +557,29 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         return {"jobs": [job.to_dict() for job in agent.jobs.list(state, limit)]}
 
     return app
+
+
+def protocol_budget_s(protocol: Protocol) -> float:
+    """The timed seconds a protocol may ask for: every point (prompt lengths and decode
+    depths) timed for up to `max_seconds_per_point`, once and then up to `max_remeasures`
+    times again. (Runs stop at `max_runs` or once the time is used after `min_runs`.)"""
+    points = len(set(protocol.prompt_lengths)) + len(set(protocol.decode_depths))
+    return points * (1 + protocol.max_remeasures) * protocol.max_seconds_per_point
+
+
+def check_protocol_fits(protocol: Protocol, job_timeout_s: float | None) -> None:
+    """Refuse (422) a protocol that asks for more timed seconds than a job may take: it
+    would hold the device until the timeout and then fail anyway."""
+    if job_timeout_s is None:
+        return
+    budget = protocol_budget_s(protocol)
+    if budget > job_timeout_s:
+        points = len(set(protocol.prompt_lengths)) + len(set(protocol.decode_depths))
+        raise UserError(
+            f"the protocol asks for up to {budget:g} s of timed runs ({points} points x {1 + protocol.max_remeasures} attempts x "
+            f"max_seconds_per_point {protocol.max_seconds_per_point:g} s), more than this agent's job timeout of {job_timeout_s:g} s; "
+            "measure fewer lengths, lower max_seconds_per_point or max_remeasures, or start the agent with a larger --job-timeout"
+        )
 
 
 def _known_query_parameters_only(request: Request) -> None:
@@ -630,17 +694,19 @@ def serve(
     if exit_with_parent:
         _watch_parent(os.getppid())
     app = create_app(agent, on_ready=on_ready)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level=log_level,
-            access_log=log_level == "debug",
-            server_header=False,
-            timeout_graceful_shutdown=3,
-            ssl_certfile=tls_cert,
-            ssl_keyfile=tls_key,
-        )
+    server_config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        log_config=None,  # uvicorn's loggers propagate to ours, and so through the rate limit
+        access_log=log_level == "debug",
+        server_header=False,
+        timeout_graceful_shutdown=3,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        **server_settings(),
     )
+    rate_limit_logs()
+    server = uvicorn.Server(server_config)
     server.run(sockets=[sock])
 
 

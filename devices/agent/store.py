@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -55,18 +56,23 @@ class BadBundle(UploadError):
 
 
 class Upload:
-    """One upload in progress: a temp file that hashes, counts and bounds what it gets."""
+    """One upload in progress: a temp file that hashes, counts and bounds what it gets, and
+    that reserves its room on disk (see `ArtifactStore.reserve`) before every write."""
 
-    def __init__(self, path: Path, max_bytes: int):
+    def __init__(self, path: Path, max_bytes: int, store: ArtifactStore | None = None, declared: int | None = None):
         self.path = path
         self.max_bytes = max_bytes
         self.size = 0
+        self.declared = declared
         self.digest = hashlib.sha256()
+        self._store = store
         self._file = open(path, "xb")
 
     def write(self, data: bytes) -> None:
         if self.size + len(data) > self.max_bytes:
             raise UploadTooLarge(f"the upload is larger than this agent's limit of {format_size(self.max_bytes)}; start the agent with a larger --max-upload")
+        if self._store is not None:
+            self._store.reserve(self, max(self.declared or 0, self.size + len(data)))
         try:
             self._file.write(data)
         except OSError as exc:
@@ -93,6 +99,8 @@ class Upload:
         except OSError:
             pass  # closing a file on a full disk may fail: it is deleted next anyway
         self.path.unlink(missing_ok=True)
+        if self._store is not None:
+            self._store.release(self)
 
 
 class ArtifactStore:
@@ -102,6 +110,11 @@ class ArtifactStore:
         self.max_upload = max_upload
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        # Room promised to uploads in progress: what each may still write (the rest of its
+        # tar, then its unpacked copy). Free space minus the others' promises is what one
+        # upload may count on, so concurrent uploads cannot each see the same free bytes.
+        self._reserved: dict[int, int] = {}
+        self._reserve_lock = threading.Lock()
 
     def clean_tmp(self) -> int:
         """Remove what interrupted uploads left behind; returns how many entries."""
@@ -122,7 +135,12 @@ class ArtifactStore:
 
     def load(self, sha256: str, verify: bool = False) -> Artifact | None:
         path = self.path(sha256)
-        return Artifact.load(path, verify=verify) if path is not None else None
+        if path is None:
+            return None
+        try:
+            return Artifact.load(path, verify=verify)
+        except ArtifactError as exc:  # a damaged stored artifact: say so without the agent's paths
+            raise ArtifactError(str(exc).replace(f"{path}/", "").replace(str(path), f"artifact {sha256[:12]}")) from None
 
     def describe(self, sha256: str) -> dict[str, Any] | None:
         artifact = self.load(sha256)
@@ -158,13 +176,40 @@ class ArtifactStore:
         if free < needed:
             raise DiskFull(f"the agent's disk has {format_size(free)} free, the upload needs about {format_size(needed)}; free space in its --workdir")
 
-    def begin(self) -> Upload:
+    def reserve(self, upload: Upload, expected_bytes: int) -> None:
+        """Promise `upload` the room it needs once it holds `expected_bytes` (its tar, and its
+        unpacked copy); `DiskFull` if the free space, less what other uploads in progress
+        were promised, is smaller. Called before each write, so an upload without a
+        Content-Length (chunked) is refused as soon as what it sent so far cannot fit twice,
+        long before the disk is full."""
+        needed = 2 * expected_bytes + FREE_SPACE_MARGIN - upload.size  # what is on disk already is not needed again
+        with self._reserve_lock:
+            others = sum(room for key, room in self._reserved.items() if key != id(upload))
+            free = self.free_bytes()
+            if free - others < needed:
+                raise DiskFull(
+                    f"the agent's disk has {format_size(free)} free ({format_size(others)} of it promised to other uploads); "
+                    f"this upload needs about {format_size(needed)} more after {format_size(upload.size)}; free space in its --workdir"
+                )
+            self._reserved[id(upload)] = needed
+
+    def release(self, upload: Upload) -> None:
+        with self._reserve_lock:
+            self._reserved.pop(id(upload), None)
+
+    def begin(self, declared_bytes: int | None = None) -> Upload:
         try:
-            return Upload(self.tmp / f"upload-{uuid.uuid4().hex}.tar", self.max_upload)
+            upload = Upload(self.tmp / f"upload-{uuid.uuid4().hex}.tar", self.max_upload, store=self, declared=declared_bytes)
         except OSError as exc:
             if exc.errno in DISK_FULL_ERRNOS:
                 raise DiskFull(f"the agent's disk is full ({exc.strerror}); free space in its --workdir") from None
             raise
+        try:
+            self.reserve(upload, declared_bytes or 0)
+        except DiskFull:
+            upload.discard()
+            raise
+        return upload
 
     def commit(self, upload: Upload, sha256: str) -> tuple[Path, bool]:
         """Verify and install a finished upload; returns (path, created). Always removes the temp file."""
