@@ -74,10 +74,25 @@ def _core() -> int:
     return sorted(os.sched_getaffinity(0))[-1]
 
 
-def _start_hog(core: int) -> subprocess.Popen:
-    """A busy loop pinned to `core` that ends by itself after 60 s at the latest."""
-    code = f"import os, time; os.sched_setaffinity(0, [{core}]); end = time.time() + 60\nwhile time.time() < end: pass"
-    return subprocess.Popen([sys.executable, "-c", code])
+class _Hog:
+    """Busy loops pinned to `core` (three: a clear share of the core even on a machine that
+    is busy already), each ending by itself after 60 s at the latest."""
+
+    def __init__(self, core: int, processes: int = 3):
+        code = f"import os, time; os.sched_setaffinity(0, [{core}]); end = time.time() + 60\nwhile time.time() < end: pass"
+        self.processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(processes)]
+
+    def kill(self) -> None:
+        for process in self.processes:
+            process.kill()
+
+    def wait(self) -> None:
+        for process in self.processes:
+            process.wait()
+
+
+def _start_hog(core: int) -> _Hog:
+    return _Hog(core)
 
 
 @pytest.fixture
@@ -138,5 +153,6 @@ def test_a_disturbance_that_passes_is_remeasured_and_the_clean_attempt_kept(pinn
     finally:
         hog.kill()
         hog.wait()
-    assert stats.remeasured >= 1 and len(stats.disturbances) >= 1  # the hogged attempt was seen
-    assert not stats.disturbed  # and a clean one kept
+    assert stats.remeasured >= 1 and stats.disturbances[0] > 1 + PROTOCOL.disturbance_threshold  # the hogged attempt was seen
+    # and not kept: a clean attempt if the machine is otherwise quiet, else the least disturbed
+    assert not stats.disturbed or stats.calibration_slowdown < stats.disturbances[0]
