@@ -76,14 +76,12 @@ class SearchConfig:
 
     @property
     def protocol(self) -> Protocol:
-        # Prefill of `context` tokens, decode at depth `context`: the two headline figures.
+        # Prefill of `context` tokens, decode at depth `context`: the two headline figures,
+        # each sampled until its median's interval is tight (Protocol's defaults), at most 5 s.
         return Protocol(
             prompt_lengths=(self.context,),
             decode_depths=(self.context,),
             decode_tokens=self.decode_tokens,
-            warmup_runs=1,
-            min_runs=3,
-            max_runs=10,
             max_seconds_per_point=5.0,
         )
 
