@@ -1,6 +1,6 @@
 """Compile (ExecuTorch, ONNX), the measurement protocol, device agents, profiles."""
 
-from importlib import import_module
+from lfm2.lazy import lazy_attributes
 
 # Loaded on first use (PEP 562): `import devices.x` runs this file, and the CLI, an agent or a
 # measurement child must not pay for torch, numpy, FastAPI or the ONNX exporter it does not use.
@@ -39,12 +39,7 @@ from devices.compile import compile  # noqa: E402
 from devices.measure import measure  # noqa: E402
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'devices' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -6,21 +6,13 @@ that needs it is first used (PEP 562), so that a measurement child running ONNX 
 an agent or a report does not pay ~220 MB and seconds for an `import lfm2.spec`.
 """
 
-from importlib import import_module
-
 from lfm2.errors import UserError
+from lfm2.lazy import lazy_attributes
 from lfm2.presets import ATTENTION_TWINS, LFM2_PRESETS, PUBLISHED_PARAMETERS, all_attention_twin, get_preset, preset_name, presets
 from lfm2.spec import OPERATORS, ArchSpec, SpecError
 
 _LAZY = {"LFM2": "lfm2.model", "build_model": "lfm2.model", "count_parameters": "lfm2.model"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lfm2' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -29,7 +29,7 @@ rule over earlier candidates' curves, kept in the driver or a user attr, never v
 loss becomes non-finite stops at once with the worst score.
 """
 
-from importlib import import_module
+from lfm2.lazy import lazy_attributes
 
 # Loaded on first use (PEP 562): scoring needs torch, which `lfm2-nas --help` (it imports the
 # `quality` command's module, a submodule of this package) must not pay for.
@@ -50,12 +50,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'nas.quality' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
