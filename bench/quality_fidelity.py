@@ -336,6 +336,13 @@ def summarise(rows: list[dict]) -> dict:
                                                    {p["arch"]: p["params"] for p in pairs})
         out["reference_corpora"] = sorted({row["corpus"] for row in rows if row.get("ok") and row.get("stage") == "long" and row.get("corpus")})
         out["stage_cost"] = stage_cost(rows)
+    imported: dict[str, dict[str, int]] = {}
+    for row in rows:
+        if row.get("imported_from"):
+            by_stage = imported.setdefault(row["imported_from"], {})
+            by_stage[row["stage"]] = by_stage.get(row["stage"], 0) + 1
+    if imported:
+        out["imported"] = imported
     return out
 
 
@@ -428,6 +435,8 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
              f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes of the {facts.get('reference_corpus', 'stdlib')} corpus) at lr {facts.get('reference_lr', LONG_RUN_LR):g}; proxies' tokens: {facts['proxy_tokens']}; "
              f"{facts['workers']} worker processes sharing the device"
              + "".join(f"; earlier invocation: {e.get('date')}, {e.get('machine')}, {e.get('workers')} workers" for e in facts.get("earlier", [])) + ".", ""]
+    for source, counts in summary.get("imported", {}).items():
+        lines += [f"Rows imported from the earlier run `{source}` (same recipe): {', '.join(f'{n} {stage}' for stage, n in counts.items())}.", ""]
     if timing:
         lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
         for kind, t in timing.items():
