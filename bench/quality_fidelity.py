@@ -12,6 +12,10 @@ twin, and seeded random points of an LFM2-like space -- this runs
   byte is the "true" quality (20x the costlier proxy is ~30 passes over a stdlib-sized
   corpus and over-fits: BENCHMARKS.md shows the curves),
 
+and, as candidate quality signals (`--stages`), the MAD proxy at twice the width
+(`mad_wide`: head_dim 16 under `default()`) and the LM proxy at the MAD proxy's token budget
+on the reference's corpus (`lm_long`), see `stage_settings`;
+
 then reports Spearman's rank correlation between each proxy score and minus the
 reference's validation loss (so +1 means the proxy orders architectures exactly as the
 long run does), with the raw pairs.
@@ -23,6 +27,12 @@ finish late or not at all, so only a few run at once while the short jobs fill t
 Every finished job is appended to `<out>/fidelity.jsonl` at once, so a run cut short keeps
 what it finished and `--resume` continues it (in another session, too).
 
+`--import-from DIR` copies an earlier run's finished rows (its references, say) into this run
+when their recipe matches, so that 20 architectures need only the new ones' references.
+A run with candidate stages is judged by `bench/fidelity_signals.py`: every signal (and the
+free baselines, and learned combinations held out architecture by architecture) with a
+bootstrap 95% interval, within the hybrids too.
+
 `--seed-repeats N` scores the proxies of the first `--repeat-archs` architectures again with
 seeds 1..N: their spread is the proxies' noise floor, to hold against the spread between
 architectures before trusting a ranking.
@@ -30,6 +40,8 @@ architectures before trusting a ranking.
     # the real run (one H200: the 12 references side by side take ~23 min, the proxies as much
     # again; --resume continues a run cut short, --summarise-only rebuilds its reports):
     python bench/quality_fidelity.py --device cuda --workers 16 --long-workers 12 --threads 1 --archs 12 --compile --reference-corpus python-sources --out bench_out
+    # the candidate signals over 20 architectures, the first 12's references imported (BENCHMARKS.md):
+    python bench/quality_fidelity.py --device cuda --archs 20 --stages long,mad_wide,lm_long,mad,lm --workers 17 --long-workers 8 --threads 1 --compile --reference-corpus python-sources --import-from bench/results/fidelity_ref307 --import-stages long,mad,lm --deadline-s 1150 --stop-s 1440 --out bench_out
     # a smoke run on a CPU (a few minutes; numbers meaningless):
     python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --reference-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
 """
@@ -50,6 +62,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import fidelity_signals  # noqa: E402
 from lfm2.corpus import CORPORA  # noqa: E402
 from lfm2.presets import presets  # noqa: E402
 from lfm2.spec import ArchSpec  # noqa: E402
@@ -146,6 +159,37 @@ def proxy_tokens(settings) -> dict[str, int]:
     return {"mad": total_steps(settings.mad_steps) * mad_per_step, "lm": total_steps(settings.lm_steps) * settings.lm_batch_size * settings.lm_seq_len}
 
 
+PROXY_STAGES = ("mad", "lm", "mad_wide", "lm_long")  # every stage but the reference ("long")
+STAGE_KIND = {"mad": "mad", "lm": "lm", "mad_wide": "mad", "lm_long": "lm"}
+
+
+def stage_settings(stage: str, settings, corpus: str | None = None):
+    """The settings of a proxy stage, derived from the base `settings`:
+
+    * `mad`, `lm`: the base settings (the search's proxies as they are);
+    * `mad_wide`: the MAD proxy at twice the width (1/4 of the candidate's under `default()`,
+      so head_dim 16 instead of 8: at head_dim 8 all-attention stacks never learned recall),
+      evaluated twice as often (its curve gives the learning speed);
+    * `lm_long`: the LM proxy at the largest budget that still keeps the reference at its
+      factor: as many tokens over its whole learning-rate sweep as the MAD proxy trains on,
+      on `corpus` (the reference's own, so the proxy is a short copy of the reference run).
+    """
+    from nas.quality.training import steps_over_all_rates
+
+    if stage in ("mad", "lm"):
+        return settings
+    if stage == "mad_wide":
+        return settings.replace(name=f"{settings.name}-wide", width_factor=min(1.0, 2 * settings.width_factor), eval_every=max(1, settings.eval_every // 2))
+    if stage == "lm_long":
+        budget = proxy_tokens(settings)["mad"]
+        per_step = settings.lm_batch_size * settings.lm_seq_len
+        steps = settings.lm_steps
+        while steps_over_all_rates(steps + 1, len(settings.learning_rates), settings.sweep_fraction) * per_step <= budget:
+            steps += 1
+        return settings.replace(name=f"{settings.name}-lm-long", lm_steps=steps, eval_every=max(1, -(-steps // REFERENCE_EVALS)), lm_corpus=corpus or settings.lm_corpus)
+    raise ValueError(f"unknown stage {stage!r}; one of long, {', '.join(PROXY_STAGES)}")
+
+
 def reference_settings(settings, factor: float, batch_rows: int, lr: float = LONG_RUN_LR, of: str = "costlier", corpus: str | None = None):
     """The reference run: the LM task at one learning rate, `factor` x the tokens of the costlier
     proxy (`of="costlier"`) or of the LM proxy (`of="lm"`, the run the reference is a longer
@@ -177,6 +221,8 @@ def run_job(job: dict) -> dict:
     spec = ArchSpec.from_dict(job["spec"])
     if job["stage"] == "long":  # the reference's settings, as main() derived them once
         settings, kind = QualitySettings.from_dict(job["reference"]), "lm"
+    elif job.get("proxy_settings"):  # a proxy stage's settings, as main() derived them once
+        settings, kind = QualitySettings.from_dict(job["proxy_settings"]), STAGE_KIND[job["stage"]]
     else:
         settings, kind = _settings(job["settings"], job.get("steps_scale", 1.0)), job["stage"]
     if job.get("start_before") is not None and time.time() > job["start_before"]:
@@ -202,6 +248,8 @@ def run_job(job: dict) -> dict:
         row["curve"] = [[step, c.get("bpb"), c.get("train_bpb")] for (step, _), c in zip(d["curve"], d["curve_details"])]
     else:
         row["task_accuracy"] = d["task_accuracy"]
+        # the accuracies along the way (after the sweep, then every eval_every steps): learning speed
+        row["curve"] = [[step, value, c.get("task_accuracy")] for (step, value), c in zip(d["curve"], d["curve_details"])]
     return row
 
 
@@ -220,8 +268,8 @@ def proxy_scores_by_seed(rows: list[dict]) -> dict[str, dict[str, dict[int, floa
     accuracy, `lm`: bits per byte)."""
     scores: dict[str, dict[str, dict[int, float]]] = {}
     for row in rows:
-        if row.get("ok") and row["stage"] in ("mad", "lm"):
-            value = row["score"] if row["stage"] == "mad" else row["bpb"]
+        if row.get("ok") and row["stage"] in PROXY_STAGES:
+            value = row["score"] if STAGE_KIND[row["stage"]] == "mad" else row["bpb"]
             scores.setdefault(row["stage"], {}).setdefault(row["arch"], {})[row.get("seed", 0)] = value
     return scores
 
@@ -255,12 +303,14 @@ def summarise(rows: list[dict]) -> dict:
     for arch, stages in by_arch.items():
         long = stages.get("long", {})
         valid = [point[1] for point in long.get("curve", []) if point[1] is not None]
-        some = long or stages.get("mad") or stages.get("lm")
+        some = long or next(stages[stage] for stage in PROXY_STAGES if stage in stages)
         pairs.append({
             "arch": arch, "layout": stages["layout"], "long_bpb": long.get("bpb"),
             "long_min_bpb": min(valid) if valid else None, "long_train_bpb": long.get("train_bpb"), "long_epochs": long.get("epochs"),
             "mad": stages["mad"]["score"] if "mad" in stages else None,
             "lm_bpb": stages["lm"]["bpb"] if "lm" in stages else None,
+            "mad_wide": stages["mad_wide"]["score"] if "mad_wide" in stages else None,
+            "lm_long_bpb": stages["lm_long"]["bpb"] if "lm_long" in stages else None,
             "params": some["proxy_parameters"],
         })
     out = {"pairs": pairs}
@@ -281,7 +331,69 @@ def summarise(rows: list[dict]) -> dict:
         out["baselines"] = {name: spearman([feature(p) for p in ranked], reference) for name, feature in BASELINES.items()}
         out["baselines_p"] = {name: spearman_p_value([feature(p) for p in ranked], reference) for name, feature in BASELINES.items()}
     out["seed_noise"] = seed_noise(rows)
+    if any(row.get("stage") in ("mad_wide", "lm_long") for row in rows):  # a run of the candidate signals: judge them all side by side
+        out["signals"] = fidelity_signals.evaluate(rows, {p["arch"]: p["long_bpb"] for p in ranked}, {p["arch"]: p["layout"] for p in pairs},
+                                                   {p["arch"]: p["params"] for p in pairs})
+        out["reference_corpora"] = sorted({row["corpus"] for row in rows if row.get("ok") and row.get("stage") == "long" and row.get("corpus")})
+        out["stage_cost"] = stage_cost(rows)
+    imported: dict[str, dict[str, int]] = {}
+    for row in rows:
+        if row.get("imported_from"):
+            by_stage = imported.setdefault(row["imported_from"], {})
+            by_stage[row["stage"]] = by_stage.get(row["stage"], 0) + 1
+    if imported:
+        out["imported"] = imported
     return out
+
+
+def stage_cost(rows: list[dict]) -> dict[str, dict]:
+    """Per stage, what one job cost in this run: the median wall time of this session's rows
+    (several processes sharing one device, so an upper bound of the time alone) and the
+    steps over all learning rates."""
+    out: dict[str, dict] = {}
+    for stage in ("long", *PROXY_STAGES):
+        done = [row for row in rows if row.get("ok") and row["stage"] == stage and not row.get("imported_from")]
+        if done:
+            out[stage] = {"n": len(done), "median_wall_s": float(np.median([row["wall_s"] for row in done])),
+                          "max_wall_s": float(max(row["wall_s"] for row in done)), "steps_trained": int(np.median([row["steps_trained"] for row in done]))}
+    return out
+
+
+def signals_markdown(summary: dict) -> list[str]:
+    """The candidate signals side by side: Spearman with its bootstrap interval, within the
+    hybrids, and the paired difference to the best free baseline."""
+    judged = summary["signals"]
+    baselines = set(judged.get("baseline_names", []))
+    lines = ["", f"Candidate signals against -reference bpb (bootstrap 95% intervals over architectures, {judged['bootstrap_draws']:,} resamples; "
+             "*italics*: free baselines, no training; learned combinations: leave-one-out predictions, never fitted on the architecture they rank):", "",
+             "| signal | n | Spearman | 95% CI | within hybrids: n | Spearman | 95% CI | best baseline on the same n | minus best baseline: 95% CI |",
+             "|---|---:|---:|---|---:|---:|---|---:|---|"]
+
+    def ci(value) -> str:
+        return "-" if value is None else f"[{value[0]:+.2f}, {value[1]:+.2f}]"
+
+    def rho(value) -> str:
+        return "-" if value is None or not np.isfinite(value) else f"{value:+.3f}"
+
+    for name, e in judged["signals"].items():
+        label = f"*{name}*" if name in baselines else name
+        versus = e.get("versus_best_baseline")
+        lines.append(f"| {label} | {e['n']} | {rho(e['spearman'])} | {ci(e['ci95'])} | {e.get('n_hybrids', '-')} | {rho(e.get('spearman_hybrids'))} | "
+                     f"{ci(e.get('ci95_hybrids'))} | {rho(versus['baseline_spearman_same_archs']) if versus else '-'} | {ci(versus['difference_ci95']) if versus else '-'} |")
+    best = next((e["versus_best_baseline"] for e in judged["signals"].values() if e.get("versus_best_baseline")), None)
+    if best:
+        lines.append("")
+        lines.append(f"Best free baseline: {best['baseline']} ({best['baseline_spearman']:+.3f}). "
+                     + (f"Signals whose interval lies above it: {', '.join(judged['winners'])}." if judged["winners"]
+                        else "No signal's interval lies above it: nothing here ranks clearly better than the best free baseline."))
+    for name, c in judged.get("combinations", {}).items():
+        lines.append(f"- learned combination `{name}`: {c['n_features']} features over {c['n']} architectures; ridge strengths chosen {c['ridge_alphas_chosen']}")
+    if len(summary.get("reference_corpora", [])) > 1:
+        lines.append(f"- WARNING: the references were trained on corpora with different fingerprints {summary['reference_corpora']}")
+    for stage, c in summary.get("stage_cost", {}).items():
+        lines.append(f"- cost of `{stage}` in this run: median {c['median_wall_s']:.0f} s (max {c['max_wall_s']:.0f} s) per job over {c['n']} jobs, "
+                     f"{c['steps_trained']} steps over all learning rates, with the other jobs sharing the device")
+    return lines
 
 
 def seed_mean_ranking(rows: list[dict], reference_bpb: dict[str, float]) -> dict:
@@ -323,6 +435,8 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
              f"{facts['reference_batch']} x {facts['lm_seq_len']} bytes of the {facts.get('reference_corpus', 'stdlib')} corpus) at lr {facts.get('reference_lr', LONG_RUN_LR):g}; proxies' tokens: {facts['proxy_tokens']}; "
              f"{facts['workers']} worker processes sharing the device"
              + "".join(f"; earlier invocation: {e.get('date')}, {e.get('machine')}, {e.get('workers')} workers" for e in facts.get("earlier", [])) + ".", ""]
+    for source, counts in summary.get("imported", {}).items():
+        lines += [f"Rows imported from the earlier run `{source}` (same recipe): {', '.join(f'{n} {stage}' for stage, n in counts.items())}.", ""]
     if timing:
         lines += ["Time per candidate (one process alone on the device, `score(LFM2-350M, kind, settings)`):", ""]
         for kind, t in timing.items():
@@ -343,15 +457,19 @@ def markdown(summary: dict, facts: dict, timing: dict | None) -> str:
         p_value = (summary.get("baselines_p") or {}).get(name)
         lines.append(f"- baseline, {name}: Spearman {rho:+.3f}" + (f" (permutation p = {p_value:.3f})" if p_value is not None else "")
                      + "; no training: a proxy should beat this")
-    lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | reference bpb | lowest along the run | train windows |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    if summary.get("signals"):
+        lines += signals_markdown(summary)
+    candidates = bool(summary.get("signals"))  # a run of the candidate signals: their columns too
+    lines += ["", "| architecture | layout | proxy params | MAD score | LM proxy bpb | " + ("wide MAD score | long LM proxy bpb | " if candidates else "")
+              + "reference bpb | lowest along the run | train windows |", "|---|---|---:|---:|---:|" + ("---:|---:|" if candidates else "") + "---:|---:|---:|"]
 
     def cell(value: float | None, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     for p in sorted(summary["pairs"], key=lambda p: (p["long_bpb"] is None, p["long_bpb"] or 0.0)):  # unfinished references last
-        lines.append(f"| {p['arch']} | `{p['layout']}` | {p['params']:,} | {cell(p['mad'])} | {cell(p['lm_bpb'])} | {cell(p['long_bpb'])} | "
-                     f"{cell(p.get('long_min_bpb'))} | {cell(p.get('long_train_bpb'))} |")
+        lines.append(f"| {p['arch']} | `{p['layout']}` | {p['params']:,} | {cell(p['mad'])} | {cell(p['lm_bpb'])} | "
+                     + (f"{cell(p.get('mad_wide'))} | {cell(p.get('lm_long_bpb'))} | " if candidates else "")
+                     + f"{cell(p['long_bpb'])} | {cell(p.get('long_min_bpb'))} | {cell(p.get('long_train_bpb'))} |")
     epochs = [p["long_epochs"] for p in summary["pairs"] if p.get("long_epochs")]
     if epochs:
         lines.append(f"\nEach reference made {max(epochs):.1f} passes over the corpus's train split (validation is other files).")
@@ -398,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing", action="store_true", help="first time one candidate per kind, alone on the device")
     parser.add_argument("--stages", default="long,mad,lm")
     parser.add_argument("--seed-repeats", type=int, default=0, help="score the proxies of the first --repeat-archs architectures again with seeds 1..N")
-    parser.add_argument("--repeat-archs", type=int, default=3)
+    parser.add_argument("--repeat-archs", default="3", help="how many architectures (the first N) or which (comma-separated names) --seed-repeats repeats")
+    parser.add_argument("--repeat-stages", default=None, help="comma-separated proxy stages --seed-repeats repeats (default: every proxy stage of --stages)")
+    parser.add_argument("--import-from", default=None, help="an earlier run's --out: copy its finished rows of --import-stages for these architectures into this run "
+                        "(only if its reference recipe and settings match), so that they are not run again")
+    parser.add_argument("--import-stages", default="long", help="comma-separated stages --import-from copies")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
     parser.add_argument("--long-deadline-s", type=float, default=None, help="start no reference job after this many seconds (default: --deadline-s)")
     parser.add_argument("--stop-s", type=float, default=None, help="drop the jobs still running after this many seconds (default: wait for them)")
@@ -408,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.summarise_only:
         return summarise_only(Path(args.out))
+    stages = [stage for stage in args.stages.split(",") if stage]
+    unknown_stages = [stage for stage in stages if stage not in ("long", *PROXY_STAGES)]
+    if unknown_stages:
+        parser.error(f"--stages {','.join(unknown_stages)}: not a stage; use long, {', '.join(PROXY_STAGES)}")
     if args.workers > 1 and not 1 <= args.long_workers < args.workers:
         parser.error(f"--long-workers {args.long_workers} must be at least 1 and fewer than --workers {args.workers} (the rest run the proxies)")
 
@@ -431,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     facts.update(reference_factor=args.reference_factor, reference_batch=args.reference_batch, reference_lr=args.reference_lr, reference_of=args.reference_of, reference_corpus=reference.lm_corpus, reference_steps=reference.lm_steps,
                  reference_tokens=reference.lm_steps * reference.lm_batch_size * reference.lm_seq_len, lm_seq_len=reference.lm_seq_len,
                  proxy_tokens=proxy_tokens(settings), settings_key=settings.key)
+    # each proxy stage's settings, derived once here (the jobs carry them); their keys name the recipes
+    proxy_settings = {stage: stage_settings(stage, settings, reference.lm_corpus) for stage in PROXY_STAGES}
+    extra = [stage for stage in stages if stage in ("mad_wide", "lm_long")]
+    if extra:
+        facts["stage_settings_keys"] = {stage: proxy_settings[stage].key for stage in extra}
+        facts["stage_tokens"] = {stage: proxy_tokens(proxy_settings[stage])[STAGE_KIND[stage]] for stage in extra}
     if args.resume and (out / "facts.json").is_file():
         earlier = json.loads((out / "facts.json").read_text())
         changed = [k for k in ("settings_key", "reference_tokens", "reference_batch", "reference_lr", "reference_corpus", "arch_seed")
@@ -453,7 +585,6 @@ def main(argv: list[str] | None = None) -> int:
             print("timing", json.dumps(row), flush=True)
         (out / "timing.json").write_text(json.dumps(timing, indent=1))
 
-    stages = [stage for stage in args.stages.split(",") if stage]
     def wall_clock_at(seconds: float | None) -> float | None:  # jobs run in other processes: they compare against time.time()
         return None if seconds is None else time.time() + seconds - (time.perf_counter() - started)
 
@@ -463,10 +594,14 @@ def main(argv: list[str] | None = None) -> int:
               "compile": args.compile, "start_before": start_before}
     # architecture by architecture: a run cut short leaves whole architectures, not a stage of each;
     # the seed repeats come last (they measure noise, the ranking needs seed 0 first)
-    jobs = [{"arch": name, "stage": stage, "seed": 0, "spec": spec.to_dict(), **common, **({"start_before": long_start_before} if stage == "long" else {})}
-            for name, spec in archs for stage in stages]
-    jobs += [{"arch": name, "stage": stage, "seed": seed, "spec": spec.to_dict(), **common}
-             for seed in range(1, args.seed_repeats + 1) for name, spec in archs[: args.repeat_archs] for stage in stages if stage != "long"]
+    def job(name: str, spec: ArchSpec, stage: str, seed: int) -> dict:
+        return {"arch": name, "stage": stage, "seed": seed, "spec": spec.to_dict(), **common,
+                **({"start_before": long_start_before} if stage == "long" else {"proxy_settings": proxy_settings[stage].to_dict()})}
+
+    jobs = [job(name, spec, stage, 0) for name, spec in archs for stage in stages]
+    repeat_stages = [stage for stage in (args.repeat_stages or args.stages).split(",") if stage in stages and stage != "long"]
+    repeated = archs[: int(args.repeat_archs)] if args.repeat_archs.isdigit() else [(n, s) for n, s in archs if n in args.repeat_archs.split(",")]
+    jobs += [job(name, spec, stage, seed) for seed in range(1, args.seed_repeats + 1) for name, spec in repeated for stage in repeat_stages]
     rows: list[dict] = []
     log_path = out / "fidelity.jsonl"
     if args.resume and log_path.exists():
@@ -476,6 +611,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resume: {len(done)} finished jobs kept, {len(jobs)} to run", flush=True)
     elif log_path.exists():
         log_path.unlink()  # a fresh run: rows of an earlier one would mix settings
+    imported = import_rows(Path(args.import_from), facts, dict(archs), args.import_stages.split(","),
+                           {job_key(row) for row in rows if row.get("ok")}) if args.import_from else []
+    if imported:
+        with log_path.open("a") as log:
+            log.writelines(json.dumps(row) + "\n" for row in imported)
+        rows += imported
+        done = {job_key(row) for row in imported}
+        jobs = [job for job in jobs if job_key(job) not in done]
+        print(f"imported {len(imported)} rows from {args.import_from}, {len(jobs)} jobs to run", flush=True)
     log = log_path.open("a")
     lock = threading.Lock()
     finished = 0
@@ -518,6 +662,27 @@ def main(argv: list[str] | None = None) -> int:
     log.close()
     write_reports(out, rows, facts, timing)
     return 0
+
+
+#: What an imported row's run must share with this one for its rows to be comparable.
+IMPORT_MUST_MATCH = {"long": ("reference_tokens", "reference_batch", "reference_lr", "reference_corpus", "lm_seq_len"), "mad": ("settings_key",), "lm": ("settings_key",)}
+
+
+def import_rows(source: Path, facts: dict, archs: dict[str, ArchSpec], stages: list[str], done: set) -> list[dict]:
+    """The finished rows of `stages` that the run in `source` made for these architectures
+    (same name and spec), marked `imported_from`; refused when its recipe differs."""
+    if not (source / "facts.json").is_file() or not (source / "fidelity.jsonl").is_file():
+        raise SystemExit(f"--import-from {source}: no facts.json and fidelity.jsonl there; give the --out of an earlier run")
+    earlier = json.loads((source / "facts.json").read_text())
+    for stage in stages:
+        if stage not in IMPORT_MUST_MATCH:
+            raise SystemExit(f"--import-stages {stage}: only {', '.join(IMPORT_MUST_MATCH)} can be imported")
+        changed = [k for k in IMPORT_MUST_MATCH[stage] if earlier.get(k, {"reference_corpus": "stdlib", "reference_lr": LONG_RUN_LR}.get(k)) != facts.get(k)]
+        if changed:
+            raise SystemExit(f"--import-from {source}: its {stage} rows were made with other {', '.join(f'{k}={earlier.get(k)!r} (here {facts.get(k)!r})' for k in changed)}")
+    rows = [json.loads(line) for line in (source / "fidelity.jsonl").read_text().splitlines() if line.strip()]
+    return [{**row, "imported_from": source.name} for row in rows
+            if row.get("ok") and row["stage"] in stages and row["arch"] in archs and row["spec_key"] == archs[row["arch"]].key and job_key(row) not in done]
 
 
 def write_reports(out: Path, rows: list[dict], facts: dict, timing: dict | None) -> None:

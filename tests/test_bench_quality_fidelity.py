@@ -209,3 +209,51 @@ def test_only_names_architectures_of_the_list(tmp_path):
     with pytest.raises(SystemExit) as refused:  # a name outside the --archs list
         fidelity.main(["--archs", "3", "--only", "random-07", "--out", str(tmp_path)])
     assert refused.value.code == 2 and (tmp_path / "facts.json").read_text() == "{}"
+
+
+def test_candidate_stages_keep_the_reference_at_its_factor():
+    """mad_wide: twice the width (head_dim 16 under default()); lm_long: as many tokens as the
+    MAD proxy (never more, so a 20x reference stays 20x of every proxy), on the reference's corpus."""
+    from lfm2.presets import presets
+    from nas.quality import proxy_spec
+
+    s = QualitySettings.default()
+    wide = fidelity.stage_settings("mad_wide", s)
+    assert wide.width_factor == 1 / 4 and wide.key != s.key and fidelity.proxy_tokens(wide)["mad"] == fidelity.proxy_tokens(s)["mad"]
+    assert proxy_spec(presets["LFM2-350M"], width_factor=wide.width_factor, vocab_size=64, seq_len=128).head_dim == 16
+    long_lm = fidelity.stage_settings("lm_long", s, "python-sources")
+    mad_tokens, one_step = fidelity.proxy_tokens(s)["mad"], s.lm_batch_size * s.lm_seq_len
+    assert mad_tokens - 2 * one_step < fidelity.proxy_tokens(long_lm)["lm"] <= mad_tokens and long_lm.lm_corpus == "python-sources"
+    reference = fidelity.reference_settings(s, 20, 256, corpus="python-sources")
+    assert reference.lm_steps * 256 * s.lm_seq_len >= 20 * max(fidelity.proxy_tokens(x)[k] for x in (s, wide, long_lm) for k in ("mad", "lm"))
+    assert fidelity.stage_settings("mad", s) is s
+    with pytest.raises(ValueError):
+        fidelity.stage_settings("nope", s)
+
+
+@pytest.mark.slow  # two small runs of 12 jobs: ~1 min of CPU (5 min on the shared 2-core machine)
+def test_a_run_imports_an_earlier_runs_references_and_judges_the_candidate_signals(tmp_path):
+    """What the 20-architecture run did: an earlier run's references are imported (refused when
+    their recipe differs), the candidate stages run beside them, and the summary judges every
+    signal with bootstrap intervals."""
+    earlier, later = tmp_path / "earlier", tmp_path / "later"
+    common = ["--device", "cpu", "--settings", "cpu_small", "--archs", "3", "--reference-factor", "1", "--reference-batch", "4",
+              "--steps-scale", "0.05", "--workers", "1", "--threads", "1"]
+    assert fidelity.main([*common, "--stages", "long,lm", "--out", str(earlier)]) == 0
+    with pytest.raises(SystemExit) as refused:  # a reference of another length
+        fidelity.main([*common[:7], "2", *common[8:], "--stages", "long,mad_wide", "--import-from", str(earlier), "--out", str(later)])
+    assert "reference_tokens" in str(refused.value)
+    assert fidelity.main([*common, "--stages", "long,lm,mad_wide,lm_long", "--import-from", str(earlier), "--import-stages", "long,lm", "--out", str(later)]) == 0
+    rows = [json.loads(line) for line in (later / "fidelity.jsonl").read_text().splitlines()]
+    assert sorted((r["stage"], bool(r.get("imported_from"))) for r in rows) == sorted([("long", True), ("lm", True), ("mad_wide", False), ("lm_long", False)] * 3)
+    for row in rows:
+        if row["stage"] == "mad_wide":  # accuracies along the way: the learning speed
+            assert len(row["curve"]) >= 2 and set(row["curve"][-1][2]) == set(row["task_accuracy"]) and row["curve"][-1][1] == row["score"]
+    facts = json.loads((later / "facts.json").read_text())
+    assert set(facts["stage_settings_keys"]) == {"mad_wide", "lm_long"} and facts["stage_tokens"]["lm_long"] <= facts["proxy_tokens"]["mad"]
+    summary = json.loads((later / "summary.json").read_text())
+    judged = summary["signals"]["signals"]
+    assert {"mad_wide (seed 0)", "lm_long (seed 0)", "mad_wide recall AUC (seed 0)", "number of attention layers"} <= set(judged)
+    assert all(judged[name]["n"] == 3 for name in ("mad_wide (seed 0)", "lm_long (seed 0)"))
+    assert set(summary["stage_cost"]) == {"mad_wide", "lm_long"}  # imported rows cost nothing in this run
+    assert "Candidate signals" in (later / "fidelity.md").read_text() and "wide MAD score" in (later / "fidelity.md").read_text()
