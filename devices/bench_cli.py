@@ -18,7 +18,9 @@ from rich.table import Table
 from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 
-BACKEND_CHOICES = ("executorch", "onnx", "eager")
+BACKEND_CHOICES = ("executorch", "onnx", "llamacpp", "eager")
+#: --quant when none is given: the backend's full precision.
+DEFAULT_QUANT = {"executorch": "fp32", "onnx": "fp32", "llamacpp": "f16", "eager": "fp32"}
 
 
 def parse_lengths(text: str, what: str) -> tuple[int, ...]:
@@ -55,14 +57,30 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def rate_mean_std(samples_ms: list[float], tokens: int) -> tuple[float, float]:
+    """llama-bench's figure: the mean and sample std over runs of each run's tokens/s."""
+    rates = [tokens * 1000.0 / ms for ms in samples_ms if ms > 0]
+    if not rates:
+        return 0.0, 0.0
+    mean = sum(rates) / len(rates)
+    std = (sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) ** 0.5 if len(rates) > 1 else 0.0
+    return mean, std
+
+
 def bench_rows(measurement) -> list[dict[str, Any]]:
+    decode_tokens = (getattr(measurement, "protocol", None) or {}).get("decode_tokens")
     rows = []
     for label, points in (("pp{}", measurement.prefill), ("tg@{}", measurement.decode)):
         for key in sorted(points):
             stats = points[key]
+            mean, std = rate_mean_std(stats.samples_ms, stats.tokens)
+            llama_bench = f"pp{key}" if label.startswith("pp") else f"tg{decode_tokens or ''} @ d{key}"
             rows.append(
                 {
                     "test": label.format(key),
+                    "llama_bench_test": llama_bench,
+                    "llama_bench_tokens_per_s": mean,
+                    "llama_bench_tokens_per_s_std": std,
                     "tokens_per_s": stats.tokens_per_s,
                     "median_ms": stats.median_ms,
                     "trimmed_mean_ms": stats.trimmed_mean_ms,
@@ -88,8 +106,8 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
         highlight=False,
     )
     table = Table()
-    for column in ("test", "t/s", "median ms", "p10-p90 ms", "CV", "runs", ""):
-        table.add_column(column, justify="left" if column in ("test", "") else "right")
+    for column in ("test", "t/s", "median ms", "p10-p90 ms", "CV", "runs", "llama-bench test", "t/s ± std", ""):
+        table.add_column(column, justify="left" if column in ("test", "llama-bench test", "") else "right")
     for row in bench_rows(measurement):
         table.add_row(
             row["test"],
@@ -98,6 +116,8 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
             f"{row['p10_ms']:.2f}-{row['p90_ms']:.2f}",
             f"{row['cv'] * 100:.1f}%",
             str(row["runs"]),
+            row["llama_bench_test"],
+            f"{row['llama_bench_tokens_per_s']:.2f} ± {row['llama_bench_tokens_per_s_std']:.2f}",
             "noisy" if row["noisy"] else "",
         )
     console.print(table)
@@ -107,13 +127,18 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
         f"compile {artifact.manifest.get('compile_s', 0):.1f} s   decode cost follows context: {artifact.manifest.get('decode_cost_follows_context')}",
         highlight=False,
     )
-    console.print("tg@N: one decode step at context depth N (tokens/s = 1000 / median ms per token); pp: a prefill of N tokens.", style="dim", highlight=False)
+    console.print(
+        "tg@N: one decode step at context depth N (tokens/s = 1000 / median ms per token); pp: a prefill of N tokens. "
+        "llama-bench columns: ppN, and tgM @ dN (M tokens generated after an N-token context), as the mean ± std over runs of each run's tokens/s.",
+        style="dim",
+        highlight=False,
+    )
 
 
 def bench(
     target: str = typer.Argument(..., help="A preset name (see `lfm2-nas presets`) or a JSON file with an ArchSpec."),
-    backend: str = typer.Option("onnx", "--backend", help="executorch, onnx or eager."),
-    quant: str = typer.Option(None, "--quant", help="Precision: executorch fp32|8da4w, onnx fp32|int8, eager fp32 (default: fp32)."),
+    backend: str = typer.Option("onnx", "--backend", help="executorch, onnx, llamacpp or eager."),
+    quant: str = typer.Option(None, "--quant", help="Precision: executorch fp32|8da4w, onnx fp32|int8, llamacpp f16|q8_0|q4_0, eager fp32 (default: fp32; llamacpp f16)."),
     prompt: str = typer.Option("128,512", "--prompt", help="Prefill lengths, comma-separated."),
     depth: str = typer.Option("128", "--depth", help="Decode context depths, comma-separated."),
     tokens: int = typer.Option(16, "--tokens", help="Tokens generated per timed decode run."),
@@ -135,7 +160,7 @@ def bench(
 
     if backend not in BACKEND_CHOICES:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}")
-    quant = quant or "fp32"
+    quant = quant or DEFAULT_QUANT[backend]
     check_backend_quant(backend, quant)
     if tokens < 1:
         raise UserError(f"--tokens must be >= 1, got {tokens}")

@@ -265,13 +265,21 @@ def _raise_cached_failure(path: Path, verify: bool) -> None:
 # -- the check against eager --------------------------------------------------------------
 
 
-def eager_reference(spec: ArchSpec, seed: int, max_context: int, tokens: np.ndarray, prompt_length: int) -> np.ndarray:
+def reference_model(spec: ArchSpec, seed: int, backend: str | None = None, quant: str | None = None):
+    """The eager model an artifact is checked against: its backend module's
+    `reference_model(spec, quant, seed)` (the weights at the deployed precision) where it
+    defines one, else the fp32 model."""
+    from lfm2.model import build_model
+
+    hook = getattr(backend_module(backend), "reference_model", None) if backend else None
+    return (hook(spec, quant, seed) if hook else build_model(spec, seed=seed)).eval()
+
+
+def eager_reference(spec: ArchSpec, seed: int, max_context: int, tokens: np.ndarray, prompt_length: int, backend: str | None = None, quant: str | None = None) -> np.ndarray:
     """Logits [1 + decode steps, vocab] of eager `step`: one prefill, then one token at a time."""
     import torch
 
-    from lfm2.model import build_model
-
-    model = build_model(spec, seed=seed).eval()
+    model = reference_model(spec, seed, backend, quant)
     ids = torch.from_numpy(tokens)
     with torch.no_grad():
         logits, *state = model.step(ids[:, :prompt_length], torch.zeros(1, dtype=torch.long), *model.init_state(1, max_context=max_context))
@@ -316,11 +324,19 @@ def verify_against_eager(artifact: Artifact, seed: int) -> dict[str, Any]:
     except Exception as exc:
         raise CompileError("verify", f"running the {artifact.backend} artifact failed", exc) from exc
     observed = np.stack(rows)
-    reference = eager_reference(spec, seed, artifact.max_context, tokens, prompt_length)
+    reference = eager_reference(spec, seed, artifact.max_context, tokens, prompt_length, artifact.backend, artifact.quant)
     report = compare_logits(reference, observed)
     report["prompt_length"] = prompt_length
     report["decode_steps"] = steps
-    if artifact.quant == "fp32":
+    tolerance = getattr(backend_module(artifact.backend), "VERIFY_TOLERANCES", {}).get(artifact.quant)
+    if tolerance:
+        report["tolerance"] = dict(tolerance)
+        bound = tolerance.get("max_abs_diff_rel", np.inf) * max(1.0, report["max_abs_logit"])
+        ok = (report["max_abs_diff"] <= bound and report["min_cosine"] >= tolerance.get("min_cosine", -1.0)
+              and report["top1_agreement"] >= tolerance.get("top1_agreement", 0.0) and np.isfinite(observed).all())
+        why = (f"max |logit diff| {report['max_abs_diff']:.3g} (bound {bound:.3g}), min cosine {report['min_cosine']:.5f}, "
+               f"top-1 agreement {report['top1_agreement']:.2f} against the tolerance {tolerance}")
+    elif artifact.quant == "fp32":
         bound = FP32_REL_TOL * max(1.0, report["max_abs_logit"])
         report["tolerance"] = {"max_abs_diff": bound}
         ok = report["max_abs_diff"] <= bound and np.isfinite(observed).all()
@@ -346,4 +362,5 @@ __all__ = [
     "verify_against_eager",
     "compare_logits",
     "eager_reference",
+    "reference_model",
 ]

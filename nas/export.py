@@ -40,7 +40,7 @@ from lfm2.model import build_model, count_parameters
 from lfm2.spec import ArchSpec
 from nas.storage import DEFAULT_STORAGE, load_existing_study
 
-TARGETS = ("hf", "executorch", "onnx")
+TARGETS = ("hf", "executorch", "onnx", "llamacpp")
 TIER_METRICS = {"memory": "footprint_bytes", "latency": "decode_ms"}
 METADATA_KEY = "lfm2_nas"
 

@@ -19,7 +19,7 @@ def export(
     family: Optional[int] = typer.Option(None, "--family", help="With --pareto: K members spread over the budget, exported as a named family (family.json)."),
     family_name: Optional[str] = typer.Option(None, "--family-name", help="The family's name (default: the study's)."),
     tier_by: str = typer.Option("memory", "--tier-by", help="Spread the family by 'memory' (measured footprint) or 'latency' (decode ms)."),
-    to: str = typer.Option(..., "--to", help="hf (trainable Hugging Face folder), executorch or onnx (the measured artifact)."),
+    to: str = typer.Option(..., "--to", help="hf (trainable Hugging Face folder), executorch, onnx or llamacpp (the measured artifact)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Instead of --study: an LFM2 preset (see `lfm2-nas presets`), --to hf only."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights (--to hf)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing member folders."),
