@@ -32,6 +32,8 @@ needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason='llama-cpp-python
 TINY = ArchSpec(vocab_size=512, d_model=64, layers=("conv", "attn", "conv", "attn"), n_heads=4, n_kv_heads=2, ffn_dim=128, conv_kernel=4)
 MAX_CONTEXT = 48
 PROMPTS = (12, 32)
+#: the random sampler's seed for the search test: its six draws include both runnable and refused layouts
+SEARCH_SEED = 5
 
 
 @pytest.fixture(autouse=True)
@@ -221,3 +223,36 @@ def test_bench_cli_prints_llama_bench_columns_after_a_passed_check(tmp_path):
     table = subprocess.run(args, capture_output=True, text=True, timeout=600)  # cached artifact: the printed table
     assert table.returncode == 0, table.stderr[-3000:]
     assert "llama-bench test" in table.stdout and "tg4 @ d24" in table.stdout and "footprint" in table.stdout
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_search_on_the_small_space_through_the_local_agent(tmp_path):
+    """`lfm2-nas search --backend llamacpp --quant q4_0` end to end: Ray, a local agent, real
+    GGUF compiles checked against eager, measurements, a SQLite study. The small space mixes
+    full and sliding-window attention in most layouts: those trials fail with llama.cpp's
+    reason, the others are measured."""
+    import os
+
+    import optuna
+
+    from nas.storage import open_storage
+
+    env = dict(os.environ, LFM2_NAS_CACHE=str(tmp_path / "cache"), LFM2_NAS_CONFIG=str(tmp_path / "devices.toml"))
+    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
+    args = ["search", "--device", "local", "--budget", "400MB", "--space", "small", "--context", "64", "--backend", "llamacpp", "--quant", "q4_0",
+            "--quality", "none", "--sampler", "random", "--seed", str(SEARCH_SEED), "--in-flight", "2", "--trials", "6", "--study", "ll"]
+    result = subprocess.run([exe, *args], cwd=tmp_path, capture_output=True, text=True, timeout=1500, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = optuna.load_study(study_name="ll", storage=open_storage(f"sqlite:///{tmp_path}/lfm2-nas.db"))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 6
+    complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    refused = [t for t in finished if "mixes full" in (t.user_attrs.get("reason") or "")]
+    assert complete and refused, [(t.number, t.state, t.user_attrs.get("layout"), (t.user_attrs.get("reason") or "")[:120]) for t in finished]
+    for trial in complete:
+        assert trial.user_attrs["measurement"]["status"] == "ok" and trial.user_attrs["footprint_bytes"] > 0
+        assert trial.user_attrs["artifact"]["backend"] == "llamacpp" and trial.user_attrs["artifact"]["quant"] == "q4_0"
+        assert "S" not in trial.user_attrs.get("layout", "") or "A" not in trial.user_attrs.get("layout", "")
+    for trial in refused:
+        assert trial.user_attrs["status"] == "compile_error" and "onnx or executorch" in trial.user_attrs["reason"]
