@@ -256,3 +256,12 @@ def test_search_on_the_small_space_through_the_local_agent(tmp_path):
         assert "S" not in trial.user_attrs.get("layout", "") or "A" not in trial.user_attrs.get("layout", "")
     for trial in refused:
         assert trial.user_attrs["status"] == "compile_error" and "onnx or executorch" in trial.user_attrs["reason"]
+
+    # The measured GGUF of a trial, exported as it was measured.
+    out = tmp_path / "exported"
+    exported = subprocess.run([exe, "export", str(out), "--study", "ll", "--trial", str(complete[0].number), "--to", "llamacpp"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    artifact = Artifact.load(folder)  # every file matches its sha256
+    assert artifact.backend == "llamacpp" and artifact.key == complete[0].user_attrs["artifact"]["key"]
+    assert (folder / "model.gguf").is_file() and (folder / "ARCH.md").is_file()

@@ -39,7 +39,8 @@ BLOCK = 32  # weights per Q4_0 / Q8_0 block
 
 
 def _types():
-    from gguf import GGMLQuantizationType as T, LlamaFileType as F
+    from gguf import GGMLQuantizationType as T
+    from gguf import LlamaFileType as F
 
     return {"f16": (T.F16, F.MOSTLY_F16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0), "q4_0": (T.Q4_0, F.MOSTLY_Q4_0)}
 
