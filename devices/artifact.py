@@ -45,11 +45,12 @@ MANIFEST_PATH_FIELDS: dict[str, tuple[str, ...]] = {
 QUANTS: dict[str, tuple[str, ...]] = {
     "executorch": ("fp32", "8da4w"),
     "onnx": ("fp32", "int8"),
+    "llamacpp": ("f16", "q8_0", "q4_0"),
     "eager": ("fp32",),
 }
 BACKENDS = tuple(QUANTS)
 
-_TOOLCHAIN_PACKAGES = ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "numpy")
+_TOOLCHAIN_PACKAGES = ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "numpy", "gguf", "llama_cpp_python")
 
 
 class ArtifactError(UserError):

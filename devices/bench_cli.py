@@ -8,7 +8,6 @@ checked against eager), then `devices.measure.measure` in a fresh child process.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,9 @@ from rich.table import Table
 from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 
-BACKEND_CHOICES = ("executorch", "onnx", "eager")
+BACKEND_CHOICES = ("executorch", "onnx", "llamacpp", "eager")
+#: --quant when none is given: the backend's full precision.
+DEFAULT_QUANT = {"executorch": "fp32", "onnx": "fp32", "llamacpp": "f16", "eager": "fp32"}
 
 
 def parse_lengths(text: str, what: str) -> tuple[int, ...]:
@@ -56,19 +57,31 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def rate_mean_std(samples_ms: list[float], tokens: int) -> tuple[float, float]:
+    """llama-bench's figure: the mean and sample std over runs of each run's tokens/s."""
+    rates = [tokens * 1000.0 / ms for ms in samples_ms if ms > 0]
+    if not rates:
+        return 0.0, 0.0
+    mean = sum(rates) / len(rates)
+    std = (sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) ** 0.5 if len(rates) > 1 else 0.0
+    return mean, std
+
+
 def bench_rows(measurement) -> list[dict[str, Any]]:
+    decode_tokens = (getattr(measurement, "protocol", None) or {}).get("decode_tokens")
     rows = []
     for label, points in (("pp{}", measurement.prefill), ("tg@{}", measurement.decode)):
         for key in sorted(points):
             stats = points[key]
-            # llama-bench's figure: the mean and std of the per-run rates
-            rates = [stats.tokens * 1000.0 / sample for sample in stats.samples_ms if sample > 0]
+            mean, std = rate_mean_std(stats.samples_ms, stats.tokens)
+            llama_bench = f"pp{key}" if label.startswith("pp") else f"tg{decode_tokens or ''} @ d{key}"
             rows.append(
                 {
                     "test": label.format(key),
+                    "llama_bench_test": llama_bench,
+                    "llama_bench_tokens_per_s": mean,
+                    "llama_bench_tokens_per_s_std": std,
                     "tokens_per_s": stats.tokens_per_s,
-                    "tokens_per_s_mean": statistics.fmean(rates) if rates else None,
-                    "tokens_per_s_std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
                     "median_ms": stats.median_ms,
                     "ci_low_ms": stats.ci_low_ms,
                     "ci_high_ms": stats.ci_high_ms,
@@ -89,7 +102,7 @@ def bench_rows(measurement) -> list[dict[str, Any]]:
 def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
     from lfm2.model import build_model, count_parameters
 
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 170))
     params = count_parameters(build_model(spec, device="meta"))
     memory = measurement.memory
     console.print(
@@ -98,17 +111,19 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
         highlight=False,
     )
     table = Table()
-    for column in ("test", "t/s ± std", "median ms", "95% CI ms", "p10-p90 ms", "CV", "runs", ""):
-        table.add_column(column, justify="left" if column in ("test", "") else "right")
+    for column in ("test", "t/s", "median ms", "95% CI ms", "p10-p90 ms", "CV", "runs", "llama-bench test", "t/s ± std", ""):
+        table.add_column(column, justify="left" if column in ("test", "llama-bench test", "") else "right")
     for row in bench_rows(measurement):
         table.add_row(
             row["test"],
-            f"{row['tokens_per_s_mean']:.1f} ± {row['tokens_per_s_std']:.1f}",
+            f"{row['tokens_per_s']:.1f}",
             f"{row['median_ms']:.2f}",
             "-" if row["ci_low_ms"] is None else f"{row['ci_low_ms']:.2f}-{row['ci_high_ms']:.2f}",
             f"{row['p10_ms']:.2f}-{row['p90_ms']:.2f}",
             f"{row['cv'] * 100:.1f}%",
             str(row["runs"]),
+            row["llama_bench_test"],
+            f"{row['llama_bench_tokens_per_s']:.2f} ± {row['llama_bench_tokens_per_s_std']:.2f}",
             " ".join(flag for flag, on in (("noisy", row["noisy"]), ("disturbed", row["disturbed"]), (f"remeasured x{row['remeasured']}", row["remeasured"])) if on),
         )
     console.print(table)
@@ -119,9 +134,10 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
         highlight=False,
     )
     console.print(
-        "tg@N: one decode step at context depth N; pp: a prefill of N tokens. t/s ± std: mean and std of the runs' rates (as llama-bench); "
-        "95% CI: the median's distribution-free interval; noisy: that interval is wider than the protocol's target; disturbed: "
-        "the calibration kernel ran slower around the point (other work on these cores).",
+        "tg@N: one decode step at context depth N (tokens/s = 1000 / median ms per token); pp: a prefill of N tokens. 95% CI: the median's "
+        "distribution-free interval. llama-bench columns: ppN, and tgM @ dN (M tokens generated after an N-token context), as the mean ± std over "
+        "runs of each run's tokens/s. noisy: the median's interval is wider than the protocol's target; disturbed: the calibration kernel ran "
+        "slower around the point (other work on these cores).",
         style="dim",
         highlight=False,
     )
@@ -129,8 +145,8 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
 
 def bench(
     target: str = typer.Argument(..., help="A preset name (see `lfm2-nas presets`) or a JSON file with an ArchSpec."),
-    backend: str = typer.Option("onnx", "--backend", help="executorch, onnx or eager."),
-    quant: str = typer.Option(None, "--quant", help="Precision: executorch fp32|8da4w, onnx fp32|int8, eager fp32 (default: fp32)."),
+    backend: str = typer.Option("onnx", "--backend", help="executorch, onnx, llamacpp or eager."),
+    quant: str = typer.Option(None, "--quant", help="Precision: executorch fp32|8da4w, onnx fp32|int8, llamacpp f16|q8_0|q4_0, eager fp32 (default: fp32; llamacpp f16)."),
     prompt: str = typer.Option("128,512", "--prompt", help="Prefill lengths, comma-separated."),
     depth: str = typer.Option("128", "--depth", help="Decode context depths, comma-separated."),
     tokens: int = typer.Option(16, "--tokens", help="Tokens generated per timed decode run."),
@@ -152,7 +168,7 @@ def bench(
 
     if backend not in BACKEND_CHOICES:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}")
-    quant = quant or "fp32"
+    quant = quant or DEFAULT_QUANT[backend]
     check_backend_quant(backend, quant)
     if tokens < 1:
         raise UserError(f"--tokens must be >= 1, got {tokens}")

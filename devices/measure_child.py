@@ -98,7 +98,7 @@ class Child:
         backend_module(artifact.backend)
         baseline = stack.rss_bytes()
         peak_was_reset = stack.reset_peak_rss()
-        heavy = [name for name in ("torch", "executorch", "onnxruntime", "torchao") if name in sys.modules]
+        heavy = [name for name in ("torch", "executorch", "onnxruntime", "torchao", "llama_cpp") if name in sys.modules]
         memory = self.result["memory"]
         memory.update(baseline_rss_bytes=baseline, modules_in_baseline=heavy)
 

@@ -46,11 +46,11 @@ from lfm2.model import build_model, count_parameters
 from lfm2.spec import ArchSpec
 from nas.storage import DEFAULT_STORAGE, load_existing_study
 
-TARGETS = ("hf", "lfm2", "executorch", "onnx")
+TARGETS = ("hf", "lfm2", "executorch", "onnx", "llamacpp")
 #: Targets that write a trainable model folder with our seeded initial weights.
 MODEL_TARGETS = ("hf", "lfm2")
 #: Targets that copy the compiled artifact a trial was measured with.
-ARTIFACT_TARGETS = ("executorch", "onnx")
+ARTIFACT_TARGETS = ("executorch", "onnx", "llamacpp")
 TIER_METRICS = {"memory": "footprint_bytes", "latency": "decode_ms"}
 METADATA_KEY = "lfm2_nas"
 

@@ -23,14 +23,14 @@ def export(
         ..., "--to",
         help="hf: a Hugging Face Lfm2 folder (transformers loads it; refuses sliding-window layers and other specs Lfm2 cannot express). "
         "lfm2: the same folder for ANY architecture, sliding-window layers included (lfm2-nas trains and loads it; transformers "
-        "only where it can express the spec). executorch or onnx: the artifact that was measured.",
+        "only where it can express the spec). executorch, onnx or llamacpp: the artifact that was measured.",
     ),
     preset: Optional[str] = typer.Option(None, "--preset", help="Instead of --study: an LFM2 preset (see `lfm2-nas presets`), --to hf only."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights (--to hf, --to lfm2)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing member folders."),
     skip_unsupported: bool = typer.Option(False, "--skip-unsupported", help="--to hf: skip architectures Hugging Face Lfm2 cannot express instead of failing (--to lfm2 exports them all)."),
 ) -> None:
-    """Export a search's winners: trainable model folders (hf, lfm2) or the measured artifacts (executorch, onnx).
+    """Export a search's winners: trainable model folders (hf, lfm2) or the measured artifacts (executorch, onnx, llamacpp).
 
     Winners with sliding-window layers (the small and default spaces search them) export with --to lfm2, which `lfm2-nas train` trains like a Hugging Face folder.
     """

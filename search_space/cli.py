@@ -55,8 +55,8 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Seed of the random sampler: the same seed gives the same architectures."),
     space: str = SPACE_OPTION,
     context: int | None = typer.Option(None, "--context", help="Context (tokens) for FLOPs, KV cache and memory [default: min(2048, the space's max_seq_len)]."),
-    backend: str = typer.Option("executorch", "--backend", help="Runtime for the memory estimate: executorch, onnx or eager."),
-    quant: str = typer.Option("fp32", "--quant", help="Precision for the memory estimate: fp32, 8da4w (executorch), int8 (onnx)."),
+    backend: str = typer.Option("executorch", "--backend", help="Runtime for the memory estimate: executorch, onnx, llamacpp or eager."),
+    quant: str = typer.Option("fp32", "--quant", help="Precision for the memory estimate: fp32, 8da4w (executorch), int8 (onnx), f16|q8_0|q4_0 (llamacpp)."),
 ) -> None:
     """Draw architectures at random from a space: one JSON line each, with the spec and its costs."""
     import optuna

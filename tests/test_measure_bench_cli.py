@@ -37,7 +37,7 @@ def test_bench_prints_json_with_rows(spec_file, tmp_path):
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     assert [row["test"] for row in payload["rows"]] == ["pp8", "pp12", "tg@4"]
-    assert all(row["tokens_per_s"] > 0 and row["tokens_per_s_mean"] > 0 and row["tokens_per_s_std"] >= 0 for row in payload["rows"])
+    assert all(row["tokens_per_s"] > 0 and row["llama_bench_tokens_per_s"] > 0 and row["llama_bench_tokens_per_s_std"] >= 0 for row in payload["rows"])
     assert all(row["ci_low_ms"] <= row["median_ms"] <= row["ci_high_ms"] for row in payload["rows"])
     assert payload["measurement"]["status"] == "ok" and payload["artifact"]["verification"]["passed"]
 

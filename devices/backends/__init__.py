@@ -9,6 +9,14 @@ Every backend module exposes
   naming the stage.
 * `RUNNER`: its `devices.runner.Runner` subclass, built as `RUNNER(artifact, threads)`.
 
+and may expose
+
+* `reference_model(spec, quant, seed)`: the eager model at the precision the artifact
+  deploys (weights rounded or quantised as the artifact stores them), which the check
+  against eager compares with instead of the fp32 model;
+* `VERIFY_TOLERANCES`: `{quant: {"min_cosine", "top1_agreement", "max_abs_diff_rel"}}`,
+  the check's bounds for that precision where they differ from `devices.compile`'s.
+
 Modules are imported only when their backend is used: `import executorch` alone costs
 ~355 MiB and ~7 s, which a process that only runs ONNX Runtime or eager must not pay.
 """
@@ -26,6 +34,7 @@ BACKEND_MODULES: dict[str, str] = {
     "eager": "devices.backends.eager",
     "executorch": "devices.backends.executorch",
     "onnx": "devices.backends.onnx",
+    "llamacpp": "devices.backends.llamacpp",
 }
 
 

@@ -58,6 +58,7 @@ MIB = 1 << 20
 BACKEND_QUANTS: dict[str, tuple[str, ...]] = {
     "executorch": ("fp32", "8da4w"),
     "onnx": ("fp32", "int8"),
+    "llamacpp": ("f16", "q8_0", "q4_0"),
     "eager": ("fp32",),
 }
 
@@ -181,6 +182,8 @@ def estimate_peak_memory(
     tokens = context if prefill_tokens is None else prefill_tokens
     if not 1 <= tokens <= context:
         raise UserError(f"prefill_tokens must be between 1 and the context ({context}), got {tokens}")
+    if backend == "llamacpp":
+        return _estimate_llamacpp(spec, context, quant, tokens)
     model = RUNTIME_MODELS[(backend, quant)]
 
     stored = counts.weight_bytes_breakdown(spec, model.linear_precision, group_size)
@@ -211,6 +214,36 @@ def estimate_peak_memory(
         runtime_overhead_bytes=model.overhead_bytes * (loaded_methods if model.per_method else 1),
         lower_bound_bytes=int(lower),
         assumptions={**asdict(model), "loaded_methods": loaded_methods, "group_size": group_size},
+    )
+
+
+def _estimate_llamacpp(spec: ArchSpec, context: int, quant: str, tokens: int) -> MemoryEstimate:
+    """llama.cpp holds a model its own way (a mapped GGUF, repacked copies, an f16 K/V
+    cache): `search_space.costs.llamacpp` says how."""
+    from search_space.costs import llamacpp
+
+    parts = llamacpp.estimate(spec, context, quant, tokens)
+    stored = llamacpp.gguf_bytes_breakdown(spec, quant)
+    # every projection and the head are read by a prefill: at least their stored bytes
+    lower = LOWER_BOUND_MARGIN * (stored["linears"] + (stored["head"] or stored["embedding"]))
+    return MemoryEstimate(
+        backend="llamacpp",
+        quant=quant,
+        context=context,
+        prefill_tokens=tokens,
+        weights_bytes=parts["weights"],
+        state_bytes=parts["state"],
+        activation_bytes=parts["activation"],
+        runtime_overhead_bytes=parts["overhead"],
+        lower_bound_bytes=int(lower),
+        assumptions={
+            "model": "search_space.costs.llamacpp",
+            "file_bytes": parts["file"],
+            "repacked_bytes": parts["repacked"],
+            "kv_cache": "f16, context padded to 256",
+            "n_ubatch": llamacpp.N_UBATCH,
+            "compute_factor": llamacpp.COMPUTE_FACTOR,
+        },
     )
 
 

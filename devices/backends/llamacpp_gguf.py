@@ -1,0 +1,209 @@
+"""Write an `ArchSpec` and its seeded weights as a GGUF file that llama.cpp runs as its `lfm2`
+architecture (llama.cpp `src/models/lfm2.cpp`), at f16, q8_0 or q4_0.
+
+What llama.cpp's lfm2 reads, and how this writer provides it:
+
+* hyperparameters: block count, embedding length, feed-forward length, head count, a
+  *per-layer* `head_count_kv` array (0 marks a conv layer: that is how lfm2 tells conv from
+  attention layers), `shortconv.l_cache` = the conv kernel, the RMSNorm eps, the rope base
+  and the context length; `vocab_size` with tokenizer model "none", so that llama.cpp
+  creates that many dummy tokens and takes token ids as they are (no tokenizer runs);
+* tensors under the `gguf.MODEL_ARCH.LFM2` names: `token_embd`, `token_embd_norm` (lfm2's
+  name for the *final* norm), per block `attn_norm` (the operator norm), `ffn_norm`,
+  `ffn_gate|up|down`, `shortconv.in_proj|conv|out_proj` (the depthwise kernel squeezed to
+  [d_model, kernel]) or `attn_q|k|v|output` with `attn_q_norm|attn_k_norm`; `output` only
+  when the head is not tied (llama.cpp reuses `token_embd` otherwise).
+
+Precision: every 2-D projection and the embedding table are stored at the chosen type
+(`gguf.quants`, numpy: Q4_0 = 18 bytes per 32 weights, Q8_0 = 34 bytes per 32) where the
+input dimension is a multiple of the 32-weight block, else at f16; norms and conv kernels
+stay f32 (small, and ggml's conv kernel reads f32). `stored_weights` gives the values as
+llama.cpp will see them (quantised then dequantised), which is what the check against
+eager compares with: it tests the writer and the runtime, not the quantiser.
+
+What llama.cpp's lfm2 cannot express is refused (`unsupported_reason`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lfm2.spec import ArchSpec
+
+GGUF_FILE = "model.gguf"
+QUANTS = ("f16", "q8_0", "q4_0")
+BLOCK = 32  # weights per Q4_0 / Q8_0 block
+
+
+def _types():
+    from gguf import GGMLQuantizationType as T
+    from gguf import LlamaFileType as F
+
+    return {"f16": (T.F16, F.MOSTLY_F16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0), "q4_0": (T.Q4_0, F.MOSTLY_Q4_0)}
+
+
+def unsupported_reason(spec: ArchSpec) -> str | None:
+    """Why llama.cpp's lfm2 cannot run `spec` (None when it can), with the way out."""
+    if "swa" in spec.layers and "attn" in spec.layers:
+        return (
+            f"layout {spec.layout} mixes full ('attn') and sliding-window ('swa') attention layers; llama.cpp's lfm2 "
+            "architecture makes every attention layer sliding-window once a window is set, so it cannot run this mix: "
+            "measure this layout with the onnx or executorch backend, or use only one kind of attention"
+        )
+    if spec.n_heads * spec.head_dim != spec.d_model:
+        return (
+            f"n_heads * head_dim = {spec.n_heads * spec.head_dim} differs from d_model = {spec.d_model}; llama.cpp's lfm2 "
+            "architecture sizes the q and output projections as d_model x d_model: use the onnx or executorch backend"
+        )
+    if any(op != "conv" for op in spec.layers) and not spec.qk_norm:
+        return "the spec has no q/k RMSNorm (qk_norm=false); llama.cpp's lfm2 always applies it: use the onnx or executorch backend"
+    return None
+
+
+def gguf_name(param: str) -> str:
+    """Our parameter name (`lfm2.model.LFM2.state_dict`) -> the GGUF tensor name."""
+    if param == "embed.weight":
+        return "token_embd.weight"
+    if param == "norm.weight":
+        return "token_embd_norm.weight"  # lfm2's final norm
+    if param == "head.weight":
+        return "output.weight"
+    parts = param.split(".")
+    if parts[0] != "layers":
+        raise KeyError(f"no GGUF name for {param!r}")
+    block, rest = parts[1], ".".join(parts[2:])
+    names = {
+        "op_norm.weight": "attn_norm",
+        "ffn_norm.weight": "ffn_norm",
+        "ffn.w1.weight": "ffn_gate",
+        "ffn.w3.weight": "ffn_up",
+        "ffn.w2.weight": "ffn_down",
+        "op.in_proj.weight": "shortconv.in_proj",
+        "op.conv.weight": "shortconv.conv",
+        "op.out_proj.weight": None,  # conv and attention both name it out_proj: decided below
+        "op.q_proj.weight": "attn_q",
+        "op.k_proj.weight": "attn_k",
+        "op.v_proj.weight": "attn_v",
+        "op.q_norm.weight": "attn_q_norm",
+        "op.k_norm.weight": "attn_k_norm",
+    }
+    if rest not in names:
+        raise KeyError(f"no GGUF name for {param!r}")
+    return f"blk.{block}.{names[rest]}.weight" if names[rest] else f"blk.{block}.{{out}}.weight"
+
+
+def model_tensors(spec: ArchSpec, state: dict[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
+    """GGUF name -> (our parameter name, fp32 array as stored: conv kernels squeezed to 2-D).
+    A tied head is left out (llama.cpp reads `token_embd` for it)."""
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for param, tensor in state.items():
+        if param == "head.weight" and spec.tie_embeddings:
+            continue
+        name = gguf_name(param)
+        if "{out}" in name:
+            block = int(param.split(".")[1])
+            name = name.format(out="shortconv.out_proj" if spec.layers[block] == "conv" else "attn_output")
+        array = tensor.detach().to("cpu").float().numpy()
+        if param.endswith("op.conv.weight"):
+            array = array.reshape(array.shape[0], array.shape[-1])  # [d, 1, K] -> [d, K]: ggml ne {K, d}
+        out[name] = (param, np.ascontiguousarray(array, dtype=np.float32))
+    return out
+
+
+def storage_type(name: str, array: np.ndarray, quant: str):
+    """The ggml type tensor `name` is stored at (module doc: matrices at `quant`, the rest f32)."""
+    from gguf import GGMLQuantizationType as T
+
+    if array.ndim != 2 or name.endswith("shortconv.conv.weight"):  # norms; conv kernels [d, K]
+        return T.F32
+    wanted = _types()[quant][0]
+    if wanted != T.F16 and array.shape[1] % BLOCK:
+        return T.F16  # rows that are not whole blocks: what llama.cpp's quantiser falls back to
+    return wanted
+
+
+def encode(array: np.ndarray, qtype) -> np.ndarray:
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    if qtype == T.F32:
+        return array
+    if qtype == T.F16:
+        return array.astype(np.float16)
+    return quantize(array, qtype)
+
+
+def decode(data: np.ndarray, qtype) -> np.ndarray:
+    """Stored data -> the fp32 values llama.cpp computes with."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    if qtype in (T.F32, T.F16):
+        return data.astype(np.float32)
+    return dequantize(data, qtype).astype(np.float32)
+
+
+def stored_weights(spec: ArchSpec, state: dict[str, Any], quant: str) -> dict[str, np.ndarray]:
+    """Our parameter name -> the fp32 values the GGUF holds for it (after the round trip
+    through its storage type), in our shapes; a tied head shares the embedding's values."""
+    values: dict[str, np.ndarray] = {}
+    for name, (param, array) in model_tensors(spec, state).items():
+        qtype = storage_type(name, array, quant)
+        values[param] = decode(encode(array, qtype), qtype).reshape(tuple(state[param].shape))
+    if spec.tie_embeddings:
+        values["head.weight"] = values["embed.weight"]
+    return values
+
+
+def write_gguf(spec: ArchSpec, state: dict[str, Any], quant: str, path: Path, *, context_length: int | None = None) -> dict[str, Any]:
+    """Write `state` (an `LFM2.state_dict()` of `spec`) as a `quant` GGUF at `path`; returns
+    facts for the manifest (tensor types and counts, bytes of tensor data)."""
+    import gguf
+
+    if quant not in QUANTS:
+        raise ValueError(f"the llamacpp backend writes {', '.join(QUANTS)}, not {quant!r}")
+    reason = unsupported_reason(spec)
+    if reason:
+        raise ValueError(reason)
+    file_type = _types()[quant][1]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LFM2])
+    writer.add_name(f"lfm2-nas {spec.layout} {spec.key}")
+    writer.add_block_count(spec.n_layers)
+    writer.add_context_length(context_length or spec.max_seq_len)
+    writer.add_embedding_length(spec.d_model)
+    writer.add_feed_forward_length(spec.ffn_dim)
+    writer.add_head_count(spec.n_heads)
+    writer.add_head_count_kv([0 if op == "conv" else spec.n_kv_heads for op in spec.layers])
+    writer.add_rope_freq_base(float(spec.rope_theta))
+    writer.add_layer_norm_rms_eps(float(spec.norm_eps))
+    writer.add_shortconv_l_cache(spec.conv_kernel)
+    writer.add_vocab_size(spec.vocab_size)
+    if "swa" in spec.layers:
+        writer.add_sliding_window(spec.swa_window)  # every attention layer (unsupported_reason refuses a mix)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # No tokenizer: "none" makes llama.cpp take `vocab_size` token ids as they are.
+    writer.add_tokenizer_model("none")
+
+    types: dict[str, int] = {}
+    data_bytes = 0
+    for name, (_param, array) in model_tensors(spec, state).items():
+        qtype = storage_type(name, array, quant)
+        data = encode(array, qtype)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+        data_bytes += data.nbytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"tensor_types": types, "tensor_data_bytes": data_bytes, "tokenizer": "none (token ids fed directly)", "tied_head": "token_embd" if spec.tie_embeddings else "output"}
+
+
+__all__ = ["GGUF_FILE", "QUANTS", "unsupported_reason", "gguf_name", "model_tensors", "storage_type", "stored_weights", "write_gguf"]
