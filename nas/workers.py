@@ -118,6 +118,10 @@ def materialise(compiled: dict[str, Any], bundle: list, cache_dir: Path | None =
         except ArtifactError:
             shutil.rmtree(target, ignore_errors=True)  # damaged on this disk: fetch it again
     data = ray.get(bundle[0])
+    if data is None:
+        # The compile node died after the compile and Ray rebuilt the bundle by running the
+        # compile again (lineage), this time on this node: the artifact is in our own cache.
+        return _rebuilt_here(compiled)
     got = hashlib.sha256(data).hexdigest()
     if got != sha:
         raise ArtifactError(f"the bundle of artifact {compiled.get('key')} arrived with sha256 {got[:12]}..., the compile reported {sha[:12]}...: damaged in transit; run the search again")
@@ -155,6 +159,17 @@ def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, 
         result = _failure("quality", exc)
         result["wall_s"] = time.perf_counter() - started
         return result
+
+
+def _rebuilt_here(compiled: dict[str, Any]) -> Path:
+    from devices.agent.client import bundle_sha256
+    from devices.artifact import ArtifactError
+    from devices.compile import default_cache_dir
+
+    path = default_cache_dir() / "artifacts" / compiled["key"]
+    if not (path / "manifest.json").is_file() or bundle_sha256(path)[0] != compiled["bundle_sha256"]:
+        raise ArtifactError(f"artifact {compiled['key']} was compiled again on this node but is not in {path} as the first compile described it; run the search again")
+    return path
 
 
 @ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
