@@ -71,18 +71,14 @@ def compile_candidate(
 
         artifact = compile_artifact(ArchSpec.from_dict(spec), backend, quant, max_context, tuple(prompt_lengths))
         node = _node_id()
-        bundle = None
+        sha = bundle = None  # on the home node the actor reads the folder (and hashes it to upload)
         if home_node is not None and node != home_node:
             sha, bundle = bundle_bytes(artifact)
-        else:
-            from devices.agent.client import bundle_sha256
-
-            sha, _ = bundle_sha256(artifact)
         return {
             "ok": True,
             "path": str(artifact.path),  # on the compile node: readable there only
             "node": node,
-            "bundle_sha256": sha,
+            "bundle_sha256": sha,  # only when the bundle travels
             "key": artifact.key,
             "bytes": artifact.size_bytes,
             "stages_s": artifact.manifest.get("stages_s", {}),
@@ -94,21 +90,24 @@ def compile_candidate(
         return result, None
 
 
-def materialise(compiled: dict[str, Any], bundle: list, cache_dir: Path | None = None) -> Path:
+def materialise(compiled: dict[str, Any], bundle: list, cache_dir: Path | None = None, timeout_s: float | None = None) -> Path:
     """The local folder of the artifact `compiled` describes.
 
     On the node that compiled it, that is its own folder. Elsewhere it is
     `<cache>/received/<bundle sha256>`: reused if present, else fetched from Ray's object
     store (`bundle` holds the reference, wrapped in a list so that Ray does not fetch it
     before we know we need it), checked against the sha256 the compile reported, and
-    unpacked with `extract_bundle` (which verifies every file against the manifest)."""
+    unpacked with `extract_bundle` (which verifies every file against the manifest).
+    `timeout_s` bounds the wait for a bundle Ray is rebuilding (its node died), so that a
+    rebuild that cannot run (no node offers the compile resource any more) fails this one
+    measurement instead of stalling the device."""
     from devices.agent.bundle import extract_bundle
     from devices.artifact import Artifact, ArtifactError
     from devices.compile import default_cache_dir
 
-    sha = compiled["bundle_sha256"]
     if compiled.get("node") == _node_id() or not bundle or bundle[0] is None:
         return Path(compiled["path"])
+    sha = compiled["bundle_sha256"]
     received = Path(cache_dir or default_cache_dir()) / RECEIVED_DIR
     target = received / sha
     if (target / "manifest.json").is_file():
@@ -117,14 +116,14 @@ def materialise(compiled: dict[str, Any], bundle: list, cache_dir: Path | None =
             return target
         except ArtifactError:
             shutil.rmtree(target, ignore_errors=True)  # damaged on this disk: fetch it again
-    data = ray.get(bundle[0])
+    data = ray.get(bundle[0], timeout=timeout_s)
     if data is None:
         # The compile node died after the compile and Ray rebuilt the bundle by running the
         # compile again (lineage), this time on this node: the artifact is in our own cache.
         return _rebuilt_here(compiled)
     got = hashlib.sha256(data).hexdigest()
     if got != sha:
-        raise ArtifactError(f"the bundle of artifact {compiled.get('key')} arrived with sha256 {got[:12]}..., the compile reported {sha[:12]}...: damaged in transit; run the search again")
+        raise ArtifactError(f"the bundle of artifact {compiled.get('key')} arrived with sha256 {got[:12]}..., the compile reported {sha[:12]}...: damaged in transit, or compiled again (its node died) into different bytes; run the search again")
     received.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=received))
     try:
@@ -162,13 +161,15 @@ def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, 
 
 
 def _rebuilt_here(compiled: dict[str, Any]) -> Path:
-    from devices.agent.client import bundle_sha256
-    from devices.artifact import ArtifactError
+    from devices.artifact import Artifact, ArtifactError
     from devices.compile import default_cache_dir
 
+    # Same key, same compile request; an export need not give the same bytes twice, so the
+    # first bundle's sha256 is not required, only the manifest's own file hashes.
     path = default_cache_dir() / "artifacts" / compiled["key"]
-    if not (path / "manifest.json").is_file() or bundle_sha256(path)[0] != compiled["bundle_sha256"]:
-        raise ArtifactError(f"artifact {compiled['key']} was compiled again on this node but is not in {path} as the first compile described it; run the search again")
+    if not (path / "manifest.json").is_file():
+        raise ArtifactError(f"artifact {compiled['key']} was to be compiled again on this node, but {path} does not hold it; run the search again")
+    Artifact.load(path, verify=True)
     return path
 
 
@@ -195,7 +196,7 @@ class DeviceActor:
             from devices.artifact import Artifact
             from devices.protocol import Protocol
 
-            path = materialise(compiled, bundle)
+            path = materialise(compiled, bundle, timeout_s=timeout_s)
             received_s = time.perf_counter() - started
             measurement = self.client.measure(Artifact.load(path), Protocol.from_dict(protocol), job_id=job_id, timeout=timeout_s)
             return {"ok": True, "measurement": measurement.to_dict(), "local_path": str(path), "received_s": received_s, "wall_s": time.perf_counter() - started}
@@ -210,4 +211,4 @@ class DeviceActor:
         return self.busy_s
 
 
-__all__ = ["compile_candidate", "score_quality", "materialise", "DeviceActor", "RECEIVED_DIR"]
+__all__ = ["RECEIVED_DIR", "DeviceActor", "compile_candidate", "materialise", "score_quality"]
