@@ -5,6 +5,11 @@ proxies as tasks that ask for a GPU when the cluster has one, and one actor per 
 that owns the agent connection and runs one measurement at a time. Up to `in_flight`
 candidates are in the pipeline at once, so that the next artifact is ready when the
 device frees up.
+
+On a cluster (--ray-address) the device actors stay on the driver's node (the agent URLs
+are the driver's: a local agent listens on its loopback), compiles go to any node with a
+free CPU (or only to nodes offering `compile_resource`), and a compile made elsewhere comes
+back through Ray's object store (nas/workers.py): no folder is shared between nodes.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class SearchConfig:
     emulate: bool = False
     decode_tokens: int = 8
     measure_timeout_s: float = 900.0
+    compile_resource: str | None = None  # a custom Ray resource each compile asks for one unit of (ray start --resources)
 
     def __post_init__(self) -> None:
         from devices.artifact import check_backend_quant
@@ -93,6 +99,7 @@ class Candidate:
     estimate: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
     compile_ref: Any = None
+    bundle_ref: Any = None  # the compiled bundle in Ray's object store; held until measured
     measure_ref: Any = None
     quality_ref: Any = None
     compiled: dict[str, Any] | None = None
@@ -146,6 +153,13 @@ def start_ray(address: str | None, worker_cpus: list[int] | None) -> None:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
+def _check_compile_resource(name: str | None) -> None:
+    """Refuse a compile resource no node offers: the compiles would wait for it forever."""
+    if name and ray.cluster_resources().get(name, 0) < 1:
+        raise UserError(f"--compile-resource {name!r}: no node of the Ray cluster offers it; start the compile nodes with "
+                        f"`ray start --address HEAD:6379 --resources '{{\"{name}\": N}}'` or drop the flag")
+
+
 def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
@@ -196,9 +210,14 @@ class Search:
         self.device = self.start_device()
         try:
             start_ray(c.ray_address, self.device.worker_cpus)
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
             from nas.workers import DeviceActor
 
-            self.actor = DeviceActor.remote(self.device.url, self.device.token, self.device.name)
+            self.home_node = ray.get_runtime_context().get_node_id()
+            _check_compile_resource(c.compile_resource)
+            on_home_node = NodeAffinitySchedulingStrategy(node_id=self.home_node, soft=False)
+            self.actor = DeviceActor.options(scheduling_strategy=on_home_node).remote(self.device.url, self.device.token, self.device.name)
             info = ray.get(self.actor.info.remote(), timeout=60)
             self.device_facts = describe(self.device, info)
             self.device_fingerprint = _fingerprint(info, self.device)
@@ -295,8 +314,11 @@ class Search:
             candidate.trial.set_user_attr("measurement_cached_from", provenance)
             return
         c = self.config
-        candidate.compile_ref = compile_candidate.options(num_cpus=1).remote(
-            candidate.spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.device.worker_cpus
+        options: dict[str, Any] = {"num_cpus": 1}
+        if c.compile_resource:
+            options["resources"] = {c.compile_resource: 1}
+        candidate.compile_ref, candidate.bundle_ref = compile_candidate.options(**options).remote(
+            candidate.spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.device.worker_cpus, self.home_node
         )
 
     def _start_quality(self, candidate: Candidate) -> None:
@@ -320,7 +342,9 @@ class Search:
         # GPU at little cost each (BENCHMARKS.md, quality proxies), so ask for a quarter.
         options = {"num_gpus": 0.25, "num_cpus": 1} if self.quality_on_gpu else {"num_cpus": 1}
         device = "cuda" if self.quality_on_gpu else "cpu"
-        candidate.quality_ref = score_quality.options(**options).remote(candidate.spec.to_dict(), c.quality, device, c.quality_settings, c.seed or 0, self.device.worker_cpus)
+        candidate.quality_ref = score_quality.options(**options).remote(
+            candidate.spec.to_dict(), c.quality, device, c.quality_settings, c.seed or 0, self.device.worker_cpus, self.home_node
+        )
 
     def _refs(self) -> dict[Any, tuple[Candidate, str]]:
         refs = {}
@@ -350,13 +374,19 @@ class Search:
     def _on_compile(self, candidate: Candidate, result: dict[str, Any]) -> None:
         if not result["ok"]:
             candidate.measurement = {"status": "compile_error", "error": result["error"]}
+            candidate.bundle_ref = None
             return
         candidate.compiled = result
         c = self.config
-        candidate.measure_ref = self.actor.measure.remote(result["path"], c.protocol.to_dict(), self._measurement_key(candidate.spec), c.measure_timeout_s)
+        # The bundle's reference goes inside a list: Ray then hands the reference over
+        # rather than fetching the bytes, and the actor fetches them only if it needs them.
+        candidate.measure_ref = self.actor.measure.remote(result, [candidate.bundle_ref], c.protocol.to_dict(), self._measurement_key(candidate.spec), c.measure_timeout_s)
 
     def _on_measure(self, candidate: Candidate, result: dict[str, Any]) -> None:
         self.stats.device_busy_s += result.get("wall_s", 0.0)
+        candidate.bundle_ref = None  # measured: Ray may free the bundle
+        if candidate.compiled is not None and result.get("local_path"):
+            candidate.compiled["measured_from"] = result["local_path"]
         if not result["ok"]:
             candidate.measurement = {"status": "lost", "error": result["error"]}
             return
@@ -376,7 +406,10 @@ class Search:
         trial.set_user_attr("cached", candidate.measurement_cached or candidate.quality_cached)
         trial.set_user_attr("stage_s", candidate.stage_s)
         if candidate.compiled:
-            trial.set_user_attr("artifact", {k: candidate.compiled.get(k) for k in ("key", "path", "bytes", "stages_s")} | {"backend": c.backend, "quant": c.quant})
+            # path: where it was compiled, on the compile node; measured_from: the copy the
+            # device actor read (the same folder unless the compile ran on another node)
+            fields = ("key", "path", "node", "bundle_sha256", "measured_from", "bytes", "stages_s")
+            trial.set_user_attr("artifact", {k: candidate.compiled.get(k) for k in fields} | {"backend": c.backend, "quant": c.quant})
         m = candidate.measurement
         status = m["status"]
         if status != "ok":

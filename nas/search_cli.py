@@ -28,6 +28,7 @@ def search(
     seed: int = typer.Option(0, "--seed"),
     in_flight: int = typer.Option(2, "--in-flight", help="Candidates in the pipeline at once."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (ray start --head) instead of a local one."),
+    compile_resource: Optional[str] = typer.Option(None, "--compile-resource", help="Run compiles only on Ray nodes offering this custom resource (ray start --resources '{\"compile\": 4}')."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
 ) -> None:
@@ -39,7 +40,7 @@ def search(
     config = SearchConfig(
         device=device, budget_bytes=parse_size(budget, what="--budget", require_unit=True), trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
-        seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate,
+        seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
     )
     import warnings
 

@@ -1,22 +1,41 @@
 """The work the search hands to Ray: compile tasks, quality tasks, one actor per device.
 
 Workers return plain data (dicts of JSON types); only the driver talks to the study.
-Each task pins itself to the worker cores it is given, so that on a machine that is also
-the device being measured, compiles and training never share the measured cores.
+A task that runs on the driver's node (the "home" node, where the device actors live)
+pins itself to the worker cores it is given, so that on a machine that is also the device
+being measured, compiles and training never share the measured cores; on any other node
+those core numbers mean nothing and it runs unpinned.
+
+Artifacts travel through Ray, not a shared disk: a compile that ran on another node also
+returns its artifact's bundle (devices.agent.bundle) as bytes in Ray's object store, and
+the device actor materialises it in its own node's cache under the bundle's sha256,
+verified file by file against the manifest, before it uploads it to the agent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import ray
 
+#: Where a device actor keeps the artifacts it received from other nodes, by bundle sha256.
+RECEIVED_DIR = "received"
 
-def _pin(cpus: list[int] | None) -> None:
-    if cpus:
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _pin(cpus: list[int] | None, home_node: str | None = None) -> None:
+    # Core numbers are the home node's: elsewhere they would pin to unrelated (or absent) cores.
+    if cpus and (home_node is None or home_node == _node_id()):
         os.sched_setaffinity(0, set(cpus))
         try:
             import torch
@@ -31,35 +50,102 @@ def _failure(stage: str, exc: BaseException) -> dict[str, Any]:
     return {"ok": False, "stage": stage, "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": "\n".join(tail)}
 
 
-@ray.remote(max_retries=0)
-def compile_candidate(spec: dict, backend: str, quant: str, max_context: int, prompt_lengths: list[int], cpus: list[int] | None) -> dict[str, Any]:
-    """Compile (or fetch from the artifact cache) one candidate; never raises."""
-    _pin(cpus)
+# num_returns=2: the small summary the driver reads, and the bundle bytes it never reads
+# (it only hands their reference to the device actor). max_retries: the task never raises,
+# so Ray retries it only when its worker or node died; that also lets Ray rebuild a lost
+# bundle by running the compile again (lineage reconstruction).
+@ray.remote(num_returns=2, max_retries=3)
+def compile_candidate(
+    spec: dict, backend: str, quant: str, max_context: int, prompt_lengths: list[int], cpus: list[int] | None, home_node: str | None = None
+) -> tuple[dict[str, Any], bytes | None]:
+    """Compile (or fetch from the artifact cache) one candidate; never raises.
+
+    Returns (summary, bundle): on the home node the bundle is None (the device actor reads
+    the folder at summary["path"]); on any other node it is the artifact's bundle bytes."""
+    _pin(cpus, home_node)
     started = time.perf_counter()
     try:
+        from devices.agent.bundle import bundle_bytes
         from devices.compile import compile as compile_artifact
         from lfm2.spec import ArchSpec
 
         artifact = compile_artifact(ArchSpec.from_dict(spec), backend, quant, max_context, tuple(prompt_lengths))
+        node = _node_id()
+        sha = bundle = None  # on the home node the actor reads the folder (and hashes it to upload)
+        if home_node is not None and node != home_node:
+            sha, bundle = bundle_bytes(artifact)
         return {
             "ok": True,
-            "path": str(artifact.path),
+            "path": str(artifact.path),  # on the compile node: readable there only
+            "node": node,
+            "bundle_sha256": sha,  # only when the bundle travels
             "key": artifact.key,
             "bytes": artifact.size_bytes,
             "stages_s": artifact.manifest.get("stages_s", {}),
             "wall_s": time.perf_counter() - started,
-        }
+        }, bundle
     except Exception as exc:
         result = _failure("compile", exc)
         result["wall_s"] = time.perf_counter() - started
-        return result
+        return result, None
+
+
+def materialise(compiled: dict[str, Any], bundle: list, cache_dir: Path | None = None, timeout_s: float | None = None) -> Path:
+    """The local folder of the artifact `compiled` describes.
+
+    On the node that compiled it, that is its own folder. Elsewhere it is
+    `<cache>/received/<bundle sha256>`: reused if present, else fetched from Ray's object
+    store (`bundle` holds the reference, wrapped in a list so that Ray does not fetch it
+    before we know we need it), checked against the sha256 the compile reported, and
+    unpacked with `extract_bundle` (which verifies every file against the manifest).
+    `timeout_s` bounds the wait for a bundle Ray is rebuilding (its node died), so that a
+    rebuild that cannot run (no node offers the compile resource any more) fails this one
+    measurement instead of stalling the device."""
+    from devices.agent.bundle import extract_bundle
+    from devices.artifact import Artifact, ArtifactError
+    from devices.compile import default_cache_dir
+
+    if compiled.get("node") == _node_id() or not bundle or bundle[0] is None:
+        return Path(compiled["path"])
+    sha = compiled["bundle_sha256"]
+    received = Path(cache_dir or default_cache_dir()) / RECEIVED_DIR
+    target = received / sha
+    if (target / "manifest.json").is_file():
+        try:
+            Artifact.load(target, verify=True)
+            return target
+        except ArtifactError:
+            shutil.rmtree(target, ignore_errors=True)  # damaged on this disk: fetch it again
+    data = ray.get(bundle[0], timeout=timeout_s)
+    if data is None:
+        # The compile node died after the compile and Ray rebuilt the bundle by running the
+        # compile again (lineage), this time on this node: the artifact is in our own cache.
+        return _rebuilt_here(compiled)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha:
+        raise ArtifactError(f"the bundle of artifact {compiled.get('key')} arrived with sha256 {got[:12]}..., the compile reported {sha[:12]}...: damaged in transit, or compiled again (its node died) into different bytes; run the search again")
+    received.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=received))
+    try:
+        tar = staging / "bundle.tar"
+        tar.write_bytes(data)
+        del data
+        extract_bundle(tar, staging / "artifact")
+        try:
+            os.rename(staging / "artifact", target)  # atomic: a folder under its sha is complete
+        except OSError:
+            if not (target / "manifest.json").is_file():  # not another actor winning the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 @ray.remote(max_retries=0)
-def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, cpus: list[int] | None) -> dict[str, Any]:
+def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, cpus: list[int] | None, home_node: str | None = None) -> dict[str, Any]:
     """Train and score the candidate's quality proxy; never raises."""
     if device == "cpu":
-        _pin(cpus)
+        _pin(cpus, home_node)
     started = time.perf_counter()
     try:
         from lfm2.spec import ArchSpec
@@ -72,6 +158,19 @@ def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, 
         result = _failure("quality", exc)
         result["wall_s"] = time.perf_counter() - started
         return result
+
+
+def _rebuilt_here(compiled: dict[str, Any]) -> Path:
+    from devices.artifact import Artifact, ArtifactError
+    from devices.compile import default_cache_dir
+
+    # Same key, same compile request; an export need not give the same bytes twice, so the
+    # first bundle's sha256 is not required, only the manifest's own file hashes.
+    path = default_cache_dir() / "artifacts" / compiled["key"]
+    if not (path / "manifest.json").is_file():
+        raise ArtifactError(f"artifact {compiled['key']} was to be compiled again on this node, but {path} does not hold it; run the search again")
+    Artifact.load(path, verify=True)
+    return path
 
 
 @ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
@@ -88,14 +187,19 @@ class DeviceActor:
     def info(self) -> dict[str, Any]:
         return self.client.info()
 
-    def measure(self, artifact_path: str, protocol: dict, job_id: str, timeout_s: float) -> dict[str, Any]:
+    def measure(self, compiled: dict[str, Any], bundle: list, protocol: dict, job_id: str, timeout_s: float) -> dict[str, Any]:
+        """Measure the artifact `compiled` describes (a compile_candidate summary; `bundle`
+        is [its bundle's ObjectRef or None]). The agent keeps artifacts by sha256, so the
+        client sends the bundle only if the agent does not have it yet."""
         started = time.perf_counter()
         try:
             from devices.artifact import Artifact
             from devices.protocol import Protocol
 
-            measurement = self.client.measure(Artifact.load(artifact_path), Protocol.from_dict(protocol), job_id=job_id, timeout=timeout_s)
-            return {"ok": True, "measurement": measurement.to_dict(), "wall_s": time.perf_counter() - started}
+            path = materialise(compiled, bundle, timeout_s=timeout_s)
+            received_s = time.perf_counter() - started
+            measurement = self.client.measure(Artifact.load(path), Protocol.from_dict(protocol), job_id=job_id, timeout=timeout_s)
+            return {"ok": True, "measurement": measurement.to_dict(), "local_path": str(path), "received_s": received_s, "wall_s": time.perf_counter() - started}
         except Exception as exc:
             result = _failure("measure", exc)
             result["wall_s"] = time.perf_counter() - started
@@ -107,4 +211,4 @@ class DeviceActor:
         return self.busy_s
 
 
-__all__ = ["compile_candidate", "score_quality", "DeviceActor"]
+__all__ = ["RECEIVED_DIR", "DeviceActor", "compile_candidate", "materialise", "score_quality"]
