@@ -41,8 +41,10 @@ def reference_model(artifact, seed: int):
     from devices.backends.onnx_export import int8_reference_model
     from devices.backends.onnx_runner import PREFILL_CHUNK
 
-    chunk = int(artifact.manifest.get("onnx", {}).get("prefill_chunk", PREFILL_CHUNK))
-    return int8_reference_model(artifact.spec, seed, chunk), "eager int8 (onnxruntime's quantiser, dynamic uint8 activations, same chunks)"
+    facts = artifact.manifest.get("onnx", {})
+    settings = facts.get("quantization") or {}
+    chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
+    return int8_reference_model(artifact.spec, seed, chunk, bool(settings.get("reduce_range", False))), "eager int8 (onnxruntime's quantiser, dynamic uint8 activations, same chunks)"
 
 
 RUNNER = OnnxRunner

@@ -58,6 +58,7 @@ ALIGNMENT = 4096
 #: ONNX Runtime's dynamic quantisation: the linear layers (MatMul, incl. the tied head) and
 #: the embedding lookup (Gather). The depthwise conv (3 weights per channel) stays fp32.
 INT8_OP_TYPES = ("MatMul", "Gather")
+REDUCE_RANGE = False
 
 
 class GrowingKVAttention(AttentionCore):
@@ -174,7 +175,7 @@ def quantize_int8(src_dir: Path, out_dir: Path, stages) -> dict[str, Any]:
     the graph; returns the settings used."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    settings = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "op_types": list(INT8_OP_TYPES), "per_channel": False, "reduce_range": False}
+    settings = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "op_types": list(INT8_OP_TYPES), "per_channel": False, "reduce_range": REDUCE_RANGE}
     with stages("quantize"):
         for name in (STEP,):
             quantize_dynamic(
@@ -183,7 +184,7 @@ def quantize_int8(src_dir: Path, out_dir: Path, stages) -> dict[str, Any]:
                 op_types_to_quantize=list(INT8_OP_TYPES),
                 weight_type=QuantType.QInt8,
                 per_channel=False,
-                reduce_range=False,
+                reduce_range=REDUCE_RANGE,
                 use_external_data_format=True,
             )
     return settings
@@ -319,7 +320,7 @@ class DynamicInt8Linear(nn.Module):
         return torch.nn.functional.linear(_dynamic_quantize(x), self.weight)
 
 
-def _ort_dequantized(weight: Tensor, symmetric_int8: bool) -> Tensor:
+def _ort_dequantized(weight: Tensor, symmetric_int8: bool, reduce_range: bool = False) -> Tensor:
     """`weight` quantised by ONNX Runtime's quantiser function as `quantize_dynamic` calls it
     (int8 symmetric per tensor for a MatMul weight; uint8 asymmetric for the Gather's table,
     which it quantises as an activation), then dequantised: (q - zero_point) * scale."""
@@ -328,7 +329,7 @@ def _ort_dequantized(weight: Tensor, symmetric_int8: bool) -> Tensor:
 
     data = weight.detach().float().numpy()
     qtype = TensorProto.INT8 if symmetric_int8 else TensorProto.UINT8
-    zero_point, scale, quantized = quantize_data(data, qtype, symmetric_int8)
+    zero_point, scale, quantized = quantize_data(data, qtype, symmetric_int8, reduce_range=reduce_range)
     return (torch.from_numpy(quantized.astype("int32")) - int(zero_point)).float() * torch.tensor(float(scale))
 
 
@@ -351,7 +352,7 @@ class ChunkedPrefill(nn.Module):
         return (logits, *state)
 
 
-def int8_reference_model(spec: ArchSpec, seed: int, chunk: int) -> nn.Module:
+def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False) -> nn.Module:
     """The eager model that an int8 artifact must reproduce (module doc)."""
     model = build_model(spec, seed=seed).eval()
     with torch.no_grad():
@@ -360,7 +361,7 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int) -> nn.Module:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, DynamicInt8Linear(_ort_dequantized(child.weight.T, True).T.contiguous()))
+                    setattr(parent, name, DynamicInt8Linear(_ort_dequantized(child.weight.T, True, reduce_range).T.contiguous()))
         model.embed.weight = nn.Parameter(_ort_dequantized(table, False), requires_grad=False)  # unties a tied head
     return ChunkedPrefill(model, chunk).eval()
 
