@@ -44,7 +44,8 @@ def reference_model(artifact, seed: int):
     facts = artifact.manifest.get("onnx", {})
     settings = facts.get("quantization") or {}
     chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
-    return int8_reference_model(artifact.spec, seed, chunk, bool(settings.get("reduce_range", False))), "eager int8 (onnxruntime's quantiser, dynamic uint8 activations, same chunks)"
+    model = int8_reference_model(artifact.spec, seed, chunk, bool(settings.get("reduce_range", False)), artifact.file(facts["step"]), facts["state"])
+    return model, "eager int8 (onnxruntime's quantiser, dynamic uint8 activations with the artifact's rounding where within one step, same chunks)"
 
 
 RUNNER = OnnxRunner

@@ -296,74 +296,175 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
 # -- the eager reference at the artifact's precision ---------------------------------------
 
 
-def _dynamic_quantize(x: Tensor) -> Tensor:
-    """x through ONNX's DynamicQuantizeLinear and back: per-tensor uint8, range [min(0, x),
-    max(0, x)], zero point and values rounded half to even (as `torch.round` does)."""
+def _dynamic_quantize_params(x: Tensor) -> tuple[Tensor, Tensor]:
+    """ONNX's DynamicQuantizeLinear parameters of x: per-tensor uint8 over [min(0, x),
+    max(0, x)]; the zero point rounded half to even (as `torch.round` does)."""
     low = torch.clamp(x.min(), max=0.0)
     high = torch.clamp(x.max(), min=0.0)
     scale = (high - low) / 255.0
-    if float(scale) == 0.0:
-        return x
-    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
-    return (torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+    return scale, torch.clamp(torch.round(-low / scale), 0, 255)
 
 
 class DynamicInt8Linear(nn.Module):
     """A linear layer as ONNX Runtime runs the quantised MatMul: the input quantised per call
-    (`DynamicQuantizeLinear`), the weight the dequantised int8 tensor, the product exact."""
+    (`DynamicQuantizeLinear`), the weight the dequantised int8 tensor, the product exact.
 
-    def __init__(self, weight: Tensor):
+    `decisions`, when set, holds ONNX Runtime's own quantised input for this call (uint8
+    values, scale, zero point: see `RoundingOracle`). Per-tensor 8-bit rounding is
+    discontinuous: a float-level difference upstream (another summation order in a norm
+    or a conv) moves a value across a rounding boundary, that one-step change reaches every
+    output of the row, and through the next layers' rounding it grows into a difference as
+    large as the quantisation error itself (LFM2-350M: cosine 0.981 between two faithful
+    implementations). So the reference takes ONNX Runtime's rounding where its own input
+    rounds to within one step of it, and its own rounding elsewhere: a faithful artifact
+    then agrees to float precision, while an artifact whose values are off by more than
+    one step anywhere (a wrong scale, a wrong op) diverges as before."""
+
+    def __init__(self, weight: Tensor, name: str = ""):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.name = name  # the graph's quantised input feeding this MatMul (set by the oracle)
+        self.decisions: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
+        self.steps_followed = 0
+        self.steps_own = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(_dynamic_quantize(x), self.weight)
+        scale, zero_point = _dynamic_quantize_params(x)
+        if float(scale) == 0.0:
+            return torch.nn.functional.linear(x, self.weight)
+        own = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+        decided = self.decisions.get(self.name) if self.decisions is not None else None
+        if decided is not None and decided[0].shape == own.shape and torch.isclose(decided[1], scale, rtol=1e-4) and decided[2] == zero_point:
+            theirs = decided[0]
+            close = (x / scale + zero_point - theirs).abs() <= 1.0
+            own = torch.where(close, theirs, own)
+            self.steps_followed += int(close.sum())
+            self.steps_own += int((~close).sum())
+        return torch.nn.functional.linear((own - zero_point) * scale, self.weight)
 
 
-def _ort_dequantized(weight: Tensor, symmetric_int8: bool, reduce_range: bool = False) -> Tensor:
+def _ort_quantized(weight: Tensor, symmetric_int8: bool, reduce_range: bool = False):
     """`weight` quantised by ONNX Runtime's quantiser function as `quantize_dynamic` calls it
     (int8 symmetric per tensor for a MatMul weight; uint8 asymmetric for the Gather's table,
-    which it quantises as an activation), then dequantised: (q - zero_point) * scale."""
+    which it quantises as an activation): (zero_point, scale, quantized) as numpy."""
     from onnx import TensorProto
     from onnxruntime.quantization.quant_utils import quantize_data
 
-    data = weight.detach().float().numpy()
     qtype = TensorProto.INT8 if symmetric_int8 else TensorProto.UINT8
-    zero_point, scale, quantized = quantize_data(data, qtype, symmetric_int8, reduce_range=reduce_range)
+    return quantize_data(weight.detach().float().numpy(), qtype, symmetric_int8, reduce_range=reduce_range)
+
+
+def _dequantized(zero_point, scale, quantized) -> Tensor:
+    """(q - zero_point) * scale, in float32 as DequantizeLinear computes it."""
     return (torch.from_numpy(quantized.astype("int32")) - int(zero_point)).float() * torch.tensor(float(scale))
+
+
+class RoundingOracle:
+    """Runs the artifact's step graph in its own ONNX Runtime session, with the quantised
+    input of every quantised MatMul (`DynamicQuantizeLinear`'s uint8 output, scale and zero
+    point) as extra outputs, and maps each to the eager linear whose int8 weight that MatMul
+    holds (found by content: the seeded weight through ONNX Runtime's quantiser)."""
+
+    def __init__(self, step_path: Path, layout: list[dict[str, Any]], weights_by_content: dict[bytes, nn.Module]):
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(step_path))
+        producers = {out: node for node in graph.graph.node for out in node.output}
+        initializers = {t.name: t for t in graph.graph.initializer}
+        self.inputs: dict[str, tuple[str, str, str]] = {}
+        for node in graph.graph.node:
+            if node.op_type != "MatMulInteger" or node.input[1] not in initializers:
+                continue
+            module = weights_by_content.get(numpy_helper.to_array(initializers[node.input[1]]).tobytes())
+            quantize = producers.get(node.input[0])
+            if module is None or quantize is None or quantize.op_type != "DynamicQuantizeLinear":
+                continue  # not a weight of the seeded model: that linear keeps its own rounding
+            module.name = node.input[0]
+            self.inputs[node.input[0]] = tuple(quantize.output[:3])
+        types = {0: onnx.TensorProto.UINT8, 1: onnx.TensorProto.FLOAT, 2: onnx.TensorProto.UINT8}
+        for outputs in self.inputs.values():
+            for i, name in enumerate(outputs):
+                graph.graph.output.append(onnx.helper.make_tensor_value_info(name, types[i], None))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(graph.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+        self.state_names = [entry["name"] for entry in layout]
+        self.n_outputs = 1 + len(layout)
+        self.extra = [name for outputs in self.inputs.values() for name in outputs]
+
+    def run(self, tokens: Tensor, pos: Tensor, state: list) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], list]:
+        feeds = {"tokens": tokens.numpy(), "pos": pos.numpy()}
+        feeds.update(zip(self.state_names, state))
+        names = [o.name for o in self.session.get_outputs()[: self.n_outputs]] + self.extra
+        values = self.session.run(names, feeds)
+        found = dict(zip(self.extra, values[self.n_outputs :]))
+        decisions = {key: tuple(torch.from_numpy(found[name].astype("float32")) for name in outputs) for key, outputs in self.inputs.items()}
+        return decisions, list(values[1 : self.n_outputs])
 
 
 class ChunkedPrefill(nn.Module):
     """`model.step` in steps of at most `chunk` tokens: the runner's prefill loop, eagerly
-    (per-tensor activation scales are per step, so the reference must step alike)."""
+    (per-tensor activation scales are per step, so the reference must step alike). With an
+    oracle, every step first runs the artifact's graph to learn its rounding decisions."""
 
-    def __init__(self, model: LFM2, chunk: int):
+    def __init__(self, model: LFM2, chunk: int, oracle: RoundingOracle | None = None):
         super().__init__()
         self.model = model
         self.chunk = chunk
         self.spec = model.spec
+        self.oracle = oracle
+        self._oracle_state: list | None = None
+        self._next_pos = 0
 
     def init_state(self, *args, **kwargs):
+        self._oracle_state = None
         return self.model.init_state(*args, **kwargs)
+
+    def _linears(self):
+        return [m for m in self.model.modules() if isinstance(m, DynamicInt8Linear)]
 
     def step(self, tokens: Tensor, pos: Tensor, *state: Tensor):
         for start in range(0, tokens.shape[1], self.chunk):
-            logits, *state = self.model.step(tokens[:, start : start + self.chunk], pos + start, *state)
+            piece, at = tokens[:, start : start + self.chunk], pos + start
+            if self.oracle is not None:
+                if self._oracle_state is None or int(at) != self._next_pos:
+                    self._oracle_state = [z.numpy() for z in empty_state(self.spec)] if int(at) == 0 else None
+                if self._oracle_state is not None:
+                    decisions, self._oracle_state = self.oracle.run(piece, at, self._oracle_state)
+                    self._next_pos = int(at) + piece.shape[1]
+                    for linear in self._linears():
+                        linear.decisions = decisions
+            logits, *state = self.model.step(piece, at, *state)
+            for linear in self._linears():
+                linear.decisions = None
         return (logits, *state)
 
+    def rounding_followed(self) -> dict[str, int]:
+        linears = self._linears()
+        return {"followed": sum(m.steps_followed for m in linears), "own": sum(m.steps_own for m in linears)}
 
-def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False) -> nn.Module:
-    """The eager model that an int8 artifact must reproduce (module doc)."""
+
+def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False, step_path: Path | None = None, layout=None) -> nn.Module:
+    """The eager model that an int8 artifact must reproduce (module doc); with `step_path`,
+    it takes the artifact's rounding decisions where they are within one step of its own
+    (see `DynamicInt8Linear`)."""
     model = build_model(spec, seed=seed).eval()
+    by_content: dict[bytes, nn.Module] = {}
     with torch.no_grad():
         table = model.embed.weight
         # The graph's MatMul holds W^T: quantised per tensor, the same scale as W's.
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, DynamicInt8Linear(_ort_dequantized(child.weight.T, True, reduce_range).T.contiguous()))
-        model.embed.weight = nn.Parameter(_ort_dequantized(table, False), requires_grad=False)  # unties a tied head
-    return ChunkedPrefill(model, chunk).eval()
+                    zero_point, scale, quantized = _ort_quantized(child.weight.T, True, reduce_range)
+                    linear = DynamicInt8Linear(_dequantized(zero_point, scale, quantized).T.contiguous())
+                    by_content[quantized.tobytes()] = linear
+                    setattr(parent, name, linear)
+        model.embed.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
+    oracle = RoundingOracle(step_path, layout, by_content) if step_path is not None else None
+    return ChunkedPrefill(model, chunk, oracle).eval()
 
 
-__all__ = ["GrowingKVAttention", "use_growing_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "STEP", "WEIGHTS", "WEIGHTS_INDEX"]
+__all__ = ["GrowingKVAttention", "use_growing_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "STEP", "WEIGHTS", "WEIGHTS_INDEX"]
