@@ -27,8 +27,12 @@ The weights (after `quantize_dynamic` for int8) are written deduplicated by cont
 int8: `reference_model` is the eager model at the same precision: the seeded weights
 quantised by ONNX Runtime's own quantiser function (`quant_utils.quantize_data`, with the
 settings `quantize_dynamic` uses), dequantised into the model, and every quantised
-linear's input quantised per tensor to uint8 as `DynamicQuantizeLinear` does; prefill in
-the runner's chunks. Verification then tests export and runtime, not the quantiser.
+linear's input quantised per tensor to uint8 as `DynamicQuantizeLinear` does, taking the
+artifact's own rounding of a value wherever it is within one step of the reference's
+(`DynamicInt8Linear`, `RoundingOracle`: rounding is discontinuous, and float-level
+differences upstream would otherwise grow through the layers into a gap the size of the
+quantisation error); prefill in the runner's chunks. Verification then tests export and
+runtime, not the quantiser.
 """
 
 from __future__ import annotations
