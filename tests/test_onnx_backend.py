@@ -208,3 +208,25 @@ def test_a_damaged_model_file_gives_an_error_with_the_runtime_message(fp32_artif
     assert m.status == "error"
     assert "step.onnx" in m.error or "Protobuf" in m.error or "INVALID" in m.error, m.error
     json.loads(m.to_json())
+
+
+def test_the_int8_reference_follows_the_runtimes_rounding_only_within_one_step():
+    """Where the runtime's uint8 input is within one step of the reference's own rounding,
+    the reference takes it (float noise upstream must not flip a rounding and cascade);
+    further away it keeps its own, so a wrong artifact still shows."""
+    from devices.backends.onnx_export import DynamicInt8Linear, _dynamic_quantize_params
+
+    linear = DynamicInt8Linear(torch.eye(4), name="x_quantized")
+    x = torch.tensor([[[-1.0, 0.31, 0.72, 2.0]]])  # no value on a rounding tie
+    scale, zero_point = _dynamic_quantize_params(x)
+    own = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    theirs = own.clone()
+    theirs[..., 1] += 1  # a neighbouring rounding: followed
+    theirs[..., 2] += 5  # five steps off: not followed
+    linear.decisions = {"x_quantized": (theirs, scale, zero_point)}
+    got = linear(x)
+    expected = (torch.where(torch.tensor([True, True, False, True]), theirs, own) - zero_point) * scale
+    torch.testing.assert_close(got, expected)
+    assert (linear.steps_followed, linear.steps_own) == (3, 1)
+    linear.decisions = None
+    torch.testing.assert_close(linear(x), (own - zero_point) * scale)  # no runtime: its own rounding
