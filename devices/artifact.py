@@ -22,7 +22,7 @@ from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: ONNX artifacts are one step graph (prefill in chunks)
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.
@@ -38,7 +38,7 @@ MAX_MEMBER_DEPTH = 16
 #: by `Artifact.file` where a runner joins it onto the folder. A backend that keeps a file
 #: name in its manifest facts adds it here.
 MANIFEST_PATH_FIELDS: dict[str, tuple[str, ...]] = {
-    "onnx": ("onnx.weights", "onnx.weights_index", "onnx.prefill", "onnx.decode"),
+    "onnx": ("onnx.step", "onnx.weights", "onnx.weights_index"),
 }
 
 #: Backends and the precisions each one compiles.

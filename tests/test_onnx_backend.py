@@ -1,6 +1,7 @@
 """The ONNX Runtime backend: export through devices.compile (which checks every artifact
-against eager), one shared weights file, a growing K/V cache whose decode matches the
-static-buffer eager model at any depth, and a measurement of an ONNX artifact."""
+against eager at its precision), one step graph whose chunked prefill and decode match the
+static-buffer eager model at any depth, an int8 artifact checked against the eager model
+with its own quantised weights (and a broken one rejected), and a measurement."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from lfm2.spec import ArchSpec
 # conv, full attention and sliding-window attention: every kind of state
 TINY = ArchSpec(vocab_size=256, d_model=32, layers=("conv", "attn", "swa"), n_heads=2, n_kv_heads=1, ffn_dim=64, swa_window=6)
 MAX_CONTEXT = 24
+#: A prefill step of at most 5 tokens, so that the prompts here run in several chunks.
+CHUNK = 5
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +36,20 @@ def private_core_locks(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_prefill_chunk():
+    """Artifacts of this module record a prefill chunk of CHUNK tokens in their manifest."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("devices.backends.onnx_export.PREFILL_CHUNK", CHUNK)
+        yield
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(cache):
+    # prompt 16: verification prefills 16 tokens, four chunks
+    return compile(TINY, "onnx", "int8", MAX_CONTEXT, (16,), cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +67,11 @@ def _external_locations(path) -> set[str]:
 def _check_artifact(artifact: Artifact) -> None:
     manifest = artifact.manifest
     assert manifest["verification"]["passed"]
-    assert set(artifact.files) == {"prefill.onnx", "decode.onnx", "weights.bin", "weights_index.json"}
+    assert set(artifact.files) == {"step.onnx", "weights.bin", "weights_index.json"}
     assert manifest["decode_cost_follows_context"] is True and manifest["weights_stored_once"] is True
-    for name in ("prefill.onnx", "decode.onnx"):
-        assert _external_locations(artifact.file(name)) == {"weights.bin"}
-    sharing = manifest["onnx"]["weights_sharing"]
-    assert sharing["stored_bytes"] < sharing["referenced_bytes"]  # both graphs point at one copy
-    assert {"export_prefill", "export_decode", "pack_weights"} <= set(manifest["stages_s"])
+    assert manifest["onnx"]["prefill_chunk"] == CHUNK
+    assert _external_locations(artifact.file("step.onnx")) == {"weights.bin"}
+    assert {"export", "pack_weights"} <= set(manifest["stages_s"])
 
 
 def test_fp32_export_is_checked_against_eager_and_stores_weights_once(fp32_artifact):
@@ -65,14 +80,66 @@ def test_fp32_export_is_checked_against_eager_and_stores_weights_once(fp32_artif
 
 
 @pytest.mark.slow
-def test_int8_export_is_checked_against_eager(cache):
-    artifact = compile(TINY, "onnx", "int8", MAX_CONTEXT, (4, 16), cache_dir=cache)
-    _check_artifact(artifact)
-    verification = artifact.manifest["verification"]
-    assert verification["min_cosine"] >= 0.98
-    assert artifact.manifest["onnx"]["quantization"]["weight_type"] == "QInt8"
-    fp32 = compile(TINY, "onnx", "fp32", MAX_CONTEXT, (4, 16), cache_dir=cache)
-    assert artifact.file("weights.bin").stat().st_size < fp32.file("weights.bin").stat().st_size
+def test_int8_export_passes_tightly_against_its_own_precision(int8_artifact, fp32_artifact):
+    _check_artifact(int8_artifact)
+    verification = int8_artifact.manifest["verification"]
+    assert verification["reference"].startswith("eager int8") and verification["prompt_length"] == 16
+    assert verification["tolerance"] == {"min_cosine": 0.999, "top1_agreement": 0.95}
+    # ONNX Runtime's integer GEMMs reproduce the eager int8 reference to float rounding,
+    # far closer than the fp32 model is (quantisation error, recorded for information)
+    assert verification["max_abs_diff"] < 1e-4 and verification["top1_agreement"] == 1.0
+    assert verification["fp32_distance"]["max_abs_diff"] > 10 * verification["max_abs_diff"]
+    assert int8_artifact.manifest["onnx"]["quantization"]["weight_type"] == "QInt8"
+    assert int8_artifact.file("weights.bin").stat().st_size < fp32_artifact.file("weights.bin").stat().st_size
+
+
+@pytest.mark.slow
+def test_the_int8_reference_holds_the_artifacts_own_weights(int8_artifact):
+    """Every quantised tensor in the artifact, dequantised with its own scale and zero point,
+    is exactly a weight of the eager reference (a MatMul's transposed, the Gather's table)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from devices.backends.onnx import reference_model
+
+    reference, _ = reference_model(int8_artifact, 0)
+    weights = [p.detach().numpy() for p in reference.parameters() if p.dim() == 2]
+    graph = onnx.load(str(int8_artifact.file("step.onnx")))  # with weights.bin
+    tensors = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    quantized = [name[: -len("_quantized")] for name in tensors if name.endswith("_quantized")]
+    assert len(quantized) == 2 + 2 + 4 * 2 + 3 * 3  # table and head; conv in/out; q k v out per attention; 3 per FFN
+    for base in quantized:
+        steps = (tensors[f"{base}_quantized"].astype(np.int32) - tensors[f"{base}_zero_point"].astype(np.int32)).astype(np.float32)
+        dequantized = steps * tensors[f"{base}_scale"].astype(np.float32)  # in float32, as DequantizeLinear
+        matches = [w for w in weights if w.shape == dequantized.shape and np.array_equal(w, dequantized)]
+        matches += [w for w in weights if w.T.shape == dequantized.shape and np.array_equal(w.T, dequantized)]
+        assert matches, f"{base}: no weight of the reference equals the artifact's dequantised tensor"
+
+
+@pytest.mark.slow
+def test_an_int8_artifact_with_a_wrong_scale_fails_verification(int8_artifact, tmp_path):
+    """The embedding table's scale doubled in step.onnx (the files re-hashed, so the artifact
+    loads): verification rejects it and names both distances."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from devices.artifact import write_manifest
+    from devices.compile import VerificationError, verify_against_eager
+
+    copy = tmp_path / "wrong-scale"
+    shutil.copytree(int8_artifact.path, copy)
+    graph = onnx.load(str(copy / "step.onnx"), load_external_data=False)
+    scale = next(t for t in graph.graph.initializer if t.name == "model.head.weight_scale")  # the Gather's table
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2, scale.name))
+    onnx.save(graph, str(copy / "step.onnx"))
+    manifest = int8_artifact.manifest
+    facts = {k: v for k, v in manifest.items() if k not in ("manifest_version", "key", "spec", "spec_key", "backend", "quant", "max_context", "prompt_lengths", "files", "toolchain")}
+    broken = write_manifest(copy, TINY, "onnx", "int8", MAX_CONTEXT, (16,), list(manifest["files"]), **facts)
+    with pytest.raises(VerificationError, match=r"min cosine 0\.9\d+ \(needs 0\.999\).*against fp32: min cosine 0\.9\d+") as failure:
+        verify_against_eager(broken, 0)
+    assert failure.value.report["passed"] is False and failure.value.report["min_cosine"] < 0.999
 
 
 def test_the_same_request_returns_the_cached_artifact(fp32_artifact, cache):
@@ -86,7 +153,7 @@ def test_prefill_and_decode_at_any_depth_match_eager(fp32_artifact):
     model = build_model(TINY, seed=0).eval()
     rng = np.random.default_rng(1)
     with open_runner(fp32_artifact, threads=1) as runner, torch.no_grad():
-        tokens = rng.integers(0, TINY.vocab_size, size=(1, 11), dtype=np.int64)  # a length not compiled for: dynamic
+        tokens = rng.integers(0, TINY.vocab_size, size=(1, 11), dtype=np.int64)  # any length: three chunks of at most 5
         got = runner.prefill(tokens)
         want, *state = model.step(torch.from_numpy(tokens), torch.tensor([0]), *model.init_state(1, max_context=MAX_CONTEXT))
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
@@ -109,7 +176,7 @@ def test_runner_reports_its_stack(fp32_artifact):
     with open_runner(fp32_artifact, threads=1) as runner:
         facts = runner.stack()
     assert facts["onnxruntime"] == onnxruntime.__version__ and facts["providers"] == ["CPUExecutionProvider"]
-    assert facts["threads"] == 1 and facts["shared_weight_tensors"] > 0
+    assert facts["threads"] == 1 and facts["prefill_chunk"] == CHUNK
 
 
 def test_measuring_an_onnx_artifact(fp32_artifact):
@@ -132,12 +199,34 @@ def test_a_damaged_model_file_gives_an_error_with_the_runtime_message(fp32_artif
 
     copy = tmp_path / "broken"
     shutil.copytree(fp32_artifact.path, copy)
-    (copy / "decode.onnx").write_bytes(b"not an onnx graph")
+    (copy / "step.onnx").write_bytes(b"not an onnx graph")
     manifest = fp32_artifact.manifest
     facts = {k: v for k, v in manifest.items() if k not in ("manifest_version", "key", "spec", "spec_key", "backend", "quant", "max_context", "prompt_lengths", "files", "toolchain")}
     write_manifest(copy, TINY, "onnx", "fp32", MAX_CONTEXT, (4, 16), list(manifest["files"]), **facts)
     protocol = Protocol(prompt_lengths=(4,), decode_depths=(4,), decode_tokens=2, min_runs=1, max_runs=1)
     m = measure(copy, protocol, Limits(timeout_s=300))
     assert m.status == "error"
-    assert "decode.onnx" in m.error or "Protobuf" in m.error or "INVALID" in m.error, m.error
+    assert "step.onnx" in m.error or "Protobuf" in m.error or "INVALID" in m.error, m.error
     json.loads(m.to_json())
+
+
+def test_the_int8_reference_follows_the_runtimes_rounding_only_within_one_step():
+    """Where the runtime's uint8 input is within one step of the reference's own rounding,
+    the reference takes it (float noise upstream must not flip a rounding and cascade);
+    further away it keeps its own, so a wrong artifact still shows."""
+    from devices.backends.onnx_export import DynamicInt8Linear, _dynamic_quantize_params
+
+    linear = DynamicInt8Linear(torch.eye(4), name="x_quantized")
+    x = torch.tensor([[[-1.0, 0.31, 0.72, 2.0]]])  # no value on a rounding tie
+    scale, zero_point = _dynamic_quantize_params(x)
+    own = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    theirs = own.clone()
+    theirs[..., 1] += 1  # a neighbouring rounding: followed
+    theirs[..., 2] += 5  # five steps off: not followed
+    linear.decisions = {"x_quantized": (theirs, scale, zero_point)}
+    got = linear(x)
+    expected = (torch.where(torch.tensor([True, True, False, True]), theirs, own) - zero_point) * scale
+    torch.testing.assert_close(got, expected)
+    assert (linear.steps_followed, linear.steps_own) == (3, 1)
+    linear.decisions = None
+    torch.testing.assert_close(linear(x), (own - zero_point) * scale)  # no runtime: its own rounding

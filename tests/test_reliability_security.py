@@ -150,11 +150,11 @@ def _onnx_artifact(folder: Path, weights: str) -> tuple[bytes, dict]:
     """A bundle that claims to be an ONNX artifact whose `onnx.weights` is `weights`; its
     other files are junk (the runner must never get as far as parsing them)."""
     folder.mkdir(parents=True)
-    for name in ("prefill.onnx", "decode.onnx", "weights.bin"):
+    for name in ("step.onnx", "weights.bin"):
         (folder / name).write_bytes(b"junk " + name.encode())
-    (folder / "weights_index.json").write_text(json.dumps({"prefill.onnx": {}, "decode.onnx": {}}))
-    facts = {"onnx": {"weights": weights, "weights_index": "weights_index.json", "prefill": "prefill.onnx", "decode": "decode.onnx", "state": []}}
-    artifact = write_manifest(folder, TINY_SPEC, "onnx", "fp32", 64, (16,), ["prefill.onnx", "decode.onnx", "weights.bin", "weights_index.json"], **facts)
+    (folder / "weights_index.json").write_text(json.dumps({"step.onnx": {}}))
+    facts = {"onnx": {"step": "step.onnx", "weights": weights, "weights_index": "weights_index.json", "state": []}}
+    artifact = write_manifest(folder, TINY_SPEC, "onnx", "fp32", 64, (16,), ["step.onnx", "weights.bin", "weights_index.json"], **facts)
     return tar_bytes(artifact_members(artifact)), artifact.manifest
 
 
@@ -197,7 +197,7 @@ def test_a_manifest_cannot_make_the_agent_read_a_file_outside_the_artifact(agent
         done = _wait_done(client, _submit(client, sha256(data), RUNS, job_id="junk").json()["job_id"])
         error = done["measurement"]["error"]
         assert done["status"] == "error" and error.startswith("child_failed: the measurement child raised"), error
-        _check_clean_error(error, str(agent.workdir), str(tmp_path), "junk ", "decode.onnx", "prefill.onnx")
+        _check_clean_error(error, str(agent.workdir), str(tmp_path), "junk ", "step.onnx")
         listed = client.get("/v1/jobs").text
         assert SECRET.decode() not in listed and "Traceback" not in listed and str(agent.workdir) not in listed
     figures("manifest paths", hostile_bundles=len(hostile), refused_at_upload=len(hostile), planted_refused_at_load=1, secret_bytes_leaked=0, server_paths_leaked=0)

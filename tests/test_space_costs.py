@@ -13,6 +13,8 @@ from lfm2 import LFM2_PRESETS, ArchSpec, build_model, count_parameters
 from lfm2.errors import UserError
 from search_space import SearchSpace, costs
 
+MIB = 1 << 20
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -130,8 +132,9 @@ def test_weight_bytes_hand_computed():
     linears = [(192, 64), (64, 64), (96, 64), (96, 64), (64, 96)]
     small = 2 * 64 + 64 * 3 + 64  # norms, conv kernel, final norm
     embed = 100 * 64
-    int8 = sum(o * i + 4 * o for o, i in linears) + (embed + 4 * 100)  # + quantised copy of the tied head
-    assert costs.weight_bytes(spec, "int8") == int8 + 4 * (embed + small)
+    # int8 (ONNX Runtime): one scale per tensor; the table int8 too, and the tied head a second int8 copy
+    int8 = sum(o * i + 4 for o, i in linears) + (embed + 4) + (embed + 4)
+    assert costs.weight_bytes(spec, "int8") == int8 + 4 * small
     # 8da4w, group 32: half a byte per weight, one fp32 scale per 32 inputs; group 64 pads 96 to 128
     q4 = sum(o * i // 2 + o * (i // 32) * 4 for o, i in linears) + (embed // 2 + 100 * 2 * 4)
     assert costs.weight_bytes(spec, "8da4w", group_size=32) == q4 + 4 * (embed + small)
@@ -227,3 +230,46 @@ def test_eager_footprint_is_above_the_lower_bound_and_near_the_estimate():
         estimate = costs.estimate_peak_memory(spec, context, "eager", "fp32")
         assert estimate.lower_bound_bytes <= measured
         assert 0.7 * measured <= estimate.total_bytes <= 1.4 * measured, (context, measured, estimate)
+
+
+def test_onnx_estimate_follows_the_chunked_step_graph():
+    """ONNX Runtime prefills in steps of 256 tokens: the rows of every activation stop
+    growing at 256, only the last step's scores grow with the prompt; the int8 table is
+    mapped (not counted resident) and one session packs the weights once."""
+    preset = LFM2_PRESETS["LFM2-350M"]
+    whole = costs.activation_workspace_bytes(preset, 8192, 8192, "prefix")
+    chunked = costs.activation_workspace_bytes(preset, 8192, 8192, "prefix", chunk=256)
+    assert chunked * 20 < whole  # [256, 8192] scores instead of [8192, 8192]
+    short = costs.estimate_peak_memory(preset, 2048, "onnx", "int8")
+    long = costs.estimate_peak_memory(preset, 8192, "onnx", "int8")
+    assert short.weights_bytes == long.weights_bytes == costs.weight_bytes_breakdown(preset, "int8")["linears"] + costs.weight_bytes_breakdown(preset, "int8")["head"] + costs.weight_bytes_breakdown(preset, "int8")["other"]
+    assert long.total_bytes < 2 << 30  # measured 1,280 MiB (BENCHMARKS.md); 12.4 GiB with T x T scores
+    # measured 2026-12-01 (BENCHMARKS.md): 663.2 MiB at prefill 2,048, 1,280.3 MiB at 8,192
+    for estimate, measured in ((short, 663.2), (long, 1280.3)):
+        assert estimate.lower_bound_bytes < measured * MIB
+        assert abs(estimate.total_bytes / MIB - measured) < 0.1 * measured
+    assert costs.estimate_peak_memory(preset, 2048, "onnx", "int8", loaded_methods=1).total_bytes == short.total_bytes  # one session
+
+
+ONNX_FOOTPRINT_SPEC = ArchSpec(vocab_size=8192, d_model=512, layers=("conv", "conv", "attn", "conv", "conv", "attn", "conv", "conv"),
+                               n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1536, max_seq_len=4096)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int8"])
+def test_onnx_footprint_is_above_the_lower_bound_and_near_the_estimate(quant, tmp_path, monkeypatch):
+    """A real ONNX artifact measured by the harness (fresh child process): a prefill of
+    1,000 tokens (four chunks) and decode at that depth."""
+    from devices.compile import compile
+    from devices.measure import measure
+    from devices.protocol import Limits, Protocol
+
+    monkeypatch.setenv("LFM2_NAS_LOCKS", str(tmp_path / "core-locks"))
+    artifact = compile(ONNX_FOOTPRINT_SPEC, "onnx", quant, 1024, (1000,), cache_dir=tmp_path, verify=False)
+    protocol = Protocol(prompt_lengths=(1000,), decode_depths=(1000,), decode_tokens=4, min_runs=1, max_runs=1, max_seconds_per_point=0.5, threads=1)
+    m = measure(artifact, protocol, Limits(threads=1, timeout_s=600))
+    assert m.status == "ok", m.error
+    measured = m.memory["footprint_bytes"]
+    estimate = costs.estimate_peak_memory(ONNX_FOOTPRINT_SPEC, 1004, "onnx", quant, prefill_tokens=1000)
+    assert estimate.lower_bound_bytes <= measured
+    assert 0.85 * measured <= estimate.total_bytes <= 1.2 * measured, (measured, estimate)

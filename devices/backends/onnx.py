@@ -1,13 +1,13 @@
 """The ONNX Runtime backend: `torch.onnx.export` (dynamo) graphs run by ONNX Runtime's CPU
 provider, fp32 or int8 (`onnxruntime.quantization.quantize_dynamic`).
 
-An artifact holds `prefill.onnx` and `decode.onnx`, which share one `weights.bin`
-(see `devices.backends.onnx_export`), and `weights_index.json`. Full-attention K/V caches
-grow with the context, so decode cost follows the context depth
+An artifact holds `step.onnx`, one graph for prefill (run in chunks) and decode, its
+`weights.bin` and `weights_index.json` (see `devices.backends.onnx_export`). Full-attention
+K/V caches grow with the context, so decode cost follows the context depth
 (`decode_cost_follows_context` in the manifest).
 
 Importing this module imports ONNX Runtime (the runtime a measurement pays for) but not
-torch: the exporter is imported when `export` is called.
+torch: the exporter is imported when `export` or `reference_model` is called.
 """
 
 from __future__ import annotations
@@ -32,6 +32,22 @@ def export(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tuple[i
     return export_onnx(spec, quant, max_context, tuple(prompt_lengths), Path(out_dir), seed, Stages())
 
 
+def reference_model(artifact, seed: int):
+    """The eager model an int8 artifact must reproduce: the seeded weights quantised by ONNX
+    Runtime's quantiser as `quantize_dynamic` does, the MatMul inputs quantised per call as
+    `DynamicQuantizeLinear` does, the prefill in the runner's chunks (see
+    `onnx_export.int8_reference_model`). Verification then tests the exporter and the
+    runtime, not the quantiser."""
+    from devices.backends.onnx_export import int8_reference_model
+    from devices.backends.onnx_runner import PREFILL_CHUNK
+
+    facts = artifact.manifest.get("onnx", {})
+    settings = facts.get("quantization") or {}
+    chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
+    model = int8_reference_model(artifact.spec, seed, chunk, bool(settings.get("reduce_range", False)), artifact.file(facts["step"]), facts["state"])
+    return model, "eager int8 (onnxruntime's quantiser, dynamic uint8 activations with the artifact's rounding where within one step, same chunks)"
+
+
 RUNNER = OnnxRunner
 
-__all__ = ["export", "OnnxRunner", "RUNNER", "QUANTS"]
+__all__ = ["export", "reference_model", "OnnxRunner", "RUNNER", "QUANTS"]

@@ -1,11 +1,17 @@
-"""Export an `ArchSpec` to ONNX: a prefill graph and a decode graph that share one weights file.
+"""Export an `ArchSpec` to ONNX: ONE step graph for prefill and decode, weights in one file.
 
-Both graphs are `model.step` (explicit state in, new state out), exported with
+The graph is `model.step` (explicit state in, new state out), exported with
 `torch.onnx.export(..., dynamo=True)`:
 
-* `prefill.onnx`: `tokens [1, T] -> (logits [1, V], *state)`, T dynamic (1..max_context),
-  from an empty state at position 0 (the empty state is built inside the graph).
-* `decode.onnx`: `(token [1, 1], pos [1], *state) -> (logits [1, V], *new_state)`.
+* `step.onnx`: `(tokens [1, T], pos [1], *state) -> (logits [1, V], *new_state)`, T dynamic
+  (1..max_context) and the full-attention caches dynamic (0..max_context-1 positions).
+
+A decode step is a step of one token. A prefill is a run of steps of at most
+`prefill_chunk` tokens from the empty state (the runner's loop, as ExecuTorch's LLM runner
+and llama.cpp's ubatch do): attention scores of one chunk against the keys so far, never
+T x T, and every activation bounded by the chunk, so a long prompt costs memory that grows
+only with its K/V cache. One graph in one session also means the weights are loaded and
+pre-packed once for prefill and decode alike (two sessions each packed their own copy).
 
 Full-attention layers keep a GROWING K/V cache (`[1, Hkv, S, D]`, S = the tokens seen so
 far, dynamic): a step concatenates the new keys and attends over exactly S + T keys, so
@@ -15,10 +21,18 @@ step (ONNX Runtime has no op that reads only the filled part of a static cache),
 would make a decode at depth 128 cost the same as one at depth 2048. Sliding-window
 layers keep their ring of `swa_window` slots: bounded by construction.
 
-The weights of both graphs (and of the int8 graphs that `quantize_dynamic` makes from
-them) are written ONCE, deduplicated by content, into `weights.bin`; both .onnx files
-point into it. The runner loads each distinct tensor once and hands it to both sessions
-(`SessionOptions.add_initializer`), so the device holds one copy of the stored weights.
+The weights (after `quantize_dynamic` for int8) are written deduplicated by content into
+`weights.bin`, page-aligned; the graph points into it.
+
+int8: `reference_model` is the eager model at the same precision: the seeded weights
+quantised by ONNX Runtime's own quantiser function (`quant_utils.quantize_data`, with the
+settings `quantize_dynamic` uses), dequantised into the model, and every quantised
+linear's input quantised per tensor to uint8 as `DynamicQuantizeLinear` does, taking the
+artifact's own rounding of a value wherever it is within one step of the reference's
+(`DynamicInt8Linear`, `RoundingOracle`: rounding is discontinuous, and float-level
+differences upstream would otherwise grow through the layers into a gap the size of the
+quantisation error); prefill in the runner's chunks. Verification then tests export and
+runtime, not the quantiser.
 """
 
 from __future__ import annotations
@@ -33,11 +47,11 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from devices.backends.onnx_runner import PREFILL_CHUNK
 from lfm2.model import LFM2, AttentionCore, build_model
 from lfm2.spec import ArchSpec
 
-PREFILL = "prefill.onnx"
-DECODE = "decode.onnx"
+STEP = "step.onnx"
 WEIGHTS = "weights.bin"
 #: Where each graph's initializers lie in weights.bin (offset, length, dtype, shape): lets the
 #: runner load the shared weights without parsing the graphs (or importing `onnx`).
@@ -48,6 +62,7 @@ ALIGNMENT = 4096
 #: ONNX Runtime's dynamic quantisation: the linear layers (MatMul, incl. the tied head) and
 #: the embedding lookup (Gather). The depthwise conv (3 weights per channel) stays fp32.
 INT8_OP_TYPES = ("MatMul", "Gather")
+REDUCE_RANGE = False
 
 
 class GrowingKVAttention(AttentionCore):
@@ -97,36 +112,31 @@ def empty_state(spec: ArchSpec, dtype: torch.dtype = torch.float32) -> list[Tens
     return [torch.zeros([0 if n < 0 else n for n in entry["shape"]], dtype=dtype) for entry in state_layout(spec)]
 
 
-class PrefillGraph(nn.Module):
+class StepGraph(nn.Module):
     def __init__(self, model: LFM2):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor):
-        state = empty_state(self.model.spec)
-        return self.model.step(tokens, torch.zeros(1, dtype=torch.long), *state)
+    def forward(self, tokens: Tensor, pos: Tensor, *state: Tensor):
+        return self.model.step(tokens, pos, *state)
 
 
-class DecodeGraph(nn.Module):
-    def __init__(self, model: LFM2):
-        super().__init__()
-        self.model = model
-
-    def forward(self, token: Tensor, pos: Tensor, *state: Tensor):
-        return self.model.step(token, pos, *state)
-
-
-def _example_length(spec: ArchSpec, upper: int) -> int:
-    """An example size for a dynamic axis. It must equal no static dimension of the graphs
-    (torch.export would tie the two together, and it specialises 0 and 1), and exceed the
-    sliding window when the axis can: a ring layer's `min(T, window)` is traced for the
-    side of the window the example lies on (past it, the graph keeps a `Min`)."""
+def _example_lengths(spec: ArchSpec, upper: int, count: int) -> list[int]:
+    """`count` distinct example sizes for the dynamic axes. None may equal a static
+    dimension of the graph, nor another example (torch.export would tie the two together,
+    and it specialises 0 and 1), and they exceed the sliding window when they can: a ring
+    layer's `min(T, window)` is traced for the side of the window the example lies on (past
+    it, the graph keeps a `Min`)."""
     static = {1, spec.d_model, spec.n_kv_heads, spec.n_heads, spec.head_dim, spec.conv_kernel - 1, spec.swa_window, spec.vocab_size, spec.ffn_dim}
-    start = spec.swa_window + 1 if 0 < spec.swa_window < upper else 5
+    start = spec.swa_window + 1 if 0 < spec.swa_window < upper - count else 5
+    found: list[int] = []
     for candidate in [*range(start, upper + 1), *range(2, start)]:
         if candidate not in static:
-            return candidate
-    raise ValueError(f"no usable example length up to {upper}; raise max_context")
+            found.append(candidate)
+            static.add(candidate)
+            if len(found) == count:
+                return found
+    raise ValueError(f"no {count} usable example lengths up to {upper}; raise max_context")
 
 
 def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str], output_names: list[str], path: Path) -> None:
@@ -143,46 +153,42 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_n
     program.save(str(path), external_data=True)
 
 
-def export_fp32_graphs(spec: ArchSpec, max_context: int, seed: int, out_dir: Path, stages) -> dict[str, Any]:
-    """Write prefill.onnx and decode.onnx (each with its own external data) into out_dir."""
-    if max_context < 3:
-        raise ValueError(f"the ONNX backend needs max_context >= 3, got {max_context}")
+def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path, stages) -> dict[str, Any]:
+    """Write step.onnx (with its own external data) into out_dir."""
+    if max_context < 4:
+        raise ValueError(f"the ONNX backend needs max_context >= 4, got {max_context}")
     with stages("build"):
         model = use_growing_cache(build_model(spec, seed=seed).eval())
     layout = state_layout(spec)
     state_names = [entry["name"] for entry in layout]
     new_state_names = [f"new_{name}" for name in state_names]
-    with torch.no_grad():
-        with stages("export_prefill"):
-            length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
-            t = _example_length(spec, max_context)
-            tokens = torch.randint(0, spec.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
-            _export_graph(PrefillGraph(model).eval(), (tokens,), ({1: length},), ["tokens"], ["logits", *new_state_names], out_dir / PREFILL)
-        with stages("export_decode"):
-            cache = torch.export.Dim.DYNAMIC(min=0, max=max_context - 1)
-            s = _example_length(spec, max_context - 1)
-            example_state = [torch.zeros([s if n < 0 else n for n in entry["shape"]]) for entry in layout]
-            state_dims = tuple({2: cache} if entry["kind"].startswith("kv_growing") else None for entry in layout)
-            args = (torch.tensor([[1]], dtype=torch.long), torch.tensor([s], dtype=torch.long), *example_state)
-            _export_graph(DecodeGraph(model).eval(), args, (None, None, state_dims), ["token", "pos", *state_names], ["logits", *new_state_names], out_dir / DECODE)
+    with torch.no_grad(), stages("export"):
+        t, s = _example_lengths(spec, max_context - 1, 2)
+        length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
+        cache = torch.export.Dim.DYNAMIC(min=0, max=max_context - 1)
+        tokens = torch.randint(0, spec.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
+        example_state = [torch.zeros([s if n < 0 else n for n in entry["shape"]]) for entry in layout]
+        state_dims = tuple({2: cache} if entry["kind"].startswith("kv_growing") else None for entry in layout)
+        args = (tokens, torch.tensor([s], dtype=torch.long), *example_state)
+        _export_graph(StepGraph(model).eval(), args, ({1: length}, None, state_dims), ["tokens", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
     return {"state": layout}
 
 
 def quantize_int8(src_dir: Path, out_dir: Path, stages) -> dict[str, Any]:
     """ONNX Runtime dynamic quantisation (int8 weights, activations quantised per call) of
-    both graphs; returns the settings used."""
+    the graph; returns the settings used."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    settings = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "op_types": list(INT8_OP_TYPES), "per_channel": False, "reduce_range": False}
+    settings = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8", "op_types": list(INT8_OP_TYPES), "per_channel": False, "reduce_range": REDUCE_RANGE}
     with stages("quantize"):
-        for name in (PREFILL, DECODE):
+        for name in (STEP,):
             quantize_dynamic(
                 src_dir / name,
                 out_dir / name,
                 op_types_to_quantize=list(INT8_OP_TYPES),
                 weight_type=QuantType.QInt8,
                 per_channel=False,
-                reduce_range=False,
+                reduce_range=REDUCE_RANGE,
                 use_external_data_format=True,
             )
     return settings
@@ -247,7 +253,7 @@ def share_weights(src_dir: Path, names: tuple[str, ...], out_dir: Path) -> dict[
 
 
 def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tuple[int, ...], out_dir: Path, seed: int, stages) -> tuple[list[str], dict[str, Any]]:
-    """Export, quantise if asked, and pack the shared weights; the backend's `export`."""
+    """Export, quantise if asked, and pack the weights; the backend's `export`."""
     import onnxruntime
 
     work = out_dir / ".onnx-export"  # inside the compile's temporary folder; removed below
@@ -255,7 +261,7 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
     try:
         fp32_dir = work / "fp32"
         fp32_dir.mkdir()
-        graph_facts = export_fp32_graphs(spec, max_context, seed, fp32_dir, stages)
+        graph_facts = export_fp32_graph(spec, max_context, seed, fp32_dir, stages)
         source = fp32_dir
         quantization = None
         if quant == "int8":
@@ -263,31 +269,211 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
             source.mkdir()
             quantization = quantize_int8(fp32_dir, source, stages)
         with stages("pack_weights"):
-            sharing = share_weights(source, (PREFILL, DECODE), out_dir)
+            sharing = share_weights(source, (STEP,), out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    opsets = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(out_dir / DECODE), load_external_data=False).opset_import}
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(out_dir / STEP), load_external_data=False).opset_import}
     facts = {
         "stages_s": dict(stages.seconds),
         "methods": ["prefill", "decode"],
         "onnx": {
-            "prefill": PREFILL,
-            "decode": DECODE,
+            "step": STEP,
             "weights": WEIGHTS,
             "weights_index": WEIGHTS_INDEX,
             "state": graph_facts["state"],
+            "prefill_chunk": PREFILL_CHUNK,
             "opsets": opsets,
             "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
             "onnxruntime": onnxruntime.__version__,
             "quantization": quantization,
             "weights_sharing": sharing,
             "kv_cache": "growing (concatenated per step; dynamic length) for full attention; ring of swa_window slots for sliding window",
+            "attention": f"one graph for prefill and decode; a prefill runs in steps of at most {PREFILL_CHUNK} tokens, so scores are [chunk, keys so far], never [T, T]",
         },
         "weights_stored_once": True,
         "decode_cost_follows_context": True,
-        "prefill_lengths": "dynamic (one graph serves every length up to max_context)",
+        "prefill_lengths": f"dynamic (one graph serves every length up to max_context, in chunks of {PREFILL_CHUNK})",
     }
-    return [PREFILL, DECODE, WEIGHTS, WEIGHTS_INDEX], facts
+    return [STEP, WEIGHTS, WEIGHTS_INDEX], facts
 
 
-__all__ = ["GrowingKVAttention", "use_growing_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "PREFILL", "DECODE", "WEIGHTS", "WEIGHTS_INDEX"]
+# -- the eager reference at the artifact's precision ---------------------------------------
+
+
+def _dynamic_quantize_params(x: Tensor) -> tuple[Tensor, Tensor]:
+    """ONNX's DynamicQuantizeLinear parameters of x: per-tensor uint8 over [min(0, x),
+    max(0, x)]; the zero point rounded half to even (as `torch.round` does)."""
+    low = torch.clamp(x.min(), max=0.0)
+    high = torch.clamp(x.max(), min=0.0)
+    scale = (high - low) / 255.0
+    return scale, torch.clamp(torch.round(-low / scale), 0, 255)
+
+
+class DynamicInt8Linear(nn.Module):
+    """A linear layer as ONNX Runtime runs the quantised MatMul: the input quantised per call
+    (`DynamicQuantizeLinear`), the weight the dequantised int8 tensor, the product exact.
+
+    `decisions`, when set, holds ONNX Runtime's own quantised input for this call (uint8
+    values, scale, zero point: see `RoundingOracle`). Per-tensor 8-bit rounding is
+    discontinuous: a float-level difference upstream (another summation order in a norm
+    or a conv) moves a value across a rounding boundary, that one-step change reaches every
+    output of the row, and through the next layers' rounding it grows into a difference as
+    large as the quantisation error itself (LFM2-350M: cosine 0.981 between two faithful
+    implementations). So the reference takes ONNX Runtime's rounding where its own input
+    rounds to within one step of it, and its own rounding elsewhere: a faithful artifact
+    then agrees to float precision, while an artifact whose values are off by more than
+    one step anywhere (a wrong scale, a wrong op) diverges as before."""
+
+    def __init__(self, weight: Tensor, name: str = ""):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.name = name  # the graph's quantised input feeding this MatMul (set by the oracle)
+        self.decisions: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
+        self.steps_followed = 0
+        self.steps_own = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, zero_point = _dynamic_quantize_params(x)
+        if float(scale) == 0.0:
+            return torch.nn.functional.linear(x, self.weight)
+        decided = self.decisions.get(self.name) if self.decisions is not None else None
+        if decided is not None and decided[0].shape == x.shape and torch.isclose(decided[1], scale, rtol=1e-3):
+            # ONNX Runtime's grid (its scale and zero point may differ from ours by float
+            # noise, its zero point then by one) and its values where ours are within a step
+            theirs, scale, zero_point = decided
+            own = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+            close = (x / scale + zero_point - theirs).abs() <= 1.0
+            own = torch.where(close, theirs, own)
+            self.steps_followed += int(close.sum())
+            self.steps_own += int((~close).sum())
+        else:
+            own = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+            self.steps_own += own.numel() if decided is not None else 0
+        return torch.nn.functional.linear((own - zero_point) * scale, self.weight)
+
+
+def _ort_quantized(weight: Tensor, symmetric_int8: bool, reduce_range: bool = False):
+    """`weight` quantised by ONNX Runtime's quantiser function as `quantize_dynamic` calls it
+    (int8 symmetric per tensor for a MatMul weight; uint8 asymmetric for the Gather's table,
+    which it quantises as an activation): (zero_point, scale, quantized) as numpy."""
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    qtype = TensorProto.INT8 if symmetric_int8 else TensorProto.UINT8
+    return quantize_data(weight.detach().float().numpy(), qtype, symmetric_int8, reduce_range=reduce_range)
+
+
+def _dequantized(zero_point, scale, quantized) -> Tensor:
+    """(q - zero_point) * scale, in float32 as DequantizeLinear computes it."""
+    return (torch.from_numpy(quantized.astype("int32")) - int(zero_point)).float() * torch.tensor(float(scale))
+
+
+class RoundingOracle:
+    """Runs the artifact's step graph in its own ONNX Runtime session, with the quantised
+    input of every quantised MatMul (`DynamicQuantizeLinear`'s uint8 output, scale and zero
+    point) as extra outputs, and maps each to the eager linear whose int8 weight that MatMul
+    holds (found by content: the seeded weight through ONNX Runtime's quantiser)."""
+
+    def __init__(self, step_path: Path, layout: list[dict[str, Any]], weights_by_content: dict[bytes, nn.Module]):
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(step_path))
+        producers = {out: node for node in graph.graph.node for out in node.output}
+        initializers = {t.name: t for t in graph.graph.initializer}
+        self.inputs: dict[str, tuple[str, str, str]] = {}
+        for node in graph.graph.node:
+            if node.op_type != "MatMulInteger" or node.input[1] not in initializers:
+                continue
+            module = weights_by_content.get(numpy_helper.to_array(initializers[node.input[1]]).tobytes())
+            quantize = producers.get(node.input[0])
+            if module is None or quantize is None or quantize.op_type != "DynamicQuantizeLinear":
+                continue  # not a weight of the seeded model: that linear keeps its own rounding
+            module.name = node.input[0]
+            self.inputs[node.input[0]] = tuple(quantize.output[:3])
+        types = {0: onnx.TensorProto.UINT8, 1: onnx.TensorProto.FLOAT, 2: onnx.TensorProto.UINT8}
+        for outputs in self.inputs.values():
+            for i, name in enumerate(outputs):
+                graph.graph.output.append(onnx.helper.make_tensor_value_info(name, types[i], None))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(graph.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+        self.state_names = [entry["name"] for entry in layout]
+        self.n_outputs = 1 + len(layout)
+        self.extra = [name for outputs in self.inputs.values() for name in outputs]
+
+    def run(self, tokens: Tensor, pos: Tensor, state: list) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], list]:
+        feeds = {"tokens": tokens.numpy(), "pos": pos.numpy()}
+        feeds.update(zip(self.state_names, state))
+        names = [o.name for o in self.session.get_outputs()[: self.n_outputs]] + self.extra
+        values = self.session.run(names, feeds)
+        found = dict(zip(self.extra, values[self.n_outputs :]))
+        decisions = {key: tuple(torch.from_numpy(found[name].astype("float32")) for name in outputs) for key, outputs in self.inputs.items()}
+        return decisions, list(values[1 : self.n_outputs])
+
+
+class ChunkedPrefill(nn.Module):
+    """`model.step` in steps of at most `chunk` tokens: the runner's prefill loop, eagerly
+    (per-tensor activation scales are per step, so the reference must step alike). With an
+    oracle, every step first runs the artifact's graph to learn its rounding decisions."""
+
+    def __init__(self, model: LFM2, chunk: int, oracle: RoundingOracle | None = None):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+        self.spec = model.spec
+        self.oracle = oracle
+        self._oracle_state: list | None = None
+        self._next_pos = 0
+
+    def init_state(self, *args, **kwargs):
+        self._oracle_state = None
+        return self.model.init_state(*args, **kwargs)
+
+    def _linears(self):
+        return [m for m in self.model.modules() if isinstance(m, DynamicInt8Linear)]
+
+    def step(self, tokens: Tensor, pos: Tensor, *state: Tensor):
+        for start in range(0, tokens.shape[1], self.chunk):
+            piece, at = tokens[:, start : start + self.chunk], pos + start
+            if self.oracle is not None:
+                if self._oracle_state is None or int(at) != self._next_pos:
+                    self._oracle_state = [z.numpy() for z in empty_state(self.spec)] if int(at) == 0 else None
+                if self._oracle_state is not None:
+                    decisions, self._oracle_state = self.oracle.run(piece, at, self._oracle_state)
+                    self._next_pos = int(at) + piece.shape[1]
+                    for linear in self._linears():
+                        linear.decisions = decisions
+            logits, *state = self.model.step(piece, at, *state)
+            for linear in self._linears():
+                linear.decisions = None
+        return (logits, *state)
+
+    def rounding_followed(self) -> dict[str, int]:
+        linears = self._linears()
+        return {"followed": sum(m.steps_followed for m in linears), "own": sum(m.steps_own for m in linears)}
+
+
+def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False, step_path: Path | None = None, layout=None) -> nn.Module:
+    """The eager model that an int8 artifact must reproduce (module doc); with `step_path`,
+    it takes the artifact's rounding decisions where they are within one step of its own
+    (see `DynamicInt8Linear`)."""
+    model = build_model(spec, seed=seed).eval()
+    by_content: dict[bytes, nn.Module] = {}
+    with torch.no_grad():
+        table = model.embed.weight
+        # The graph's MatMul holds W^T: quantised per tensor, the same scale as W's.
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    zero_point, scale, quantized = _ort_quantized(child.weight.T, True, reduce_range)
+                    linear = DynamicInt8Linear(_dequantized(zero_point, scale, quantized).T.contiguous())
+                    by_content[quantized.tobytes()] = linear
+                    setattr(parent, name, linear)
+        model.embed.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
+    oracle = RoundingOracle(step_path, layout, by_content) if step_path is not None else None
+    return ChunkedPrefill(model, chunk, oracle).eval()
+
+
+__all__ = ["GrowingKVAttention", "use_growing_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "STEP", "WEIGHTS", "WEIGHTS_INDEX"]

@@ -1,14 +1,13 @@
-"""Run an ONNX artifact with ONNX Runtime on the CPU: one session per graph, weights shared.
+"""Run an ONNX artifact with ONNX Runtime on the CPU: one session of the step graph.
 
 This module imports only numpy and onnxruntime (never torch or onnx): a measurement of an
 ONNX artifact pays for the runtime a device would carry, not for the exporter.
 
-The weights: `weights.bin` is read once into memory; every distinct tensor becomes one
-`OrtValue` handed to both sessions through `SessionOptions.add_initializer` (ONNX
-Runtime then uses that buffer instead of reading the model's external data), so prefill
-and decode share the stored weights. What each session derives from them (MLAS's
-pre-packed GEMM weights) is per session, as it would be on a device; the measured
-footprint includes it.
+One session serves prefill and decode (see `devices.backends.onnx_export`): ONNX Runtime
+loads the weights from `weights.bin` and MLAS pre-packs the quantised MatMul weights once;
+`session.disable_prepacking` would keep the stored form instead (see `PREPACKING`).
+A prefill runs the graph in steps of at most `prefill_chunk` tokens, so it never holds a
+T x T score matrix nor activations for the whole prompt.
 
 The state lives in the runner as `OrtValue`s and goes from one step's outputs to the
 next step's inputs without a copy through numpy. Full-attention caches grow by one
@@ -29,23 +28,26 @@ from devices.artifact import Artifact, ArtifactError
 from devices.runner import Runner
 
 PROVIDER = "CPUExecutionProvider"
+#: The most tokens one prefill step runs: bounds the attention scores to [chunk, keys so far]
+#: and every other activation to the chunk. 256 rows keep the int8 GEMMs efficient.
+PREFILL_CHUNK = 256
+#: MLAS pre-packs the weights of the quantised MatMuls when the session is built. With one
+#: session the packed copy replaces the stored one (ONNX Runtime drops an initializer its
+#: kernels packed), so packing costs no memory and keeps the fast kernels.
+PREPACKING = True
 
 
 class OnnxRunner(Runner):
     def __init__(self, artifact: Artifact, threads: int | None = None):
         super().__init__(artifact, threads)
         facts = artifact.manifest.get("onnx")
-        if not isinstance(facts, dict) or "state" not in facts:
-            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no 'onnx' facts); compile it again")
+        if not isinstance(facts, dict) or "step" not in facts:
+            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no single 'step' graph); compile it again")
         self.layout = facts["state"]
         self.state_names = [entry["name"] for entry in self.layout]
-        index = json.loads(artifact.file(facts["weights_index"]).read_text())
-        # One read of the weights file into anonymous memory: what a runtime that loads its
-        # weights (rather than mapping them) holds. Views into it back the OrtValues.
-        self._weights = np.fromfile(artifact.file(facts["weights"]), dtype=np.uint8)
-        self._shared: dict[tuple, ort.OrtValue] = {}  # (offset, length, dtype, shape) -> value
-        self.sessions = {graph: self._session(artifact.file(facts[graph]), index[facts[graph]]) for graph in ("prefill", "decode")}
-        self.output_names = {graph: [o.name for o in session.get_outputs()] for graph, session in self.sessions.items()}
+        self.chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
+        self.session = ort.InferenceSession(str(artifact.file(facts["step"])), sess_options=self._options(), providers=[PROVIDER])
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.state: list[ort.OrtValue] = []
         self.reset()
 
@@ -58,19 +60,9 @@ class OnnxRunner(Runner):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if not PREPACKING:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         return options
-
-    def _session(self, path, initializers: dict[str, dict]) -> ort.InferenceSession:
-        options = self._options()
-        for name, entry in initializers.items():
-            key = (entry["offset"], entry["length"], entry["dtype"], tuple(entry["shape"]))
-            value = self._shared.get(key)
-            if value is None:
-                raw = self._weights[entry["offset"] : entry["offset"] + entry["length"]]
-                array = raw.view(np.dtype(entry["dtype"])).reshape(entry["shape"])
-                value = self._shared[key] = ort.OrtValue.ortvalue_from_numpy(array)
-            options.add_initializer(name, value)
-        return ort.InferenceSession(str(path), sess_options=options, providers=[PROVIDER])
 
     # -- running ------------------------------------------------------------------------
 
@@ -85,12 +77,20 @@ class OnnxRunner(Runner):
         if pos < 0 or pos + count > self.artifact.max_context:
             raise ValueError(f"positions {pos}..{pos + count - 1} exceed max_context={self.artifact.max_context}")
 
+    def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        feeds = {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens), "pos": ort.OrtValue.ortvalue_from_numpy(np.array([pos], dtype=np.int64))}
+        feeds.update(zip(self.state_names, self.state))
+        outputs = self.session.run_with_ort_values(self.output_names, feeds)
+        self.state = list(outputs[1:])
+        return outputs[0].numpy()
+
     def prefill(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         self._check_positions(0, tokens.shape[1])
-        outputs = self.sessions["prefill"].run_with_ort_values(self.output_names["prefill"], {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens)})
-        self.state = list(outputs[1:])
-        return outputs[0].numpy()
+        self.reset()
+        for start in range(0, tokens.shape[1], self.chunk):
+            logits = self._step(np.ascontiguousarray(tokens[:, start : start + self.chunk]), start)
+        return logits
 
     def _cache_at(self, pos: int) -> None:
         """Make every growing cache hold exactly `pos` positions (cut, or zero-padded)."""
@@ -115,14 +115,10 @@ class OnnxRunner(Runner):
         token = np.ascontiguousarray(token, dtype=np.int64).reshape(1, 1)
         self._check_positions(pos, 1)
         self._cache_at(pos)
-        feeds = {"token": ort.OrtValue.ortvalue_from_numpy(token), "pos": ort.OrtValue.ortvalue_from_numpy(np.array([pos], dtype=np.int64))}
-        feeds.update(zip(self.state_names, self.state))
-        outputs = self.sessions["decode"].run_with_ort_values(self.output_names["decode"], feeds)
-        self.state = list(outputs[1:])
-        return outputs[0].numpy()
+        return self._step(token, pos)
 
     def stack(self) -> dict:
-        session = self.sessions["decode"]
+        session = self.session
         return {
             "backend": "onnx",
             "runtime": f"onnxruntime {ort.__version__}",
@@ -135,14 +131,13 @@ class OnnxRunner(Runner):
             "inter_op_threads": 1,
             "execution_mode": "sequential",
             "graph_optimization_level": "ORT_ENABLE_ALL",
-            "weights": "weights.bin read once; each distinct tensor shared by both sessions (add_initializer)",
-            "shared_weight_tensors": len(self._shared),
+            "weights": "one session for prefill and decode; weights.bin loaded by ONNX Runtime" + (", MatMul weights pre-packed once" if PREPACKING else ", pre-packing disabled"),
+            "prefill_chunk": self.chunk,
         }
 
     def close(self) -> None:
-        self.sessions = {}
+        self.session = None
         self.state = []
-        self._shared = {}
 
 
 __all__ = ["OnnxRunner"]

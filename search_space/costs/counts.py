@@ -17,16 +17,18 @@ Conventions
   short contexts; a runtime's KV-cache attention kernel executes about this.
 * Weight bytes per precision, and what stays unquantised:
   - `fp32` 4 bytes and `bf16` 2 bytes per parameter (a tied head is stored once);
-  - `int8` (ONNX Runtime weight-only): every linear weight, the LM head included, 1 byte
-    per element plus one fp32 scale per output channel (symmetric, no zero point);
+  - `int8` (ONNX Runtime `quantize_dynamic`): every linear weight, the LM head included, 1
+    byte per element plus one fp32 scale per tensor (symmetric, no zero point), and the
+    embedding table too (a uint8 table and a scale, dequantised after the lookup); a *tied*
+    head is a second int8 copy of the table (transposed for the MatMul);
   - `8da4w` (ExecuTorch/XNNPACK, int8 dynamic activations, int4 weights): every linear
     weight 4 bits per element (two per byte) plus one fp32 scale per group of
     `group_size` input elements (symmetric; an input width that is not a multiple of
     the group size is padded to one);
-  - for `int8` and `8da4w` the embedding table stays fp32 (it is a lookup, which neither
-    runtime quantises), norms and conv kernels stay fp32, and a *tied* LM head becomes a
-    quantised copy of the embedding: the lookup keeps the fp32 table, so the tie costs
-    the quantised head on top of it.
+  - for `8da4w` the embedding table stays fp32 (a lookup, which the runtime does not
+    quantise) and a *tied* LM head becomes a quantised copy of the embedding: the lookup
+    keeps the fp32 table, so the tie costs the quantised head on top of it;
+  - norms and conv kernels stay fp32.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def decode_flops(spec: ArchSpec, context: int) -> int:
 
 def _quantised_linear_bytes(out_features: int, in_features: int, precision: str, group_size: int) -> int:
     if precision == "int8":
-        return out_features * in_features + out_features * SCALE_BYTES
+        return out_features * in_features + SCALE_BYTES  # one scale per tensor
     groups = math.ceil(in_features / group_size)  # 8da4w: rows padded to whole groups
     return out_features * groups * (group_size // 2 + SCALE_BYTES)
 
@@ -155,7 +157,7 @@ def weight_bytes_breakdown(spec: ArchSpec, precision: str, group_size: int = 32)
             "other": per * small,
         }
     return {
-        "embedding": 4 * embed,
+        "embedding": embed + SCALE_BYTES if precision == "int8" else 4 * embed,
         "linears": sum(_quantised_linear_bytes(o, i, precision, group_size) for o, i in shapes),
         "head": _quantised_linear_bytes(*head_shape, precision, group_size),
         "other": 4 * small,

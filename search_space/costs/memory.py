@@ -14,13 +14,13 @@ the model, and are the knobs that measured errors tune:
 * `packed_copies`: resident copies of the linear weights in the form the kernels use.
   XNNPACK packs the weights of every *loaded method* into its own buffers, so a `.pte`
   with a prefill and a decode method holds two packed copies (FEASIBILITY.md); ONNX
-  Runtime pre-packs MatMul weights per session (a prefill and a decode session);
-  `loaded_methods` sets how many methods or sessions the measurement loads (default 2).
+  Runtime runs one session of one step graph, whose MatMul weights MLAS packs once;
+  `loaded_methods` sets how many methods the measurement loads (default 2).
   Eager PyTorch uses the parameters as they are.
 * `serialized_copy`: the fraction of the serialised weights (the program or model file
   data) that is still resident at the peak, next to the packed copies: the loader reads
   (or maps and touches) them while packing.
-* the embedding table is held once, in fp32 for every quantised variant (see
+* the embedding table is held once, in fp32 for 8da4w and int8 for ONNX int8 (see
   `counts.py`); a tied LM head is a separate packed linear in the compiled runtimes, and
   the table itself in eager PyTorch.
 * `state_copies`: copies of the whole decode state (`counts.state_bytes` at `context`)
@@ -28,8 +28,9 @@ the model, and are the knobs that measured errors tune:
   state in ONNX Runtime and eager PyTorch.
 * the activation workspace is the largest working set of one layer in the prefill graph
   (`activation_workspace_bytes`; `full_attention` says whether the runtime materialises
-  full attention's scores over the static cache, over the prompt, or not at all), times
-  `activation_factor` for the runtime's arena policy.
+  full attention's scores over the static cache, over the prompt, or not at all;
+  `prefill_chunk` bounds the rows of a prefill step), times `activation_factor` for the
+  runtime's arena policy.
 * `overhead_bytes`: what loading any model costs the runtime beyond the above, per loaded
   method or session where `per_method`.
 
@@ -76,6 +77,9 @@ class RuntimeMemoryModel:
     full_attention: str  # how full attention's prefill scores are held: static, prefix or flash
     activation_factor: float  # the runtime's arena policy on top of the working set
     overhead_bytes: int  # per method/session when per_method, else once
+    prefill_chunk: int = 0  # tokens per prefill step (0: the whole prompt in one step)
+    embedding_resident: bool = True  # False: the table is mapped, and a lookup touches only its rows
+    layer_buffer_factor: float = 0.0  # arena blocks kept per layer: this x one step's SwiGLU rows
 
 
 #: The runtimes as the devices backends build them (devices/backends/*.py):
@@ -84,11 +88,13 @@ class RuntimeMemoryModel:
 #:   KV-cache `custom_sdpa` op (flash-style: no score matrix); XNNPACK packs the weights of
 #:   each loaded method; the serialised weights are assumed resident at the peak (the
 #:   loader holds them while packing).
-#: * ONNX Runtime: a prefill and a decode session; the stored weights loaded once and handed
-#:   to both (`add_initializer`), MLAS pre-packs the MatMul weights per session; the K/V
-#:   cache grows (prefill scores cover the prompt only) and a step holds its input and
-#:   output state. Overhead measured: +31 MiB for one session of a 2.2M-parameter model
-#:   (9 MiB of weights) over the `import onnxruntime` baseline, i.e. ~22 MiB per session.
+#: * ONNX Runtime: one session of one step graph for prefill and decode; MLAS packs the
+#:   MatMul weights once (the packed copy replaces the stored one); int8 stores the table
+#:   and a tied head as two int8 tensors; a prefill runs in steps of 256 tokens, so its
+#:   activations hold 256 rows and the last step's scores [256, prompt]; the K/V cache
+#:   grows and a step holds its input and output state. Fitted on LFM2-350M int8 at
+#:   prefill 2,048 and 8,192 and on a 29M-parameter model (BENCHMARKS.md, "ONNX Runtime:
+#:   one step graph").
 #: * eager PyTorch: the parameters as they are; the portable static cache of `max_context`
 #:   slots, input and output state both alive, scores over every slot. Fitted on one
 #:   model (29M parameters, d 512, 2 of 8 layers attention, prefill then one decode step):
@@ -96,11 +102,24 @@ class RuntimeMemoryModel:
 #:   151 / 238 / 494 MiB.
 #: The ExecuTorch figures are not yet checked against a measurement: the search records
 #: each trial's `memory_estimate_error`, which is what should tune them.
+#: ONNX Runtime's parameters: `devices.backends.onnx_runner.PREFILL_CHUNK` (repeated:
+#: search_space may not import devices); the rest fitted to measurements (2026-12-01,
+#: BENCHMARKS.md "ONNX Runtime: one step graph"): what loading adds beyond the packed
+#: weights (LFM2-350M int8: +357 MiB at load for 338 MiB of packed weights; the int8 table
+#: is mapped from weights.bin and only looked-up rows become resident), and what a prefill
+#: adds beyond two copies of the state: 1.71 x the largest working set of one step plus
+#: 1.25 x a step's SwiGLU rows per layer (the arena keeps blocks across layers), which
+#: reproduces LFM2-350M int8 at prefill 2,048 / 8,192 (+306 / +923 MiB after load) and a
+#: 29M-parameter model (+83 MiB) within 2%.
+ONNX_PREFILL_CHUNK = 256
+ONNX_ACTIVATION_FACTOR = 1.71
+ONNX_LAYER_BUFFERS = 1.25
+ONNX_OVERHEAD = 16 * MIB
 RUNTIME_MODELS: dict[tuple[str, str], RuntimeMemoryModel] = {
     ("executorch", "fp32"): RuntimeMemoryModel("fp32", 1, True, 1.0, True, 1.0, "flash", 1.0, 8 * MIB),
     ("executorch", "8da4w"): RuntimeMemoryModel("8da4w", 1, True, 1.0, True, 1.0, "flash", 1.0, 8 * MIB),
-    ("onnx", "fp32"): RuntimeMemoryModel("fp32", 1, True, 1.0, True, 2.0, "prefix", 1.25, 22 * MIB),
-    ("onnx", "int8"): RuntimeMemoryModel("int8", 1, True, 1.0, True, 2.0, "prefix", 1.25, 22 * MIB),
+    ("onnx", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, True, 2.0, "prefix", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, True, ONNX_LAYER_BUFFERS),
+    ("onnx", "int8"): RuntimeMemoryModel("int8", 1, False, 0.0, True, 2.0, "prefix", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS),
     ("eager", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, False, 2.0, "static", 1.25, 24 * MIB),
 }
 
@@ -140,7 +159,7 @@ def check_backend_quant(backend: str, quant: str) -> None:
 
 
 def activation_workspace_bytes(
-    spec: ArchSpec, tokens: int, max_context: int, full_attention: str = "static", bytes_per_element: int = 4
+    spec: ArchSpec, tokens: int, max_context: int, full_attention: str = "static", bytes_per_element: int = 4, chunk: int = 0
 ) -> int:
     """The largest working set of one layer in a prefill of `tokens` tokens: the residual
     stream plus the biggest of the SwiGLU (w1, w3 and their product), the conv operator
@@ -148,14 +167,17 @@ def activation_workspace_bytes(
     scores and probabilities). Full attention scores `max_context` keys per query with a
     static cache ('static'), the prompt's own keys with a growing cache ('prefix'), and
     holds no score matrix in a flash-style kernel ('flash'); an swa layer always scores
-    its ring of `swa_window` slots plus the new tokens."""
+    its ring of `swa_window` slots plus the new tokens. With `chunk` > 0 the prefill runs in
+    steps of at most `chunk` tokens: every activation holds at most `chunk` rows, and the
+    last step's queries score all `tokens` keys ('prefix')."""
     if full_attention not in ("static", "prefix", "flash"):
         raise ValueError(f"full_attention must be static, prefix or flash, got {full_attention!r}")
-    t, d, f = tokens, spec.d_model, spec.ffn_dim
+    t = min(tokens, chunk) if chunk > 0 else tokens
+    d, f = spec.d_model, spec.ffn_dim
     largest = max(3 * t * f, 4 * t * d)
     for op in set(spec.layers) - {"conv"}:
         if op == "attn":
-            keys = {"static": max_context, "prefix": t, "flash": 0}[full_attention]
+            keys = {"static": max_context, "prefix": tokens, "flash": 0}[full_attention]
         else:
             keys = spec.swa_window + t
         projections = 2 * t * (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim
@@ -192,10 +214,13 @@ def estimate_peak_memory(
         head = 4 * spec.vocab_size * spec.d_model  # the packed head is a copy of the table
     packed = stored["linears"] + head
     copies = model.packed_copies * (loaded_methods if model.per_method else 1)
-    weights = copies * packed + model.serialized_copy * packed + stored["embedding"] + stored["other"]
+    embedding = stored["embedding"] if model.embedding_resident else 0
+    weights = copies * packed + model.serialized_copy * packed + embedding + stored["other"]
 
     state = model.state_copies * counts.state_bytes(spec, context)
-    activation = model.activation_factor * activation_workspace_bytes(spec, tokens, context, model.full_attention)
+    activation = model.activation_factor * activation_workspace_bytes(spec, tokens, context, model.full_attention, chunk=model.prefill_chunk)
+    rows = min(tokens, model.prefill_chunk) if model.prefill_chunk else tokens
+    activation += model.layer_buffer_factor * spec.n_layers * rows * spec.ffn_dim * 4
 
     most_compact = {"fp32": 4.0, "int8": 1.0, "8da4w": 0.5}[model.linear_precision]
     # the layers' linear weights (one per MAC of a token) and the LM head, which every
