@@ -21,7 +21,7 @@ from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 #: Backends and the precisions each one compiles.
 QUANTS: dict[str, tuple[str, ...]] = {

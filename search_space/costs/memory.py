@@ -12,24 +12,26 @@ Each runtime's parameters (`RuntimeMemoryModel`, in `RUNTIME_MODELS`) say how it
 the model, and are the knobs that measured errors tune:
 
 * `packed_copies`: resident copies of the linear weights in the form the kernels use.
-  XNNPACK packs the weights of every *loaded method* into its own buffers, so a `.pte`
-  with a prefill and a decode method holds two packed copies (FEASIBILITY.md); ONNX
-  Runtime pre-packs MatMul weights per session (a prefill and a decode session);
-  `loaded_methods` sets how many methods or sessions the measurement loads (default 2).
-  Eager PyTorch uses the parameters as they are.
+  XNNPACK packs the weights of every *loaded method* into its own buffers (FEASIBILITY.md),
+  which is why the ExecuTorch program has one computing method (`forward`, prefill in
+  chunks and decode through one graph): one packed copy. ONNX Runtime pre-packs MatMul
+  weights per session (a prefill and a decode session); `loaded_methods` sets how many
+  sessions the measurement loads (default 2) where `per_method`. Eager PyTorch uses the
+  parameters as they are.
 * `serialized_copy`: the fraction of the serialised weights (the program or model file
   data) that is still resident at the peak, next to the packed copies: the loader reads
   (or maps and touches) them while packing.
-* the embedding table is held once, in fp32 for every quantised variant (see
-  `counts.py`); a tied LM head is a separate packed linear in the compiled runtimes, and
-  the table itself in eager PyTorch.
+* the embedding table is held once, at the precision `counts.py` gives it (fp32, but a
+  4-bit table for ExecuTorch 8da4w); a tied LM head is a separate packed linear in the
+  compiled runtimes, and the table itself in eager PyTorch.
 * `state_copies`: copies of the whole decode state (`counts.state_bytes` at `context`)
   alive at once: one in ExecuTorch's shared mutable buffers; a step's input and output
   state in ONNX Runtime and eager PyTorch.
 * the activation workspace is the largest working set of one layer in the prefill graph
   (`activation_workspace_bytes`; `full_attention` says whether the runtime materialises
   full attention's scores over the static cache, over the prompt, or not at all), times
-  `activation_factor` for the runtime's arena policy.
+  `activation_factor` for the runtime's arena policy. A runtime that prefills in chunks
+  (`prefill_chunk`: ExecuTorch) plans one chunk's working set, whatever the prompt.
 * `overhead_bytes`: what loading any model costs the runtime beyond the above, per loaded
   method or session where `per_method`.
 
@@ -75,14 +77,16 @@ class RuntimeMemoryModel:
     full_attention: str  # how full attention's prefill scores are held: static, prefix or flash
     activation_factor: float  # the runtime's arena policy on top of the working set
     overhead_bytes: int  # per method/session when per_method, else once
+    prefill_chunk: int | None = None  # a prefill runs in chunks of this many tokens (None: whole)
 
 
 #: The runtimes as the devices backends build them (devices/backends/*.py):
-#: * ExecuTorch: a `.pte` with `prefill_<T>`, `decode` and `reset` methods sharing the state
-#:   in mutable buffers (one copy, `max_context` slots); full attention through the
-#:   KV-cache `custom_sdpa` op (flash-style: no score matrix); XNNPACK packs the weights of
-#:   each loaded method; the serialised weights are assumed resident at the peak (the
-#:   loader holds them while packing).
+#: * ExecuTorch: a `.pte` with one computing method, `forward(tokens [1, T <= 128], pos)`
+#:   (a prefill is a loop of 128-token chunks, a decode step a chunk of one) and `reset`,
+#:   sharing the state in mutable buffers (one copy, `max_context` slots); full attention
+#:   through the KV-cache `custom_sdpa` op (flash-style: no score matrix); XNNPACK packs the
+#:   weights once (one method); the serialised weights are assumed resident at the peak
+#:   (the loader holds them while packing).
 #: * ONNX Runtime: a prefill and a decode session; the stored weights loaded once and handed
 #:   to both (`add_initializer`), MLAS pre-packs the MatMul weights per session; the K/V
 #:   cache grows (prefill scores cover the prompt only) and a step holds its input and
@@ -96,8 +100,8 @@ class RuntimeMemoryModel:
 #: The ExecuTorch figures are not yet checked against a measurement: the search records
 #: each trial's `memory_estimate_error`, which is what should tune them.
 RUNTIME_MODELS: dict[tuple[str, str], RuntimeMemoryModel] = {
-    ("executorch", "fp32"): RuntimeMemoryModel("fp32", 1, True, 1.0, True, 1.0, "flash", 1.0, 8 * MIB),
-    ("executorch", "8da4w"): RuntimeMemoryModel("8da4w", 1, True, 1.0, True, 1.0, "flash", 1.0, 8 * MIB),
+    ("executorch", "fp32"): RuntimeMemoryModel("fp32", 1, False, 1.0, True, 1.0, "flash", 1.0, 8 * MIB, prefill_chunk=128),
+    ("executorch", "8da4w"): RuntimeMemoryModel("8da4w", 1, False, 1.0, True, 1.0, "flash", 1.0, 8 * MIB, prefill_chunk=128),
     ("onnx", "fp32"): RuntimeMemoryModel("fp32", 1, True, 1.0, True, 2.0, "prefix", 1.25, 22 * MIB),
     ("onnx", "int8"): RuntimeMemoryModel("int8", 1, True, 1.0, True, 2.0, "prefix", 1.25, 22 * MIB),
     ("eager", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, False, 2.0, "static", 1.25, 24 * MIB),
@@ -192,7 +196,8 @@ def estimate_peak_memory(
     weights = copies * packed + model.serialized_copy * packed + stored["embedding"] + stored["other"]
 
     state = model.state_copies * counts.state_bytes(spec, context)
-    activation = model.activation_factor * activation_workspace_bytes(spec, tokens, context, model.full_attention)
+    planned = tokens if model.prefill_chunk is None else min(tokens, model.prefill_chunk)
+    activation = model.activation_factor * activation_workspace_bytes(spec, planned, context, model.full_attention)
 
     most_compact = {"fp32": 4.0, "int8": 1.0, "8da4w": 0.5}[model.linear_precision]
     # the layers' linear weights (one per MAC of a token) and the LM head, which every
