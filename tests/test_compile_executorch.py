@@ -52,8 +52,9 @@ def test_runner_prefill_in_chunks_decode_reset_and_stack(fp32_artifact):
     with open_runner(fp32_artifact, threads=1) as runner:
         stack = runner.stack()
         assert stack["backend"] == "executorch" and stack["delegate"] == "XNNPACK" and stack["threads"] == 1
-        # Prompt lengths are a runtime choice: one chunk, a part of one, two chunks with a short tail.
-        for prompt in (PROMPT, 5, LONG_PROMPT):
+        # Prompt lengths are a runtime choice: shorter than the sliding window (1, 5), longer, and two
+        # chunks with a short tail.
+        for prompt in (PROMPT, 1, 5, LONG_PROMPT):
             reference = eager_reference(SPEC, 0, MAX_CONTEXT, tokens[:, : prompt + 4], prompt)
             for _ in range(2):  # a second prefill starts again from an empty state
                 got = [runner.prefill(tokens[:, :prompt])[0]]

@@ -99,7 +99,8 @@ class ExecuTorchLFM2(nn.Module):
         """The additive mask [T, W + T] over [ring ; new keys]."""
         window = self.window
         slots = torch.arange(window)
-        held = (first - 1) - torch.remainder(first - 1 - slots, window)
+        # Operands of `remainder` kept >= 0: ExecuTorch's integer kernel takes C's sign rule.
+        held = (first - 1) - torch.remainder(first - 1 - slots + window, window)
         key_positions = torch.cat((held, positions))
         visible = (key_positions[None, :] >= 0) & (key_positions[None, :] <= positions[:, None]) & (key_positions[None, :] > positions[:, None] - window)
         return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
@@ -109,7 +110,7 @@ class ExecuTorchLFM2(nn.Module):
         last position p in [first, first + T) with p % W == s) and whether there is one."""
         last = first + t - 1
         slots = torch.arange(self.window)
-        newest = last - torch.remainder(last - slots, self.window)
+        newest = last - torch.remainder(last - slots + self.window, self.window)  # >= 0, as above
         index = newest - first
         return index.clamp(min=0), index >= 0
 
