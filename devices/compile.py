@@ -178,9 +178,10 @@ def compile(
     verify: bool = True,
     retry_failed: bool = False,
 ) -> Artifact:
-    """Compile `spec` for `backend` at `quant` with K/V buffers for `max_context` tokens
-    and one static prefill graph per prompt length; cached, and checked against eager
-    unless `verify=False`. Raises `CompileError` (with `.stage`) when it cannot.
+    """Compile `spec` for `backend` at `quant` with K/V buffers for `max_context` tokens,
+    for the given prompt lengths (a backend that runs any length, as ExecuTorch's chunked
+    prefill does, records them and is verified at the shortest); cached, and checked
+    against eager unless `verify=False`. Raises `CompileError` (with `.stage`) when it cannot.
 
     A failure that would repeat (the toolchain refused the model, or the artifact disagrees
     with eager) is cached too, per toolchain versions, so a search does not spend minutes
