@@ -47,14 +47,15 @@ QUANT_MIN_TOP1 = 0.95
 #: ... unless the quantised reference cannot meet that bound against itself. Its int8 dynamic
 #: activations round to a grid, so an fp32-rounding-sized change of its input flips some
 #: roundings, and a deep model of random weights amplifies the flips: LFM2-350M's 8da4w
-#: reference against itself with its embedding output scaled by 1 + 1e-7 (or 1e-6) has a
-#: logit cosine of 0.9978 at 128 and at 2,048 tokens -- below 0.999 -- while its ExecuTorch
-#: program (every linear equal to torchao's to 3e-7) is at 0.991. So a quantised artifact
-#: also passes when its distance (1 - cosine) is within `QUANT_FLOOR_FACTOR` times that
-#: floor, measured on the same tokens. A wrong scale in one linear of a small model is
-#: still caught (tests/test_compile_executorch.py).
+#: reference against itself with its embedding output scaled by 1 + 1e-7 has a logit cosine
+#: of 0.9978 (prefill of 128 tokens) and 0.9929 (2,048 tokens and 8 decode steps) -- below
+#: 0.999 -- while its ExecuTorch program (every linear equal to torchao's to 3e-7) is at
+#: 0.9911. So a quantised artifact also passes when its distance (1 - cosine) is within
+#: `QUANT_FLOOR_FACTOR` times that floor, measured on the same tokens (computed only when the
+#: fixed bound fails). A wrong scale in one linear of a small model is still caught
+#: (tests/test_compile_executorch.py).
 QUANT_FLOOR_PERTURBATION = 1e-7
-QUANT_FLOOR_FACTOR = 10.0
+QUANT_FLOOR_FACTOR = 4.0
 #: A quantised artifact of a backend that has no same-precision reference is compared with
 #: fp32 (quantisation noise included), so only a coarse bound can be asked of it.
 FP32_REFERENCE_MIN_COSINE = 0.98
