@@ -138,3 +138,24 @@ def test_a_wrong_scale_in_the_program_fails_verification_with_both_numbers(tmp_p
     assert f"min cosine {report['min_cosine']:.4f} (needs {report['tolerance']['min_cosine']:.4g})" in message
     assert f"against fp32: min cosine {report['fp32_distance']['min_cosine']:.4f}" in message
     assert not list((tmp_path / "artifacts").glob("[!.]*"))  # nothing entered the cache
+
+
+def test_quantised_tolerance_widens_only_to_the_references_own_floor():
+    """A quantised reference that cannot meet 0.999 against itself (an input nudged by 1e-7)
+    sets the bound: QUANT_FLOOR_FACTOR times its own distance, never looser than that."""
+    from types import SimpleNamespace
+
+    from devices.compile import QUANT_FLOOR_FACTOR, QUANT_MIN_COSINE, _tolerance
+
+    artifact = SimpleNamespace(quant="8da4w")
+    report = {"min_cosine": 0.991, "top1_agreement": 1.0}
+    bounds, ok, why = _tolerance(artifact, "eager 8da4w", dict(report))
+    assert not ok and bounds["min_cosine"] == QUANT_MIN_COSINE and "needs 0.999" in why
+    floor = {"perturbation": 1e-7, "min_cosine": 0.9929, "top1_agreement": 1.0}
+    bounds, ok, why = _tolerance(artifact, "eager 8da4w", {**report, "reference_floor": floor})
+    assert ok and bounds["min_cosine"] == pytest.approx(1 - QUANT_FLOOR_FACTOR * 0.0071)
+    _, ok, why = _tolerance(artifact, "eager 8da4w", {**report, "min_cosine": 0.95, "reference_floor": floor})
+    assert not ok and "the reference against itself" in why
+    # a floor better than 0.999 never tightens the fixed bound
+    bounds, _, _ = _tolerance(artifact, "eager 8da4w", {**report, "reference_floor": {**floor, "min_cosine": 0.99999}})
+    assert bounds["min_cosine"] == QUANT_MIN_COSINE
