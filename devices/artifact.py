@@ -22,7 +22,7 @@ from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2  # 2: ONNX artifacts are one step graph (prefill in chunks)
+MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, ExecuTorch forward), prefill in chunks
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.

@@ -46,6 +46,18 @@ FP32_REL_TOL = 1e-4
 #: cosine 1 - 1e-14, top-1 1.00 (against fp32: cosine 0.964, top-1 0.78).
 QUANT_MIN_COSINE = 0.999
 QUANT_MIN_TOP1 = 0.95
+#: ... unless the quantised reference cannot meet that bound against itself. Its int8 dynamic
+#: activations round to a grid, so an fp32-rounding-sized change of its input flips some
+#: roundings, and a deep model of random weights amplifies the flips: LFM2-350M's 8da4w
+#: reference against itself with its embedding output scaled by 1 + 1e-7 has a logit cosine
+#: of 0.9978 (prefill of 128 tokens) and 0.9929 (2,048 tokens and 8 decode steps) -- below
+#: 0.999 -- while its ExecuTorch program (every linear equal to torchao's to 3e-7) is at
+#: 0.9911. So a quantised artifact also passes when its distance (1 - cosine) is within
+#: `QUANT_FLOOR_FACTOR` times that floor, measured on the same tokens (computed only when the
+#: fixed bound fails). A wrong scale in one linear of a small model is still caught
+#: (tests/test_compile_executorch.py).
+QUANT_FLOOR_PERTURBATION = 1e-7
+QUANT_FLOOR_FACTOR = 4.0
 
 
 class CompileError(UserError):
@@ -176,9 +188,10 @@ def compile(
     verify: bool = True,
     retry_failed: bool = False,
 ) -> Artifact:
-    """Compile `spec` for `backend` at `quant` with K/V buffers for `max_context` tokens
-    and one static prefill graph per prompt length; cached, and checked against eager
-    unless `verify=False`. Raises `CompileError` (with `.stage`) when it cannot.
+    """Compile `spec` for `backend` at `quant` with K/V buffers for `max_context` tokens,
+    for the given prompt lengths (a backend that runs any length, as ExecuTorch's chunked
+    prefill does, records them and is verified at the shortest); cached, and checked
+    against eager unless `verify=False`. Raises `CompileError` (with `.stage`) when it cannot.
 
     A failure that would repeat (the toolchain refused the model, or the artifact disagrees
     with eager) is cached too, per toolchain versions, so a search does not spend minutes
@@ -322,6 +335,18 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
     }
 
 
+def _reference_floor(model, max_context: int, tokens: np.ndarray, prompt_length: int, expected: np.ndarray) -> dict[str, Any]:
+    """The quantised reference against itself with its embedding output scaled by
+    1 + QUANT_FLOOR_PERTURBATION (see QUANT_FLOOR_FACTOR)."""
+    handle = model.embed.register_forward_hook(lambda _module, _inputs, output: output * (1.0 + QUANT_FLOOR_PERTURBATION))
+    try:
+        perturbed = step_logits(model, max_context, tokens, prompt_length)
+    finally:
+        handle.remove()
+    floor = compare_logits(expected, perturbed)
+    return {"perturbation": QUANT_FLOOR_PERTURBATION, "min_cosine": floor["min_cosine"], "top1_agreement": floor["top1_agreement"]}
+
+
 def _tolerance(artifact: Artifact, reference: str, report: dict[str, Any]) -> tuple[dict[str, float], bool, str]:
     """(the bounds, whether the report is within them, the reason if not). A backend module
     may state its own per precision (`VERIFY_TOLERANCES[quant]`: `min_cosine`,
@@ -338,8 +363,13 @@ def _tolerance(artifact: Artifact, reference: str, report: dict[str, Any]) -> tu
         bound = FP32_REL_TOL * max(1.0, report["max_abs_logit"])
         return {"max_abs_diff": bound}, report["max_abs_diff"] <= bound, f"max |logit diff| {report['max_abs_diff']:.3g} > {bound:.3g}"
     cosine, top1 = QUANT_MIN_COSINE, QUANT_MIN_TOP1
+    floor = report.get("reference_floor")
+    if floor is not None:  # the reference's own noise floor is the coarser bound
+        cosine = min(cosine, 1.0 - QUANT_FLOOR_FACTOR * (1.0 - floor["min_cosine"]))
     ok = report["min_cosine"] >= cosine and report["top1_agreement"] >= top1
-    why = f"min cosine {report['min_cosine']:.4f} (needs {cosine}), top-1 agreement {report['top1_agreement']:.2f} (needs {top1})"
+    why = f"min cosine {report['min_cosine']:.4f} (needs {cosine:.4g}), top-1 agreement {report['top1_agreement']:.2f} (needs {top1})"
+    if floor is not None:
+        why += f"; the reference against itself, input x (1 + {floor['perturbation']:g}): min cosine {floor['min_cosine']:.4f}"
     return {"min_cosine": cosine, "top1_agreement": top1}, ok, why
 
 
@@ -370,9 +400,15 @@ def verify_against_eager(artifact: Artifact, seed: int) -> dict[str, Any]:
         expected = step_logits(model, artifact.max_context, tokens, prompt_length)
     except Exception as exc:
         raise CompileError("verify", f"building the eager reference of the {artifact.backend}/{artifact.quant} artifact failed", exc) from exc
-    del model
     report = compare_logits(expected, observed)
     report.update(prompt_length=prompt_length, decode_steps=steps, reference=reference)
+    own_tolerance = getattr(backend_module(artifact.backend), "VERIFY_TOLERANCES", {}).get(artifact.quant)
+    if artifact.quant != "fp32" and not own_tolerance and report["min_cosine"] < QUANT_MIN_COSINE:
+        try:
+            report["reference_floor"] = _reference_floor(model, artifact.max_context, tokens, prompt_length, expected)
+        except Exception as exc:
+            raise CompileError("verify", "measuring the reference's own noise floor failed", exc) from exc
+    del model
     if artifact.quant != "fp32":
         fp32 = eager_reference(spec, seed, artifact.max_context, tokens, prompt_length)
         report["fp32_distance"] = {k: v for k, v in compare_logits(fp32, observed).items() if k != "steps"}

@@ -95,7 +95,9 @@ class Child:
         self.result["thermal"]["before"] = stack.thermal_snapshot(self.cpus)
 
         self.progress("import_runtime")
-        backend_module(artifact.backend)
+        module = backend_module(artifact.backend)
+        if hasattr(module, "import_runtime"):  # a backend whose runtime is imported lazily
+            module.import_runtime()
         baseline = stack.rss_bytes()
         peak_was_reset = stack.reset_peak_rss()
         heavy = [name for name in ("torch", "executorch", "onnxruntime", "torchao", "llama_cpp") if name in sys.modules]

@@ -1,23 +1,25 @@
-"""The LFM2 model rewritten for ExecuTorch: decode state in mutable buffers shared by the
-methods of one program, full attention through ExecuTorch's KV-cache ops.
+"""The LFM2 model rewritten for ExecuTorch: one method for prefill and decode, decode state
+in mutable buffers, full attention through ExecuTorch's KV-cache ops.
 
 `lfm2.model.LFM2.step` takes and returns its state explicitly, which is portable but makes
-every decode read the whole `max_context` K/V buffer. Here, using the same weights
-(the submodules of an `LFM2`):
+every decode read the whole `max_context` K/V buffer. Here, using the same weights (the
+submodules of an `LFM2`), `forward(tokens [1, T], pos [1])` runs T tokens (1 <= T <= the
+prefill chunk, a dynamic dimension) from absolute position `pos`, continuing the state:
 
+* a prefill of any length is a loop of chunks through this one graph (as ExecuTorch's LLM
+  runner and llama.cpp's ubatches do) and a decode step is a chunk of one token, so the
+  weights are packed once and nothing is lowered per prompt length;
 * each full-attention layer keeps K and V in mutable buffers `[1, max_context, Hkv, D]`,
   written by `llama::update_cache` and read by `llama::custom_sdpa`, which attends over
-  the first `start_pos + T` positions only: decode cost follows the context depth;
-* sliding-window layers keep a ring of `swa_window` slots (bounded anyway) and attend
-  with the model's own `AttentionCore` arithmetic (cat + bmm + additive mask);
+  the first `pos + T` positions only: decode cost follows the context depth;
+* sliding-window layers keep a ring of `swa_window` slots and attend with the model's own
+  `AttentionCore` arithmetic (cat + bmm + additive mask); the ring is rewritten whole
+  (a static shape, whatever T is);
 * conv layers keep their last `K - 1` gated inputs in a buffer.
 
-All buffers are shared between the methods (`share_mutable_buffers`), so a `prefill_<T>`
-hands its state to `decode` inside the runtime, and `reset` zeroes it. Everything that
-depends only on the position (rotary cos/sin, the window mask, ring slots) is computed
-once at the top of the graph -- for a prefill it is a constant -- so that it does not cut
-the XNNPACK partitions; what remains outside XNNPACK is the embedding lookup, the custom
-attention ops and the int64 position arithmetic.
+`reset` zeroes the state; the buffers are shared between the two methods
+(`share_mutable_buffers`). The embedding may be replaced by a 4-bit table
+(`QuantizedEmbedding`, ExecuTorch's `quantized_decomposed::embedding_4bit`).
 """
 
 from __future__ import annotations
@@ -30,16 +32,6 @@ from torch import Tensor, nn
 from lfm2.model import LFM2
 
 
-def _inv_freq(head_dim: int, theta: float) -> Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-
-
-def _cos_sin_table(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    freqs = positions.to(torch.float64)[:, None] * _inv_freq(head_dim, theta)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().float(), emb.sin().float()
-
-
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [1, T, H, D], cos/sin [T, 1, D] (already broadcastable): rotate-half RoPE."""
     half = x.shape[-1] // 2
@@ -47,22 +39,48 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-class ExecuTorchLFM2(nn.Module):
-    """One method of the program: `prefill` (tokens [1, T] from position 0, T static),
-    `decode` (token [1, 1], pos int64 [1]) or `reset` (zero the state). Returns logits
-    [1, vocab] of the last token (`reset` returns a dummy zero)."""
+def pack_int4(qdata: Tensor) -> Tensor:
+    """int8 values in [-8, 7], [V, D] (D even) -> uint8 [V, D/2], two values a byte, the
+    even column in the high nibble, stored +8: the layout of `embedding_4bit`."""
+    unsigned = (qdata.to(torch.int16) + 8).to(torch.uint8)
+    return (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]
 
-    def __init__(self, model: LFM2, max_context: int, mode: str, prompt_length: int | None = None):
+
+class QuantizedEmbedding(nn.Module):
+    """A 4-bit symmetric, group-wise embedding table read by ExecuTorch's
+    `quantized_decomposed::embedding_4bit` kernel: only the looked-up rows are dequantised."""
+
+    def __init__(self, qdata: Tensor, scale: Tensor):
         super().__init__()
-        if mode not in ("prefill", "decode", "reset"):
-            raise ValueError(f"mode must be prefill, decode or reset, not {mode!r}")
+        if qdata.shape[1] % 2:
+            raise ValueError(f"a 4-bit embedding needs an even width, got {qdata.shape[1]}")
+        self.register_buffer("packed", pack_int4(qdata))
+        self.register_buffer("scale", scale.to(torch.float32).reshape(qdata.shape[0], -1).contiguous())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return torch.ops.quantized_decomposed.embedding_4bit.default(self.packed, self.scale, None, -8, 7, tokens)
+
+
+class ExecuTorchLFM2(nn.Module):
+    """One method of the program: `forward` (tokens [1, T] from position `pos` [1], T up to
+    the chunk) or `reset` (zero the state). Returns logits [1, vocab] of the last token
+    (`reset` returns a dummy zero). `embedding`: a module that replaces `model.embed`."""
+
+    def __init__(self, model: LFM2, max_context: int, mode: str, embedding: nn.Module | None = None):
+        super().__init__()
+        if mode not in ("forward", "reset"):
+            raise ValueError(f"mode must be forward or reset, not {mode!r}")
         spec = model.spec
         self.model = model
+        self.embedding = embedding if embedding is not None else model.embed
         self.mode = mode
         self.max_context = max_context
         self.window = spec.swa_window
         self.head_dim = spec.head_dim
         self.kinds = [layer.kind for layer in model.layers]
+        # `rotary_cos_sin`'s inverse frequencies (the same float32 arithmetic), as a constant.
+        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         kv = (spec.n_kv_heads, spec.head_dim)
         # Buffer names must be the same in every method: that is how they are shared.
         for i, kind in enumerate(self.kinds):
@@ -74,32 +92,27 @@ class ExecuTorchLFM2(nn.Module):
             else:
                 self.register_buffer(f"k_{i}", torch.zeros(1, kv[0], spec.swa_window, kv[1]), persistent=False)
                 self.register_buffer(f"v_{i}", torch.zeros(1, kv[0], spec.swa_window, kv[1]), persistent=False)
-        self.register_buffer("inv_freq", _inv_freq(spec.head_dim, spec.rope_theta).float(), persistent=False)
-        if mode == "prefill":
-            # Static positions 0..T-1: the rotary tables and window masks are constants.
-            positions = torch.arange(prompt_length)
-            cos, sin = _cos_sin_table(positions, spec.head_dim, spec.rope_theta)
-            self.register_buffer("prefill_cos", cos[:, None, :].contiguous(), persistent=False)
-            self.register_buffer("prefill_sin", sin[:, None, :].contiguous(), persistent=False)
-            if "swa" in self.kinds:
-                mask, slots = self._window_geometry(positions, first=0)
-                self.register_buffer("prefill_mask", mask, persistent=False)
-                self.register_buffer("prefill_slots", slots, persistent=False)
-                self.prefill_keep = int(slots.shape[0])
 
-    # -- position-dependent tensors ----------------------------------------------------
+    # -- sliding-window geometry (the arithmetic of `AttentionCore`) ------------------------
 
-    def _window_geometry(self, positions: Tensor, first) -> tuple[Tensor, Tensor]:
-        """The additive mask [T, W + T] over [ring ; new keys] and the ring slots that the
-        newest min(T, W) keys go to -- the same arithmetic as `AttentionCore`."""
+    def _window_mask(self, positions: Tensor, first: Tensor) -> Tensor:
+        """The additive mask [T, W + T] over [ring ; new keys]."""
         window = self.window
         slots = torch.arange(window)
-        held = (first - 1) - torch.remainder(first - 1 - slots, window)
+        # Operands of `remainder` kept >= 0: ExecuTorch's integer kernel takes C's sign rule.
+        held = (first - 1) - torch.remainder(first - 1 - slots + window, window)
         key_positions = torch.cat((held, positions))
         visible = (key_positions[None, :] >= 0) & (key_positions[None, :] <= positions[:, None]) & (key_positions[None, :] > positions[:, None] - window)
-        mask = torch.where(visible, 0.0, float("-inf")).to(torch.float32)
-        keep = min(positions.shape[0], window)
-        return mask, torch.remainder(positions[positions.shape[0] - keep :], window)
+        return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
+
+    def _ring_sources(self, first: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """For each ring slot s: the chunk index of the newest new key that goes there (the
+        last position p in [first, first + T) with p % W == s) and whether there is one."""
+        last = first + t - 1
+        slots = torch.arange(self.window)
+        newest = last - torch.remainder(last - slots + self.window, self.window)  # >= 0, as above
+        index = newest - first
+        return index.clamp(min=0), index >= 0
 
     # -- the graph ------------------------------------------------------------------------
 
@@ -108,21 +121,17 @@ class ExecuTorchLFM2(nn.Module):
             return self._reset(tokens)
         model = self.model
         t = tokens.shape[1]
-        if self.mode == "prefill":
-            start = 0
-            cos, sin = self.prefill_cos, self.prefill_sin
-            if "swa" in self.kinds:
-                mask, slots = self.prefill_mask, self.prefill_slots
-        else:
-            start = pos[0].item()
-            torch._check(start >= 0)
-            torch._check(start + t <= self.max_context)
-            freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos().reshape(1, 1, self.head_dim), emb.sin().reshape(1, 1, self.head_dim)
-            if "swa" in self.kinds:
-                mask, slots = self._window_geometry(pos, first=pos[0])
-        x = model.embed(tokens)
+        start = pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + t <= self.max_context)
+        positions = pos + torch.arange(t)
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        cos, sin = emb.cos(), emb.sin()
+        if "swa" in self.kinds:
+            mask = self._window_mask(positions, pos)
+            sources = self._ring_sources(pos, t)
+        x = self.embedding(tokens)
         for i, layer in enumerate(model.layers):
             h = layer.op_norm(x)
             if layer.kind == "conv":
@@ -130,7 +139,7 @@ class ExecuTorchLFM2(nn.Module):
             elif layer.kind == "attn":
                 y = self._full_attention(i, layer.op, h, cos, sin, start)
             else:
-                y = self._window_attention(i, layer.op, h, cos, sin, mask, slots)
+                y = self._window_attention(i, layer.op, h, cos, sin, mask, sources)
             x = x + y
             x = x + layer.ffn(layer.ffn_norm(x))
         last = x[:, t - 1 :, :]  # a slice, not a select: XNNPACK takes it
@@ -139,8 +148,7 @@ class ExecuTorchLFM2(nn.Module):
     def _conv(self, i: int, op, h: Tensor) -> Tensor:
         buffer = getattr(self, f"conv_{i}")
         bx, c = op.gated_input(h)  # [1, D, T], [1, T, D]
-        state = torch.zeros_like(buffer) if self.mode == "prefill" else buffer
-        window = torch.cat((state, bx), dim=2)
+        window = torch.cat((buffer, bx), dim=2)
         conv = op.conv(window)
         buffer.copy_(window[:, :, window.shape[2] - (op.kernel - 1) :])
         return op.out_proj(c * conv.transpose(1, 2))
@@ -163,20 +171,16 @@ class ExecuTorchLFM2(nn.Module):
         out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, 1.0 / math.sqrt(att.head_dim))
         return att.out_proj(out.reshape(1, h.shape[1], att.n_heads * att.head_dim))
 
-    def _window_attention(self, i: int, att, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+    def _window_attention(self, i: int, att, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, sources: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self._project(att, h, cos, sin)
         k_ring, v_ring = getattr(self, f"k_{i}"), getattr(self, f"v_{i}")
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [1, Hkv, T, D]
-        if self.mode == "prefill":
-            k_old, v_old = torch.zeros_like(k_ring), torch.zeros_like(v_ring)
-        else:
-            k_old, v_old = k_ring, v_ring
-        keys, values = torch.cat((k_old, k), dim=2), torch.cat((v_old, v), dim=2)
+        keys, values = torch.cat((k_ring, k), dim=2), torch.cat((v_ring, v), dim=2)
         out = self._attend(att, q, keys, values, mask)
-        keep = slots.shape[0]
-        t = k.shape[2]
-        k_ring.index_copy_(2, slots, k[:, :, t - keep :])
-        v_ring.index_copy_(2, slots, v[:, :, t - keep :])
+        index, written = sources
+        written = written[None, None, :, None]
+        k_ring.copy_(torch.where(written, k.index_select(2, index), k_ring))
+        v_ring.copy_(torch.where(written, v.index_select(2, index), v_ring))
         return att.out_proj(out)
 
     @staticmethod
@@ -215,4 +219,4 @@ def state_buffer_bytes(model: LFM2, max_context: int) -> int:
     return 4 * total
 
 
-__all__ = ["ExecuTorchLFM2", "state_buffer_bytes"]
+__all__ = ["ExecuTorchLFM2", "QuantizedEmbedding", "pack_int4", "state_buffer_bytes"]

@@ -25,9 +25,9 @@ Conventions
     weight 4 bits per element (two per byte) plus one fp32 scale per group of
     `group_size` input elements (symmetric; an input width that is not a multiple of
     the group size is padded to one);
-  - for `8da4w` the embedding table stays fp32 (a lookup, which the runtime does not
-    quantise) and a *tied* LM head becomes a quantised copy of the embedding: the lookup
-    keeps the fp32 table, so the tie costs the quantised head on top of it;
+  - for `8da4w` the embedding is a 4-bit table quantised like a linear (the head's own table
+    when tied: ExecuTorch's `embedding_4bit` reads it, and XNNPACK packs the head apart), so
+    a tied model stores that table twice at 4 bits;
   - norms and conv kernels stay fp32.
 """
 
@@ -157,7 +157,7 @@ def weight_bytes_breakdown(spec: ArchSpec, precision: str, group_size: int = 32)
             "other": per * small,
         }
     return {
-        "embedding": embed + SCALE_BYTES if precision == "int8" else 4 * embed,
+        "embedding": embed + SCALE_BYTES if precision == "int8" else (_quantised_linear_bytes(*head_shape, precision, group_size) if precision == "8da4w" else 4 * embed),
         "linears": sum(_quantised_linear_bytes(o, i, precision, group_size) for o, i in shapes),
         "head": _quantised_linear_bytes(*head_shape, precision, group_size),
         "other": 4 * small,

@@ -12,17 +12,19 @@ Each runtime's parameters (`RuntimeMemoryModel`, in `RUNTIME_MODELS`) say how it
 the model, and are the knobs that measured errors tune:
 
 * `packed_copies`: resident copies of the linear weights in the form the kernels use.
-  XNNPACK packs the weights of every *loaded method* into its own buffers, so a `.pte`
-  with a prefill and a decode method holds two packed copies (FEASIBILITY.md); ONNX
-  Runtime runs one session of one step graph, whose MatMul weights MLAS packs once;
-  `loaded_methods` sets how many methods the measurement loads (default 2).
-  Eager PyTorch uses the parameters as they are.
+  XNNPACK packs the weights of every *loaded method* into its own buffers (FEASIBILITY.md),
+  which is why the ExecuTorch program has one computing method (`forward`, prefill in
+  chunks and decode through one graph): one packed copy. ONNX Runtime runs one session of
+  one step graph, whose MatMul weights MLAS packs once; `loaded_methods` sets how many
+  methods or sessions the measurement loads (default 2) where `per_method`. Eager PyTorch
+  uses the parameters as they are.
 * `serialized_copy`: the fraction of the serialised weights (the program or model file
   data) that is still resident at the peak, next to the packed copies: the loader reads
   (or maps and touches) them while packing.
-* the embedding table is held once, in fp32 for 8da4w and int8 for ONNX int8 (see
-  `counts.py`); a tied LM head is a separate packed linear in the compiled runtimes, and
-  the table itself in eager PyTorch.
+* the embedding table is held once, at the precision `counts.py` gives it (fp32; a 4-bit
+  table for ExecuTorch 8da4w; int8 for ONNX int8, mapped so that only looked-up rows are
+  resident); a tied LM head is a separate packed linear in the compiled runtimes, and the
+  table itself in eager PyTorch.
 * `state_copies`: copies of the whole decode state (`counts.state_bytes` at `context`)
   alive at once: one in ExecuTorch's shared mutable buffers; a step's input and output
   state in ONNX Runtime and eager PyTorch.
@@ -83,11 +85,17 @@ class RuntimeMemoryModel:
 
 
 #: The runtimes as the devices backends build them (devices/backends/*.py):
-#: * ExecuTorch: a `.pte` with `prefill_<T>`, `decode` and `reset` methods sharing the state
-#:   in mutable buffers (one copy, `max_context` slots); full attention through the
-#:   KV-cache `custom_sdpa` op (flash-style: no score matrix); XNNPACK packs the weights of
-#:   each loaded method; the serialised weights are assumed resident at the peak (the
-#:   loader holds them while packing).
+#: * ExecuTorch: a `.pte` with one computing method, `forward(tokens [1, T <= 128], pos)`
+#:   (a prefill is a loop of 128-token chunks, a decode step a chunk of one) and `reset`,
+#:   sharing the state in mutable buffers (one copy, `max_context` slots); full attention
+#:   through the KV-cache `custom_sdpa` op (flash-style: no score matrix); XNNPACK packs the
+#:   weights once (one method). 8da4w, fitted on one measurement (LFM2-350M, context 2,064,
+#:   prefill 2,048, decode at 2,048; BENCHMARKS.md, "ExecuTorch artifacts shaped like what
+#:   ships"): footprint 367 MiB, RSS right after loading 335 MiB; the serialised weights are
+#:   not resident at the peak (the program is memory-mapped and XNNPACK frees each weight's
+#:   source after packing), and ~60 MiB beyond packed weights, 4-bit embedding, state and one
+#:   chunk's working set is the runtime's (XNNPACK and custom-op scratch, allocator): taken
+#:   as overhead. The fp32 row keeps the serialised copy (not measured with this program).
 #: * ONNX Runtime: one session of one step graph for prefill and decode; MLAS packs the
 #:   MatMul weights once (the packed copy replaces the stored one); int8 stores the table
 #:   and a tied head as two int8 tensors; a prefill runs in steps of 256 tokens, so its
@@ -116,8 +124,8 @@ ONNX_ACTIVATION_FACTOR = 1.71
 ONNX_LAYER_BUFFERS = 1.25
 ONNX_OVERHEAD = 16 * MIB
 RUNTIME_MODELS: dict[tuple[str, str], RuntimeMemoryModel] = {
-    ("executorch", "fp32"): RuntimeMemoryModel("fp32", 1, True, 1.0, True, 1.0, "flash", 1.0, 8 * MIB),
-    ("executorch", "8da4w"): RuntimeMemoryModel("8da4w", 1, True, 1.0, True, 1.0, "flash", 1.0, 8 * MIB),
+    ("executorch", "fp32"): RuntimeMemoryModel("fp32", 1, False, 1.0, True, 1.0, "flash", 1.0, 8 * MIB, prefill_chunk=128),
+    ("executorch", "8da4w"): RuntimeMemoryModel("8da4w", 1, False, 0.0, True, 1.0, "flash", 1.0, 60 * MIB, prefill_chunk=128),
     ("onnx", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, True, 2.0, "prefix", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, True, ONNX_LAYER_BUFFERS),
     ("onnx", "int8"): RuntimeMemoryModel("int8", 1, False, 0.0, True, 2.0, "prefix", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS),
     ("eager", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, False, 2.0, "static", 1.25, 24 * MIB),
