@@ -137,8 +137,8 @@ def signals(rows: list[dict]) -> dict[str, dict[str, float]]:
 def baselines(layouts: dict[str, str], params: dict[str, float]) -> dict[str, dict[str, float]]:
     """The free signals: the layout and the parameter count alone, no training."""
     return {
-        "number of attention layers": {a: float(attention_layers(l)) for a, l in layouts.items()},
-        "has any attention layer": {a: float(attention_layers(l) > 0) for a, l in layouts.items()},
+        "number of attention layers": {a: float(attention_layers(layout)) for a, layout in layouts.items()},
+        "has any attention layer": {a: float(attention_layers(layout) > 0) for a, layout in layouts.items()},
         "proxy parameter count": {a: float(params[a]) for a in layouts if a in params},
     }
 
@@ -179,8 +179,8 @@ def loo_ridge_predictions(x, y, alphas=RIDGE_ALPHAS) -> tuple[np.ndarray, list[f
 def features(rows: list[dict], layouts: dict[str, str], params: dict[str, float]) -> dict[str, dict[str, list[float]]]:
     """{feature set: {architecture: feature vector}} for the learned combinations; an
     architecture missing any feature of a set is left out of that set."""
-    free = {a: [float(attention_layers(l)), float(attention_layers(l) > 0), attention_layers(l) / len(l), float(len(l)), math.log(params[a])]
-            for a, l in layouts.items() if a in params}
+    free = {a: [float(attention_layers(layout)), float(attention_layers(layout) > 0), attention_layers(layout) / len(layout), float(len(layout)), math.log(params[a])]
+            for a, layout in layouts.items() if a in params}
     by_stage = proxy_rows(rows)
     cheap: dict[str, list[float]] = {}
     for arch, base in free.items():

@@ -39,8 +39,8 @@ class Runner(abc.ABC):
         """Facts about the runtime this runner uses (versions, delegate, threads)."""
         return {"backend": self.artifact.backend, "threads": self.threads}
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional: a runner with nothing to release keeps this
+        """Release what the runtime holds (sessions, mapped files); nothing by default."""
 
     def __enter__(self) -> Runner:
         return self

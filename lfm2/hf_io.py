@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lfm2.errors import UserError
-from lfm2.hf import from_hf_config, from_hf_state_dict, hf_named_state_dict, hf_representable, to_hf_config, to_hf_state_dict
+from lfm2.hf import from_hf_config, from_hf_state_dict, hf_named_state_dict, hf_representable, to_hf_config
 from lfm2.model import LFM2, build_model
 from lfm2.spec import ArchSpec
 

@@ -129,7 +129,7 @@ def test_lfm2_target_exports_any_architecture_and_reloads_exactly(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'swa.db'}"
     swa = tiny_spec("CSCA", swa_window=16)
-    s = build_study(url, name="swa", measured=[("CCAC", 64, 0.3, 10.0, 1.0, 8)], extra=[(swa, 0.9, 12.0, 1.1, 9)])
+    build_study(url, name="swa", measured=[("CCAC", 64, 0.3, 10.0, 1.0, 8)], extra=[(swa, 0.9, 12.0, 1.1, 9)])
     result = export_from_study("swa", tmp_path / "lfm2", storage=url, pareto=True, target="lfm2", log=quiet)
     assert len(result.folders) == 2 and not result.skipped
     by_layout = {folder.name.split("-")[2]: folder for folder in result.folders}

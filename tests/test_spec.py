@@ -1,5 +1,6 @@
 """ArchSpec: validation with errors that name the field, canonical JSON, stable keys."""
 
+import dataclasses
 import json
 
 import pytest
@@ -67,7 +68,7 @@ def test_unknown_and_missing_fields_in_json():
 
 def test_frozen():
     spec = make()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.d_model = 256  # type: ignore[misc]
 
 

@@ -19,7 +19,6 @@ timed tokens, see `devices.measure`).
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnxruntime as ort
