@@ -24,6 +24,14 @@ def figures():
     return record
 
 
+@pytest.fixture
+def private_core_locks(tmp_path_factory, monkeypatch):
+    """Measurements lock their cores host-wide; tests that assert no timing take locks of
+    their own instead of queueing behind other suites' measurements (use it with
+    `pytestmark = pytest.mark.usefixtures("private_core_locks")`)."""
+    monkeypatch.setenv("LFM2_NAS_LOCKS", str(tmp_path_factory.getbasetemp() / "core-locks"))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if not _FIGURES:
         return

@@ -25,11 +25,8 @@ TINY = ArchSpec(vocab_size=256, d_model=32, layers=("conv", "attn", "conv"), n_h
 QUICK = Protocol(prompt_lengths=(8, 12), decode_depths=(4, 9), decode_tokens=2, warmup_runs=1, min_runs=2, max_runs=3, max_seconds_per_point=0.2, max_remeasures=0)
 
 
-@pytest.fixture(autouse=True)
-def private_core_locks(tmp_path_factory, monkeypatch):
-    """Measurements lock their cores host-wide; these tests assert no timing, so they take
-    locks of their own instead of queueing behind other suites' measurements."""
-    monkeypatch.setenv("LFM2_NAS_LOCKS", str(tmp_path_factory.getbasetemp() / "core-locks"))
+# measurements here assert no timing: they lock cores of their own (conftest.py)
+pytestmark = pytest.mark.usefixtures("private_core_locks")
 
 
 @pytest.fixture(scope="module")

@@ -76,23 +76,23 @@ def _core() -> int:
 
 class _Hog:
     """Busy loops pinned to `core` (three: a clear share of the core even on a machine that
-    is busy already), each ending by itself after 60 s at the latest."""
+    is busy already), each ending by itself after 60 s at the latest; `stop()` ends them
+    sooner (a context manager: they never outlive the test)."""
 
     def __init__(self, core: int, processes: int = 3):
         code = f"import os, time; os.sched_setaffinity(0, [{core}]); end = time.time() + 60\nwhile time.time() < end: pass"
         self.processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(processes)]
 
-    def kill(self) -> None:
+    def stop(self) -> None:
         for process in self.processes:
             process.kill()
-
-    def wait(self) -> None:
-        for process in self.processes:
             process.wait()
 
+    def __enter__(self) -> _Hog:
+        return self
 
-def _start_hog(core: int) -> _Hog:
-    return _Hog(core)
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 @pytest.fixture
@@ -121,12 +121,8 @@ PROTOCOL = Protocol(warmup_runs=1, max_warmup_runs=3, min_runs=5, max_runs=10, m
 
 def test_a_point_measured_under_a_cpu_hog_is_remeasured_and_flagged(pinned):
     calibration = Calibration()  # the reference, taken while the core is quiet
-    hog = _start_hog(pinned)
-    try:
+    with _Hog(pinned):
         stats = measure_point(_work, PROTOCOL, tokens=1, calibration=calibration)
-    finally:
-        hog.kill()
-        hog.wait()
     assert stats.remeasured == PROTOCOL.max_remeasures  # every attempt was disturbed
     assert stats.disturbed and len(stats.disturbances) == 1 + PROTOCOL.max_remeasures
     assert stats.calibration_slowdown > 1 + PROTOCOL.disturbance_threshold
@@ -142,17 +138,12 @@ def test_a_disturbance_that_passes_is_remeasured_and_the_clean_attempt_kept(pinn
             value = super().slowdown()
             self.checks += 1
             if self.checks == 2:
-                hog.kill()
-                hog.wait()
+                hog.stop()
             return value
 
     calibration = HogForOneAttempt()
-    hog = _start_hog(pinned)
-    try:
+    with _Hog(pinned) as hog:
         stats = measure_point(_work, PROTOCOL, tokens=1, calibration=calibration)
-    finally:
-        hog.kill()
-        hog.wait()
     assert stats.remeasured >= 1 and stats.disturbances[0] > 1 + PROTOCOL.disturbance_threshold  # the hogged attempt was seen
     # and not kept: a clean attempt if the machine is otherwise quiet, else the least disturbed
     assert not stats.disturbed or stats.calibration_slowdown < stats.disturbances[0]

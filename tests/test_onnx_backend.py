@@ -26,11 +26,8 @@ MAX_CONTEXT = 24
 CHUNK = 5
 
 
-@pytest.fixture(autouse=True)
-def private_core_locks(tmp_path_factory, monkeypatch):
-    """Measurements lock their cores host-wide; these tests assert no timing, so they take
-    locks of their own instead of queueing behind other suites' measurements."""
-    monkeypatch.setenv("LFM2_NAS_LOCKS", str(tmp_path_factory.getbasetemp() / "core-locks"))
+# measurements here assert no timing: they lock cores of their own (conftest.py)
+pytestmark = pytest.mark.usefixtures("private_core_locks")
 
 
 @pytest.fixture(scope="module")
