@@ -9,8 +9,8 @@ normality assumed, which timing samples with their long right tail do not satisf
 median (relative half-width), bounded by `max_runs` and `max_seconds_per_point`.
 
 A point measured while something else ran on its cores is slower for reasons that have
-nothing to do with the model. `Calibration` times a fixed kernel (a small GEMM and a memory
-sweep: the two things a language model's layers do) once when the measuring process is
+nothing to do with the model. `Calibration` times a fixed kernel (one thread of multiply-adds over
+arrays larger than L2: arithmetic and memory traffic) once when the measuring process is
 ready, and again around every point; a point around which the kernel ran more than
 `disturbance_threshold` slower is re-measured (up to `max_remeasures` times) and, if it
 stays disturbed, flagged `disturbed` rather than silently reported slower.
@@ -100,32 +100,34 @@ class Calibration:
     """A fixed kernel (a few milliseconds) timed on the measuring process's own cores: the
     reference when the process is ready (the best of three medians), then around each point.
     `slowdown()` is the kernel's current time over the reference: ~1 on a quiet machine, ~2
-    with a CPU hog sharing the core."""
+    with a CPU hog sharing the core.
 
-    #: The kernel: GEMMs of this size, then a sum over this many bytes (larger than L2, so it
-    #: reads memory or L3 as a decode step does).
-    GEMM_N = 192
-    GEMMS = 12
-    SWEEP_BYTES = 8 << 20
+    The kernel is numpy element-wise arithmetic, which runs on one thread: a BLAS GEMM would
+    start its own thread pool, whose threads then compete with the runtime's (ONNX Runtime's
+    spin-waiting workers, XNNPACK's pool) and make a quiet machine look disturbed."""
+
+    #: The kernel: multiply-adds over arrays of this size (larger than L2, so it reads L3 or
+    #: memory as a decode step does), this many passes.
+    ARRAY_BYTES = 4 << 20
+    PASSES = 6
     REPEATS = 5
 
     def __init__(self) -> None:
-        rng = np.random.default_rng(0)
-        self._a = rng.standard_normal((self.GEMM_N, self.GEMM_N)).astype(np.float32)
-        self._b = rng.standard_normal((self.GEMM_N, self.GEMM_N)).astype(np.float32)
-        self._sweep = np.ones(self.SWEEP_BYTES // 4, dtype=np.float32)
-        self.time_ms()  # first touch of the pages and the BLAS threads: not part of any figure
+        n = self.ARRAY_BYTES // 4
+        self._a = np.linspace(0.0, 1.0, n, dtype=np.float32)
+        self._b = np.full(n, 0.5, dtype=np.float32)
+        self._out = np.empty(n, dtype=np.float32)
+        self.time_ms()  # first touch of the pages: not part of any figure
         # the best of several: a reference taken during a passing spike would make every
         # later point look faster than it is, and hide a real disturbance
         self.reference_ms = min(self.time_ms() for _ in range(3))
 
     def _kernel_once(self) -> float:
         start = time.perf_counter_ns()
-        c = self._a
-        for _ in range(self.GEMMS):
-            c = c @ self._b
-            c *= 1.0 / self.GEMM_N  # keep values finite
-        float(self._sweep.sum())
+        for _ in range(self.PASSES):
+            np.multiply(self._a, self._b, out=self._out)
+            np.add(self._out, self._a, out=self._out)
+        float(self._out[:: 1 << 12].sum())
         return (time.perf_counter_ns() - start) / 1e6
 
     def time_ms(self) -> float:
@@ -137,7 +139,7 @@ class Calibration:
 
     def describe(self) -> dict:
         return {
-            "kernel": f"{self.GEMMS} fp32 GEMMs {self.GEMM_N}x{self.GEMM_N} + a {self.SWEEP_BYTES >> 20} MiB sum, median of {self.REPEATS}",
+            "kernel": f"{self.PASSES} passes of fp32 multiply-add over {self.ARRAY_BYTES >> 20} MiB arrays (one thread), median of {self.REPEATS}",
             "reference_ms": round(self.reference_ms, 4),
         }
 
