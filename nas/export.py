@@ -237,14 +237,13 @@ def architecture_section(spec: ArchSpec, parameters: int) -> list[str]:
     ]
 
 
+def _weights_and_use(seed: int | None) -> list[str]:
+    return ["## Weights", "", INIT_DESCRIPTION + f" Seed {seed}.", "", "## Use", ""]
+
+
 def hf_use_section(seed: int | None) -> list[str]:
     return [
-        "## Weights",
-        "",
-        INIT_DESCRIPTION + f" Seed {seed}.",
-        "",
-        "## Use",
-        "",
+        *_weights_and_use(seed),
         "```python",
         "from transformers import AutoModelForCausalLM",
         "model = AutoModelForCausalLM.from_pretrained('.')  # model_type lfm2, no remote code",
@@ -261,12 +260,7 @@ def lfm2_use_section(spec: ArchSpec, seed: int | None) -> list[str]:
     if not_loadable is None:
         return hf_use_section(seed)
     return [
-        "## Weights",
-        "",
-        INIT_DESCRIPTION + f" Seed {seed}.",
-        "",
-        "## Use",
-        "",
+        *_weights_and_use(seed),
         f"This is an lfm2-nas folder, not a Hugging Face one: {not_loadable}, so there is no `config.json` "
         "and `transformers` cannot load it (`lfm2_nas.json` records `transformers.loadable: false`). "
         "`model.safetensors` holds the weights under Hugging Face LFM2's names (a sliding-window layer's "

@@ -17,10 +17,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from devices.artifact import Artifact, write_manifest
-from devices.compile import CompileError, VerificationError, compile, verify_against_eager
+from devices.compile import CompileError, VerificationError, compile, step_logits, verify_against_eager
 from lfm2.errors import UserError
 from lfm2.model import build_model
 from lfm2.spec import ArchSpec
@@ -46,14 +45,8 @@ def cache(tmp_path_factory):
 
 
 def _eager_logits(model, tokens: np.ndarray, prompt: int) -> np.ndarray:
-    ids = torch.from_numpy(tokens)
-    with torch.no_grad():
-        logits, *state = model.step(ids[:, :prompt], torch.zeros(1, dtype=torch.long), *model.init_state(1, max_context=MAX_CONTEXT))
-        rows = [logits[0]]
-        for pos in range(prompt, ids.shape[1]):
-            logits, *state = model.step(ids[:, pos : pos + 1], torch.tensor([pos]), *state)
-            rows.append(logits[0])
-    return torch.stack(rows).numpy()
+    """A prefill of `prompt` tokens, then one token at a time, as compile's check runs eager."""
+    return step_logits(model, MAX_CONTEXT, tokens, prompt)
 
 
 def _runner_logits(artifact: Artifact, tokens: np.ndarray, prompt: int) -> np.ndarray:
