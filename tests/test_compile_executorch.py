@@ -143,19 +143,16 @@ def test_a_wrong_scale_in_the_program_fails_verification_with_both_numbers(tmp_p
 def test_quantised_tolerance_widens_only_to_the_references_own_floor():
     """A quantised reference that cannot meet 0.999 against itself (an input nudged by 1e-7)
     sets the bound: QUANT_FLOOR_FACTOR times its own distance, never looser than that."""
-    from types import SimpleNamespace
-
     from devices.compile import QUANT_FLOOR_FACTOR, QUANT_MIN_COSINE, _tolerance
 
-    artifact = SimpleNamespace(backend="executorch", quant="8da4w")
     report = {"min_cosine": 0.991, "top1_agreement": 1.0}
-    bounds, ok, why = _tolerance(artifact, "eager 8da4w", dict(report))
+    bounds, ok, why = _tolerance("8da4w", None, dict(report))
     assert not ok and bounds["min_cosine"] == QUANT_MIN_COSINE and "needs 0.999" in why
     floor = {"perturbation": 1e-7, "min_cosine": 0.9929, "top1_agreement": 1.0}
-    bounds, ok, why = _tolerance(artifact, "eager 8da4w", {**report, "reference_floor": floor})
+    bounds, ok, why = _tolerance("8da4w", None, {**report, "reference_floor": floor})
     assert ok and bounds["min_cosine"] == pytest.approx(1 - QUANT_FLOOR_FACTOR * 0.0071)
-    _, ok, why = _tolerance(artifact, "eager 8da4w", {**report, "min_cosine": 0.95, "reference_floor": floor})
+    _, ok, why = _tolerance("8da4w", None, {**report, "min_cosine": 0.95, "reference_floor": floor})
     assert not ok and "the reference against itself" in why
     # a floor better than 0.999 never tightens the fixed bound
-    bounds, _, _ = _tolerance(artifact, "eager 8da4w", {**report, "reference_floor": {**floor, "min_cosine": 0.99999}})
+    bounds, _, _ = _tolerance("8da4w", None, {**report, "reference_floor": {**floor, "min_cosine": 0.99999}})
     assert bounds["min_cosine"] == QUANT_MIN_COSINE
