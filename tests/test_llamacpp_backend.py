@@ -167,6 +167,21 @@ def test_sliding_window_only_layouts_run_and_match_eager(cache):
     assert artifact.manifest["verification"]["passed"]
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", ["f16", "q4_0"])
+def test_an_all_attention_stack_with_wide_heads_runs_as_qwen3_and_matches_eager(cache, quant):
+    """Qwen3-0.6B's shape (heads of 128 whose width is twice d_model): llama.cpp's lfm2 cannot
+    size it, so it is written as llama.cpp's qwen3, and llama.cpp's logits must still equal
+    eager's at the GGUF's precision; a hybrid keeps the lfm2 architecture."""
+    from devices.backends.llamacpp_gguf import architecture
+
+    wide = ArchSpec(vocab_size=512, d_model=64, layers=("attn",) * 3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=128, qk_norm=True)
+    assert architecture(wide) == "qwen3" and architecture(TINY) == "lfm2"
+    artifact = compile(wide, "llamacpp", quant, MAX_CONTEXT, PROMPTS, cache_dir=cache)
+    assert artifact.manifest["verification"]["passed"]
+    assert artifact.manifest["llamacpp"]["architecture"] == "qwen3"
+
+
 def test_without_llama_cpp_python_the_backend_names_the_install_command(monkeypatch):
     from devices.backends import backend_module
 

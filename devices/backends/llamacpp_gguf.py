@@ -21,7 +21,9 @@ stay f32 (small, and ggml's conv kernel reads f32). `stored_weights` gives the v
 llama.cpp will see them (quantised then dequantised), which is what the check against
 eager compares with: it tests the writer and the runtime, not the quantiser.
 
-What llama.cpp's lfm2 cannot express is refused (`unsupported_reason`).
+An all-attention stack whose heads do not tile d_model (shaped like Qwen3-0.6B) is written
+as llama.cpp's `qwen3` instead (`architecture`): the final norm is `output_norm`, the head
+size `attention.key_length`. What neither can express is refused (`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -45,8 +47,22 @@ def _types():
     return {"f16": (T.F16, F.MOSTLY_F16), "q8_0": (T.Q8_0, F.MOSTLY_Q8_0), "q4_0": (T.Q4_0, F.MOSTLY_Q4_0)}
 
 
+def architecture(spec: ArchSpec) -> str:
+    """The llama.cpp architecture `spec` is written as: `lfm2`, except for an all-attention
+    stack with q/k RMSNorm whose heads do not tile d_model (Qwen3-0.6B's shape: 16 heads of
+    128 on d_model 1024), which llama.cpp's lfm2 cannot size but its `qwen3` runs as is: the
+    same block (RMSNorm, GQA with per-head q/k RMSNorm and NEOX rope, SwiGLU), with the head
+    size given by `attention.key_length` instead of d_model / n_heads."""
+    all_attention = all(op == "attn" for op in spec.layers)
+    if all_attention and spec.qk_norm and spec.n_heads * spec.head_dim != spec.d_model:
+        return "qwen3"
+    return "lfm2"
+
+
 def unsupported_reason(spec: ArchSpec) -> str | None:
-    """Why llama.cpp's lfm2 cannot run `spec` (None when it can), with the way out."""
+    """Why llama.cpp cannot run `spec` (None when it can), with the way out."""
+    if architecture(spec) == "qwen3":
+        return None
     if "swa" in spec.layers and "attn" in spec.layers:
         return (
             f"layout {spec.layout} mixes full ('attn') and sliding-window ('swa') attention layers; llama.cpp's lfm2 "
@@ -56,19 +72,20 @@ def unsupported_reason(spec: ArchSpec) -> str | None:
     if spec.n_heads * spec.head_dim != spec.d_model:
         return (
             f"n_heads * head_dim = {spec.n_heads * spec.head_dim} differs from d_model = {spec.d_model}; llama.cpp's lfm2 "
-            "architecture sizes the q and output projections as d_model x d_model: use the onnx or executorch backend"
+            "architecture sizes the q and output projections as d_model x d_model (an all-attention stack with q/k norm "
+            "is written as qwen3, which can): use the onnx or executorch backend"
         )
     if any(op != "conv" for op in spec.layers) and not spec.qk_norm:
         return "the spec has no q/k RMSNorm (qk_norm=false); llama.cpp's lfm2 always applies it: use the onnx or executorch backend"
     return None
 
 
-def gguf_name(param: str) -> str:
-    """Our parameter name (`lfm2.model.LFM2.state_dict`) -> the GGUF tensor name."""
+def gguf_name(param: str, arch: str = "lfm2") -> str:
+    """Our parameter name (`lfm2.model.LFM2.state_dict`) -> the GGUF tensor name in `arch`."""
     if param == "embed.weight":
         return "token_embd.weight"
     if param == "norm.weight":
-        return "token_embd_norm.weight"  # lfm2's final norm
+        return "token_embd_norm.weight" if arch == "lfm2" else "output_norm.weight"  # lfm2's name for its final norm
     if param == "head.weight":
         return "output.weight"
     parts = param.split(".")
@@ -99,10 +116,11 @@ def model_tensors(spec: ArchSpec, state: dict[str, Any]) -> dict[str, tuple[str,
     """GGUF name -> (our parameter name, fp32 array as stored: conv kernels squeezed to 2-D).
     A tied head is left out (llama.cpp reads `token_embd` for it)."""
     out: dict[str, tuple[str, np.ndarray]] = {}
+    arch = architecture(spec)
     for param, tensor in state.items():
         if param == "head.weight" and spec.tie_embeddings:
             continue
-        name = gguf_name(param)
+        name = gguf_name(param, arch)
         if "{out}" in name:
             block = int(param.split(".")[1])
             name = name.format(out="shortconv.out_proj" if spec.layers[block] == "conv" else "attn_output")
@@ -169,17 +187,24 @@ def write_gguf(spec: ArchSpec, state: dict[str, Any], quant: str, path: Path, *,
     if reason:
         raise ValueError(reason)
     file_type = _types()[quant][1]
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LFM2])
+    arch = architecture(spec)
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"lfm2-nas {spec.layout} {spec.key}")
     writer.add_block_count(spec.n_layers)
     writer.add_context_length(context_length or spec.max_seq_len)
     writer.add_embedding_length(spec.d_model)
     writer.add_feed_forward_length(spec.ffn_dim)
     writer.add_head_count(spec.n_heads)
-    writer.add_head_count_kv([0 if op == "conv" else spec.n_kv_heads for op in spec.layers])
+    if arch == "qwen3":
+        writer.add_head_count_kv(spec.n_kv_heads)
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+    else:
+        writer.add_head_count_kv([0 if op == "conv" else spec.n_kv_heads for op in spec.layers])
     writer.add_rope_freq_base(float(spec.rope_theta))
     writer.add_layer_norm_rms_eps(float(spec.norm_eps))
-    writer.add_shortconv_l_cache(spec.conv_kernel)
+    if arch == "lfm2":
+        writer.add_shortconv_l_cache(spec.conv_kernel)
     writer.add_vocab_size(spec.vocab_size)
     if "swa" in spec.layers:
         writer.add_sliding_window(spec.swa_window)  # every attention layer (unsupported_reason refuses a mix)
@@ -203,7 +228,7 @@ def write_gguf(spec: ArchSpec, state: dict[str, Any], quant: str, path: Path, *,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"tensor_types": types, "tensor_data_bytes": data_bytes, "tokenizer": "none (token ids fed directly)", "tied_head": "token_embd" if spec.tie_embeddings else "output"}
+    return {"architecture": arch, "tensor_types": types, "tensor_data_bytes": data_bytes, "tokenizer": "none (token ids fed directly)", "tied_head": "token_embd" if spec.tie_embeddings else "output"}
 
 
-__all__ = ["GGUF_FILE", "QUANTS", "unsupported_reason", "gguf_name", "model_tensors", "storage_type", "stored_weights", "write_gguf"]
+__all__ = ["GGUF_FILE", "QUANTS", "architecture", "unsupported_reason", "gguf_name", "model_tensors", "storage_type", "stored_weights", "write_gguf"]
