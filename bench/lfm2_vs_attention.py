@@ -35,7 +35,7 @@ from bench.stats import crossing, speedup
 
 NAME = "lfm2_vs_attention"
 
-ALL_BACKENDS = ("executorch:8da4w", "executorch:fp32", "onnx:int8")
+ALL_BACKENDS = ("executorch:8da4w", "executorch:fp32", "onnx:int8", "llamacpp:q4_0")
 ALL_PREFILL = (512, 2048, 4096, 8192)
 ALL_DECODE = (512, 4096, 8192)
 

@@ -86,14 +86,46 @@ def quick_models() -> dict[str, ArchSpec]:
 
 
 #: The linear weights' storage precision of each backend/quant (as `search_space.costs` names it).
-WEIGHT_PRECISION = {("executorch", "fp32"): "fp32", ("executorch", "8da4w"): "8da4w", ("onnx", "fp32"): "fp32", ("onnx", "int8"): "int8", ("eager", "fp32"): "fp32"}
+#: llama.cpp's are its GGUF tensor types (`search_space.costs.llamacpp`), read with an f16 K/V cache.
+WEIGHT_PRECISION = {
+    ("executorch", "fp32"): "fp32",
+    ("executorch", "8da4w"): "8da4w",
+    ("onnx", "fp32"): "fp32",
+    ("onnx", "int8"): "int8",
+    ("eager", "fp32"): "fp32",
+    ("llamacpp", "f16"): "gguf:f16",
+    ("llamacpp", "q8_0"): "gguf:q8_0",
+    ("llamacpp", "q4_0"): "gguf:q4_0",
+}
+
+
+def _gguf_decode_bytes(spec: ArchSpec, quant: str, depth: int) -> int:
+    """`decode_bytes_per_token` for llama.cpp: the GGUF's tensors as stored (a tied head is
+    the quantised embedding table), one embedding row, and an f16 K/V cache."""
+    from search_space.costs import llamacpp
+
+    parts = llamacpp.gguf_bytes_breakdown(spec, quant)
+    head = parts["head"] or parts["embedding"]
+    row = parts["embedding"] // spec.vocab_size
+    return parts["linears"] + head + parts["other"] + row + costs.kv_cache_bytes(spec, depth, 2) + costs.conv_state_bytes(spec, 4)
+
+
+def weight_bytes(spec: ArchSpec, precision: str) -> int:
+    """The weights' bytes at `precision` (a `WEIGHT_PRECISION` value)."""
+    if precision.startswith("gguf:"):
+        from search_space.costs import llamacpp
+
+        return sum(llamacpp.gguf_bytes_breakdown(spec, precision[5:]).values())
+    return costs.weight_bytes(spec, precision)
 
 
 def decode_bytes_per_token(spec: ArchSpec, precision: str, depth: int) -> int:
     """Bytes a decode step at context depth `depth` must read from memory at least: every
     layer's linear weights and the LM head at `precision` (a tied head is read as a matmul
     weight too), the norms and conv kernels, one embedding row, the K/V of `depth`
-    tokens (fp32) and the conv state. Activations are small and stay in cache."""
+    tokens (fp32; f16 for llama.cpp) and the conv state. Activations are small and stay in cache."""
+    if precision.startswith("gguf:"):
+        return _gguf_decode_bytes(spec, precision[5:], depth)
     parts = costs.weight_bytes_breakdown(spec, precision)
     head = parts["head"] if parts["head"] else 4 * spec.vocab_size * spec.d_model  # tied fp32: the table is the head
     embedding_row = 4 * spec.d_model
@@ -109,7 +141,7 @@ def arithmetic(spec: ArchSpec, prefill_lengths: tuple[int, ...], decode_depths: 
         "decode_flops": {c: costs.decode_flops(spec, c) for c in decode_depths},
         "decode_bytes": {c: decode_bytes_per_token(spec, precision, c) for c in decode_depths},
         "kv_cache_bytes_fp32": {c: costs.kv_cache_bytes(spec, c, 4) for c in decode_depths},
-        "weight_bytes": costs.weight_bytes(spec, precision),
+        "weight_bytes": weight_bytes(spec, precision),
     }
 
 

@@ -13,11 +13,13 @@ and measures them through `devices.measure`:
 The ceilings are measured before and after the backends; the higher of the two is the
 roof (the machine is shared, so a single reading can be low).
 
-    python -m bench.roofline            # 3 architectures x 4 backend/quant pairs
+    python -m bench.roofline            # 3 architectures x 4 backend/quant pairs (5 with llama.cpp installed)
     python -m bench.roofline --quick    # 1 tiny model, ONNX Runtime fp32 only
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 from bench.ceilings import measure_ceilings
 from bench.harness import BenchRun, base_parser, compile_and_measure, log, measured_ms, precompile
@@ -27,6 +29,8 @@ from search_space import costs
 
 NAME = "roofline"
 BACKENDS = (("executorch", "fp32"), ("executorch", "8da4w"), ("onnx", "fp32"), ("onnx", "int8"))
+if importlib.util.find_spec("llama_cpp") is not None:  # the optional extra: pip install -e ".[llamacpp]"
+    BACKENDS += (("llamacpp", "q4_0"),)
 
 
 def parse_args(argv=None):
