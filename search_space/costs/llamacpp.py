@@ -1,19 +1,19 @@
 """The footprint estimate for the llama.cpp backend (`devices.backends.llamacpp`): a GGUF of
-llama.cpp's `lfm2` architecture at f16, q8_0 or q4_0, memory-mapped and run by the ggml CPU
-backend with llama-bench's settings (n_ubatch 512, f16 K/V cache, flash attention).
+llama.cpp's `lfm2` (or `qwen3`) architecture at f16, q8_0 or q4_0, read into memory (not
+memory-mapped: `LLAMA_LOAD_MODE_NONE`, llama-bench `--mmap 0`) and run by the ggml CPU
+backend with llama-bench's other settings (n_ubatch 512, f16 K/V cache, flash attention).
 
-    total = mapped file + repacked weights + K/V cache + conv state + compute buffer + overhead
+    total = weights + K/V cache + conv state + compute buffer + overhead
 
-* the file: every projection and the embedding table at the chosen type where its input
+* weights: every projection and the embedding table at the chosen type where its input
   width is a whole number of 32-weight blocks (Q4_0 18 bytes and Q8_0 34 bytes per 32
   weights), else f16; norms and conv kernels f32; a tied head is not stored (llama.cpp
-  reads the embedding table for it). Memory-mapped and read whole at load, so all of it is
-  resident at the peak.
-* repacked weights: on CPUs with AVX2 (x86) or int8 matmul (ARM), ggml's CPU backend copies
-  every q4_0 projection of the layers into an interleaved layout for its GEMM kernels
-  (`ggml-cpu/repack.cpp`); the mapped original stays resident next to it. The embedding
-  table (a row lookup, and the tied head) is not repacked. q8_0 and f16 are used as stored
-  on x86.
+  reads the embedding table for it). On CPUs with AVX2 (x86) or int8 matmul (ARM), ggml's
+  CPU backend repacks every q4_0 projection into an interleaved layout for its GEMM kernels
+  (`ggml-cpu/repack.cpp`); read into memory, the repacked copy *replaces* the loaded one,
+  so each weight is held once, at the file's size. (Memory-mapped, as llama.cpp does by
+  default, the file's pages stay resident next to the repacked copy: +the q4_0
+  projections' bytes, `repacked`, reported but not counted.)
 * the K/V cache: f16, `n_kv_heads * head_dim` keys and values per attention layer and
   token, for the context rounded up to llama.cpp's 256-token padding; the conv state:
   f32, `conv_kernel - 1` inputs per conv layer. The measurement keeps one saved copy of the
@@ -24,10 +24,9 @@ backend with llama-bench's settings (n_ubatch 512, f16 K/V cache, flash attentio
   `COMPUTE_FACTOR` for what ggml's allocator keeps alive at once.
 * overhead: the ggml context, graph and thread buffers (`OVERHEAD_BYTES`).
 
-Checked at full size (BENCHMARKS.md, "llama.cpp backend"): LFM2-350M q4_0, context 2,064,
-prefill 2,048 and decode at depth 2,048: estimated 462.7 MiB, measured 479.9 MiB (-3.6%).
-`COMPUTE_FACTOR` and `OVERHEAD_BYTES` are one model's worth of evidence, not a fit over
-many; the search records each trial's estimate error against its measured footprint.
+Checked at full size in BENCHMARKS.md ("llama.cpp backend"). `COMPUTE_FACTOR` and
+`OVERHEAD_BYTES` are one model's worth of evidence, not a fit over many; the search records
+each trial's estimate error against its measured footprint.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ COMPUTE_FACTOR = 2.0
 #: the live state and the runner's saved copy of it (module doc)
 STATE_COPIES = 2
 OVERHEAD_BYTES = 16 * MIB
-#: the types ggml's CPU backend repacks into a second copy (x86 with AVX2)
+#: the types ggml's CPU backend repacks (x86 with AVX2): a second copy only when memory-mapped
 REPACKED = ("q4_0",)
 
 
@@ -85,7 +84,7 @@ def estimate(spec: ArchSpec, context: int, quant: str, prefill_tokens: int) -> d
     file_bytes = sum(stored.values())
     repacked = stored["linears"] + stored["head"] if quant in REPACKED else 0
     return {
-        "weights": file_bytes + repacked,
+        "weights": file_bytes,  # read into memory: the repacked copy replaces the loaded one
         "state": STATE_COPIES * (kv_cache_bytes(spec, context) + counts.conv_state_bytes(spec, 4)),
         "activation": compute_buffer_bytes(spec, prefill_tokens),
         "overhead": OVERHEAD_BYTES,

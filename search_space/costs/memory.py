@@ -251,8 +251,8 @@ def estimate_peak_memory(
 
 
 def _estimate_llamacpp(spec: ArchSpec, context: int, quant: str, tokens: int) -> MemoryEstimate:
-    """llama.cpp holds a model its own way (a mapped GGUF, repacked copies, an f16 K/V
-    cache): `search_space.costs.llamacpp` says how."""
+    """llama.cpp holds a model its own way (a GGUF read into memory, q4_0 repacked in place,
+    an f16 K/V cache): `search_space.costs.llamacpp` says how."""
     from search_space.costs import llamacpp
 
     parts = llamacpp.estimate(spec, context, quant, tokens)
