@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lfm2.spec import ArchSpec
+from lfm2.spec import ATTENTION_OPERATORS, ArchSpec
 
 #: The fitted coefficients, their version and their measured fidelity (data, not code).
 SIGNAL_FILE = Path(__file__).with_name("layout_signal.json")
@@ -37,7 +37,7 @@ FEATURES = ("attention layers", "any attention", "attention share", "layers", "l
 
 def attention_layers(spec: ArchSpec) -> int:
     """Full and sliding-window attention layers."""
-    return sum(kind != "conv" for kind in spec.layers)
+    return sum(kind in ATTENTION_OPERATORS for kind in spec.layers)
 
 
 def proxy_parameters(spec: ArchSpec) -> int:
