@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--backend", default="eager", help="backend of the searches (default eager: see BENCHMARKS.md)")
     parser.add_argument("--quant", default="fp32")
     parser.add_argument("--context", type=int, default=256, help="prefill length and decode depth measured (default 256)")
-    parser.add_argument("--quality", default="none", help="quality proxy: none (default), mad or lm")
+    parser.add_argument("--quality", default="none", help="quality signal: none (default), layout (free), mad or lm")
     parser.add_argument("--quality-settings", default="cpu_small")
     parser.add_argument("--budget", default="1GB", help="memory budget (default 1GB)")
     return parser.parse_args(argv)

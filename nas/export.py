@@ -171,7 +171,7 @@ def pick_family(members: list[Member], k: int, tier_by: str = "memory") -> list[
 def provenance(study: optuna.Study, member: Member, storage_url: str, target: str, seed: int | None, family: dict[str, Any] | None) -> dict[str, Any]:
     trial, meta = member.trial, study_metadata(study)
     attrs = trial.user_attrs
-    measured_keys = ("prefill_ms", "decode_ms", "footprint_bytes", "peak_rss_bytes", "quality", "memory_estimate_bytes", "params", "prefill_stats", "decode_stats", "quality_detail", "cached")
+    measured_keys = ("prefill_ms", "decode_ms", "footprint_bytes", "peak_rss_bytes", "quality", "memory_estimate_bytes", "params", "prefill_stats", "decode_stats", "quality_detail", "quality_signal", "cached")
     measurement = attrs.get("measurement") or {}
     return {
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -182,7 +182,7 @@ def provenance(study: optuna.Study, member: Member, storage_url: str, target: st
             "storage": redact_storage(storage_url),
             "metric_names": study.metric_names,
             "directions": [d.name.lower() for d in study.directions],
-            **{k: meta.get(k) for k in ("budget_bytes", "context", "backend", "quant", "quality", "sampler", "seed", "version")},
+            **{k: meta.get(k) for k in ("budget_bytes", "context", "backend", "quant", "quality", "quality_signal", "sampler", "seed", "version")},
             "space": (meta.get("space") or {}).get("name"),
         },
         "trial": {
@@ -307,7 +307,7 @@ def arch_markdown(spec: ArchSpec, record: dict[str, Any], parameters: int) -> st
         f"| prefill of {context} tokens | {_ms(measured.get('prefill_ms'))} | {_stats_cell(measured.get('prefill_stats'))} |",
         f"| decode, one token at depth {context} | {_ms(measured.get('decode_ms'))} | {_stats_cell(measured.get('decode_stats'))} |",
         f"| model footprint (vs budget {_mib(study.get('budget_bytes'))}) | {_mib(measured.get('footprint_bytes'))} | peak RSS {_mib(measured.get('peak_rss_bytes'))}, analytic estimate {_mib(measured.get('memory_estimate_bytes'))} |",
-        f"| quality proxy ({study.get('quality')}) | {measured.get('quality', 'n/a')} | |",
+        f"| quality proxy ({study.get('quality')}) | {measured.get('quality', 'n/a')} | {measured.get('quality_signal') or ''} |",
         "",
         "Latencies are medians under the protocol below; `cached` = "
         f"{measured.get('cached', False)} (true: the figures were measured for an earlier trial of the same architecture).",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import optuna
 
-QUALITY_KINDS = ("mad", "lm", "none")
+QUALITY_KINDS = ("layout", "mad", "lm", "none")  # the first is the default (nas/quality/layout.py says why)
 
 
 def objective_names(quality: str) -> list[str]:

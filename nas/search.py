@@ -50,7 +50,7 @@ class SearchConfig:
     backend: str = "executorch"
     quant: str = "8da4w"
     context: int = 2048
-    quality: str = "mad"
+    quality: str = "layout"  # free, and as good as the trained proxies (nas/quality/layout.py)
     quality_settings: str = "default"  # a QualitySettings preset: default (GPU-sized) or cpu_small
     sampler: str = "nsga2"
     seed: int | None = 0
@@ -183,6 +183,12 @@ class Search:
 
     # -- set-up ---------------------------------------------------------------------------
 
+    def _quality_signal(self) -> str | None:
+        """The version of the quality signal this search scores with (None: no quality)."""
+        if not hasattr(self, "_signal"):
+            self._signal = _signal_version(self.config.quality, self.config.quality_settings)
+        return self._signal
+
     def _metadata(self, device_facts: dict[str, Any]) -> dict[str, Any]:
         from importlib.metadata import version
 
@@ -200,6 +206,7 @@ class Search:
             "space": {"name": self.space.name, "text": self.space.source_text},
             "quality": c.quality,
             "quality_settings": c.quality_settings,
+            "quality_signal": self._quality_signal(),
             "sampler": c.sampler,
             "seed": c.seed,
             "versions": toolchain_versions(),
@@ -229,7 +236,7 @@ class Search:
                     self.console.print(f"resumed: trials {stale} were left running by a stopped driver; failed and re-enqueued")
             else:
                 enqueue_presets(study, self.space)
-            self.quality_on_gpu = c.quality != "none" and cluster_has_gpu()
+            self.quality_on_gpu = c.quality not in ("none", "layout") and cluster_has_gpu()
             with _stop_on_signals() as self.stop_flag:
                 try:
                     self._loop()
@@ -327,8 +334,20 @@ class Search:
         c = self.config
         if c.quality == "none":
             return
+        from nas.quality import FREE_KINDS, score
         from nas.quality import cache_key as quality_cache_key
 
+        # what the score means (the signal's version), with every trial: scores of two versions do not compare
+        candidate.trial.set_user_attr("quality_signal", self._quality_signal())
+        if c.quality in FREE_KINDS:  # no training: scored here, at once
+            started = time.perf_counter()
+            try:
+                result = score(candidate.spec, c.quality)
+                candidate.quality = {"ok": True, "score": result.score, "detail": result.to_dict(), "wall_s": time.perf_counter() - started}
+            except Exception as exc:  # a failed score fails its trial, as a proxy's failure does
+                candidate.quality = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - started}
+            candidate.stage_s["quality"] = candidate.quality["wall_s"]
+            return
         settings = _quality_settings(c.quality_settings)
         key = "quality-" + quality_cache_key(candidate.spec, c.quality, settings, c.seed or 0)
         cached = self.cache.get(key)
@@ -502,6 +521,12 @@ def _require_existing_sqlite(url: str, study: str) -> None:
     missing = missing_sqlite_file(url)
     if missing is not None:
         raise UserError(f"--resume: there is no study {study!r} to resume: {missing} does not exist; drop --resume to start it, or check --storage")
+
+
+def _signal_version(kind: str, settings_name: str) -> str | None:
+    from nas.quality import signal_version
+
+    return None if kind == "none" else signal_version(kind, _quality_settings(settings_name))
 
 
 def _quality_settings(name: str):

@@ -22,7 +22,7 @@ def search(
     backend: str = typer.Option("executorch", "--backend", help="executorch, onnx or llamacpp."),
     quant: str = typer.Option("8da4w", "--quant", help="executorch: 8da4w|fp32; onnx: int8|fp32; llamacpp: q4_0|q8_0|f16."),
     context: int = typer.Option(2048, "--context", help="Prefill length and decode depth the latencies are measured at."),
-    quality: str = typer.Option("mad", "--quality", help="mad (synthetic tasks), lm (bits per byte), or none."),
+    quality: str = typer.Option("layout", "--quality", help="layout (free: predicted from the layout, as good as any trained proxy measured; see `lfm2-nas quality --help`), mad (synthetic tasks), lm (bits per byte), or none."),
     quality_settings: str = typer.Option("default", "--quality-settings", help="default (sized for a GPU) or cpu_small."),
     sampler: str = typer.Option("nsga2", "--sampler", help="nsga2, tpe, gp or random."),
     seed: int = typer.Option(0, "--seed"),

@@ -303,6 +303,7 @@ def facts_section(data: StudyData) -> str:
         "context (tokens)": facts.get("context"),
         "memory budget": f"{format_bytes(budget)} ({budget:,} bytes)" if budget else None,
         "quality proxy": facts.get("quality"),
+        "quality signal version": facts.get("quality_signal"),  # absent from studies before it was recorded
         "sampler": facts.get("sampler"),
         "seed": facts.get("seed"),
         "lfm2-nas version": facts.get("version"),
@@ -315,7 +316,7 @@ def facts_section(data: StudyData) -> str:
     space = facts.get("space")
     if isinstance(space, dict):
         boxes.append(("Search space", space))
-    known = {"device", "backend", "quant", "context", "budget_bytes", "quality", "sampler", "seed", "version", "protocol", "versions", "space"}
+    known = {"device", "backend", "quant", "context", "budget_bytes", "quality", "quality_signal", "sampler", "seed", "version", "protocol", "versions", "space"}
     others = {k: v for k, v in facts.items() if k not in known}
     if others:
         boxes.append(("Other facts", others))

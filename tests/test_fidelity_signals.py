@@ -91,4 +91,17 @@ def test_signals_judged_side_by_side_with_the_free_baselines():
     assert versus["beats_it"] == (judged["mad_wide (seed 0)"]["ci95"][0] > versus["baseline_spearman"])
     assert not set(result["winners"]) & set(result["baseline_names"])  # a baseline is never a winner
     held_out = [name for name in judged if name.startswith("learned combination")]
-    assert len(held_out) == 2 and all(judged[name]["n"] == 12 for name in held_out)
+    assert len(held_out) == 3 and all(judged[name]["n"] == 12 for name in held_out)
+    assert "lm_long, mean over seeds" not in judged  # one seed each: no seed statistic
+
+
+def test_an_lm_proxy_is_averaged_over_its_seeds_and_never_ranked_by_its_best_seed():
+    rows, reference, layouts = _rows()
+    rows += [{**row, "seed": 1, "bpb": row["bpb"] + 0.001} for row in rows if row["stage"] == "lm_long" and row["arch"] in ("a0", "a1", "a2", "a3", "a4")]
+    found = fs.signals(rows)
+    mean = found["lm_long, mean over seeds"]
+    assert set(mean) == {"a0", "a1", "a2", "a3", "a4"} and "lm_long, best of seeds" not in found
+    seed0 = {row["arch"]: row["bpb"] for row in rows if row["stage"] == "lm_long" and row["seed"] == 0}
+    assert mean["a0"] == pytest.approx(-(seed0["a0"] + 0.0005))  # minus the mean bpb: higher is better
+    table = fs.features(rows, layouts, {a: 1000.0 + i for i, a in enumerate(layouts)})["free features + long LM proxy (3 points, mean over seeds)"]
+    assert len(table["a0"]) == 5 + 3 and len(table) == 12

@@ -105,3 +105,24 @@ def test_failures_are_recorded_with_their_reasons(tmp_path, env):
     trials = load(tmp_path, "tiny-budget").trials
     assert trials and all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["status"] == "prefiltered" for t in trials)
     assert all("budget" in t.user_attrs["reason"] for t in trials)
+
+
+def test_the_default_quality_is_the_free_layout_signal_and_every_trial_records_its_version(tmp_path, env):
+    from lfm2.spec import ArchSpec
+    from nas.quality import layout, score
+
+    default_quality = [arg for i, arg in enumerate(BASE) if arg != "--quality" and BASE[i - 1] != "--quality"]  # no --quality: the default
+    result = lfm2_nas("search", *default_quality, "--trials", "3", "--study", "signal", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = load(tmp_path, "signal")
+    assert study.metric_names == ["quality", "prefill_ms", "decode_ms"] and study.directions[0].name == "MAXIMIZE"
+    meta = study.user_attrs["lfm2_nas"]
+    assert meta["quality"] == "layout" and meta["quality_signal"] == layout.version()
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete, [(t.number, t.state, t.user_attrs.get("reason")) for t in study.trials]
+    for trial in complete:
+        assert trial.user_attrs["quality_signal"] == layout.version()
+        spec = ArchSpec.from_dict(trial.user_attrs["spec"])
+        detail = trial.user_attrs["quality_detail"]
+        assert detail["kind"] == "layout" and detail["detail"]["signal_version"] == layout.version()
+        assert trial.values[0] == trial.user_attrs["quality"] == pytest.approx(score(spec, "layout").score)

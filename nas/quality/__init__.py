@@ -15,6 +15,10 @@ budget with a small learning-rate sweep (best of). Two kinds of score:
   compression, memorisation.
 * `"lm"` -- minus the bits per byte on held-out Python-stdlib text (`lfm2.corpus`) after a
   short byte-level training run.
+* `"layout"` -- no proxy, no training: minus the bits per byte a long reference run would
+  reach, predicted from the layout and parameter count by a fit shipped as data
+  (`nas.quality.layout`). The search's default: in BENCHMARKS.md's fidelity runs no trained
+  proxy ranked architectures better than such free signals.
 
 Stopping hopeless candidates early. Optuna 5.0's pruners do not work for multi-objective
 studies: `Trial.report` and `Trial.should_prune` raise `NotImplementedError("... is not
@@ -36,6 +40,8 @@ from lfm2.lazy import lazy_attributes
 _LAZY = {
     "proxy_spec": "nas.quality.proxy",
     "KINDS": "nas.quality.scoring",
+    "FREE_KINDS": "nas.quality.scoring",
+    "signal_version": "nas.quality.scoring",
     "QUALITY_VERSION": "nas.quality.scoring",
     "QualityResult": "nas.quality.scoring",
     "cache_key": "nas.quality.scoring",
@@ -60,6 +66,8 @@ __all__ = [
     "QualitySettings",
     "SettingsError",
     "KINDS",
+    "FREE_KINDS",
+    "signal_version",
     "QUALITY_VERSION",
     "TASKS",
     "TaskConfig",

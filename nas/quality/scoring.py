@@ -5,6 +5,9 @@ Kinds:
 * `"mad"` -- mean accuracy over the synthetic tasks (0..1, higher is better).
 * `"lm"` -- minus the bits per byte on held-out stdlib text (-8..0, higher is better;
   `detail["bpb"]` holds the positive number).
+* `"layout"` -- no training: minus the reference bits per byte predicted from the layout
+  and the parameter count by a fit shipped as data (`nas.quality.layout`; the search's
+  default, because no trained proxy ranked layouts better, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from nas.quality.proxy import proxy_spec
 from nas.quality.settings import QualitySettings
 from nas.quality.training import train_sweep
 
-KINDS = ("mad", "lm")
+KINDS = ("layout", "mad", "lm")
 #: Bumped whenever a change to this package changes what a score means (invalidates caches).
 QUALITY_VERSION = 1
+#: Kinds that train nothing: scored in the caller's process, on no device.
+FREE_KINDS = ("layout",)
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,26 @@ def cache_key(spec: ArchSpec, kind: str = "mad", settings: QualitySettings | Non
     settings differ only by rounding, and the search treats them as one score. For `lm`,
     the Python minor version is, because each ships its own stdlib (the corpus)."""
     _check_kind(kind)
+    if kind in FREE_KINDS:  # no settings, no seed: the fit's version names it
+        facts = {"version": QUALITY_VERSION, "spec": spec.key, "kind": kind, "signal": signal_version(kind)}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     settings = settings or QualitySettings.default()
     facts = {"version": QUALITY_VERSION, "spec": spec.key, "kind": kind, "settings": settings.key, "seed": int(seed)}
     if kind == "lm":
         facts["python"] = ".".join(platform.python_version_tuple()[:2])
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def signal_version(kind: str, settings: QualitySettings | None = None) -> str:
+    """Names what a score of `kind` means, for the search to record with every trial:
+    `layout-v<N>-<hash>` for the fitted layout signal, `<kind>-v<QUALITY_VERSION>-<settings
+    key>` for a trained proxy (its recipe)."""
+    _check_kind(kind)
+    if kind == "layout":
+        from nas.quality import layout
+
+        return layout.version()
+    return f"{kind}-v{QUALITY_VERSION}-{(settings or QualitySettings.default()).key}"
 
 
 def _check_kind(kind: str) -> None:
@@ -130,6 +150,11 @@ def score(
     settings = settings or QualitySettings.default()
     if not isinstance(spec, ArchSpec):
         raise UserError(f"score() takes an ArchSpec, got {type(spec).__name__}; use ArchSpec.from_dict(...) first")
+    if kind == "layout":  # nothing to train: device, settings, seed and compile do not apply
+        from nas.quality import layout
+
+        free = layout.score_layout(spec)
+        return QualityResult(score=free["score"], kind=kind, key=cache_key(spec, kind), detail=free["detail"])
     dev = _device(device)
     started = time.perf_counter()
 
@@ -201,4 +226,4 @@ def score(
     return QualityResult(score=float(value), kind=kind, key=cache_key(spec, kind, settings, seed), detail=detail)
 
 
-__all__ = ["score", "cache_key", "QualityResult", "KINDS", "QUALITY_VERSION"]
+__all__ = ["score", "cache_key", "signal_version", "QualityResult", "KINDS", "FREE_KINDS", "QUALITY_VERSION"]
