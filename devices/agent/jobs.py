@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devices.adb.transport import DeviceUnavailable
 from devices.artifact import ArtifactError
 from devices.protocol import Limits, Measurement, Protocol
 from lfm2.errors import UserError
@@ -408,6 +409,12 @@ class Worker:
                 measurement.error = public_error(kind, measurement.error or "", hide)
                 if kind == "child_failed":
                     measurement.error += "; the agent's log has the details"
+        except DeviceUnavailable as exc:  # the phone is away (unplugged, unauthorised, offline): not the candidate's result
+            if not self._stop.is_set() and job.attempts < MAX_RESOURCE_ATTEMPTS:
+                self._requeue_for_device(job, exc)
+                return
+            log.warning("job %s: the device stayed unavailable for %d attempts: %s", job.id, job.attempts, exc)
+            measurement = Measurement.failure("lost", public_error("device_unavailable", f"{exc} (tried {job.attempts} times; submit the job again once the device is back)", hide))
         except UserError as exc:  # a request measure() refuses (e.g. the protocol needs a longer context)
             kind = "artifact_invalid" if isinstance(exc, ArtifactError) else "refused"
             measurement = Measurement.failure("error", public_error(kind, str(exc), hide))
@@ -446,6 +453,20 @@ class Worker:
         self._resource_failures += 1
         pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
         reason = f"the host ran out of a resource ({errno.errorcode.get(getattr(exc, 'errno', None) or 0, type(exc).__name__)}); tried again in {pause:g} s"
+        log.warning("job %s: %s", job.id, reason)
+        try:
+            self.jobs.requeue(job.id, reason)
+        except StoreUnavailable as store_error:
+            log.error("job %s: cannot re-queue it (%s); it will run again after a restart", job.id, store_error)
+        self.current_job, self.phase = None, "idle"
+        self._stop.wait(pause)
+
+    def _requeue_for_device(self, job: Job, exc: BaseException) -> None:
+        """The device could not be reached: back to the queue with a growing pause, like a
+        resource error; after MAX_RESOURCE_ATTEMPTS starts the job ends `lost` with the reason."""
+        self._resource_failures += 1
+        pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
+        reason = public_error(getattr(exc, "kind", "device_unavailable"), f"{exc}; tried again in {pause:g} s")
         log.warning("job %s: %s", job.id, reason)
         try:
             self.jobs.requeue(job.id, reason)
