@@ -130,7 +130,9 @@ ADB_SCRIPT = textwrap.dedent(
 
     threading.Thread(target=forward, daemon=True).start()
     status = child.wait()
-    sys.exit(128 - status if status < 0 else status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 - status if status < 0 else status)  # not sys.exit: the stdin reader thread may hold stdin's lock
     '''
 ).lstrip()
 

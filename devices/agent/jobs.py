@@ -414,7 +414,7 @@ class Worker:
                 self._requeue_for_device(job, exc)
                 return
             log.warning("job %s: the device stayed unavailable for %d attempts: %s", job.id, job.attempts, exc)
-            measurement = Measurement.failure("lost", public_error("device_unavailable", f"{exc} (tried {job.attempts} times; submit the job again once the device is back)", hide))
+            measurement = Measurement.failure("lost", public_error("device_unavailable", f"tried {job.attempts} times: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'the device is unavailable'}; submit the job again once the device is back", hide))
         except UserError as exc:  # a request measure() refuses (e.g. the protocol needs a longer context)
             kind = "artifact_invalid" if isinstance(exc, ArtifactError) else "refused"
             measurement = Measurement.failure("error", public_error(kind, str(exc), hide))
@@ -466,7 +466,8 @@ class Worker:
         resource error; after MAX_RESOURCE_ATTEMPTS starts the job ends `lost` with the reason."""
         self._resource_failures += 1
         pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
-        reason = public_error(getattr(exc, "kind", "device_unavailable"), f"{exc}; tried again in {pause:g} s")
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "the device is unavailable"
+        reason = public_error(getattr(exc, "kind", "device_unavailable"), f"tried again in {pause:g} s: {first_line}")
         log.warning("job %s: %s", job.id, reason)
         try:
             self.jobs.requeue(job.id, reason)

@@ -187,6 +187,7 @@ class Info(BaseModel):
     runtimes: dict[str, str]
     limits: dict[str, Any]
     notes: list[str]
+    transport: dict[str, Any] = Field(default_factory=dict, description="which device and transport measure: local, or adb with the phone's serial and facts")
     max_upload_bytes: int
     free_disk_bytes: int
     artifacts: int
