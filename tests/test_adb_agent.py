@@ -307,6 +307,7 @@ def test_a_phone_that_stays_away_ends_the_job_lost_with_the_reason(phone, tmp_pa
 
 @needs_llama_cpp
 @needs_cmake
+@pytest.mark.slow
 def test_agent_doctor_checks_the_phone_end_to_end(phone, runner_build):
     env = _agent_env(phone)
     done = subprocess.run([sys.executable, "-c", "from nas.cli import main; main()", "agent", "doctor", "--adb", SERIAL, "--adb-runner", str(runner_build.path), "--profile", "pixel8"],
