@@ -196,6 +196,18 @@ def test_a_full_phone_ends_as_an_error_that_says_so_and_leaves_nothing_half_push
 
 @needs_llama_cpp
 @needs_cmake
+def test_over_the_memory_cap_is_oom_and_past_the_time_limit_is_timeout(phone, runner_build, artifact):
+    target = Phone.open(AdbTransport(SERIAL), runner_build)
+    over = target.measure(artifact, PROTOCOL, Limits(cpus=(8,), threads=1, memory_bytes=1 << 20, timeout_s=120))
+    assert over.status == "oom" and "over the 1 MiB cap" in over.error and over.memory["footprint_bytes"] > 1 << 20
+    slow = Protocol(prompt_lengths=(32,), decode_depths=(32,), decode_tokens=4, min_runs=60, max_runs=60, max_seconds_per_point=60, ci_target=0.0)
+    late = target.measure(artifact, slow, Limits(cpus=(8,), threads=1, timeout_s=4))
+    assert late.status == "timeout" and "4 s wall-clock limit" in late.error and late.device["transport"] == "adb"
+    assert late.wall_time_s < 30  # the runner was stopped, not waited for
+
+
+@needs_llama_cpp
+@needs_cmake
 def test_a_cable_pulled_mid_run_raises_device_unavailable(phone, runner_build, artifact):
     target = Phone.open(AdbTransport(SERIAL), runner_build)
     phone.unplug_after_lines(3)  # the runner answers three commands, then the phone is gone

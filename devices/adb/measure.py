@@ -238,6 +238,8 @@ class Phone:
             memory["cap_bytes"] = limits.memory_bytes
             memory["cap_method"] = "the runner's VmHWM read after the memory pass and at the end" if limits.memory_bytes else "no cap"
             result["thermal"]["after"] = {"zones": thermal_zones(self.transport)}
+            if limits.memory_bytes is not None and memory["child_peak_rss_bytes"] > limits.memory_bytes:
+                return self._failure("oom", f"the runner's peak RSS on the phone reached {memory['child_peak_rss_bytes'] / 2**20:.0f} MiB during the timed runs, over the {limits.memory_bytes / 2**20:.0f} MiB cap: the candidate does not fit", result, device_facts_, start)
         except RunnerTimeout as exc:
             return self._failure("timeout", f"{exc}; the runner was stopped", result, device_facts_, start)
         except RunnerError as exc:
