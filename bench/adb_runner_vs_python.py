@@ -4,8 +4,8 @@ llama-cpp-python (the local llamacpp backend), measured the same way, side by si
 With no phone here, the runner runs on this host through the adb stand-in of the tests
 (tests/test_adb_support.py: push = copy, shell = run here), pinned to the same core and with
 the same thread count as the local measurement; both go through `devices.sampling`. Rounds
-alternate the two (A B A B ...), so a busy machine slows both alike; the ratio per round is
-what to read, not the absolute times.
+alternate the two (A B, then B A, ...), so a busy machine slows both alike; the ratio per
+round is what to read, not the absolute times.
 
     python -m bench.adb_runner_vs_python            # d_model 512, prompt 256, depth 256, 3 rounds
     python -m bench.adb_runner_vs_python --quick    # the tiny model, 1 round
@@ -56,8 +56,13 @@ def main(argv=None) -> None:
     target = Phone.open(AdbTransport(phone.serial), build_runner())
     rows = []
     for round_ in range(1, args.rounds + 1):
-        local = measure(artifact, protocol, Limits(cpus=(cpu,), threads=1))
-        runner = target.measure(artifact, protocol, Limits(cpus=(8,), threads=1))
+        # the order swaps every round: whichever runs second must not always meet the same load
+        if round_ % 2:
+            local = measure(artifact, protocol, Limits(cpus=(cpu,), threads=1))
+            runner = target.measure(artifact, protocol, Limits(cpus=(8,), threads=1))
+        else:
+            runner = target.measure(artifact, protocol, Limits(cpus=(8,), threads=1))
+            local = measure(artifact, protocol, Limits(cpus=(cpu,), threads=1))
         assert local.ok and runner.ok, (local.error, runner.error)
         for point, a, b in (
             (f"prefill {args.prompt}", local.prefill[args.prompt], runner.prefill[args.prompt]),

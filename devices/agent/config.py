@@ -243,7 +243,8 @@ def _adb_config(name, workdir, profile, cpus, threads, memory_limit, emulate, ma
         name=name,
         workdir=workdir.resolve(),
         profile=profile,
-        limits=Limits(cpus=chosen_cpus, threads=threads or profile.threads, memory_bytes=memory_bytes, timeout_s=float(job_timeout_s)),
+        # the `local` profile describes this host, not the phone: then every phone core, one thread each
+        limits=Limits(cpus=chosen_cpus, threads=threads or (profile.threads if profile.name != "local" else None), memory_bytes=memory_bytes, timeout_s=float(job_timeout_s)),
         max_upload=parse_size(max_upload, "--max-upload"),
         cooldown_s=float(cooldown_s),
         max_queue=int(max_queue),

@@ -8,7 +8,10 @@ the agent, or the agent keeps being killed) is finished with status `error` inst
 of being tried forever. A job that the agent itself could not run because the host ran
 out of a resource (file descriptors, memory, processes) is put back in the queue, with
 a growing pause, up to `MAX_RESOURCE_ATTEMPTS` starts: that is the host's trouble, not
-the candidate's, and must not become the candidate's result.
+the candidate's, and must not become the candidate's result. The same goes for a device that
+cannot be reached (`devices.adb.DeviceUnavailable`: a phone unplugged, unauthorised, offline,
+or disconnected mid-run): the job is re-queued the same way, and if the device stays away it
+ends with status `lost` and the reason, so that it is reported, never dropped.
 
 Results say why a job failed in one short line, `<kind>: <message>`, of the agent's own
 making (`public_error`): never an exception's text, a traceback or a server path, which
