@@ -155,8 +155,10 @@ class Phone:
     def measure(self, artifact: Artifact | str | Path, protocol: Protocol | None = None, limits: Limits | None = None, device: dict[str, Any] | None = None, *, seed: int = 0, **_: Any) -> Measurement:
         start = time.monotonic()
         protocol, limits = protocol or Protocol(), limits or Limits()
-        artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
-        artifact.verify()
+        if isinstance(artifact, Artifact):
+            artifact.verify()
+        else:
+            artifact = Artifact.load(artifact)  # verifies every file's size and sha256
         cpus, threads = self._check_request(artifact, protocol, limits)
         deadline = start + limits.timeout_s if limits.timeout_s else None
         result: dict[str, Any] = {

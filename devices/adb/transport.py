@@ -24,7 +24,6 @@ from __future__ import annotations
 import abc
 import os
 import re
-import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -154,7 +153,7 @@ class AdbTransport(Transport):
         if done.returncode != 0:
             # adb's own failures (no device, unauthorised, a broken connection) come first;
             # a command's failure is the caller's to judge, unless it asked us to check
-            error = classify(self.serial, done.stderr, f"shell {shlex.split(command)[0] if command.strip() else ''}")
+            error = classify(self.serial, done.stderr, f"shell {command.split()[0] if command.split() else ''}")
             if error is not None and (isinstance(error, DeviceUnavailable) or check):
                 raise error
             if check:
