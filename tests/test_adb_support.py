@@ -217,17 +217,18 @@ class StandinPhone:
         (self.root / "free_kib").write_text(str(free // 1024))
 
     def set_temps(self, temps_c: dict[str, float]) -> None:
+        """Zone i gets the i-th (type, temperature); files are replaced whole (os.replace), so
+        a shell reading them while a test changes them never sees half a file."""
         thermal = self.root / "fs/sys/class/thermal"
-        if thermal.exists():
-            for zone in thermal.iterdir():
-                for f in zone.iterdir():
-                    f.unlink()
-                zone.rmdir()
         for index, (kind, celsius) in enumerate(temps_c.items()):
             zone = thermal / f"thermal_zone{index}"
-            zone.mkdir(parents=True)
-            (zone / "type").write_text(kind + "\n")
-            (zone / "temp").write_text(f"{int(celsius * 1000)}\n")
+            zone.mkdir(parents=True, exist_ok=True)
+            for name, text in (("type", kind + "\n"), ("temp", f"{int(celsius * 1000)}\n")):
+                (zone / f".{name}.tmp").write_text(text)
+                os.replace(zone / f".{name}.tmp", zone / name)
+        for zone in thermal.iterdir():  # zones beyond the new list stop being readable
+            if int(zone.name.removeprefix("thermal_zone")) >= len(temps_c):
+                (zone / "temp").unlink(missing_ok=True)
 
     def taskset_masks(self) -> list[str]:
         log = self.root / "taskset.log"
