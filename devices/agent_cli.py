@@ -72,7 +72,7 @@ def serve_command(
         thermal_timeout_s=thermal_timeout,
     )
     if config.adb is not None:
-        config.adb.phone()  # the phone must be there, authorised and of the runner's ABI before we serve
+        config.adb.phone().check_cores(config.limits.cpus)  # the phone must be there, authorised, of the runner's ABI and have the cores
     token_path = (token_file or config.workdir / "token").expanduser().resolve()
     token = ensure_token(token_path)
     serve(config, token, host=host, port=port, ready_file=ready_file, log_level=log_level, tls_cert=tls_cert, tls_key=tls_key, announce=typer.echo, token_file=token_path, exit_with_parent=exit_with_parent)

@@ -263,6 +263,10 @@ def test_agent_serve_refuses_to_start_without_a_usable_phone(phone, tmp_path):
         done = subprocess.run([sys.executable, "-m", "devices.agent", "serve", "--name", "p", "--port", "0", "--workdir", str(tmp_path / "w"), "--adb", SERIAL, "--adb-runner", str(folder)],
                               env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode != 0 and expected in done.stderr + done.stdout and "Traceback" not in done.stderr, done.stderr[-2000:]
+    phone.set_mode("ok")
+    done = subprocess.run([sys.executable, "-m", "devices.agent", "serve", "--name", "p", "--port", "0", "--workdir", str(tmp_path / "w"), "--adb", SERIAL, "--adb-runner", str(folder),
+                           "--cpus", "4-11"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "cores [9, 10, 11] do not exist on phone STANDIN8" in done.stderr, done.stderr[-2000:]
 
 
 @needs_llama_cpp

@@ -144,13 +144,18 @@ class Phone:
             raise UserError(f"the adb agent measures llamacpp artifacts (its runner is llama.cpp's); this one is {artifact.backend}: compile with --backend llamacpp")
         if artifact.max_context < protocol.max_context:
             raise UserError(f"the artifact holds {artifact.max_context} tokens of context, the protocol needs {protocol.max_context}: compile with max_context >= {protocol.max_context}")
-        cores = sorted(int(c) for c in self.facts.get("core_max_freq_hz", {})) or list(range(int(self.facts.get("cores") or 1)))
-        cpus = list(limits.cpus or protocol.cpus or cores)
-        unknown = sorted(set(cpus) - set(cores))
-        if unknown:
-            raise UserError(f"cores {unknown} do not exist on phone {self.transport.serial} (it has {cores}); pick cores from that list (--cpus, or the profile's affinity)")
+        cpus = self.check_cores(limits.cpus or protocol.cpus)
         threads = limits.threads or protocol.threads or len(cpus)
         return cpus, threads
+
+    def check_cores(self, cpus: tuple[int, ...] | list[int] | None) -> list[int]:
+        """The cores to pin to (every core of the phone when None); refuses cores it lacks."""
+        cores = sorted(int(c) for c in self.facts.get("core_max_freq_hz", {})) or list(range(int(self.facts.get("cores") or 1)))
+        chosen = list(cpus or cores)
+        unknown = sorted(set(chosen) - set(cores))
+        if unknown:
+            raise UserError(f"cores {unknown} do not exist on phone {self.transport.serial} (it has {cores}); pick cores from that list (--cpus, or the profile's affinity)")
+        return chosen
 
     def measure(self, artifact: Artifact | str | Path, protocol: Protocol | None = None, limits: Limits | None = None, device: dict[str, Any] | None = None, *, seed: int = 0, **_: Any) -> Measurement:
         start = time.monotonic()
