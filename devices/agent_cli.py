@@ -43,6 +43,10 @@ def serve_command(
     tls_key: Optional[str] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     exit_with_parent: bool = typer.Option(False, "--exit-with-parent", help="Stop when the process that started the agent exits (agents started by a search)."),
+    adb: Optional[str] = typer.Option(None, "--adb", help="Measure on the Android phone with this serial (`adb devices`), over adb, instead of on this host."),
+    adb_runner: Optional[Path] = typer.Option(None, "--adb-runner", help="With --adb: the lfm2-runner build for the phone's ABI (a folder; lfm2-nas agent build-runner)."),
+    thermal_target: Optional[float] = typer.Option(None, "--thermal-target", help="With --adb: the hottest CPU zone must be at or under this (C) before a measurement; default 40."),
+    thermal_timeout: Optional[float] = typer.Option(None, "--thermal-timeout", help="With --adb: wait at most this long (s) for the cool-down; then measure and record it hot. Default 300."),
 ) -> None:
     """Serve the device agent API (/v1/...) until stopped (Ctrl-C or SIGTERM)."""
     from devices.agent.auth import ensure_token
@@ -62,10 +66,49 @@ def serve_command(
         job_timeout_s=job_timeout,
         profiles_files=(profiles_file,) if profiles_file else (),
         max_queue=max_queue,
+        adb_serial=adb,
+        adb_runner=adb_runner,
+        thermal_target_c=thermal_target,
+        thermal_timeout_s=thermal_timeout,
     )
+    if config.adb is not None:
+        config.adb.phone().check_cores(config.limits.cpus)  # the phone must be there, authorised, of the runner's ABI and have the cores
     token_path = (token_file or config.workdir / "token").expanduser().resolve()
     token = ensure_token(token_path)
     serve(config, token, host=host, port=port, ready_file=ready_file, log_level=log_level, tls_cert=tls_cert, tls_key=tls_key, announce=typer.echo, token_file=token_path, exit_with_parent=exit_with_parent)
+
+
+@agent_app.command("doctor")
+def doctor_command(
+    adb: str = typer.Option(..., "--adb", help="The phone's serial (`adb devices`)."),
+    adb_runner: Path = typer.Option(..., "--adb-runner", help="The lfm2-runner build for the phone (lfm2-nas agent build-runner)."),
+    profile: str = typer.Option("local", "--profile", help="The device profile whose cores and threads to check (e.g. pixel8)."),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help="Cores to run on, e.g. 4-7. Default: the profile's affinity, else every core."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads. Default: the profile's."),
+    skip_measure: bool = typer.Option(False, "--skip-measure", help="Check the connection, facts, space and runner only; do not measure a tiny model."),
+) -> None:
+    """Check a phone end to end: adb, authorisation, ABI, space, temperatures, the runner, and a
+    short measurement of a tiny model (compiled here) on the profile's cores."""
+    from devices.adb.doctor import run_doctor
+    from devices.profiles import get_profile
+
+    ok = run_doctor(adb, adb_runner, get_profile(profile), cpus=cpus, threads=threads, measure=not skip_measure, echo=typer.echo)
+    raise typer.Exit(0 if ok else 1)
+
+
+@agent_app.command("build-runner")
+def build_runner_command(
+    out: Optional[Path] = typer.Option(None, "--out", help="Build folder. Default: a cache folder named by the sources' hash."),
+    android_ndk: Optional[Path] = typer.Option(None, "--android-ndk", help="The Android NDK's root (r26+): build for a phone instead of this machine."),
+    llama_cpp_source: Optional[Path] = typer.Option(None, "--llama-cpp-source", help="llama.cpp's sources, built statically (needed for a phone build)."),
+    abi: str = typer.Option("arm64-v8a", "--abi", help="With --android-ndk: the phone's ABI."),
+    api_level: int = typer.Option(28, "--api-level", help="With --android-ndk: the lowest Android API level to run on."),
+) -> None:
+    """Build lfm2-runner (devices/adb/runner) and print its folder, for `agent serve --adb-runner`."""
+    from devices.adb.runner_build import build_runner
+
+    build = build_runner(out, android_ndk=android_ndk, llama_cpp_source=llama_cpp_source, abi=abi, api_level=api_level)
+    typer.echo(f"built lfm2-runner {build.version} for {build.abi}: {build.path}")
 
 
 @devices_app.command("add")

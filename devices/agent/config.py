@@ -6,7 +6,10 @@ The rules, in one place:
   here, else (`--emulate`) the first `threads` cores this process may use;
 - memory cap: `--memory-limit`, else (`--emulate`) the profile's memory budget, else none
   (a real device's own memory is the limit: going over it gives `oom` all the same);
-- timeout: `--job-timeout` per measurement child.
+- timeout: `--job-timeout` per measurement child;
+- a phone over adb (`--adb SERIAL`): measurements run on the phone (devices.adb); the cores
+  are the phone's (the profile's affinity unless `--cpus`), no memory cap unless
+  `--memory-limit`, and the fingerprint is the phone's, not this host's.
 """
 
 from __future__ import annotations
@@ -81,6 +84,13 @@ class AgentConfig:
     cooldown_s: float = 0.0
     max_queue: int = DEFAULT_MAX_QUEUE
     notes: list[str] = field(default_factory=list)  # why a limit is what it is
+    adb: AdbSettings | None = None  # measure on a phone over adb instead of this host
+
+    def transport_facts(self) -> dict[str, Any]:
+        """Which device and transport measure: stamped on every result."""
+        if self.adb is None:
+            return {"transport": "local"}
+        return self.adb.phone().describe()
 
     def machine(self) -> dict[str, Any]:
         """This host, as `devices.stack` (and so every measurement) describes it."""
@@ -92,6 +102,10 @@ class AgentConfig:
         whether it is emulated, and the limits (not the timeout). Any of these changing
         makes earlier results incomparable; `devices.stack.device_fingerprint` hashes it."""
         limits = {k: v for k, v in self.limits.to_dict().items() if k != "timeout_s"}
+        if self.adb is not None:  # the phone measures, not this host
+            phone = self.adb.phone()
+            facts = {k: v for k, v in phone.facts.items() if k != "memory_available_bytes"}
+            return device_fingerprint({"phone": facts, "runner": phone.runner.version, "profile": self.profile.name, "emulated": False, "limits": limits})
         return device_fingerprint({**machine_facts(), "profile": self.profile.name, "emulated": self.emulate, "limits": limits})
 
     def device_facts(self) -> dict[str, Any]:
@@ -103,7 +117,31 @@ class AgentConfig:
             "fingerprint": self.fingerprint,
             "agent_version": agent_version(),
             "limits": self.limits.to_dict(),
+            **self.transport_facts(),
         }
+
+
+@dataclass
+class AdbSettings:
+    """A phone measured over adb: its serial, the runner build pushed to it, the thermal rule."""
+
+    serial: str
+    runner_dir: Path
+    thermal_target_c: float
+    thermal_timeout_s: float
+    _phone: Any = field(default=None, repr=False)
+
+    def phone(self):
+        """The phone, checked (there, authorised, the runner's ABI) and described; opened once."""
+        if self._phone is None:
+            from devices.adb.measure import Phone
+            from devices.adb.phone import CoolDown
+            from devices.adb.runner_build import load_runner
+            from devices.adb.transport import AdbTransport
+
+            runner = load_runner(self.runner_dir)
+            self._phone = Phone.open(AdbTransport(self.serial), runner, CoolDown(self.thermal_target_c, self.thermal_timeout_s))
+        return self._phone
 
 
 def build_config(
@@ -119,6 +157,10 @@ def build_config(
     job_timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
     profiles_files: tuple[str | Path, ...] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
+    adb_serial: str | None = None,
+    adb_runner: str | Path | None = None,
+    thermal_target_c: float | None = None,
+    thermal_timeout_s: float | None = None,
 ) -> AgentConfig:
     if not AGENT_NAME.match(name or ""):
         raise UserError(f"agent name {name!r} must be letters, digits, '.', '_' or '-' (at most 64), e.g. pixel8-lab")
@@ -134,6 +176,10 @@ def build_config(
     if not 1 <= max_queue <= 100_000:
         raise UserError(f"--max-queue must be in 1-100000 jobs, got {max_queue}")
     notes: list[str] = []
+    if adb_serial is not None:
+        return _adb_config(name, workdir, device_profile, cpus, threads, memory_limit, emulate, max_upload, cooldown_s, job_timeout_s, max_queue, adb_serial, adb_runner, thermal_target_c, thermal_timeout_s)
+    if adb_runner is not None:
+        raise UserError("--adb-runner goes with --adb SERIAL (the phone to measure on)")
     available = usable_cpus()
     chosen_cpus = parse_cpus(cpus) if isinstance(cpus, str) or cpus is None else tuple(cpus)
     if chosen_cpus is not None:
@@ -174,4 +220,37 @@ def build_config(
     )
 
 
-__all__ = ["AgentConfig", "build_config", "parse_cpus", "usable_cpus", "agent_version", "default_workdir", "API_VERSION", "DEFAULT_PORT", "DEFAULT_MAX_UPLOAD", "DEFAULT_MAX_QUEUE"]
+def _adb_config(name, workdir, profile, cpus, threads, memory_limit, emulate, max_upload, cooldown_s, job_timeout_s, max_queue, serial, runner, target_c, timeout_s) -> AgentConfig:
+    """`build_config` for a phone over adb: its cores are the phone's, not this host's."""
+    from devices.adb.phone import DEFAULT_COOLDOWN_TIMEOUT_S, DEFAULT_TARGET_C
+
+    if emulate:
+        raise UserError("--adb measures on the phone itself; --emulate is for emulating a profile on this host: use one or the other")
+    if runner is None:
+        raise UserError("--adb needs --adb-runner DIR: a build of lfm2-runner for the phone's ABI (lfm2-nas agent build-runner --android-ndk NDK ...; see the README)")
+    chosen_cpus = parse_cpus(cpus) if isinstance(cpus, str) or cpus is None else tuple(cpus)
+    notes = []
+    if chosen_cpus is None and profile.affinity is not None:
+        chosen_cpus = profile.affinity
+        notes.append(f"pinned to {profile.name}'s cores {list(chosen_cpus)} on the phone (taskset)")
+    memory_bytes = parse_size(memory_limit, "--memory-limit") if memory_limit is not None else None
+    target = DEFAULT_TARGET_C if target_c is None else float(target_c)
+    wait = DEFAULT_COOLDOWN_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    if wait < 0:
+        raise UserError(f"--thermal-timeout must be >= 0 seconds, got {wait}")
+    workdir = Path(workdir).expanduser() if workdir else default_workdir(name)
+    return AgentConfig(
+        name=name,
+        workdir=workdir.resolve(),
+        profile=profile,
+        # the `local` profile describes this host, not the phone: then every phone core, one thread each
+        limits=Limits(cpus=chosen_cpus, threads=threads or (profile.threads if profile.name != "local" else None), memory_bytes=memory_bytes, timeout_s=float(job_timeout_s)),
+        max_upload=parse_size(max_upload, "--max-upload"),
+        cooldown_s=float(cooldown_s),
+        max_queue=int(max_queue),
+        notes=notes + [f"measuring on phone {serial} over adb; before each measurement the hottest CPU zone must cool to {target:g} C (waiting at most {wait:g} s)"],
+        adb=AdbSettings(serial=serial, runner_dir=Path(runner).expanduser().resolve(), thermal_target_c=target, thermal_timeout_s=wait),
+    )
+
+
+__all__ = ["AgentConfig", "AdbSettings", "build_config", "parse_cpus", "usable_cpus", "agent_version", "default_workdir", "API_VERSION", "DEFAULT_PORT", "DEFAULT_MAX_UPLOAD", "DEFAULT_MAX_QUEUE"]

@@ -8,7 +8,10 @@ the agent, or the agent keeps being killed) is finished with status `error` inst
 of being tried forever. A job that the agent itself could not run because the host ran
 out of a resource (file descriptors, memory, processes) is put back in the queue, with
 a growing pause, up to `MAX_RESOURCE_ATTEMPTS` starts: that is the host's trouble, not
-the candidate's, and must not become the candidate's result.
+the candidate's, and must not become the candidate's result. The same goes for a device that
+cannot be reached (`devices.adb.DeviceUnavailable`: a phone unplugged, unauthorised, offline,
+or disconnected mid-run): the job is re-queued the same way, and if the device stays away it
+ends with status `lost` and the reason, so that it is reported, never dropped.
 
 Results say why a job failed in one short line, `<kind>: <message>`, of the agent's own
 making (`public_error`): never an exception's text, a traceback or a server path, which
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devices.adb.transport import DeviceUnavailable
 from devices.artifact import ArtifactError
 from devices.protocol import Limits, Measurement, Protocol
 from lfm2.errors import UserError
@@ -408,6 +412,12 @@ class Worker:
                 measurement.error = public_error(kind, measurement.error or "", hide)
                 if kind == "child_failed":
                     measurement.error += "; the agent's log has the details"
+        except DeviceUnavailable as exc:  # the phone is away (unplugged, unauthorised, offline): not the candidate's result
+            if not self._stop.is_set() and job.attempts < MAX_RESOURCE_ATTEMPTS:
+                self._requeue_for_device(job, exc)
+                return
+            log.warning("job %s: the device stayed unavailable for %d attempts: %s", job.id, job.attempts, exc)
+            measurement = Measurement.failure("lost", public_error("device_unavailable", f"tried {job.attempts} times: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'the device is unavailable'}; submit the job again once the device is back", hide))
         except UserError as exc:  # a request measure() refuses (e.g. the protocol needs a longer context)
             kind = "artifact_invalid" if isinstance(exc, ArtifactError) else "refused"
             measurement = Measurement.failure("error", public_error(kind, str(exc), hide))
@@ -446,6 +456,21 @@ class Worker:
         self._resource_failures += 1
         pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
         reason = f"the host ran out of a resource ({errno.errorcode.get(getattr(exc, 'errno', None) or 0, type(exc).__name__)}); tried again in {pause:g} s"
+        log.warning("job %s: %s", job.id, reason)
+        try:
+            self.jobs.requeue(job.id, reason)
+        except StoreUnavailable as store_error:
+            log.error("job %s: cannot re-queue it (%s); it will run again after a restart", job.id, store_error)
+        self.current_job, self.phase = None, "idle"
+        self._stop.wait(pause)
+
+    def _requeue_for_device(self, job: Job, exc: BaseException) -> None:
+        """The device could not be reached: back to the queue with a growing pause, like a
+        resource error; after MAX_RESOURCE_ATTEMPTS starts the job ends `lost` with the reason."""
+        self._resource_failures += 1
+        pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "the device is unavailable"
+        reason = public_error(getattr(exc, "kind", "device_unavailable"), f"tried again in {pause:g} s: {first_line}")
         log.warning("job %s: %s", job.id, reason)
         try:
             self.jobs.requeue(job.id, reason)

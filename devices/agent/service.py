@@ -187,6 +187,7 @@ class Info(BaseModel):
     runtimes: dict[str, str]
     limits: dict[str, Any]
     notes: list[str]
+    transport: dict[str, Any] = Field(default_factory=dict, description="which device and transport measure: local, or adb with the phone's serial and facts")
     max_upload_bytes: int
     free_disk_bytes: int
     artifacts: int
@@ -255,8 +256,9 @@ class Agent:
         # measurement children write their files here, not in the system temp folder: an
         # agent that is killed leaves them in its own workdir, removed at its next start
         self.scratch = config.workdir / "measure"
+        on_phone = {"measure": config.adb.phone().measure} if config.adb is not None else {}  # devices.adb: measured on the phone
         self.worker = Worker(
-            self.jobs, self.artifacts.path, config.limits, config.device_facts(), config.cooldown_s, scratch_dir=self.scratch, hide=(str(config.workdir),)
+            self.jobs, self.artifacts.path, config.limits, config.device_facts(), config.cooldown_s, scratch_dir=self.scratch, hide=(str(config.workdir),), **on_phone
         )
         self.started_at = time.time()
         self._machine = config.machine()
@@ -315,6 +317,7 @@ class Agent:
             "runtimes": self._machine.get("runtimes", {}),
             "limits": self.config.limits.to_dict(),
             "notes": self.config.notes,
+            "transport": self.config.transport_facts(),
             "max_upload_bytes": self.config.max_upload,
             "free_disk_bytes": self.artifacts.free_bytes(),
             "artifacts": self.artifacts.count(),
