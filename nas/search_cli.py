@@ -31,6 +31,7 @@ def search(
     compile_resource: Optional[str] = typer.Option(None, "--compile-resource", help="Run compiles only on Ray nodes offering this custom resource (ray start --resources '{\"compile\": 4}')."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
+    prescreen: bool = typer.Option(True, "--prescreen/--no-prescreen", help="Once 10 candidates are measured, skip (as 'skipped', not compiled) those the latency/memory predictor says are surely over budget or dominated."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
     from lfm2.sizes import format_size, parse_size
@@ -41,6 +42,7 @@ def search(
         device=device, budget_bytes=parse_size(budget, what="--budget", require_unit=True), trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
+        prescreen=prescreen,
     )
     import warnings
 
