@@ -56,9 +56,21 @@ class Table:
     context: int
 
     @classmethod
-    def load(cls, path: Path, budget_bytes: int) -> Table:
+    def load(cls, path: Path, budget_bytes: int, calibrated: bool = True) -> Table:
         data = json.loads(Path(path).read_text())
-        rows = {r["key"]: r for r in data["rows"] if r.get("status") == "ok"}
+        rows = {r["key"]: dict(r) for r in data["rows"] if r.get("status") == "ok"}
+        if calibrated:
+            # Latency relative to the machine's speed at the time: each measurement's own
+            # calibration kernel (devices.sampling.Calibration, timed on the measuring core when
+            # the process was ready) over its median across the table. The machine's load
+            # drifted during the run (load average 9 to 23 on 2 cores); this takes most of that
+            # drift out (the predictor's held-out error on prefill: median 24% raw, 12% calibrated).
+            references = {k: r["stack"]["calibration"]["reference_ms"] for k, r in rows.items()}
+            typical = float(np.median(list(references.values())))
+            for key, row in rows.items():
+                row["raw_prefill_ms"], row["raw_decode_ms"] = row["prefill_ms"], row["decode_ms"]
+                row["prefill_ms"] *= typical / references[key]
+                row["decode_ms"] *= typical / references[key]
         points = np.array([objectives(r) for r in rows.values() if r["footprint_bytes"] <= budget_bytes])
         lo, hi = points.min(axis=0), points.max(axis=0)
         proto = data["protocol"]
@@ -175,10 +187,12 @@ def bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -
 def parse_args(argv=None):
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, default=None, help="the table (default bench/results/tabular/table.json)")
-    parser.add_argument("--budget-mib", type=float, default=160.0, help="memory budget in MiB (default 160: about a third of the table is over it)")
+    parser.add_argument("--budget-mib", type=float, default=108.0, help="memory budget in MiB (default 108: about a third of the table is over it)")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=100, help="trials of a search without pre-screening (default 100)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--raw", action="store_true", help="use the table's latencies as measured, not calibrated to the machine's speed at the time")
+    parser.add_argument("--without-prescreen-only", action="store_true", help="replay only searches without pre-screening (e.g. for the slow GP sampler)")
     return parser.parse_args(argv)
 
 
@@ -198,11 +212,11 @@ def main(argv=None) -> int:
     if args.quick:
         samplers = [s for s in samplers if s in ("random", "tpe")]
     table_path = args.table or TABLE_PATH
-    table = Table.load(table_path, int(args.budget_mib * 2**20))
+    table = Table.load(table_path, int(args.budget_mib * 2**20), calibrated=not args.raw)
     data = json.loads(Path(table_path).read_text())
     results, seconds = [], {}
     for sampler in samplers:
-        for prescreen in (False, True):
+        for prescreen in (False,) if args.without_prescreen_only else (False, True):
             started = time.perf_counter()
             for seed in range(seeds):
                 # With pre-screening a search may ask many more trials than it measures: it runs
@@ -240,6 +254,8 @@ def summarise(results: list[dict], samplers: list[str], trials: int, seeds: int)
                 low, high = bootstrap_ratio_ci(values, random_at[c], rng)
                 out["ratio_to_random"][sampler][c] = {"mean_hv": float(values.mean()), "ratio": float(values.mean() / random_at[c].mean()), "low": low, "high": high}
     for sampler in samplers:
+        if (sampler, True) not in by:
+            continue
         for prescreen in (False, True):
             runs = by[(sampler, prescreen)]
             curve = np.array([[hv_at_measurements(r, n) for n in range(1, trials + 1)] for r in runs])
@@ -263,7 +279,10 @@ def render(summary: dict, table: Table, data: dict, feasible: int, seeds: int, t
         f"How: the table `bench/results/tabular/table.json` ({len(table.rows)} architectures of the table's space, every one measured once by `devices.measure` "
         f"on the {data['backend']} backend, prefill {table.prompt_tokens} tokens and decode at depth {table.decode_depth}, one thread on one pinned core, "
         f"measured {data.get('started')} to {data.get('finished', '?')} on {machine.get('cpu_model', machine.get('cpu', '?'))} under `nice` while other engineers' jobs ran: "
-        f"load average {data.get('load_before')} at the start; see `bench/tabular.py`). Budget {args.budget_mib:g} MiB: {feasible} of {len(table.rows)} architectures fit. "
+        f"load average {data.get('load_before')} at the start; see `bench/tabular.py`). "
+        + ("Latencies are calibrated: each multiplied by the table's median calibration-kernel time over its own measurement's (the kernel timed on the measuring core "
+           "when the process was ready), which takes out most of the machine's load drift during the run. " if not args.raw else "Latencies as measured (--raw). ")
+        + f"Budget {args.budget_mib:g} MiB: {feasible} of {len(table.rows)} architectures fit. "
         f"Objectives: attention-layer count (maximise; the free quality signal of issue 26), prefill and decode (minimise). Each search: an Optuna study with the search's "
         f"sampler settings (`make_sampler`), the space's encoding, the analytic pre-filter and the memory constraint; {seeds} seeds per sampler. "
         "Hypervolume: normalised objectives, reference 1.1, divided by the table's optimum (1.0 = the true front found). "
@@ -287,14 +306,14 @@ def render(summary: dict, table: Table, data: dict, feasible: int, seeds: int, t
         s = curve["skips"]
         screen_rows.append([name] + [f"{curve['mean'][n - 1]:.3f}" for n in marks] + [f"{curve['trials_asked']:.0f}", f"{s['prefiltered']}/{s['over_budget']}/{s['dominated']}/{s['wrong_skips']}"])
     screen_table = markdown_table(["search \\ device measurements"] + [str(n) for n in marks] + ["trials asked (mean)", "skips: prefilter / over budget / dominated / of a then-undominated point"], screen_rows)
-    match_rows = [[sampler] + [str(v) if v is not None else "not reached" for v in m.values()] for sampler, m in summary["measurements_to_match"].items()]
-    match_table = markdown_table(["sampler"] + [f"plain at {c}: measurements with pre-screen to match" for c in summary["measurements_to_match"][next(iter(summary["measurements_to_match"]))]], match_rows)
     speed = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
-    return "\n\n".join([how, "Mean hypervolume against trials (without pre-screening), [95% band]:", curve_table,
-                        "Ratio of mean hypervolume to random search's:", ratio_table,
-                        "Mean hypervolume against device measurements, without and with pre-screening:", screen_table,
-                        "Device measurements the pre-screened search needs to reach the plain search's mean hypervolume:", match_table,
-                        f"Seconds per replayed search: {speed}."])
+    parts = [how, "Mean hypervolume against trials (without pre-screening), [95% band]:", curve_table, "Ratio of mean hypervolume to random search's:", ratio_table]
+    if summary["measurements_to_match"]:
+        match_rows = [[sampler] + [str(v) if v is not None else "not reached" for v in m.values()] for sampler, m in summary["measurements_to_match"].items()]
+        match_table = markdown_table(["sampler"] + [f"plain at {c}: measurements with pre-screen to match" for c in next(iter(summary["measurements_to_match"].values()))], match_rows)
+        parts += ["Mean hypervolume against device measurements, without and with pre-screening:", screen_table,
+                  "Device measurements the pre-screened search needs to reach the plain search's mean hypervolume:", match_table]
+    return "\n\n".join([*parts, f"Seconds per replayed search: {speed}."])
 
 
 if __name__ == "__main__":
