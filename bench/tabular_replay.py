@@ -221,7 +221,7 @@ def main(argv=None) -> int:
             for seed in range(seeds):
                 # With pre-screening a search may ask many more trials than it measures: it runs
                 # until it has used as many device measurements as the plain search's trials.
-                results.append(replay(table, sampler, seed, max_trials=trials if not prescreen else 8 * trials, max_measurements=trials, prescreen=prescreen, planned_trials=trials))
+                results.append(replay(table, sampler, seed, max_trials=trials if not prescreen else 4 * trials, max_measurements=trials, prescreen=prescreen, planned_trials=trials))
             label = f"{sampler}+prescreen" if prescreen else sampler
             seconds[label] = (time.perf_counter() - started) / seeds
             log(f"[{NAME}] {label}: {seconds[label]:.1f} s per search")
