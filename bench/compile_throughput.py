@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             log(f"[{NAME}] {backend} {quant}: {spec.layout} d={spec.d_model}")
             result = _in_fresh_process(_compile_worker, spec.to_dict(), backend, quant, max_context, lengths, cache, died="the compile process died (out of memory?)")
             result.update(backend=backend, quant=quant, layout=spec.layout, d_model=spec.d_model)
-            log(f"[{NAME}]   {result.get('wall_s', 0):.1f} s {'ok' if result.get('ok') else result.get('error', '')[:200]}")
+            log(f"[{NAME}]   {result.get('wall_s', 0):.1f} s {'ok' if result.get('ok') else result.get('error', '')[:200]} export {result.get('export_s')} stages {result.get('stages_s')}")
             rows.append(result)
     run.save({"context": args.context, "rows": rows})
     run.finish(render(rows, args), "nice -n 5 python -m bench.compile_throughput" + (" --quick" if args.quick else ""))

@@ -24,7 +24,7 @@ def search(
     context: int = typer.Option(2048, "--context", help="Prefill length and decode depth the latencies are measured at."),
     quality: str = typer.Option("mad", "--quality", help="mad (synthetic tasks), lm (bits per byte), or none."),
     quality_settings: str = typer.Option("default", "--quality-settings", help="default (sized for a GPU) or cpu_small."),
-    sampler: str = typer.Option("nsga2", "--sampler", help="nsga2, tpe, gp or random."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe (the default: best on the tabular benchmark, BENCHMARKS.md), nsga2, gp or random."),
     seed: int = typer.Option(0, "--seed"),
     in_flight: int = typer.Option(2, "--in-flight", help="Candidates in the pipeline at once."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (ray start --head) instead of a local one."),
