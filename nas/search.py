@@ -52,7 +52,7 @@ class SearchConfig:
     context: int = 2048
     quality: str = "mad"
     quality_settings: str = "default"  # a QualitySettings preset: default (GPU-sized) or cpu_small
-    sampler: str = "tpe"  # the best of the four on the tabular benchmark (BENCHMARKS.md, issue 22)
+    sampler: str = "tpe"  # the best sampler on the tabular benchmark (BENCHMARKS.md, issue 22)
     seed: int | None = 0
     in_flight: int = 2
     ray_address: str | None = None
