@@ -24,7 +24,7 @@ bound by Python overhead per layer (it follows depth and layer types, not bytes 
 the table is a real device/stack, just not the deployed one. The replay's conclusions are
 about samplers and pre-screening on a real measured landscape.
 
-    nice -n 5 python -m bench.tabular            # all 112 (~20 minutes on a loaded 2-core machine)
+    nice -n 5 python -m bench.tabular            # all 112 (33 minutes at a load average of ~20 on 2 cores)
     python -m bench.tabular --quick              # 6 architectures, to a temporary file
     python -m bench.tabular --resume             # measure only what the table lacks
 """

@@ -21,8 +21,10 @@ Reported: the mean over seeds against trials with a 95% bootstrap band, and the 
 sampler's mean to random's at 25/50/100 trials with a 95% bootstrap interval (seeds
 resampled); then searches with and without pre-screening against device measurements.
 
-    python -m bench.tabular_replay                   # 4 samplers x 2 x 20 seeds
-    python -m bench.tabular_replay --quick           # 2 samplers, 3 seeds, 30 trials
+    python -m bench.tabular_replay                   # random, NSGA-II, TPE; with and without pre-screening; 20 seeds (~30 min on a loaded 2-core machine)
+    python -m bench.tabular_replay --samplers random,gp --seeds 5 --trials 30 --without-prescreen-only \
+        --results bench/results/tabular/replay_gp.json --no-write   # GP: ~15 s a proposal here
+    python -m bench.tabular_replay --quick           # random and TPE, 3 seeds, 30 trials
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def parse_args(argv=None):
     parser.add_argument("--budget-mib", type=float, default=110.0, help="memory budget in MiB (default 110: about a third of the table is over it)")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=100, help="trials of a search without pre-screening (default 100)")
-    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--samplers", default="random,nsga2,tpe", help=f"comma-separated, of {', '.join(SAMPLERS)} (default random,nsga2,tpe: GP takes ~15 s a proposal)")
     parser.add_argument("--raw", action="store_true", help="use the table's latencies as measured, not calibrated to the machine's speed at the time")
     parser.add_argument("--without-prescreen-only", action="store_true", help="replay only searches without pre-screening (e.g. for the slow GP sampler)")
     return parser.parse_args(argv)
