@@ -26,6 +26,7 @@ device's own measurements were from the fitted model when each was held out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,11 @@ class FeatureSet:
         }[target]
 
     def row(self, spec: ArchSpec, target: str) -> np.ndarray:
+        # Cached: a search refits on every measurement and the memory estimate behind the
+        # footprint row costs ~1 ms; the same (features, spec) always gives the same row.
+        return np.array(_cached_row(self, spec, target))
+
+    def _row(self, spec: ArchSpec, target: str) -> np.ndarray:
         if target == "prefill_ms":
             linear, attention = _linear_and_attention_flops(spec, self.prompt_tokens)
             return np.array([linear / 1e9, attention / 1e9, len(spec.layers), 1.0])
@@ -88,6 +94,11 @@ class FeatureSet:
             estimate = costs.estimate_peak_memory(spec, self.context, self.backend, self.quant, prefill_tokens=self.prompt_tokens)
             return np.array([float(estimate.total_bytes), 2.0**20])  # a coefficient of 1 is the estimate as it is; the constant in MiB
         raise ValueError(f"unknown target {target!r}; one of {TARGETS}")
+
+
+@lru_cache(maxsize=8192)
+def _cached_row(features: FeatureSet, spec: ArchSpec, target: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in features._row(spec, target))
 
 
 def nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -52,7 +52,7 @@ class SearchConfig:
     context: int = 2048
     quality: str = "layout"  # free, and as good as the trained proxies (nas/quality/layout.py)
     quality_settings: str = "default"  # a QualitySettings preset: default (GPU-sized) or cpu_small
-    sampler: str = "nsga2"
+    sampler: str = "tpe"  # the best sampler on the tabular benchmark (BENCHMARKS.md, issue 22)
     seed: int | None = 0
     in_flight: int = 2
     ray_address: str | None = None
@@ -61,6 +61,7 @@ class SearchConfig:
     decode_tokens: int = 8
     measure_timeout_s: float = 900.0
     compile_resource: str | None = None  # a custom Ray resource each compile asks for one unit of (ray start --resources)
+    prescreen: bool = True  # skip candidates the predictor says are over budget or dominated (nas/prescreen.py)
 
     def __post_init__(self) -> None:
         from devices.artifact import check_backend_quant
@@ -180,6 +181,7 @@ class Search:
         self.stats = SearchStats()
         self.pending: dict[int, Candidate] = {}
         self.device: DeviceSession | None = None
+        self.prescreen = None  # nas.prescreen.Prescreen once the study is open (config.prescreen)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -237,6 +239,10 @@ class Search:
             else:
                 enqueue_presets(study, self.space)
             self.quality_on_gpu = c.quality not in ("none", "layout") and cluster_has_gpu()
+            if c.prescreen:
+                from nas.prescreen import for_search
+
+                self.prescreen = for_search(study, context=c.context, decode_tokens=c.decode_tokens, backend=c.backend, quant=c.quant, budget_bytes=c.budget_bytes, quality=c.quality)
             with _stop_on_signals() as self.stop_flag:
                 try:
                     self._loop()
@@ -297,6 +303,12 @@ class Search:
                 f"needs at least {estimate.lower_bound_bytes / 2**20:.0f} MiB (analytic lower bound) > budget {c.budget_bytes / 2**20:.0f} MiB: not compiled",
             )
             self._tell(trial, "prefiltered", state=TrialState.PRUNED)
+            return
+        if self.prescreen is not None and (verdict := self.prescreen.judge(spec, _free_quality(spec, c.quality))).skip:
+            from nas.prescreen import record_skip
+
+            record_skip(trial, verdict, c.budget_bytes)
+            self._tell(trial, "skipped", state=TrialState.PRUNED)
             return
         candidate = Candidate(trial=trial, spec=spec, estimate=estimate_dict)
         self.pending[trial.number] = candidate
@@ -451,6 +463,8 @@ class Search:
         trial.set_user_attr("decode_stats", decode.to_dict())
         trial.set_user_attr("footprint_bytes", footprint)
         trial.set_user_attr("peak_rss_bytes", measurement.memory.get("peak_rss_bytes"))
+        if self.prescreen is not None:
+            self.prescreen.add(candidate.spec, prefill_ms=prefill.median_ms, decode_ms=decode.median_ms, footprint_bytes=footprint, quality=_free_quality(candidate.spec, c.quality))
         if footprint:
             trial.set_user_attr("memory_estimate_error", (candidate.estimate["total_bytes"] - footprint) / footprint)
         quality_score = None
@@ -555,5 +569,12 @@ def _record_estimate_error(study: optuna.Study) -> None:
 def run_search(config: SearchConfig, console=None) -> optuna.Study:
     return Search(config, console=console).run()
 
+
+
+def _free_quality(spec: ArchSpec, quality: str) -> float | None:
+    """The quality objective when it is free to compute before measuring (nas.prescreen)."""
+    from nas.prescreen import free_quality
+
+    return free_quality(spec, quality)
 
 __all__ = ["SearchConfig", "Search", "SearchInterrupted", "run_search", "start_ray"]

@@ -24,13 +24,14 @@ def search(
     context: int = typer.Option(2048, "--context", help="Prefill length and decode depth the latencies are measured at."),
     quality: str = typer.Option("layout", "--quality", help="layout (free: predicted from the layout, as good as any trained proxy measured; see `lfm2-nas quality --help`), mad (synthetic tasks), lm (bits per byte), or none."),
     quality_settings: str = typer.Option("default", "--quality-settings", help="default (sized for a GPU) or cpu_small."),
-    sampler: str = typer.Option("nsga2", "--sampler", help="nsga2, tpe, gp or random."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe (the default: best on the tabular benchmark, BENCHMARKS.md), nsga2, gp or random."),
     seed: int = typer.Option(0, "--seed"),
     in_flight: int = typer.Option(2, "--in-flight", help="Candidates in the pipeline at once."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (ray start --head) instead of a local one."),
     compile_resource: Optional[str] = typer.Option(None, "--compile-resource", help="Run compiles only on Ray nodes offering this custom resource (ray start --resources '{\"compile\": 4}')."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
+    prescreen: bool = typer.Option(True, "--prescreen/--no-prescreen", help="Once 10 candidates are measured, skip (as 'skipped', not compiled) those the latency/memory predictor says are surely over budget or dominated."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
     from lfm2.sizes import format_size, parse_size
@@ -41,6 +42,7 @@ def search(
         device=device, budget_bytes=parse_size(budget, what="--budget", require_unit=True), trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
+        prescreen=prescreen,
     )
     import warnings
 
