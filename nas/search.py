@@ -27,7 +27,7 @@ import ray
 from optuna.trial import TrialState
 
 from devices.protocol import Measurement, Protocol
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 from lfm2.spec import ArchSpec
 from nas.cache import ResultCache, measurement_key
 from nas.device_session import DeviceSession, describe, open_device
@@ -146,7 +146,7 @@ def start_ray(address: str | None, worker_cpus: list[int] | None) -> None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=RAY_TEMP_DIR, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
         except Exception as exc:
             ray.shutdown()  # a failed start leaves its GCS and monitor processes behind otherwise
-            raise UserError(f"could not start a local Ray cluster ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            raise EnvironmentFailure(f"could not start a local Ray cluster ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                             "on a heavily loaded machine try again, or start one with `ray start --head` and pass --ray-address") from exc
     else:
         # Joining `ray start --head`: its auth mode and temp dir are that cluster's settings.

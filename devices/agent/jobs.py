@@ -39,7 +39,7 @@ from typing import Any
 
 from devices.artifact import ArtifactError
 from devices.protocol import Limits, Measurement, Protocol
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 
 log = logging.getLogger("lfm2_nas.agent")
 
@@ -76,7 +76,7 @@ class JobConflict(UserError):
     """A job id reused with a different request."""
 
 
-class StoreUnavailable(UserError):
+class StoreUnavailable(EnvironmentFailure):
     """The job database cannot be written (disk full, read-only)."""
 
 

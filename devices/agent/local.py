@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from devices.agent.client import AgentClient
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure
 
 START_TIMEOUT_S = 60.0
 
 
-class AgentStartError(UserError):
+class AgentStartError(EnvironmentFailure):
     pass
 
 
