@@ -175,7 +175,7 @@ class Search:
         self.storage_url = config.storage or DEFAULT_STORAGE
         if config.resume:
             _require_existing_sqlite(self.storage_url, config.study)
-        self.storage = open_storage(self.storage_url)
+        self.storage = open_storage(self.storage_url, create=True)  # the one command that may create it
         self.cache = ResultCache()
         self.stats = SearchStats()
         self.pending: dict[int, Candidate] = {}
