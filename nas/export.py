@@ -43,6 +43,7 @@ from lfm2.errors import UserError
 from lfm2.hf import NotRepresentableError, hf_representable, to_hf_config
 from lfm2.hf_io import save_hf_folder, save_model_folder
 from lfm2.model import build_model, count_parameters
+from lfm2.sizes import format_size
 from lfm2.spec import ArchSpec
 from nas.study_schema import DEFAULT_STORAGE, StudyMetadata, TrialRecord, metric_names
 from nas.study_schema import load_study as load_existing_study
@@ -209,7 +210,7 @@ def provenance(study: optuna.Study, member: Member, storage_url: str, target: st
 
 
 def _mib(value: Any) -> str:
-    return f"{value / 2**20:,.1f} MiB" if isinstance(value, (int, float)) else "n/a"
+    return format_size(value, unit="MiB", digits=1, missing="n/a")
 
 
 def _ms(value: Any) -> str:

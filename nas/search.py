@@ -514,11 +514,16 @@ def _quality_settings(name: str):
 
 
 def _fingerprint(info: dict[str, Any], session: DeviceSession) -> str:
-    import hashlib
-    import json
+    """The device's fingerprint, which the agent computes (`devices.stack.device_fingerprint`,
+    the one home: hardware, runtimes, profile, emulation, limits); recomputed the same way
+    from its facts for an agent too old to send it."""
+    from devices.stack import device_fingerprint
 
-    facts = {k: info.get(k) for k in ("name", "profile", "emulated", "cpu_model", "cores", "memory_bytes", "os", "runtimes", "threads", "cpus", "memory_limit_bytes")}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if isinstance(info.get("fingerprint"), str) and info["fingerprint"]:
+        return info["fingerprint"]
+    profile = info.get("profile")
+    limits = {k: v for k, v in (info.get("limits") or {}).items() if k != "timeout_s"}  # as the agent leaves it out
+    return device_fingerprint({**(info.get("machine") or {}), "profile": profile.get("name") if isinstance(profile, dict) else profile, "emulated": info.get("emulated"), "limits": limits})
 
 
 def _record_estimate_error(study: optuna.Study) -> None:

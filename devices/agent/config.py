@@ -23,6 +23,7 @@ from devices.profiles import DeviceProfile, get_profile
 from devices.protocol import Limits
 from lfm2.sizes import parse_size
 from devices.stack import device_fingerprint, machine_facts
+from devices.stack import usable_cpus as stack_usable_cpus
 from lfm2.errors import UserError
 
 API_VERSION = "v1"
@@ -65,9 +66,8 @@ def parse_cpus(text: str | None) -> tuple[int, ...] | None:
 
 
 def usable_cpus() -> tuple[int, ...]:
-    if hasattr(os, "sched_getaffinity"):
-        return tuple(sorted(os.sched_getaffinity(0)))
-    return tuple(range(os.cpu_count() or 1))
+    """The cores this process may run on (`devices.stack.usable_cpus`, as a tuple)."""
+    return tuple(stack_usable_cpus())
 
 
 @dataclass
