@@ -42,7 +42,7 @@ def private_core_locks(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LFM2_NAS_LOCKS", str(tmp_path_factory.getbasetemp() / "core-locks"))
 
 
-def run_lfm2_nas(*args: object, cwd: str | Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_lfm2_nas(*args: object, cwd: str | Path | None = None, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """`lfm2-nas ARGS...` as a user runs it (the script of this venv), output captured."""
     exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
     environment = {**os.environ, **env} if env is not None else None
