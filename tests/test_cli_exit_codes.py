@@ -105,6 +105,21 @@ def test_agent_entry_point_exits_4_when_its_workdir_is_taken(tmp_path):
         first.wait(timeout=60)
 
 
+def test_agent_entry_point_exits_2_on_bad_input_before_serving(tmp_path):
+    """A unit-less size is bad input there too (500 would be 500 bytes): refused, nothing served."""
+    for flag in ("--memory-limit", "--max-upload"):
+        result = subprocess.run([sys.executable, "-m", "devices.agent", "serve", "--name", "x", "--port", "0", "--workdir", str(tmp_path / "w"), flag, "500"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == EXIT_BAD_INPUT, result.stderr
+        assert result.stderr.startswith("error:") and flag in result.stderr and "no unit" in result.stderr
+
+
+def test_local_agents_pass_byte_counts_with_a_unit(tmp_path):
+    from devices.agent.local import agent_command
+
+    command = agent_command("a", tmp_path, tmp_path / "t", tmp_path / "r", memory_limit=3 << 30, max_upload="64MiB")
+    assert command[command.index("--memory-limit") + 1] == f"{3 << 30}B" and command[command.index("--max-upload") + 1] == "64MiB"
+
+
 def test_exit_codes_are_documented():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "exit status 4" in readme.lower() and "exit status 2" in readme.lower()

@@ -152,7 +152,7 @@ def build_config(
     if emulate and run_threads > len(available):
         notes.append(f"{device_profile.name} runs {run_threads} threads; this host has {len(available)} usable cores: threads share cores")
     if memory_limit is not None:
-        memory_bytes: int | None = parse_size(memory_limit, "--memory-limit")
+        memory_bytes: int | None = parse_size(memory_limit, "--memory-limit", require_unit=isinstance(memory_limit, str))  # a flag: 500 is not 500 bytes
         if memory_bytes == 0:
             raise UserError("--memory-limit must be larger than 0; leave it out for no cap")
     elif emulate:
@@ -167,7 +167,7 @@ def build_config(
         profile=device_profile,
         emulate=emulate,
         limits=Limits(cpus=chosen_cpus, threads=run_threads, memory_bytes=memory_bytes, timeout_s=float(job_timeout_s)),
-        max_upload=parse_size(max_upload, "--max-upload"),
+        max_upload=parse_size(max_upload, "--max-upload", require_unit=isinstance(max_upload, str)),
         cooldown_s=float(cooldown_s),
         max_queue=int(max_queue),
         notes=notes,

@@ -96,6 +96,8 @@ def agent_command(name: str, workdir: Path, token_file: Path, ready_file: Path, 
             command.append(option)
         elif isinstance(value, (list, tuple)):
             command += [option, ",".join(str(v) for v in value)]
+        elif flag in ("memory_limit", "max_upload") and isinstance(value, int):
+            command += [option, f"{value}B"]  # the flags require a unit; an int here is bytes
         else:
             command += [option, str(value)]
     return command
