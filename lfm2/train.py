@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lfm2.flops import training_flops_per_token  # one home for FLOPs (lfm2.flops)
 from lfm2.optim import adamw, lr_factor
 from lfm2.errors import UserError
 from lfm2.hf_io import is_transformers_loadable, load_model_folder, read_provenance, read_spec, save_model_folder
@@ -322,25 +323,6 @@ def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> tor
 
 
 # -- schedule, FLOPs -----------------------------------------------------------------------
-
-
-def training_flops_per_token(spec: ArchSpec, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3x forward), counted the way
-    MFU is usually counted (PaLM, appendix B): 2 per weight of every matmul, the tied head
-    included and the embedding lookup not; the depthwise conv; and causal attention scores
-    and values, 2 * 2 * heads * head_dim * (seq_len / 2) per attention layer."""
-    d, hd = spec.d_model, spec.head_dim
-    matmul_weights = spec.vocab_size * d + spec.n_layers * 3 * d * spec.ffn_dim
-    flops = 0.0
-    for op in spec.layers:
-        if op == "conv":
-            matmul_weights += 4 * d * d
-            flops += 2 * d * spec.conv_kernel
-        else:
-            matmul_weights += d * (spec.n_heads + 2 * spec.n_kv_heads) * hd + spec.n_heads * hd * d
-            window = seq_len if op == "attn" else min(seq_len, spec.swa_window)
-            flops += 2 * 2 * spec.n_heads * hd * (window / 2)
-    return 3 * (2 * matmul_weights + flops)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> tuple[float | None, str]:
