@@ -493,7 +493,9 @@ def machine_facts(device: str) -> str:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} ({os.cpu_count()} CPU cores)"
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    from devices.profiles import cpu_model  # the one reading of the CPU's name
+
+    return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
 
 
 def main(argv: list[str] | None = None) -> int:

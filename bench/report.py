@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lfm2.sizes import format_size
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -147,31 +149,10 @@ def gb(value_bytes: float | None) -> str:
 
 
 def mib(value_bytes: float | None) -> str:
-    return "-" if value_bytes is None else f"{value_bytes / 2**20:,.0f} MiB"
+    return format_size(value_bytes, unit="MiB", digits=0)
 
 
 # -- the machine ---------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "neon") if f in flags]
-    except OSError:
-        pass
-    return []
 
 
 def _os_name() -> str:
@@ -192,12 +173,13 @@ def load_average() -> list[float]:
 
 
 def machine_facts() -> dict[str, Any]:
-    """CPU model and flags, cores, memory, OS, Python and the toolchain's versions."""
-    import psutil
+    """CPU model and flags, cores, memory, OS, Python and the toolchain's versions: the
+    facts `devices.stack.machine_facts` records with every measurement (the one home), plus
+    what a benchmark table adds (the OS's pretty name, the load average, optuna/scipy/ray)."""
+    from devices.stack import machine_facts as stack_facts
 
-    from devices.artifact import toolchain_versions
-
-    versions = toolchain_versions()
+    facts = stack_facts()
+    versions = dict(facts["runtimes"])
     for package in ("optuna", "scipy", "ray"):
         try:
             from importlib.metadata import version
@@ -206,11 +188,11 @@ def machine_facts() -> dict[str, Any]:
         except Exception:
             versions[package] = "absent"
     return {
-        "cpu_model": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_bytes": psutil.virtual_memory().total,
+        "cpu_model": facts["cpu_model"],
+        "cpu_flags": facts["cpu_flags"],
+        "logical_cores": facts["logical_cores"],
+        "usable_cores": len(facts["usable_cpus"]),
+        "memory_bytes": facts["memory_bytes"],
         "os": _os_name(),
         "versions": versions,
         "load_average": load_average(),

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lfm2.errors import UserError
+from lfm2.sizes import format_size
 from lfm2.spec import ArchSpec
 
 BACKEND_CHOICES = ("executorch", "onnx", "llamacpp", "eager")
@@ -54,7 +55,7 @@ def load_target(target: str) -> tuple[str, ArchSpec]:
 
 
 def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+    return format_size(n, unit="MiB", digits=1)
 
 
 def rate_mean_std(samples_ms: list[float], tokens: int) -> tuple[float, float]:

@@ -29,7 +29,7 @@ import numpy as np
 
 from devices.artifact import MANIFEST, Artifact, ArtifactError, artifact_key, check_backend_quant, toolchain_versions, write_manifest
 from devices.backends import backend_module, open_runner
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 from lfm2.spec import ArchSpec
 
 #: Decode steps the check against eager runs after its prefill.
@@ -60,7 +60,7 @@ QUANT_FLOOR_PERTURBATION = 1e-7
 QUANT_FLOOR_FACTOR = 4.0
 
 
-class CompileError(UserError):
+class CompileError(EnvironmentFailure):
     """Compiling a spec failed. `stage` names the step (inputs, export, quantise, lower,
     serialize, verify, ...), `cause` the underlying exception (or None)."""
 
@@ -76,7 +76,12 @@ class CachedCompileError(CompileError):
 
     def __init__(self, stage: str, text: str):
         self.stage, self.cause = stage, None
-        UserError.__init__(self, text)
+        EnvironmentFailure.__init__(self, text)
+
+
+class CompileInputError(UserError, CompileError):
+    """The compile request itself is impossible (a prompt longer than the context, ...): bad
+    input, so the CLI exits 2 like any `UserError`; still a `CompileError` for the search."""
 
 
 class VerificationError(CompileError):
@@ -122,20 +127,20 @@ def check_request(spec: ArchSpec, backend: str, quant: str, max_context: int, pr
         raise UserError(f"compile takes an ArchSpec, got {type(spec).__name__}")
     check_backend_quant(backend, quant)
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
-        raise CompileError("inputs", f"max_context must be a positive integer, got {max_context!r}")
+        raise CompileInputError("inputs", f"max_context must be a positive integer, got {max_context!r}")
     if isinstance(prompt_lengths, int):
         prompt_lengths = (prompt_lengths,)
     lengths = tuple(sorted(set(prompt_lengths)))
     if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
-        raise CompileError("inputs", f"prompt lengths must be positive integers, got {tuple(prompt_lengths)!r}")
+        raise CompileInputError("inputs", f"prompt lengths must be positive integers, got {tuple(prompt_lengths)!r}")
     if lengths[-1] > max_context:
-        raise CompileError(
+        raise CompileInputError(
             "inputs",
             f"prompt length {lengths[-1]} does not fit in max_context={max_context}: "
             f"raise max_context to at least {lengths[-1]} or drop that prompt length",
         )
     if max_context > spec.max_seq_len:
-        raise CompileError("inputs", f"max_context={max_context} exceeds the spec's max_seq_len={spec.max_seq_len}")
+        raise CompileInputError("inputs", f"max_context={max_context} exceeds the spec's max_seq_len={spec.max_seq_len}")
     return lengths
 
 
@@ -425,6 +430,7 @@ def verify_against_eager(artifact: Artifact, seed: int) -> dict[str, Any]:
 
 __all__ = [
     "CompileError",
+    "CompileInputError",
     "VerificationError",
     "Stages",
     "compile",

@@ -48,9 +48,11 @@ from typing import Any
 import psutil
 
 from devices.artifact import Artifact, ArtifactError
+from devices.measure_child import mentions_out_of_memory
 from devices.protocol import Limits, Measurement, Protocol
 from devices.stack import device_fingerprint, machine_facts, status_kib, usable_cpus
 from lfm2.errors import UserError
+from lfm2.sizes import format_size
 
 #: How often the parent samples the child's RSS when a memory cap is set.
 POLL_S = 0.025
@@ -59,7 +61,6 @@ DATA_LIMIT_FACTOR = 1.25
 DATA_LIMIT_HEADROOM = 256 << 20
 #: Characters of the child's stderr kept in an error.
 STDERR_TAIL = 4000
-_OOM_MARKERS = ("MemoryError", "bad_alloc", "Cannot allocate memory", "can't allocate memory", "not enough memory", "Failed to allocate", "Unable to allocate")
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -285,7 +286,7 @@ def _child_env(threads: int) -> dict[str, str]:
 
 
 def _fmt_bytes(n: int | None) -> str:
-    return "?" if n is None else f"{n / 2**20:.0f} MiB"
+    return format_size(n, unit="MiB", digits=0, missing="?")
 
 
 def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]) -> Measurement:
@@ -315,7 +316,7 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
             error = f"the measurement child {summary} ({raised}){where}\n{error or ''}"
     elif outcome.signal == signal.SIGKILL:
         status, error = "oom", f"the child was SIGKILLed by someone other than the measurement{where}: most likely the kernel's OOM killer (the candidate does not fit in this machine's memory)"
-    elif any(marker in stderr_tail for marker in _OOM_MARKERS):
+    elif mentions_out_of_memory(stderr_tail):
         status, error = "oom", f"the child failed to allocate memory{where}:\n{stderr_tail}"
     elif outcome.signal is not None:
         try:

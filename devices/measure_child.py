@@ -43,17 +43,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-#: Messages of allocation failures that runtimes raise as ordinary exceptions.
-_OOM_MARKERS = ("bad_alloc", "out of memory", "cannot allocate memory", "can't allocate memory", "failed to allocate", "not enough memory", "unable to allocate")
+#: How allocation failures read, in lower case: Python's MemoryError, std::bad_alloc from ONNX
+#: Runtime or ExecuTorch, torch's DefaultCPUAllocator, ENOMEM. The one list: the child checks
+#: its own exceptions with it, the parent (`devices.measure`) the child's stderr.
+OOM_MARKERS = ("memoryerror", "bad_alloc", "out of memory", "cannot allocate memory", "can't allocate memory", "failed to allocate", "not enough memory", "unable to allocate")
+
+
+def mentions_out_of_memory(text: str) -> bool:
+    """True when `text` (an exception, a stderr tail) reports an allocation failure."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in OOM_MARKERS)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError, or a runtime's allocation failure (std::bad_alloc from ONNX Runtime or
-    ExecuTorch, torch's DefaultCPUAllocator, ENOMEM)."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = f"{type(exc).__name__}: {exc}".lower()
-    return any(marker in text for marker in _OOM_MARKERS)
+    """MemoryError, or a runtime's allocation failure raised as an ordinary exception."""
+    return isinstance(exc, MemoryError) or mentions_out_of_memory(f"{type(exc).__name__}: {exc}")
 
 
 def pin_threads(cpus: list[int]) -> None:

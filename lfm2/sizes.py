@@ -63,16 +63,27 @@ def parse_size(text: str | int, what: str = "size", *, require_unit: bool = Fals
     return int(round(value))
 
 
-def format_size(n_bytes: int | float | None) -> str:
-    """A short binary-unit rendering (`1.50 GiB`) for tables and messages."""
-    if n_bytes is None:
-        return "-"
+def format_size(n_bytes: int | float | None, *, unit: str | None = None, digits: int = 2, missing: str = "-") -> str:
+    """Bytes in binary units: the one formatter of lfm2-nas (tables, messages, reports).
+
+    Without `unit`, the largest unit that keeps the number under 1024 (`1.50 GiB`, `100 B`);
+    with `unit` (`"MiB"`, `"GiB"`, ...), always that unit with thousands separators
+    (`1,234.5 MiB`), as tables that compare rows want. `digits`: decimals (bytes are whole).
+    `missing` stands for None (or anything that is not a number)."""
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, (int, float)):
+        return missing
     value = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+    if unit is not None:
+        scale = _BINARY_UNITS.index(unit)
+        return f"{value / 1024**scale:,.{digits}f} {unit}" if scale else f"{int(value):,} B"
+    for index, name in enumerate(_BINARY_UNITS):
+        if abs(value) < 1024 or index == len(_BINARY_UNITS) - 1:
+            return f"{int(value)} B" if index == 0 else f"{value:.{digits}f} {name}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
 __all__ = ["parse_size", "format_size"]

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lfm2.flops import training_flops_per_token  # one home for FLOPs (lfm2.flops)
+from lfm2.optim import adamw, lr_factor
 from lfm2.errors import UserError
 from lfm2.hf_io import is_transformers_loadable, load_model_folder, read_provenance, read_spec, save_model_folder
 from lfm2.model import LFM2
@@ -323,34 +325,6 @@ def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> tor
 # -- schedule, FLOPs -----------------------------------------------------------------------
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1 over `warmup_steps`, then cosine to `min_ratio` at `total_steps`
-    (`step` counts optimizer steps already taken, as `LambdaLR` does)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def training_flops_per_token(spec: ArchSpec, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3x forward), counted the way
-    MFU is usually counted (PaLM, appendix B): 2 per weight of every matmul, the tied head
-    included and the embedding lookup not; the depthwise conv; and causal attention scores
-    and values, 2 * 2 * heads * head_dim * (seq_len / 2) per attention layer."""
-    d, hd = spec.d_model, spec.head_dim
-    matmul_weights = spec.vocab_size * d + spec.n_layers * 3 * d * spec.ffn_dim
-    flops = 0.0
-    for op in spec.layers:
-        if op == "conv":
-            matmul_weights += 4 * d * d
-            flops += 2 * d * spec.conv_kernel
-        else:
-            matmul_weights += d * (spec.n_heads + 2 * spec.n_kv_heads) * hd + spec.n_heads * hd * d
-            window = seq_len if op == "attn" else min(seq_len, spec.swa_window)
-            flops += 2 * 2 * spec.n_heads * hd * (window / 2)
-    return 3 * (2 * matmul_weights + flops)
-
-
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> tuple[float | None, str]:
     if override_tflops:
         return override_tflops * 1e12, "given"
@@ -460,11 +434,8 @@ def _evaluate(model: LFM2, windows: torch.Tensor, micro: int, device: torch.devi
 
 
 def _optimizer(model: LFM2, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Decay matrices (projections, the tied embedding, conv kernels); not norms' gains.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    # The one rule for weight decay and the optimiser's form: lfm2.optim (why, there).
+    return adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2))
 
 
 def train(folder: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, *, resume: bool = True, log: Callable[[str], None] = print) -> TrainResult:

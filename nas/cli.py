@@ -1,15 +1,14 @@
 """The `lfm2-nas` command line. Each package contributes its own commands through a
-`register(app)` function; this module only assembles them and turns a `UserError` into
-a clear message and exit status 2."""
+`register(app)` function; this module only assembles them and turns an error raised on purpose into a clear
+message and its exit status (`lfm2.errors`: 2 for bad input, 4 for a failed environment)."""
 
 from __future__ import annotations
 
-import sys
-
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from lfm2.errors import UserError
+from lfm2.errors import LfmNasError, exit_with
 
 app = typer.Typer(
     name="lfm2-nas",
@@ -48,9 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
         app(args=argv, prog_name="lfm2-nas")
-    except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except LfmNasError as exc:
+        console, label = Console(stderr=True), exc.label
+
+        def write(message: str) -> None:  # the label in red; the message escaped (it may quote `.[extra]`)
+            console.print(f"[bold red]{label}:[/]" + escape(message.removeprefix(label + ":")), highlight=False, soft_wrap=True)
+
+        exit_with(exc, write)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 
 
 @dataclass
@@ -100,7 +100,10 @@ def open_device(device: str, emulate: bool, workdir: str | None = None, memory_l
     probe = probe_device(registered)
     if not probe["online"] or probe["status"] != "online":
         problem = {"offline": "is unreachable", "no token": "has no usable token file", "token refused": "refused our token"}.get(probe["status"], "answered with an error")
-        raise UserError(
+        # A missing or refused token is the user's configuration (exit 2); an agent that does
+        # not answer is the network's or the device's (exit 4: the same command may work later).
+        failure = UserError if probe["status"] in ("no token", "token refused") else EnvironmentFailure
+        raise failure(
             f"device {device!r} {problem} at {registered.url}"
             f"{': ' + probe['error'] if probe.get('error') else ''}; start its agent (lfm2-nas agent serve) "
             "or check it with `lfm2-nas devices list`"

@@ -43,8 +43,10 @@ from lfm2.errors import UserError
 from lfm2.hf import NotRepresentableError, hf_representable, to_hf_config
 from lfm2.hf_io import save_hf_folder, save_model_folder
 from lfm2.model import build_model, count_parameters
+from lfm2.sizes import format_size
 from lfm2.spec import ArchSpec
-from nas.storage import DEFAULT_STORAGE, load_existing_study
+from nas.study_schema import DEFAULT_STORAGE, StudyMetadata, TrialRecord, metric_names
+from nas.study_schema import load_study as load_existing_study
 
 TARGETS = ("hf", "lfm2", "executorch", "onnx", "llamacpp")
 #: Targets that write a trainable model folder with our seeded initial weights.
@@ -52,7 +54,6 @@ MODEL_TARGETS = ("hf", "lfm2")
 #: Targets that copy the compiled artifact a trial was measured with.
 ARTIFACT_TARGETS = ("executorch", "onnx", "llamacpp")
 TIER_METRICS = {"memory": "footprint_bytes", "latency": "decode_ms"}
-METADATA_KEY = "lfm2_nas"
 
 INIT_DESCRIPTION = (
     "Weights are our seeded initialisation (`lfm2.model.init_weights`): normal(0, 0.02) for the "
@@ -94,7 +95,8 @@ def redact_storage(url: str) -> str:
 
 
 def study_metadata(study: optuna.Study) -> dict[str, Any]:
-    return study.user_attrs.get(METADATA_KEY, {})
+    metadata = StudyMetadata.read(study)
+    return metadata.to_attrs() if metadata.written else {}
 
 
 def trial_spec(trial: FrozenTrial) -> ArchSpec:
@@ -169,10 +171,13 @@ def pick_family(members: list[Member], k: int, tier_by: str = "memory") -> list[
 
 
 def provenance(study: optuna.Study, member: Member, storage_url: str, target: str, seed: int | None, family: dict[str, Any] | None) -> dict[str, Any]:
-    trial, meta = member.trial, study_metadata(study)
+    """The machine-readable story of an exported folder (`lfm2_nas.json`), read through the
+    study schema: which study, trial, device, runtime and protocol the figures come from."""
+    trial, meta = member.trial, StudyMetadata.read(study)
+    record = TrialRecord.read(trial, metric_names(study))
     attrs = trial.user_attrs
     measured_keys = ("prefill_ms", "decode_ms", "footprint_bytes", "peak_rss_bytes", "quality", "memory_estimate_bytes", "params", "prefill_stats", "decode_stats", "quality_detail", "quality_signal", "cached")
-    measurement = attrs.get("measurement") or {}
+    measurement = record.measurement or {}
     return {
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "export_target": target,
@@ -182,30 +187,30 @@ def provenance(study: optuna.Study, member: Member, storage_url: str, target: st
             "storage": redact_storage(storage_url),
             "metric_names": study.metric_names,
             "directions": [d.name.lower() for d in study.directions],
-            **{k: meta.get(k) for k in ("budget_bytes", "context", "backend", "quant", "quality", "quality_signal", "sampler", "seed", "version")},
-            "space": (meta.get("space") or {}).get("name"),
+            **{k: getattr(meta, k) for k in ("budget_bytes", "context", "backend", "quant", "quality", "quality_signal", "sampler", "seed", "version")},
+            "space": meta.space_name,
         },
         "trial": {
-            "number": trial.number,
-            "state": trial.state.name,
-            "status": attrs.get("status"),
-            "reason": attrs.get("reason"),
+            "number": record.number,
+            "state": record.state,
+            "status": attrs.get("status"),  # as stored (None for a trial the search did not write)
+            "reason": record.reason,
             "values": trial.values,
-            "preset": attrs.get("preset"),
-            "datetime_complete": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
+            "preset": record.preset,
+            "datetime_complete": record.datetime_complete,
         },
         "measured": {k: attrs.get(k) for k in measured_keys if k in attrs},
-        "device": measurement.get("device") or meta.get("device"),
-        "runtime": {"backend": measurement.get("backend") or meta.get("backend"), "quant": measurement.get("quant") or meta.get("quant"), "stack": measurement.get("stack"), "load_time_s": measurement.get("load_time_s")},
-        "protocol": measurement.get("protocol") or meta.get("protocol"),
-        "artifact": attrs.get("artifact"),
-        "versions": meta.get("versions"),
+        "device": measurement.get("device") or meta.device or None,
+        "runtime": {"backend": measurement.get("backend") or meta.backend, "quant": measurement.get("quant") or meta.quant, "stack": measurement.get("stack"), "load_time_s": measurement.get("load_time_s")},
+        "protocol": measurement.get("protocol") or meta.protocol,
+        "artifact": record.artifact,
+        "versions": meta.versions or None,
         "family": family,
     }
 
 
 def _mib(value: Any) -> str:
-    return f"{value / 2**20:,.1f} MiB" if isinstance(value, (int, float)) else "n/a"
+    return format_size(value, unit="MiB", digits=1, missing="n/a")
 
 
 def _ms(value: Any) -> str:

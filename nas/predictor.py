@@ -225,7 +225,7 @@ def observations_from_study(study) -> tuple[list[Observation], dict[str, Any]]:
     is a measurement too) and the study's protocol facts (context, backend, quant)."""
     from optuna.trial import TrialState
 
-    from nas.study import METADATA_KEY
+    from nas.study_schema import METADATA_KEY
 
     meta = study.user_attrs.get(METADATA_KEY) or {}
     observations = []

@@ -27,7 +27,7 @@ import ray
 from optuna.trial import TrialState
 
 from devices.protocol import Measurement, Protocol
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 from lfm2.spec import ArchSpec
 from nas.cache import ResultCache, measurement_key
 from nas.device_session import DeviceSession, describe, open_device
@@ -147,7 +147,7 @@ def start_ray(address: str | None, worker_cpus: list[int] | None) -> None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=RAY_TEMP_DIR, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
         except Exception as exc:
             ray.shutdown()  # a failed start leaves its GCS and monitor processes behind otherwise
-            raise UserError(f"could not start a local Ray cluster ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            raise EnvironmentFailure(f"could not start a local Ray cluster ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                             "on a heavily loaded machine try again, or start one with `ray start --head` and pass --ray-address") from exc
     else:
         # Joining `ray start --head`: its auth mode and temp dir are that cluster's settings.
@@ -176,7 +176,7 @@ class Search:
         self.storage_url = config.storage or DEFAULT_STORAGE
         if config.resume:
             _require_existing_sqlite(self.storage_url, config.study)
-        self.storage = open_storage(self.storage_url)
+        self.storage = open_storage(self.storage_url, create=True)  # the one command that may create it
         self.cache = ResultCache()
         self.stats = SearchStats()
         self.pending: dict[int, Candidate] = {}
@@ -553,11 +553,16 @@ def _quality_settings(name: str):
 
 
 def _fingerprint(info: dict[str, Any], session: DeviceSession) -> str:
-    import hashlib
-    import json
+    """The device's fingerprint, which the agent computes (`devices.stack.device_fingerprint`,
+    the one home: hardware, runtimes, profile, emulation, limits); recomputed the same way
+    from its facts for an agent too old to send it."""
+    from devices.stack import device_fingerprint
 
-    facts = {k: info.get(k) for k in ("name", "profile", "emulated", "cpu_model", "cores", "memory_bytes", "os", "runtimes", "threads", "cpus", "memory_limit_bytes")}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if isinstance(info.get("fingerprint"), str) and info["fingerprint"]:
+        return info["fingerprint"]
+    profile = info.get("profile")
+    limits = {k: v for k, v in (info.get("limits") or {}).items() if k != "timeout_s"}  # as the agent leaves it out
+    return device_fingerprint({**(info.get("machine") or {}), "profile": profile.get("name") if isinstance(profile, dict) else profile, "emulated": info.get("emulated"), "limits": limits})
 
 
 def _record_estimate_error(study: optuna.Study) -> None:

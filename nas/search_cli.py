@@ -1,12 +1,16 @@
-"""`lfm2-nas search` and `lfm2-nas study list|show|pareto`."""
+"""`lfm2-nas search` and `lfm2-nas study list|show|pareto|export` (studies read through
+`nas.study_schema`)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+
+from lfm2.errors import UserError
 
 
 study_app = typer.Typer(help="Look into stored studies.", no_args_is_help=True)
@@ -63,20 +67,23 @@ def search(
     console.print(f"export the winners to train them: [bold]lfm2-nas export --study {config.study}{storage_flag} --pareto --to lfm2 winners[/]")
 
 
-def _trial_row(trial) -> dict:
-    attrs = trial.user_attrs
+def _trial_row(trial, names: list[str]) -> dict:
+    """One trial as `study show --json` / `study pareto --json` print it (the schema's record)."""
+    from nas.study_schema import TrialRecord
+
+    record = TrialRecord.read(trial, names)
     return {
-        "number": trial.number,
-        "state": trial.state.name,
-        "status": attrs.get("status"),
+        "number": record.number,
+        "state": record.state,
+        "status": trial.user_attrs.get("status"),  # as stored: None while the search has written none
         "values": trial.values,
-        "layout": attrs.get("layout"),
-        "preset": attrs.get("preset"),
-        "params": attrs.get("params"),
-        "footprint_bytes": attrs.get("footprint_bytes"),
-        "memory_estimate_bytes": attrs.get("memory_estimate_bytes"),
-        "reason": attrs.get("reason"),
-        "spec_key": attrs.get("spec_key"),
+        "layout": record.layout,
+        "preset": record.preset,
+        "params": record.params,
+        "footprint_bytes": record.footprint_bytes,
+        "memory_estimate_bytes": record.memory_estimate_bytes,
+        "reason": record.reason,
+        "spec_key": record.spec_key,
     }
 
 
@@ -85,9 +92,9 @@ def study_list(storage: Optional[str] = typer.Option(None, "--storage"), as_json
     """The studies in a storage, with their trial counts."""
     import optuna
 
-    from nas.storage import DEFAULT_STORAGE, open_storage
+    from nas.study_schema import DEFAULT_STORAGE, open_storage
 
-    summaries = optuna.get_all_study_summaries(open_storage(storage, must_exist=True), include_best_trial=False)
+    summaries = optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False)
     rows = [{"study": s.study_name, "trials": s.n_trials, "directions": [d.name.lower() for d in s.directions], "started": str(s.datetime_start)} for s in summaries]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -101,13 +108,14 @@ def study_list(storage: Optional[str] = typer.Option(None, "--storage"), as_json
 @study_app.command("show")
 def study_show(study: str = typer.Option(..., "--study"), storage: Optional[str] = typer.Option(None, "--storage"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Every trial of a study: status, values, layout, memory, reason."""
-    from nas.storage import load_existing_study
-    from nas.study import METADATA_KEY
+    from nas.study_schema import StudyMetadata, load_study, metric_names
 
-    loaded = load_existing_study(study, storage)
-    rows = [_trial_row(t) for t in loaded.get_trials(deepcopy=False)]
+    loaded = load_study(study, storage)
+    names = metric_names(loaded)
+    rows = [_trial_row(t, names) for t in loaded.get_trials(deepcopy=False)]
     if as_json:
-        typer.echo(json.dumps({"study": study, "metadata": loaded.user_attrs.get(METADATA_KEY), "metric_names": loaded.metric_names, "trials": rows}, indent=2, default=str))
+        metadata = StudyMetadata.read(loaded)
+        typer.echo(json.dumps({"study": study, "metadata": metadata.to_attrs() if metadata.written else None, "metric_names": loaded.metric_names, "trials": rows}, indent=2, default=str))
         return
     from rich.table import Table
 
@@ -123,15 +131,57 @@ def study_show(study: str = typer.Option(..., "--study"), storage: Optional[str]
     Console(width=160).print(table)
 
 
+EXPORT_FORMATS = ("csv", "parquet", "json")
+
+
+@study_app.command("export")
+def study_export(
+    study: str = typer.Option(..., "--study"),
+    storage: Optional[str] = typer.Option(None, "--storage"),
+    fmt: str = typer.Option("csv", "--format", help="csv, parquet (needs pyarrow) or json (one object per trial, a JSON array)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The file to write (its folder must exist). Default: standard output (csv and json only)."),
+) -> None:
+    """Every trial of a study as one table (pandas): number, state, status, layout,
+    objectives, footprint, estimate, reason ... one row per trial."""
+    from nas.study_schema import load_study, trials_table
+
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "parquet":
+        if out is None:
+            raise UserError("--format parquet writes a binary file: give --out FILE.parquet")
+        try:
+            import pyarrow  # noqa: F401  (pandas writes Parquet through it)
+        except ImportError:
+            raise UserError('--format parquet needs pyarrow, which is not installed: pip install -e ".[parquet]" (pyarrow, pinned), or use --format csv or json') from None
+    if out is not None and not out.expanduser().resolve().parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    table = trials_table(load_study(study, storage))
+    if fmt == "parquet":
+        table.to_parquet(out)
+    elif fmt == "csv":
+        text = table.to_csv()
+    else:
+        text = table.reset_index().to_json(orient="records", indent=2, double_precision=15) + "\n"
+    if fmt != "parquet":
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            out.write_text(text)
+    if out is not None:
+        Console(stderr=True).print(f"wrote {len(table)} trials of {study} to {out}", highlight=False)
+
+
 @study_app.command("pareto")
 def study_pareto(study: str = typer.Option(..., "--study"), storage: Optional[str] = typer.Option(None, "--storage"), as_json: bool = typer.Option(False, "--json")) -> None:
     """The Pareto set of the feasible trials."""
     from nas.progress import pareto_table
-    from nas.storage import load_existing_study
+    from nas.study_schema import load_study, metric_names
 
-    loaded = load_existing_study(study, storage)
+    loaded = load_study(study, storage)
     if as_json:
-        typer.echo(json.dumps([_trial_row(t) | {"spec": t.user_attrs.get("spec")} for t in loaded.best_trials], indent=2))
+        names = metric_names(loaded)
+        typer.echo(json.dumps([_trial_row(t, names) | {"spec": t.user_attrs.get("spec")} for t in loaded.best_trials], indent=2))
         return
     Console(width=160).print(pareto_table(loaded))
 

@@ -1,4 +1,5 @@
-"""Creating, resuming and writing the study (the layout is docs/study-schema.md)."""
+"""Creating, resuming and writing the study (the layout is docs/study-schema.md; its keys
+live in `nas.study_schema`, which every write here goes through)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from lfm2.errors import UserError
 from lfm2.presets import presets
 from lfm2.spec import ArchSpec
 from nas.objectives import directions, make_sampler, objective_names
-
-METADATA_KEY = "lfm2_nas"
+from nas.study_schema import METADATA_KEY, StudyMetadata, TrialStatus, write_trial_attrs, write_trial_attrs_by_id
 
 
 def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_url: str, quality: str, sampler_name: str, seed: int | None, n_trials: int, resume: bool, metadata: dict[str, Any]) -> tuple[optuna.Study, bool]:
@@ -24,9 +24,9 @@ def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_ur
         if not resume:
             raise UserError(f"study {name!r} already exists in {storage_url}; add --resume to continue it, or choose another --study name")
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        previous = study.user_attrs.get(METADATA_KEY, {})
+        previous = StudyMetadata.read(study).to_attrs()
         for field in ("budget_bytes", "context", "backend", "quant", "quality"):
-            if field in previous and previous[field] != metadata[field]:
+            if previous.get(field) is not None and previous[field] != metadata[field]:
                 raise UserError(
                     f"study {name!r} was run with {field}={previous[field]!r}, not {metadata[field]!r}; "
                     "resume it with the same settings, or start a new --study"
@@ -36,7 +36,7 @@ def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_ur
         raise UserError(f"--resume: there is no study {name!r} in {storage_url} to resume; drop --resume to start it")
     study = optuna.create_study(study_name=name, storage=storage, directions=directions(quality), sampler=sampler)
     study.set_metric_names(objective_names(quality))
-    study.set_user_attr(METADATA_KEY, metadata)
+    StudyMetadata.from_attrs(metadata).write(study)
     return study, False
 
 
@@ -59,9 +59,7 @@ def fail_stale_trials(study: optuna.Study, numbers: list[int] | None = None, rea
     for trial in stale:
         # Optuna has no public way to annotate a trial through its number alone; the storage
         # calls below are the ones `Trial.set_user_attr` makes.
-        study._storage.set_trial_user_attr(trial._trial_id, "status", "lost")
-        study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-        study._storage.set_trial_user_attr(trial._trial_id, "requeued", True)
+        write_trial_attrs_by_id(study._storage, trial._trial_id, status=TrialStatus.LOST, reason=reason, requeued=True)
         study.tell(trial.number, state=TrialState.FAIL)
         user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "preset"}
         user_attrs["requeued_from"] = trial.number
@@ -80,12 +78,7 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def spec_attrs(trial: optuna.Trial, spec: ArchSpec, params: int, estimate: dict[str, Any]) -> None:
-    trial.set_user_attr("spec", spec.to_dict())
-    trial.set_user_attr("spec_key", spec.key)
-    trial.set_user_attr("layout", spec.layout)
-    trial.set_user_attr("params", params)
-    trial.set_user_attr("memory_estimate_bytes", estimate["total_bytes"])
-    trial.set_user_attr("memory_estimate", estimate)
+    write_trial_attrs(trial, spec=spec.to_dict(), spec_key=spec.key, layout=spec.layout, params=params, memory_estimate_bytes=estimate["total_bytes"], memory_estimate=estimate)
 
 
 __all__ = ["create_or_resume", "enqueue_presets", "fail_stale_trials", "finished_trials", "spec_attrs", "METADATA_KEY"]

@@ -1,7 +1,9 @@
 """Pareto fronts, hypervolume, HTML reports and a live dashboard, read from Optuna studies.
 
 `reports` reads a search's study through Optuna's public API as `docs/study-schema.md`
-lays it out; it imports `lfm2` (for `ArchSpec`) and never `nas` or `devices`.
+lays it out, through the schema's one module `nas.study_schema` (the bottom of `nas/`,
+which imports only Optuna and `lfm2`); it imports `lfm2` (for `ArchSpec`) and nothing
+else of `nas`, and never `devices`.
 
     from reports import load_study_data, write_report, pick, Limits
     data = load_study_data("my-search", "sqlite:///lfm2-nas.db")

@@ -1,12 +1,12 @@
-"""A search's Optuna study read into plain rows, through Optuna's public API only.
+"""A search's Optuna study read into plain rows for the reports.
 
-The layout of the study is fixed by `docs/study-schema.md`: objectives named with
-`set_metric_names`, the memory constraint in each trial's `constraints` (Optuna's public
-`FrozenTrial.constraints`, which reads both the named `set_constraint` form and the older
-`constraints_func` list), the architecture
-and every measured figure in trial user attrs, the device/runtime/protocol facts in the
-study user attr `lfm2_nas`. Everything downstream (figures, HTML, `pick`) works on the
-`StudyData` made here, so nothing else touches Optuna objects.
+The layout of the study is fixed by `docs/study-schema.md` and read through its one module,
+`nas.study_schema` (the bottom of `nas/`: Optuna and `lfm2` only; reports import nothing
+else of `nas` and nothing of `devices`): objectives named with `set_metric_names`, the
+memory constraint in each trial's `constraints`, the architecture and every measured figure
+in trial user attrs, the device/runtime/protocol facts in the study user attr `lfm2_nas`.
+Everything downstream (figures, HTML, `pick`) works on the `StudyData` made here, so
+nothing else touches Optuna objects.
 """
 
 from __future__ import annotations
@@ -15,63 +15,17 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from lfm2.errors import UserError
 from lfm2.spec import ArchSpec, SpecError
-
-#: Where the search keeps its study unless told otherwise (the same default as `nas`).
-DEFAULT_STORAGE = "sqlite:///lfm2-nas.db"
-METADATA_KEY = "lfm2_nas"
-JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
-STORAGE_FORMS = "give --storage sqlite:///PATH.db (the default is sqlite:///lfm2-nas.db), an RDB URL such as postgresql://user@host/db, or a journal file PATH.log"
+from nas.study_schema import DEFAULT_STORAGE, METADATA_KEY, TrialRecord, load_study, metric_names, open_storage
 
 #: How a trial ended, coarsely, for colours and legends: the schema's `status` folded into
 #: what a reader needs to tell apart.
-OUTCOMES = ("feasible", "infeasible", "prefiltered", "oom", "failed", "running")
-
-
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """The storage at `url`, read-only in spirit: a SQLite or journal file must already exist
-    (Optuna would silently create an empty one), and any failure becomes a `UserError`."""
-    url = url or DEFAULT_STORAGE
-    if url.startswith("journal:") or ("://" not in url and url.endswith(JOURNAL_SUFFIXES)):
-        path = Path(url.removeprefix("journal:")).expanduser()
-        if not path.is_file():
-            raise UserError(f"storage {url!r}: no journal file {path}; {STORAGE_FORMS}")
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if "://" not in url:
-        if Path(url).expanduser().is_file():  # a bare path to a SQLite file: accept it
-            url = f"sqlite:///{Path(url).expanduser().resolve()}"
-        else:
-            raise UserError(f"storage {url!r} is not a URL or an existing file; {STORAGE_FORMS}")
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///")).expanduser()
-        if str(path) != ":memory:" and not path.is_file():
-            raise UserError(f"storage {url!r}: no database file {path}; run the search first or {STORAGE_FORMS}")
-    try:
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except ImportError as exc:
-        raise UserError(f"storage {url!r} needs a database driver that is not installed ({exc}); install it or {STORAGE_FORMS}") from exc
-    except Exception as exc:  # SQLAlchemy raises many kinds for a malformed or unreachable URL
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"cannot open storage {url!r} ({type(exc).__name__}: {first_line}); {STORAGE_FORMS}") from exc
-
-
-def load_study(name: str, storage_url: str | None = None, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
-    """The study `name`, or a `UserError` listing the studies that the storage does hold."""
-    storage = storage or open_storage(storage_url)
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        where = storage_url or DEFAULT_STORAGE
-        known = ", ".join(sorted(names)) or "none"
-        raise UserError(f"no study named {name!r} in {where} (studies there: {known}); check --study and --storage")
-    return optuna.load_study(study_name=name, storage=storage)
+OUTCOMES = ("feasible", "infeasible", "prefiltered", "skipped", "oom", "failed", "running")
 
 
 @dataclass
@@ -154,39 +108,13 @@ class StudyData:
         return counts
 
 
-def _metric_names(study: optuna.Study) -> list[str]:
-    names = study.metric_names
-    if names:
-        return list(names)
-    # A study written before the names were set: the schema's order is fixed.
-    return ["quality", "prefill_ms", "decode_ms"] if len(study.directions) == 3 else ["prefill_ms", "decode_ms"]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
-
-
-def _status(trial: FrozenTrial, constraint: float | None) -> str:
-    status = trial.user_attrs.get("status")
-    if isinstance(status, str) and status:
-        return status
-    # No status attr (a trial still running, or one a person added): infer it from the state.
-    if trial.state == TrialState.COMPLETE:
-        return "infeasible" if constraint is not None and constraint > 0 else "ok"
-    if trial.state == TrialState.PRUNED:
-        return "prefiltered"
-    if trial.state in (TrialState.RUNNING, TrialState.WAITING):
-        return "running"
-    return "error"
-
-
 def _outcome(state: TrialState, status: str, constraint: float | None) -> str:
     if state in (TrialState.RUNNING, TrialState.WAITING):
         return "running"
     if status == "oom":
         return "oom"
+    if status == "skipped":
+        return "skipped"
     if status == "prefiltered" or state == TrialState.PRUNED:
         return "prefiltered"
     if state == TrialState.COMPLETE:
@@ -194,42 +122,35 @@ def _outcome(state: TrialState, status: str, constraint: float | None) -> str:
     return "failed"
 
 
-def _row(trial: FrozenTrial, metric_names: list[str], pareto: set[int]) -> TrialRow:
-    attrs = trial.user_attrs
-    constraints = list(trial.constraints.values())
-    constraint = max(constraints) if constraints else None
-    status = _status(trial, constraint)
-    values = {}
-    if trial.state == TrialState.COMPLETE and trial.values is not None:
-        values = dict(zip(metric_names, trial.values))
-    duration = trial.duration.total_seconds() if trial.duration is not None else None
+def _row(trial: FrozenTrial, names: list[str], pareto: set[int]) -> TrialRow:
+    record = TrialRecord.read(trial, names)
     return TrialRow(
-        number=trial.number,
-        state=trial.state.name,
-        status=status,
-        outcome=_outcome(trial.state, status, constraint),
-        reason=attrs.get("reason"),
-        values=values,
-        constraint=constraint,
-        on_pareto_set=trial.number in pareto,
-        preset=attrs.get("preset"),
-        spec=attrs.get("spec") if isinstance(attrs.get("spec"), dict) else None,
-        spec_key=attrs.get("spec_key"),
-        layout=attrs.get("layout"),
-        params=_number(attrs.get("params")),
-        quality=_number(values.get("quality", attrs.get("quality"))),
-        quality_detail=attrs.get("quality_detail"),
-        prefill_ms=_number(values.get("prefill_ms", attrs.get("prefill_ms"))),
-        decode_ms=_number(values.get("decode_ms", attrs.get("decode_ms"))),
-        prefill_stats=attrs.get("prefill_stats") if isinstance(attrs.get("prefill_stats"), dict) else None,
-        decode_stats=attrs.get("decode_stats") if isinstance(attrs.get("decode_stats"), dict) else None,
-        footprint_bytes=_number(attrs.get("footprint_bytes")),
-        peak_rss_bytes=_number(attrs.get("peak_rss_bytes")),
-        memory_estimate_bytes=_number(attrs.get("memory_estimate_bytes")),
-        measurement=attrs.get("measurement") if isinstance(attrs.get("measurement"), dict) else None,
-        artifact=attrs.get("artifact") if isinstance(attrs.get("artifact"), dict) else None,
-        cached=bool(attrs.get("cached", False)),
-        duration_s=duration,
+        number=record.number,
+        state=record.state,
+        status=record.status.value,
+        outcome=_outcome(trial.state, record.status, record.constraint),
+        reason=record.reason,
+        values=record.values,
+        constraint=record.constraint,
+        on_pareto_set=record.number in pareto,
+        preset=record.preset,
+        spec=record.spec,
+        spec_key=record.spec_key,
+        layout=record.layout,
+        params=record.params,
+        quality=record.quality,
+        quality_detail=record.quality_detail,
+        prefill_ms=record.prefill_ms,
+        decode_ms=record.decode_ms,
+        prefill_stats=record.prefill_stats,
+        decode_stats=record.decode_stats,
+        footprint_bytes=record.footprint_bytes,
+        peak_rss_bytes=record.peak_rss_bytes,
+        memory_estimate_bytes=record.memory_estimate_bytes,
+        measurement=record.measurement,
+        artifact=record.artifact,
+        cached=record.cached,
+        duration_s=record.duration_s,
     )
 
 
@@ -244,15 +165,14 @@ def study_revision(trials: list[FrozenTrial]) -> str:
 def read_study(study: optuna.Study) -> StudyData:
     """Everything the reports need from `study`, as plain rows (see the module docstring)."""
     trials = study.get_trials(deepcopy=False)
-    metric_names = _metric_names(study)
+    names = metric_names(study)
     pareto_numbers = sorted(t.number for t in study.best_trials)
-    facts = study.user_attrs.get(METADATA_KEY)
     data = StudyData(
         name=study.study_name,
-        metric_names=metric_names,
+        metric_names=names,
         directions=[d.name.lower() for d in study.directions],
-        facts=facts if isinstance(facts, dict) else {},
-        trials=[_row(t, metric_names, set(pareto_numbers)) for t in trials],
+        facts=study.user_attrs.get(METADATA_KEY) if isinstance(study.user_attrs.get(METADATA_KEY), dict) else {},
+        trials=[_row(t, names, set(pareto_numbers)) for t in trials],
         pareto_numbers=pareto_numbers,
         revision=study_revision(trials),
     )

@@ -1,19 +1,11 @@
 """`lfm2-nas presets` as a user runs it: the installed console script, in a subprocess."""
 
 import json
-import shutil
-import subprocess
-import sys
 
 from lfm2 import PUBLISHED_PARAMETERS
 
 
-def lfm2_nas(*args):
-    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
-
-
-def test_presets_json_lists_the_family_with_exact_sizes():
+def test_presets_json_lists_the_family_with_exact_sizes(lfm2_nas):
     result = lfm2_nas("presets", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -25,7 +17,7 @@ def test_presets_json_lists_the_family_with_exact_sizes():
     assert by_name["LFM2-350M"]["kv_bytes_per_token_bf16"] == 6 * 2 * 8 * 64 * 2
 
 
-def test_presets_table_and_unknown_command():
+def test_presets_table_and_unknown_command(lfm2_nas):
     assert "LFM2-2.6B" in lfm2_nas("presets").stdout
     bad = lfm2_nas("no-such-command")
     assert bad.returncode == 2 and "no-such-command" in bad.stderr

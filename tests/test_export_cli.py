@@ -22,12 +22,7 @@ CORPUS = str(Path(json.__file__).parent)
 TRAIN_FLAGS = ["--corpus", CORPUS, "--device", "cpu", "--threads", "1", "--seq-len", "32", "--batch-tokens", "256", "--eval-tokens", "1024", "--lr", "3e-3"]
 
 
-def lfm2_nas(*args, timeout=600):
-    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
-    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def test_export_train_load_generate_end_to_end(tmp_path):
+def test_export_train_load_generate_end_to_end(lfm2_nas, tmp_path):
     transformers = pytest.importorskip("transformers")
     url, name = small_study(tmp_path)
     import optuna
@@ -78,7 +73,7 @@ def test_cli_errors_name_the_problem_and_the_fix(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_killed_mid_run_resumes_onto_the_uninterrupted_curve(tmp_path):
+def test_train_killed_mid_run_resumes_onto_the_uninterrupted_curve(lfm2_nas, tmp_path):
     """SIGKILL the training process after its first checkpoint, run the same command again:
     the losses equal those of an uninterrupted run."""
     from lfm2 import build_model

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from devices.protocol import Measurement, Protocol, Stats
 from lfm2 import ArchSpec, build_model, count_parameters
 from nas.objectives import directions, objective_names
+from nas.study_schema import MEMORY_CONSTRAINT, StudyMetadata, TrialRecord, TrialStatus, check_trial_attrs, metric_names, write_trial_attrs
 
 #: The real study, once the lead provides it: set to DATA_DB (and nothing else changes).
 DATA_DB = Path(__file__).parent / "data" / "search_small.db"
@@ -29,8 +30,6 @@ DATA_DB = Path(__file__).parent / "data" / "search_small.db"
 REAL_STUDY_DB: Path | None = None
 STUDY_NAME = "small"
 BUDGET = 64 * 2**20
-#: The schema's memory constraint, set with `trial.set_constraint` (feasible when <= 0).
-MEMORY_CONSTRAINT = "memory_over_budget_bytes"
 CONTEXT = 128
 
 
@@ -86,7 +85,7 @@ def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, ext
     # Built in memory, then copied: SQLite commits every attr on its own, which is slow here.
     study = optuna.create_study(study_name=name, directions=directions("mad"), sampler=optuna.samplers.RandomSampler(seed=0))
     study.set_metric_names(objective_names("mad"))
-    study.set_user_attr("lfm2_nas", _metadata(protocol, backend))
+    StudyMetadata.from_attrs(_metadata(protocol, backend)).write(study)  # through the schema, as the search writes
     rows = [(tiny_spec(layout, d), q, p, dms, mib) for layout, d, q, p, dms, mib in measured]
     rows += list(extra)  # (spec, quality, prefill_ms, decode_ms, footprint MiB)
     for index, (spec, quality, prefill, decode, mib) in enumerate(rows):
@@ -99,35 +98,26 @@ def build_study(storage_url: str, name: str = STUDY_NAME, measured=MEASURED, ext
             memory={"footprint_bytes": footprint, "peak_rss_bytes": footprint + 300 * 2**20}, stack={"runtime": "executorch 1.5.1", "threads": 2, "delegate": "xnnpack"},
             device=DEVICE, wall_time_s=3.0,
         ).to_dict()
-        trial.set_user_attr("measurement", measurement)
         artifact = {"key": f"artifact{index:04d}", "path": f"/nonexistent/artifacts/artifact{index:04d}", "bytes": 1, "stages_s": {}, "backend": backend, "quant": "fp32"}
         if artifact_for is not None:  # a real compiled artifact (see test_export_artifacts.py)
             artifact = artifact_for(spec)
-        trial.set_user_attr("artifact", artifact)
-        trial.set_user_attr("prefill_ms", prefill)
-        trial.set_user_attr("decode_ms", decode)
-        trial.set_user_attr("prefill_stats", measurement["prefill"][str(CONTEXT)])
-        trial.set_user_attr("decode_stats", measurement["decode"][str(CONTEXT)])
-        trial.set_user_attr("footprint_bytes", footprint)
-        trial.set_user_attr("peak_rss_bytes", footprint + 300 * 2**20)
-        trial.set_user_attr("quality", quality)
-        trial.set_user_attr("quality_detail", {"recall": quality})
-        trial.set_user_attr("cached", False)
         over = float(footprint - BUDGET)
         trial.set_constraint(MEMORY_CONSTRAINT, over)
-        trial.set_user_attr("status", "ok" if over <= 0 else "infeasible")
-        if over > 0:
-            trial.set_user_attr("reason", f"footprint {mib} MiB > budget {BUDGET // 2**20} MiB")
+        write_trial_attrs(
+            trial, measurement=measurement, artifact=artifact, prefill_ms=prefill, decode_ms=decode,
+            prefill_stats=measurement["prefill"][str(CONTEXT)], decode_stats=measurement["decode"][str(CONTEXT)],
+            footprint_bytes=footprint, peak_rss_bytes=footprint + 300 * 2**20, quality=quality, quality_detail={"recall": quality}, cached=False,
+            status=TrialStatus.OK if over <= 0 else TrialStatus.INFEASIBLE,
+            reason=f"footprint {mib} MiB > budget {BUDGET // 2**20} MiB" if over > 0 else None,
+        )
         study.tell(trial, [quality, prefill, decode])
     failed = study.ask()
     _spec_attrs(failed, tiny_spec("CCAA"))
-    failed.set_user_attr("status", "compile_error")
-    failed.set_user_attr("reason", "compile failed: lowering raised (test)")
+    write_trial_attrs(failed, status=TrialStatus.COMPILE_ERROR, reason="compile failed: lowering raised (test)")
     study.tell(failed, state=TrialState.FAIL)
     pruned = study.ask()
     _spec_attrs(pruned, tiny_spec("AAAAAAAAAAAA", 256))
-    pruned.set_user_attr("status", "prefiltered")
-    pruned.set_user_attr("reason", "estimate certainly over budget")
+    write_trial_attrs(pruned, status=TrialStatus.PREFILTERED, reason="estimate certainly over budget")
     pruned.set_constraint(MEMORY_CONSTRAINT, 1.0e9)
     study.tell(pruned, state=TrialState.PRUNED)
     optuna.copy_study(from_study_name=name, from_storage=study._storage, to_storage=storage_url)
@@ -149,11 +139,7 @@ def parameter_count(spec: ArchSpec) -> int:
 
 
 def _spec_attrs(trial, spec: ArchSpec) -> None:
-    trial.set_user_attr("spec", spec.to_dict())
-    trial.set_user_attr("spec_key", spec.key)
-    trial.set_user_attr("layout", spec.layout)
-    trial.set_user_attr("params", parameter_count(spec))
-    trial.set_user_attr("memory_estimate_bytes", 2 * 2**20)
+    write_trial_attrs(trial, spec=spec.to_dict(), spec_key=spec.key, layout=spec.layout, params=parameter_count(spec), memory_estimate_bytes=2 * 2**20)
 
 
 def small_study(folder: Path) -> tuple[str, str]:
@@ -172,21 +158,28 @@ def study_url(tmp_path_factory):
 
 
 def test_the_study_follows_the_schema(study_url):
+    """Read through `nas.study_schema`: every trial attr of the (real) study is a schema key
+    holding the schema's type, and the typed records agree with the Pareto set."""
     url, name = study_url
     study = optuna.load_study(study_name=name, storage=url)
     assert study.metric_names in (["quality", "prefill_ms", "decode_ms"], ["prefill_ms", "decode_ms"])
-    meta = study.user_attrs["lfm2_nas"]
+    meta = StudyMetadata.read(study)
     for key in ("device", "budget_bytes", "context", "backend", "quant", "protocol", "quality", "sampler", "versions"):
-        assert key in meta, key
+        assert getattr(meta, key), key
+    assert not meta.extra, f"metadata keys outside the schema: {sorted(meta.extra)}"
+    for trial in study.trials:
+        check_trial_attrs(trial.user_attrs)  # raises on a key or type the schema does not know
+    records = {t.number: TrialRecord.read(t, metric_names(study)) for t in study.trials}
     best = study.best_trials
     assert best, "the Pareto set is empty"
     for trial in best:
-        assert trial.user_attrs["status"] == "ok"
-        assert trial.constraints[MEMORY_CONSTRAINT] <= 0
-        ArchSpec.from_dict(trial.user_attrs["spec"])  # a real spec
-        assert trial.user_attrs["footprint_bytes"] <= meta["budget_bytes"]
+        record = records[trial.number]
+        assert record.status is TrialStatus.OK and record.measured
+        assert record.constraint is not None and record.constraint <= 0
+        ArchSpec.from_dict(record.spec)  # a real spec
+        assert record.footprint_bytes <= meta.budget_bytes
     for trial in study.trials[:3]:
         spec = ArchSpec.from_dict(trial.user_attrs["spec"])
-        assert trial.user_attrs["params"] == count_parameters(build_model(spec, device="meta"))
-    infeasible = [t for t in study.trials if t.user_attrs.get("status") == "infeasible"]
-    assert infeasible and not {t.number for t in infeasible} & {t.number for t in best}
+        assert records[trial.number].params == count_parameters(build_model(spec, device="meta"))
+    infeasible = [r for r in records.values() if r.status is TrialStatus.INFEASIBLE]
+    assert infeasible and not {r.number for r in infeasible} & {t.number for t in best}

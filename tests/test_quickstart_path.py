@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -32,12 +30,7 @@ CORPUS = str(Path(json.__file__).parent)  # a small folder of real text every Py
 TRAIN_FLAGS = ["--corpus", CORPUS, "--device", "cpu", "--threads", "1", "--seq-len", "32", "--batch-tokens", "256", "--eval-tokens", "512"]
 
 
-def lfm2_nas(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
-    return subprocess.run([exe, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def test_quick_start_study_reaches_a_trained_model(tmp_path):
+def test_quick_start_study_reaches_a_trained_model(lfm2_nas, tmp_path):
     shutil.copyfile(STUDY_DB, tmp_path / "lfm2-nas.db")
     url = f"sqlite:///{tmp_path / 'lfm2-nas.db'}"
     study = optuna.load_study(study_name=STUDY, storage=url)

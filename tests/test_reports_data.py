@@ -50,7 +50,7 @@ def test_rows_follow_the_study(study):
             assert row.layout == row.arch.layout
         else:
             assert row.values == {}
-            assert row.outcome in ("prefiltered", "oom", "failed", "running")
+            assert row.outcome in ("prefiltered", "skipped", "oom", "failed", "running")
         assert row.on_pareto_set == (trial.number in data.pareto_numbers)
         assert row.preset == trial.user_attrs.get("preset")
     outcomes = {row.outcome for row in data.trials}
@@ -122,7 +122,7 @@ def test_quality_none_study_reads_two_objectives(tmp_path):
 def test_storage_errors_say_what_to_do(tmp_path, study_source):
     url, name = study_source
     missing = tmp_path / "missing.db"
-    with pytest.raises(UserError, match=r"no database file .*missing\.db; run the search first"):
+    with pytest.raises(UserError, match=r"no database file: .*missing\.db does not exist; run the search first"):
         load_study_data(name, f"sqlite:///{missing}")
     assert not missing.exists(), "reading must not create an empty database"
     with pytest.raises(UserError, match=r"cannot open storage 'nosuchdb://x'.*--storage sqlite:///PATH\.db"):

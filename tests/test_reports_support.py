@@ -27,6 +27,7 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from devices.protocol import Measurement, Protocol, Stats
 from devices.sampling import summarize
 from lfm2 import ArchSpec, presets
+from nas.study_schema import MEMORY_CONSTRAINT, StudyMetadata, TrialStatus, check_trial_attrs
 from search_space.costs.counts import parameters
 
 DATA = Path(__file__).parent / "data"
@@ -38,7 +39,6 @@ if os.environ.get("LFM2_NAS_TEST_STUDY"):  # FILE.db:NAME: run the report tests 
     REAL_SEARCH_STUDY = (Path(_file), _name)
 
 HANDMADE_NAME = "handmade"
-MEMORY_CONSTRAINT = "memory_over_budget_bytes"  # the schema's constraint name (trial.set_constraint)
 BUDGET_BYTES = 600 * 2**20
 CONTEXT = 512
 PROTOCOL = Protocol(prompt_lengths=(128, CONTEXT), decode_depths=(CONTEXT,), decode_tokens=8, min_runs=5, max_runs=10)
@@ -149,7 +149,7 @@ def create_schema_study(url: str, name: str, quality: str = "mad") -> optuna.Stu
     with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna 5; the schema uses it
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["quality", "prefill_ms", "decode_ms"] if with_quality else ["prefill_ms", "decode_ms"])
-    study.set_user_attr("lfm2_nas", study_metadata(quality))
+    StudyMetadata.from_attrs(study_metadata(quality)).write(study)  # through the schema, as the search writes
     return study
 
 
@@ -170,7 +170,7 @@ def add_measured_trial(
     study's own (`lfm2_nas.budget_bytes`), so this also writes into a real search's study;
     pass `with_params=False` there (its parameters have their own distributions)."""
     rng = np.random.default_rng(seed)
-    budget = int(study.user_attrs.get("lfm2_nas", {}).get("budget_bytes", BUDGET_BYTES))
+    budget = int(StudyMetadata.read(study).budget_bytes or BUDGET_BYTES)
     params = parameter_count(spec)
     with_quality = "quality" in (study.metric_names or [])
     kv_bytes = spec.kv_cache_bytes_per_token(1) * CONTEXT
@@ -183,13 +183,13 @@ def add_measured_trial(
     trial_params = {"d_model": spec.d_model, "n_layers": spec.n_layers} if with_params else {}
     if status == "prefiltered":
         attrs |= {"status": status, "reason": f"needs at least {estimate / 2**20:.0f} MiB (analytic lower bound) > budget {budget / 2**20:.0f} MiB: not compiled"}
-        trial = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params=trial_params, distributions=distributions, user_attrs=attrs, constraints={MEMORY_CONSTRAINT: float(estimate - budget)})
+        trial = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params=trial_params, distributions=distributions, user_attrs=check_trial_attrs(attrs), constraints={MEMORY_CONSTRAINT: float(estimate - budget)})
         study.add_trial(trial)
         return study.trials[-1]
     if status in ("oom", "compile_error"):
         reason = {"oom": "the measuring child ran out of memory under the device's memory cap while loading the program", "compile_error": "XNNPACK lowering failed: unsupported head layout (hand-made example)"}[status]
         attrs |= {"status": status, "reason": reason}
-        trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=trial_params, distributions=distributions, user_attrs=attrs)
+        trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=trial_params, distributions=distributions, user_attrs=check_trial_attrs(attrs))
         study.add_trial(trial)
         return study.trials[-1]
 
@@ -218,7 +218,7 @@ def add_measured_trial(
     ).to_dict()
     quality_score = float(np.clip(0.25 + 0.06 * np.log2(params / 5e7) + 0.025 * min(n_attention, 6) + rng.normal(0, 0.01), 0, 1))
     over = float(footprint - budget)
-    status = "infeasible" if over > 0 else "ok"
+    status = TrialStatus.INFEASIBLE if over > 0 else TrialStatus.OK
     prefill_stats, decode_stats = prefill[CONTEXT], decode[CONTEXT]
     attrs |= {
         "status": status,
@@ -239,7 +239,7 @@ def add_measured_trial(
     if with_quality:
         attrs |= {"quality": quality_score, "quality_detail": {"selective_copy": quality_score * 0.9, "recall": min(1.0, quality_score * 1.1)}}
         values = [quality_score, *values]
-    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, values=values, params=trial_params, distributions=distributions, user_attrs=attrs, constraints={MEMORY_CONSTRAINT: over})
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, values=values, params=trial_params, distributions=distributions, user_attrs=check_trial_attrs(attrs), constraints={MEMORY_CONSTRAINT: over})
     study.add_trial(trial)
     return study.trials[-1]
 

@@ -1,18 +1,19 @@
 """Bad input to `lfm2-nas search` and `study`: exit status 2, a message that names the
 problem and the fix, and nothing written half-way."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 
-def lfm2_nas(*args, cwd):
-    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
-    env = dict(os.environ, LFM2_NAS_CONFIG=str(cwd / "devices.toml"), LFM2_NAS_CACHE=str(cwd / "cache"))
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+@pytest.fixture
+def lfm2_nas(lfm2_nas):
+    """The shared `lfm2_nas` fixture (conftest.py), with a device registry and cache of the test's own."""
+
+    def run(*args, cwd):
+        return lfm2_nas(*args, cwd=cwd, env={"LFM2_NAS_CONFIG": str(cwd / "devices.toml"), "LFM2_NAS_CACHE": str(cwd / "cache")}, timeout=300)
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -31,7 +32,7 @@ def lfm2_nas(*args, cwd):
         (["--device", "local", "--budget", "500MB", "--storage", "postgresql://u@127.0.0.1:9/db"], ["postgresql", "sqlite:///"]),
     ],
 )
-def test_bad_search_input_exits_2_with_the_fix(tmp_path, args, expected):
+def test_bad_search_input_exits_2_with_the_fix(lfm2_nas, tmp_path, args, expected):
     result = lfm2_nas("search", *args, cwd=tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     for text in expected:
@@ -40,25 +41,24 @@ def test_bad_search_input_exits_2_with_the_fix(tmp_path, args, expected):
     assert not (tmp_path / "lfm2-nas.db").exists()  # nothing written half-way
 
 
-def test_missing_study_names_what_exists(tmp_path):
+def test_missing_study_names_what_exists(lfm2_nas, tmp_path):
     result = lfm2_nas("study", "show", "--study", "nope", "--storage", f"sqlite:///{tmp_path}/s.db", cwd=tmp_path)
     assert result.returncode == 2 and "no study named 'nope'" in result.stderr and "--study" in result.stderr
 
 
-def test_resume_of_a_study_that_does_not_exist(tmp_path):
+def test_resume_of_a_study_that_does_not_exist(lfm2_nas, tmp_path):
     result = lfm2_nas("search", "--device", "local", "--budget", "500MB", "--space", "small", "--study", "ghost", "--resume", cwd=tmp_path)
     assert result.returncode == 2 and "no study 'ghost'" in result.stderr
 
 
-def test_study_list_of_a_missing_file_refuses_and_creates_nothing(tmp_path):
+def test_study_list_of_a_missing_file_refuses_and_creates_nothing(lfm2_nas, tmp_path):
     # the same rule as `study show`: a command that reads never creates an empty database
     result = lfm2_nas("study", "list", "--storage", f"sqlite:///{tmp_path}/typo.db", cwd=tmp_path)
     assert result.returncode == 2 and "typo.db does not exist" in result.stderr and "--storage" in result.stderr
     assert not (tmp_path / "typo.db").exists()
 
 
-def test_study_show_labels_each_objective(tmp_path):
-    import shutil
+def test_study_show_labels_each_objective(lfm2_nas, tmp_path):
     from pathlib import Path
 
     db = tmp_path / "small.db"

@@ -18,11 +18,6 @@ pytestmark = pytest.mark.slow
 BASE = ["--device", "local", "--budget", "400MB", "--space", "small", "--context", "64", "--backend", "onnx", "--quant", "fp32", "--quality", "none", "--sampler", "random", "--in-flight", "2"]
 
 
-def lfm2_nas(*args, cwd, env=None, timeout=900):
-    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.fixture
 def env(tmp_path):
     environment = dict(os.environ)
@@ -35,7 +30,7 @@ def load(tmp_path, name):
     return optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{tmp_path}/lfm2-nas.db"))
 
 
-def test_search_over_the_small_space_on_the_local_device(tmp_path, env):
+def test_search_over_the_small_space_on_the_local_device(lfm2_nas, tmp_path, env):
     result = lfm2_nas("search", *BASE, "--trials", "4", "--study", "e2e", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Pareto front" in result.stdout and "lfm2-nas report --study e2e" in result.stdout
@@ -65,7 +60,7 @@ def test_search_over_the_small_space_on_the_local_device(tmp_path, env):
     assert repeated and all(t.user_attrs["cached"] for t in repeated)
 
 
-def test_resume_after_the_driver_is_killed_repeats_no_completed_trial(tmp_path, env):
+def test_resume_after_the_driver_is_killed_repeats_no_completed_trial(lfm2_nas, tmp_path, env):
     exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
     driver = subprocess.Popen([exe, "search", *BASE, "--trials", "3", "--study", "crash"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = f"sqlite:///{tmp_path}/lfm2-nas.db"
@@ -98,7 +93,7 @@ def test_resume_after_the_driver_is_killed_repeats_no_completed_trial(tmp_path, 
     assert not set(keys_after) & {key for _, key in before.values()}
 
 
-def test_failures_are_recorded_with_their_reasons(tmp_path, env):
+def test_failures_are_recorded_with_their_reasons(lfm2_nas, tmp_path, env):
     # A budget so small that every candidate is certainly over it: prefiltered, never compiled.
     result = lfm2_nas("search", *BASE[:2], "--budget", "1MB", *BASE[4:], "--trials", "2", "--study", "tiny-budget", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,9 +1,6 @@
 """`lfm2-nas space show` and `lfm2-nas space sample` as a user runs them: the installed script."""
 
 import json
-import shutil
-import subprocess
-import sys
 
 import optuna
 
@@ -11,12 +8,7 @@ from lfm2 import ArchSpec
 from search_space import SearchSpace, costs
 
 
-def lfm2_nas(*args):
-    exe = shutil.which("lfm2-nas") or f"{sys.prefix}/bin/lfm2-nas"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
-
-
-def test_space_show_lists_ranges_size_and_presets():
+def test_space_show_lists_ranges_size_and_presets(lfm2_nas):
     result = lfm2_nas("space", "show")
     assert result.returncode == 0, result.stderr
     assert "ffn_multiplier" in result.stdout and "LFM2-2.6B" in result.stdout
@@ -43,7 +35,7 @@ def test_space_show_json_in_process(capsys):
     assert status == 0 and described["name"] == "small" and described["architectures"] == SearchSpace.load("small").count()
 
 
-def test_space_sample_prints_reproducible_json_lines_with_costs():
+def test_space_sample_prints_reproducible_json_lines_with_costs(lfm2_nas):
     first = lfm2_nas("space", "sample", "--n", "3", "--seed", "4", "--space", "small", "--context", "256", "--quant", "8da4w")
     assert first.returncode == 0, first.stderr
     rows = [json.loads(line) for line in first.stdout.splitlines()]
@@ -59,7 +51,7 @@ def test_space_sample_prints_reproducible_json_lines_with_costs():
         assert row["costs"] == costs.describe(spec, 256, "executorch", "8da4w")
 
 
-def test_space_commands_turn_bad_input_into_exit_status_2(tmp_path):
+def test_space_commands_turn_bad_input_into_exit_status_2(lfm2_nas, tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text('name = "b"\nvocab_size = 100\nmax_seq_len = 64\nd_model = 100\n')
     result = lfm2_nas("space", "show", "--space", str(broken))

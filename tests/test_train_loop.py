@@ -91,7 +91,8 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def test_flops_per_token_is_six_n_plus_attention():
     n_matmul = TINY.vocab_size * 64 + 3 * 3 * 64 * 128 + 2 * 4 * 64 * 64 + (64 * (4 + 2 * 2) * 16 + 64 * 64)
-    expected = 6 * n_matmul + 3 * (2 * 2 * 64 * 3 + 2 * 2 * 4 * 16 * 32)
+    # causal attention, counted exactly: a query sees (64 + 1) / 2 keys on average
+    expected = 6 * n_matmul + 3 * (2 * 2 * 64 * 3 + 2 * 2 * 4 * 16 * (64 + 1) / 2)
     assert training_flops_per_token(TINY, 64) == pytest.approx(expected)
 
 

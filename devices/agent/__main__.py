@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import sys
-
 from devices.agent_cli import agent_app
-from lfm2.errors import UserError
+from lfm2.errors import LfmNasError, exit_with
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         agent_app(args=argv, prog_name="python -m devices.agent")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except LfmNasError as exc:
+        exit_with(exc)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,22 @@ from devices.agent.bundle import pack_bundle
 from devices.artifact import MANIFEST, Artifact
 from devices.protocol import Measurement, Protocol
 from lfm2.sizes import format_size
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 
 API = "/v1"
 _RETRY_STATUSES = (502, 503, 504)
 
 
-class AgentError(UserError):
-    """Talking to an agent failed; the message says what to do."""
+class AgentError(EnvironmentFailure):
+    """Talking to an agent failed (network, agent, job); the message says what to do."""
 
 
 class AgentUnreachable(AgentError):
     pass
 
 
-class AgentAuthError(AgentError):
-    pass
+class AgentAuthError(UserError, AgentError):
+    """The agent refused the token: a configuration the user fixes (exit 2, not 4)."""
 
 
 class AgentRejected(AgentError):

@@ -26,6 +26,7 @@ from devices.profiles import DeviceProfile, get_profile
 from devices.protocol import Limits
 from lfm2.sizes import parse_size
 from devices.stack import device_fingerprint, machine_facts
+from devices.stack import usable_cpus as stack_usable_cpus
 from lfm2.errors import UserError
 
 API_VERSION = "v1"
@@ -68,9 +69,8 @@ def parse_cpus(text: str | None) -> tuple[int, ...] | None:
 
 
 def usable_cpus() -> tuple[int, ...]:
-    if hasattr(os, "sched_getaffinity"):
-        return tuple(sorted(os.sched_getaffinity(0)))
-    return tuple(range(os.cpu_count() or 1))
+    """The cores this process may run on (`devices.stack.usable_cpus`, as a tuple)."""
+    return tuple(stack_usable_cpus())
 
 
 @dataclass
@@ -198,7 +198,7 @@ def build_config(
     if emulate and run_threads > len(available):
         notes.append(f"{device_profile.name} runs {run_threads} threads; this host has {len(available)} usable cores: threads share cores")
     if memory_limit is not None:
-        memory_bytes: int | None = parse_size(memory_limit, "--memory-limit")
+        memory_bytes: int | None = parse_size(memory_limit, "--memory-limit", require_unit=isinstance(memory_limit, str))  # a flag: 500 is not 500 bytes
         if memory_bytes == 0:
             raise UserError("--memory-limit must be larger than 0; leave it out for no cap")
     elif emulate:
@@ -213,7 +213,7 @@ def build_config(
         profile=device_profile,
         emulate=emulate,
         limits=Limits(cpus=chosen_cpus, threads=run_threads, memory_bytes=memory_bytes, timeout_s=float(job_timeout_s)),
-        max_upload=parse_size(max_upload, "--max-upload"),
+        max_upload=parse_size(max_upload, "--max-upload", require_unit=isinstance(max_upload, str)),
         cooldown_s=float(cooldown_s),
         max_queue=int(max_queue),
         notes=notes,

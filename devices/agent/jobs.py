@@ -43,7 +43,7 @@ from typing import Any
 from devices.adb.transport import DeviceUnavailable
 from devices.artifact import ArtifactError
 from devices.protocol import Limits, Measurement, Protocol
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 
 log = logging.getLogger("lfm2_nas.agent")
 
@@ -80,7 +80,7 @@ class JobConflict(UserError):
     """A job id reused with a different request."""
 
 
-class StoreUnavailable(UserError):
+class StoreUnavailable(EnvironmentFailure):
     """The job database cannot be written (disk full, read-only)."""
 
 

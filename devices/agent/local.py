@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from devices.agent.client import AgentClient
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure
 
 START_TIMEOUT_S = 60.0
 
 
-class AgentStartError(UserError):
+class AgentStartError(EnvironmentFailure):
     pass
 
 
@@ -96,6 +96,8 @@ def agent_command(name: str, workdir: Path, token_file: Path, ready_file: Path, 
             command.append(option)
         elif isinstance(value, (list, tuple)):
             command += [option, ",".join(str(v) for v in value)]
+        elif flag in ("memory_limit", "max_upload") and isinstance(value, int):
+            command += [option, f"{value}B"]  # the flags require a unit; an int here is bytes
         else:
             command += [option, str(value)]
     return command

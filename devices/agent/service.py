@@ -55,7 +55,7 @@ from devices.agent.guard import rate_limit_logs, server_settings
 from devices.agent.jobs import JobConflict, JobStore, QueueFull, StoreUnavailable, Worker, request_sha256
 from devices.agent.store import ArtifactStore, UploadError
 from devices.protocol import Protocol
-from lfm2.errors import UserError
+from lfm2.errors import EnvironmentFailure, UserError
 
 log = logging.getLogger("lfm2_nas.agent")
 
@@ -207,7 +207,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in (400, 401, *codes)}
 
 
-class WorkdirLocked(UserError):
+class WorkdirLocked(EnvironmentFailure):
     pass
 
 
@@ -427,7 +427,8 @@ def create_app(agent: Agent, on_ready: Callable[[], None] | None = None) -> Fast
         return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(UserError)
-    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+    @app.exception_handler(EnvironmentFailure)  # StoreUnavailable: the disk, not the request
+    async def user_error(request: Request, exc: UserError | EnvironmentFailure) -> JSONResponse:
         if isinstance(exc, UploadError):
             status = exc.status
         elif isinstance(exc, JobConflict):

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lfm2.optim import adamw, lr_factor
+
 #: `report(step, value)`; a truthy return asks the training to stop early.
 Reporter = Callable[[int, float], Any]
 
@@ -41,21 +43,13 @@ class Run:
 
 
 def make_optimizer(modules: nn.ModuleDict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # decay matrices only; norms, gains and the depthwise kernels' few weights are left alone
-    decay = [p for p in modules.parameters() if p.ndim >= 2 and p.shape[-1] > 8]
-    ids = {id(p) for p in decay}
-    other = [p for p in modules.parameters() if id(p) not in ids]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    fused = next(modules.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    # one rule for weight decay with `lfm2-nas train` (lfm2.optim says which and why)
+    return adamw(modules.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), eps=1e-8)
 
 
 def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
-    warmup = max(1, int(total * warmup_fraction))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    """Warm-up over `warmup_fraction` of the steps, then cosine to a tenth (lfm2.optim)."""
+    return peak * lr_factor(step, max(1, int(total * warmup_fraction)), total, 0.1)
 
 
 def _autocast(device: torch.device, bf16: bool):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 
+from lfm2.flops import decode_flops, linear_macs_per_token, linear_shapes, prefill_flops  # FLOPs' one home
 from lfm2.spec import ArchSpec
 
 PRECISIONS = ("fp32", "bf16", "int8", "8da4w")
@@ -42,16 +43,6 @@ SCALE_BYTES = 4  # a quantisation scale is an fp32
 
 
 # -- parameters ----------------------------------------------------------------------------
-
-
-def linear_shapes(spec: ArchSpec, op: str) -> list[tuple[int, int]]:
-    """(out_features, in_features) of the linear layers of one layer with operator `op`."""
-    d, f = spec.d_model, spec.ffn_dim
-    ffn = [(f, d), (f, d), (d, f)]  # w1, w3, w2
-    if op == "conv":
-        return [(3 * d, d), (d, d), *ffn]  # in_proj (B, C, x), out_proj
-    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    return [(q, d), (kv, d), (kv, d), (d, q), *ffn]  # q, k, v, out_proj
 
 
 def small_weights(spec: ArchSpec, op: str) -> int:
@@ -74,57 +65,6 @@ def parameters(spec: ArchSpec) -> int:
     embed = spec.vocab_size * spec.d_model
     head = 0 if spec.tie_embeddings else embed
     return embed + head + sum(layer_parameters(spec, op) for op in spec.layers) + spec.d_model  # final norm
-
-
-# -- FLOPs ---------------------------------------------------------------------------------
-
-
-def linear_macs_per_token(spec: ArchSpec) -> int:
-    """MACs of every layer's matmuls for one token (LM head not included)."""
-    return sum(o * i for op in spec.layers for o, i in linear_shapes(spec, op))
-
-
-def _keys_seen_in_prefill(tokens: int, window: int | None) -> int:
-    """Sum over the queries t = 0..T-1 of the keys each sees: t+1, or at most `window`."""
-    if window is None or tokens <= window:
-        return tokens * (tokens + 1) // 2
-    return window * (window + 1) // 2 + (tokens - window) * window
-
-
-def _attention_macs(spec: ArchSpec, keys_seen: int) -> int:
-    # scores q.k and values p.v: head_dim MACs each, per query head and key seen
-    return 2 * spec.n_heads * spec.head_dim * keys_seen
-
-
-def prefill_flops(spec: ArchSpec, tokens: int, *, all_logits: bool = False) -> int:
-    """FLOPs of a prefill of `tokens` tokens from an empty context (conventions above)."""
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
-    macs = tokens * linear_macs_per_token(spec)
-    for op in spec.layers:
-        if op == "conv":
-            macs += tokens * spec.d_model * spec.conv_kernel
-        else:
-            window = spec.swa_window if op == "swa" else None
-            macs += _attention_macs(spec, _keys_seen_in_prefill(tokens, window))
-    macs += (tokens if all_logits else 1) * spec.d_model * spec.vocab_size
-    return 2 * macs
-
-
-def decode_flops(spec: ArchSpec, context: int) -> int:
-    """FLOPs of one decode step with `context` tokens already in the state (the new token
-    attends to context + 1 keys, itself included; at most `swa_window` in an swa layer)."""
-    if context < 0:
-        raise ValueError(f"context must be >= 0, got {context}")
-    macs = linear_macs_per_token(spec)
-    for op in spec.layers:
-        if op == "conv":
-            macs += spec.d_model * spec.conv_kernel
-        else:
-            keys = context + 1 if op == "attn" else min(context + 1, spec.swa_window)
-            macs += _attention_macs(spec, keys)
-    macs += spec.d_model * spec.vocab_size
-    return 2 * macs
 
 
 # -- weight bytes --------------------------------------------------------------------------
