@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from pathlib import Path
 
 from bench.harness import BenchRun, _in_fresh_process, base_parser, log
 from bench.models import sample_space

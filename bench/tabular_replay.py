@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import BenchRun, base_parser, log
-from bench.report import RESULTS_DIR, markdown_table
+from bench.report import markdown_table
 
 NAME = "tabular_replay"
 SAMPLERS = ("random", "nsga2", "tpe", "gp")
@@ -305,7 +305,7 @@ def render(summary: dict, table: Table, data: dict, feasible: int, seeds: int, t
     rows = []
     for sampler, ratios in summary["ratio_to_random"].items():
         cells = [sampler]
-        for c, r in ratios.items():
+        for r in ratios.values():
             cells.append(f"{r['mean_hv']:.3f} / {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]")
         rows.append(cells)
     ratio_table = markdown_table(["sampler"] + [f"{c} trials: hypervolume / ratio to random [95% CI]" for c in CHECKPOINTS if c <= trials], rows)

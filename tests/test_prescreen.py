@@ -60,7 +60,7 @@ def test_confidently_over_budget_and_dominated_candidates_are_skipped_and_good_o
     for _, verdict, truth in over:
         assert truth["footprint_bytes"] > budget  # confidently over budget: truly over
         assert verdict.prediction is not None and "predicted footprint" in verdict.reason
-    for _, verdict, truth in dominated:
+    for _, _verdict, truth in dominated:
         assert any(p <= truth["prefill_ms"] and d <= truth["decode_ms"] for p, d in measured_front)  # truly dominated
     # what passes includes the candidates that would improve the front
     improving = [v for _, v, truth in verdicts if truth["footprint_bytes"] <= budget * 0.9 and not any(p <= truth["prefill_ms"] * 1.2 and d <= truth["decode_ms"] * 1.2 for p, d in measured_front)]

@@ -102,7 +102,7 @@ def test_failures_are_recorded_with_their_reasons(lfm2_nas, tmp_path, env):
     assert all("budget" in t.user_attrs["reason"] for t in trials)
 
 
-def test_the_default_quality_is_the_free_layout_signal_and_every_trial_records_its_version(tmp_path, env):
+def test_the_default_quality_is_the_free_layout_signal_and_every_trial_records_its_version(lfm2_nas, tmp_path, env):
     from lfm2.spec import ArchSpec
     from nas.quality import layout, score
 
