@@ -36,7 +36,11 @@ def test_constraints_agree_with_pyproject_and_pin_cpu_torch():
     for name in ("torch", "optuna", "ray", "pandas", "fastapi", "click", "pydantic", "starlette", "typer", "pytest"):
         assert _name(name) in pins, f"{name} is not locked"
     assert pins["torch"] == "2.13.0+cpu" and not any(name.startswith("nvidia-") for name in pins)
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in (REPO / "constraints.txt").read_text()
+    # no index option in force: the CPU torch comes from pip's find-links here and in CI, and an
+    # index this workplace cannot reach slows every install; the comment says how to add it elsewhere
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    assert not [line for line in lines if line.startswith("-")]
+    assert any("--extra-index-url https://download.pytorch.org/whl/cpu" in line for line in lines if line.startswith("#"))
     assert "lfm2-nas" not in pins
     for path in (REPO / "README.md", REPO / ".ci" / "run"):
         assert "pip install -c constraints.txt -e" in path.read_text(), path
