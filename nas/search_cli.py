@@ -13,8 +13,8 @@ study_app = typer.Typer(help="Look into stored studies.", no_args_is_help=True)
 
 
 def search(
-    device: str = typer.Option(..., "--device", help="A registered device name, or 'local' for this machine."),
-    budget: str = typer.Option(..., "--budget", help="Memory budget for the model's footprint: 500MB, 1.5GiB, 800M ..."),
+    device: str = typer.Option(..., "--device", help="A registered device name, or 'local' for this machine; several separated by commas (pixel8,rpi5,local) measure every candidate on each."),
+    budget: str = typer.Option(..., "--budget", help="Memory budget for the model's footprint: 500MB, 1.5GiB, 800M ...; per device: pixel8=500MB,rpi5=1GB."),
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (presets included)."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default: DEVICE-BACKEND-QUANT)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///FILE.db (default sqlite:///lfm2-nas.db), an RDB URL, or a journal file PATH.log."),
@@ -33,12 +33,14 @@ def search(
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
-    from lfm2.sizes import format_size, parse_size
+    from lfm2.sizes import format_size
+    from nas.device_list import parse_budgets, parse_devices
     from nas.progress import pareto_table
     from nas.search import SearchConfig, SearchInterrupted, run_search
 
+    budget_bytes, budgets = parse_budgets(budget, parse_devices(device))
     config = SearchConfig(
-        device=device, budget_bytes=parse_size(budget, what="--budget", require_unit=True), trials=trials, study=study, storage=storage, space=space,
+        device=device, budget_bytes=budget_bytes, budgets=budgets, trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
     )
@@ -54,7 +56,8 @@ def search(
     except SearchInterrupted as stop:
         console.print(f"[yellow]stopped by {stop}[/]: in-flight trials were failed and re-enqueued; continue with the same command plus --resume")
         raise typer.Exit(128 + stop.signum) from None
-    console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {format_size(config.budget_bytes)})"))
+    budgets = ", ".join(f"{name} {format_size(config.budget_for(name))}" for name in config.devices) if config.multi_device else format_size(config.budget_for(config.devices[0]))
+    console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {budgets})"))
     storage_flag = f" --storage {storage}" if storage else ""
     console.print(f"report: [bold]lfm2-nas report --study {config.study}{storage_flag} --out {config.study}.html[/]")
     # --to lfm2 exports every winner, sliding-window layers included (the same files as --to hf where Lfm2 can express it).
