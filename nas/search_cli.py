@@ -64,9 +64,21 @@ def search(
     console.print(f"export the winners to train them: [bold]lfm2-nas export --study {config.study}{storage_flag} --pareto --to lfm2 winners[/]")
 
 
+def _device_summaries(attrs: dict) -> dict | None:
+    """A multi-device trial's figures per device (None for a single-device trial)."""
+    records = attrs.get("devices")
+    if not isinstance(records, dict):
+        return None
+    keys = ("status", "prefill_ms", "decode_ms", "footprint_bytes", "reason")
+    return {name: {k: r.get(k) for k in keys if r.get(k) is not None} for name, r in records.items() if isinstance(r, dict)}
+
+
 def _trial_row(trial) -> dict:
+    from nas.progress import largest_footprint
+
     attrs = trial.user_attrs
-    return {
+    devices = _device_summaries(attrs)
+    row = {
         "number": trial.number,
         "state": trial.state.name,
         "status": attrs.get("status"),
@@ -74,11 +86,27 @@ def _trial_row(trial) -> dict:
         "layout": attrs.get("layout"),
         "preset": attrs.get("preset"),
         "params": attrs.get("params"),
-        "footprint_bytes": attrs.get("footprint_bytes"),
+        "footprint_bytes": attrs.get("footprint_bytes") or largest_footprint(attrs),  # several devices: the largest
         "memory_estimate_bytes": attrs.get("memory_estimate_bytes"),
         "reason": attrs.get("reason"),
         "spec_key": attrs.get("spec_key"),
     }
+    if devices is not None:
+        row["devices"] = devices
+    return row
+
+
+def _metric_cells(row: dict, metrics: list[str]) -> list[str]:
+    """One cell per objective; a multi-device trial that has no values (a device failed,
+    or the pre-filter kept it off one) shows what the other devices measured."""
+    if row["values"]:
+        return [f"{v:.4g}" for v in row["values"]]
+    cells = []
+    for metric in metrics:
+        name, _, device = metric.partition("@")
+        value = ((row.get("devices") or {}).get(device) or {}).get(name) if device else None
+        cells.append(f"{value:.4g}" if isinstance(value, (int, float)) else "-")
+    return cells
 
 
 @study_app.command("list")
@@ -118,7 +146,7 @@ def study_show(study: str = typer.Option(..., "--study"), storage: Optional[str]
     for column in ("#", "state", "status", "layout", *metrics, "footprint MiB", "reason"):
         table.add_column(column, justify="right" if column in metrics else "left")
     for row in rows:
-        values = [f"{v:.4g}" for v in row["values"]] if row["values"] else ["-"] * len(metrics)
+        values = _metric_cells(row, list(metrics))
         footprint = f"{row['footprint_bytes'] / 2**20:.0f}" if row["footprint_bytes"] else "-"
         table.add_row(str(row["number"]), row["state"], row["status"] or "", (row["preset"] or "") + " " + (row["layout"] or ""), *values, footprint, (row["reason"] or "")[:80])
     Console(width=160).print(table)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,10 @@ class TrialRow:
     artifact: dict[str, Any] | None
     cached: bool
     duration_s: float | None
+    # A multi-device study's per-device records (the trial attr `devices`), by device name;
+    # reports.devices reads them. Its headline figures above are then the worst over the
+    # devices (the largest latency and footprint), set only when every device measured it.
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def arch(self) -> ArchSpec | None:
@@ -194,8 +198,25 @@ def _outcome(state: TrialState, status: str, constraint: float | None) -> str:
     return "failed"
 
 
+def _worst_over_devices(records: dict[str, Any]) -> dict[str, Any]:
+    """The largest latency and footprint over a multi-device trial's devices, where every
+    device measured it: the figure a limit must meet to hold on all of them (pick)."""
+    measured = [r for r in records.values() if isinstance(r, dict) and r.get("status") in ("ok", "infeasible")]
+    if not measured or len(measured) != len(records):
+        return {}
+    worst = {}
+    for key in ("prefill_ms", "decode_ms", "footprint_bytes", "peak_rss_bytes"):
+        figures = [_number(r.get(key)) for r in measured]
+        if all(f is not None for f in figures):
+            worst[key] = max(figures)
+    return worst
+
+
 def _row(trial: FrozenTrial, metric_names: list[str], pareto: set[int]) -> TrialRow:
     attrs = trial.user_attrs
+    devices = attrs.get("devices") if isinstance(attrs.get("devices"), dict) else {}
+    if devices:
+        attrs = {**_worst_over_devices(devices), **attrs}
     constraints = list(trial.constraints.values())
     constraint = max(constraints) if constraints else None
     status = _status(trial, constraint)
@@ -230,6 +251,7 @@ def _row(trial: FrozenTrial, metric_names: list[str], pareto: set[int]) -> Trial
         artifact=attrs.get("artifact") if isinstance(attrs.get("artifact"), dict) else None,
         cached=bool(attrs.get("cached", False)),
         duration_s=duration,
+        devices=devices,
     )
 
 
