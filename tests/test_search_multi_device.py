@@ -114,7 +114,7 @@ def test_a_search_on_two_devices_writes_a_front_per_device_and_the_report_shows_
             assert ids == ["fig-local-decode-prefill", "fig-local-memory", "fig-pixel8-decode-prefill", "fig-pixel8-memory", "fig-hypervolume", "fig-outcomes"]
             for device in DEVICES:
                 # each device's front figure draws its own trials, and its own Pareto table lists exactly its front
-                assert device in page.inner_text(f"#fig-{device}-decode-prefill .gtitle")
+                assert device in page.eval_on_selector(f"#fig-{device}-decode-prefill .gtitle", "el => el.textContent")
                 assert len(page.eval_on_selector_all(f"#fig-{device}-decode-prefill .scatterlayer .point", "els => els")) >= len(complete)
                 rows = page.eval_on_selector_all(f"#pareto-table-{device} tbody tr", "rows => rows.map(r => Number(r.dataset.trial))")
                 assert sorted(rows) == fronts[device], (device, rows)
