@@ -223,6 +223,7 @@ class Search:
         self.devices: dict[str, DeviceRun] = {}
         self.device: DeviceSession | None = None  # the first device's session
         self.worker_cpus: list[int] | None = None  # where compiles and training run on this machine
+        self.discards: list[Any] = []  # received artifact copies being removed (DeviceActor.discard)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -299,6 +300,10 @@ class Search:
                     fail_stale_trials(study, list(self.pending), reason="the search was interrupted while this trial ran; re-enqueued for --resume")
                     raise
             _record_estimate_error(study)
+            if self.discards:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    # the actors end with this driver: let them finish removing the received copies
+                    ray.wait(self.discards, num_returns=len(self.discards), timeout=60)
             return study
         finally:
             if ray.is_initialized() and c.ray_address is None:
@@ -473,12 +478,13 @@ class Search:
 
     def _on_measure(self, candidate: Candidate, result: dict[str, Any], device: str) -> None:
         self.stats.device_busy_s += result.get("wall_s", 0.0)
-        if not candidate.measure_refs:
-            candidate.bundle_ref = None  # measured everywhere: Ray may free the bundle
         if result.get("local_path"):
             candidate.measured_from[device] = result["local_path"]
             if candidate.compiled is not None:
                 candidate.compiled.setdefault("measured_from", result["local_path"])
+        if not candidate.measure_refs:
+            candidate.bundle_ref = None  # measured everywhere: Ray may free the bundle
+            self._discard_received_copy(candidate, device)
         if not result["ok"]:
             candidate.measurements[device] = {"status": "lost", "error": result["error"]}
             return
@@ -486,6 +492,18 @@ class Search:
         if result["measurement"]["status"] == "ok":
             self.cache.put(self._measurement_key(candidate.spec, device), {"measurement": result["measurement"], "artifact": candidate.compiled}, self.config.study, candidate.trial.number)
 
+    def _discard_received_copy(self, candidate: Candidate, device: str) -> None:
+        """Every device has measured a bundle that travelled from another node: its copy
+        under `<cache>/received/` has served (each agent keeps the artifact by sha256) and
+        goes, unless another candidate in flight uses the same bundle."""
+        sha = (candidate.compiled or {}).get("bundle_sha256")
+        copies = set(candidate.measured_from.values())
+        if not sha or not copies:
+            return
+        others = [p for p in self.pending.values() if p is not candidate and (p.compiled or {}).get("bundle_sha256") == sha and (p.measure_refs or p.compile_ref is not None)]
+        if not others:
+            for path in copies:
+                self.discards.append(self.devices[device].actor.discard.remote(path))  # on the actors' node; waited for at the end
     def _on_quality(self, candidate: Candidate, result: dict[str, Any]) -> None:
         candidate.quality = result
         if result["ok"]:
