@@ -85,6 +85,8 @@ class SearchConfig:
             raise UserError(f"--context must be >= 1, got {self.context}")
         if self.in_flight < 1:
             raise UserError(f"--in-flight must be >= 1, got {self.in_flight}")
+        if not self.measure_timeout_s > 0:
+            raise UserError(f"--measure-timeout must be a positive number of seconds, got {self.measure_timeout_s}")
         devices = parse_devices(self.device)
         unknown = sorted(set(self.budgets) - set(devices))
         if unknown:

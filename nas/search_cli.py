@@ -29,6 +29,7 @@ def search(
     in_flight: int = typer.Option(2, "--in-flight", help="Candidates in the pipeline at once."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (ray start --head) instead of a local one."),
     compile_resource: Optional[str] = typer.Option(None, "--compile-resource", help="Run compiles only on Ray nodes offering this custom resource (ray start --resources '{\"compile\": 4}')."),
+    measure_timeout: float = typer.Option(900.0, "--measure-timeout", help="Seconds one measurement may take, queueing on the device included, before that device's result is given up on as lost (an agent that went away is polled until then)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
 ) -> None:
@@ -43,6 +44,7 @@ def search(
         device=device, budget_bytes=budget_bytes, budgets=budgets, trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
+        measure_timeout_s=measure_timeout,
     )
     import warnings
 

@@ -143,7 +143,9 @@ def _agent_of(driver: subprocess.Popen, name: str) -> psutil.Process | None:
 
 
 def test_a_device_lost_mid_search_fails_only_its_own_measurements(tmp_path, env):
-    driver = subprocess.Popen([_exe("lfm2-nas"), "search", *BASE, "--in-flight", "1", "--trials", "3", "--study", "lost"], cwd=tmp_path, env=env,
+    # --measure-timeout: the client polls an agent that went away (it may be restarting)
+    # until the measurement's timeout; 900 s by default, shorter here
+    driver = subprocess.Popen([_exe("lfm2-nas"), "search", *BASE, "--in-flight", "1", "--trials", "3", "--study", "lost", "--measure-timeout", "240"], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 600
