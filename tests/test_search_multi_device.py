@@ -32,7 +32,7 @@ def _exe(name: str) -> str:
     return shutil.which(name) or f"{sys.prefix}/bin/{name}"
 
 
-def lfm2_nas(*args, cwd, env, timeout=900):
+def lfm2_nas(*args, cwd, env, timeout=1800):
     return subprocess.run([_exe("lfm2-nas"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
