@@ -200,6 +200,8 @@ def provenance(study: optuna.Study, member: Member, storage_url: str, target: st
             "datetime_complete": record.datetime_complete,
         },
         "measured": {k: attrs.get(k) for k in measured_keys if k in attrs},
+        # a multi-device search's figures per device (each whole measurement stays in the study)
+        **({"measured_on_devices": {name: {k: v for k, v in r.items() if k != "measurement"} for name, r in attrs["devices"].items()}} if isinstance(attrs.get("devices"), dict) else {}),
         "device": measurement.get("device") or meta.device or None,
         "runtime": {"backend": measurement.get("backend") or meta.backend, "quant": measurement.get("quant") or meta.quant, "stack": measurement.get("stack"), "load_time_s": measurement.get("load_time_s")},
         "protocol": measurement.get("protocol") or meta.protocol,

@@ -5,6 +5,19 @@ maximise the quality score, minimise prefill latency at the context, minimise de
 latency per token at the context. Peak memory is a constraint, not an objective: a model
 either fits the budget or it does not, and among those that fit the user wants the
 fastest and best, not the smallest.
+
+Several devices (`--device pixel8,rpi5`): each device keeps its own two latency
+objectives, named `prefill_ms@pixel8`, `decode_ms@pixel8`, ... after the shared quality,
+and its own memory constraint, `memory_over_budget_bytes@pixel8` against its own budget;
+a trial is feasible when it fits every device. Why not one worst-case latency across the
+devices: milliseconds on a phone and on a board are not on one scale (the slowest device
+would decide alone), and which layout is fastest differs between runtimes and cores, which
+is the reason to measure on several devices at all; per-device objectives keep every
+trade-off for the report's per-device fronts. The price is 2 objectives per device, which
+NSGA-II handles for the few devices a search measures on (its non-dominated sorting and
+crowding distance work in any dimension; the joint front grows with the objectives, but
+latencies on two CPUs are strongly correlated, so it stays small). With one device the names stay `prefill_ms`/`decode_ms` and the constraint
+`memory_over_budget_bytes`: single-device studies keep the layout they always had.
 """
 
 from __future__ import annotations
@@ -14,18 +27,28 @@ import optuna
 QUALITY_KINDS = ("layout", "mad", "lm", "none")  # the first is the default (nas/quality/layout.py says why)
 
 
-def objective_names(quality: str) -> list[str]:
-    return ["prefill_ms", "decode_ms"] if quality == "none" else ["quality", "prefill_ms", "decode_ms"]
+def device_metric(metric: str, device: str | None) -> str:
+    """`prefill_ms` for a single-device search, `prefill_ms@pixel8` for one of several."""
+    return metric if device is None else f"{metric}@{device}"
 
 
-def directions(quality: str) -> list[str]:
-    return ["minimize", "minimize"] if quality == "none" else ["maximize", "minimize", "minimize"]
+def objective_names(quality: str, devices: list[str] | None = None) -> list[str]:
+    """`devices`: the device names of a multi-device search; None (or one) for a single device."""
+    per_device = [None] if not devices or len(devices) == 1 else devices
+    latencies = [device_metric(m, d) for d in per_device for m in ("prefill_ms", "decode_ms")]
+    return latencies if quality == "none" else ["quality", *latencies]
 
 
-def objective_values(quality: str, quality_score: float | None, prefill_ms: float, decode_ms: float) -> list[float]:
+def directions(quality: str, devices: list[str] | None = None) -> list[str]:
+    return ["maximize" if name == "quality" else "minimize" for name in objective_names(quality, devices)]
+
+
+def objective_values(quality: str, quality_score: float | None, prefill_ms: float, decode_ms: float, more: list[tuple[float, float]] = ()) -> list[float]:
+    """The values in `objective_names` order; `more`: (prefill, decode) of the second and later devices."""
+    latencies = [prefill_ms, decode_ms, *(v for pair in more for v in pair)]
     if quality == "none":
-        return [prefill_ms, decode_ms]
-    return [float(quality_score), prefill_ms, decode_ms]
+        return latencies
+    return [float(quality_score), *latencies]
 
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
@@ -34,6 +57,11 @@ SAMPLERS = ("nsga2", "tpe", "gp", "random")
 #: footprint minus the budget in bytes, feasible when <= 0. Optuna 5 reads constraints from
 #: the trial itself, so every sampler (random included) and `study.best_trials` honour it.
 MEMORY_CONSTRAINT = "memory_over_budget_bytes"
+
+
+def memory_constraint(device: str | None) -> str:
+    """The constraint's name for one device of several (None: a single-device search)."""
+    return device_metric(MEMORY_CONSTRAINT, device)
 
 
 def make_sampler(name: str, seed: int | None, n_trials: int) -> optuna.samplers.BaseSampler:
@@ -51,4 +79,4 @@ def make_sampler(name: str, seed: int | None, n_trials: int) -> optuna.samplers.
     raise ValueError(name)
 
 
-__all__ = ["objective_names", "directions", "objective_values", "make_sampler", "SAMPLERS", "QUALITY_KINDS", "MEMORY_CONSTRAINT"]
+__all__ = ["objective_names", "directions", "objective_values", "device_metric", "memory_constraint", "make_sampler", "SAMPLERS", "QUALITY_KINDS", "MEMORY_CONSTRAINT"]

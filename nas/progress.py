@@ -12,6 +12,12 @@ from rich.live import Live
 from rich.table import Table
 
 
+def largest_footprint(attrs: dict) -> int | None:
+    """A multi-device trial's largest footprint over its devices (each is in `devices`)."""
+    footprints = [r.get("footprint_bytes") for r in (attrs.get("devices") or {}).values() if isinstance(r, dict) and r.get("footprint_bytes")]
+    return max(footprints) if footprints else None
+
+
 def pareto_table(study, title: str = "Pareto front (feasible trials)") -> Table:
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     table = Table(title=title)
@@ -23,7 +29,7 @@ def pareto_table(study, title: str = "Pareto front (feasible trials)") -> Table:
         best = []
     for trial in best:
         attrs = trial.user_attrs
-        footprint = attrs.get("footprint_bytes")
+        footprint = attrs.get("footprint_bytes") or largest_footprint(attrs)
         table.add_row(
             str(trial.number),
             (attrs.get("preset") + " " if attrs.get("preset") else "") + attrs.get("layout", "?"),
@@ -73,14 +79,15 @@ class Progress:
         stages = {"compiling": 0, "measuring": 0, "scoring": 0}
         for candidate in s.pending.values():
             stages["compiling"] += candidate.compile_ref is not None
-            stages["measuring"] += candidate.measure_ref is not None
+            stages["measuring"] += bool(candidate.measure_refs)
             stages["scoring"] += candidate.quality_ref is not None
         done = finished_trials(s.study) if hasattr(s, "study") else 0
         target = s.config.trials
         wall = stats.wall_s
         told = sum(stats.told.values())
         eta = f"{(target - done) * wall / told:.0f} s" if told else "-"
-        utilisation = stats.device_busy_s / wall if wall > 0 else 0.0
+        devices = max(1, len(getattr(s, "devices", None) or ()))  # busy seconds add up over the devices
+        utilisation = stats.device_busy_s / (wall * devices) if wall > 0 else 0.0
         header = (
             f"[bold]{s.config.study}[/] on {s.config.device}: {done}/{target} trials  |  "
             f"compiling {stages['compiling']}, measuring {stages['measuring']}, scoring {stages['scoring']}  |  "

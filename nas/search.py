@@ -10,6 +10,13 @@ On a cluster (--ray-address) the device actors stay on the driver's node (the ag
 are the driver's: a local agent listens on its loopback), compiles go to any node with a
 free CPU (or only to nodes offering `compile_resource`), and a compile made elsewhere comes
 back through Ray's object store (nas/workers.py): no folder is shared between nodes.
+
+Several devices (`--device pixel8,rpi5,local`): one actor per device; a candidate is
+compiled once and measured on every device whose budget its memory estimate may fit (the
+pre-filter runs per device), each device's results under its name in the trial
+(`devices`), its objectives and memory constraint named after it (nas/objectives.py). A
+device that fails or is lost fails its own measurements only: the trial records the
+others and the search goes on.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from devices.protocol import Measurement, Protocol
 from lfm2.errors import EnvironmentFailure, UserError
 from lfm2.spec import ArchSpec
 from nas.cache import ResultCache, measurement_key
+from nas.device_list import parse_devices
 from nas.device_session import DeviceSession, describe, open_device
-from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, objective_values
+from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, memory_constraint, objective_names, objective_values
 from nas.storage import DEFAULT_STORAGE, missing_sqlite_file, open_storage
 from nas.study import create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
 
@@ -41,8 +49,8 @@ log = logging.getLogger("lfm2_nas.search")
 
 @dataclass
 class SearchConfig:
-    device: str
-    budget_bytes: int
+    device: str  # one device name, or several separated by commas
+    budget_bytes: int  # the budget of every device without one in `budgets` (0: each has one there)
     trials: int = 20
     study: str | None = None
     storage: str | None = None
@@ -61,7 +69,8 @@ class SearchConfig:
     decode_tokens: int = 8
     measure_timeout_s: float = 900.0
     compile_resource: str | None = None  # a custom Ray resource each compile asks for one unit of (ray start --resources)
-    prescreen: bool = True  # skip candidates the predictor says are over budget or dominated (nas/prescreen.py)
+    prescreen: bool = True  # skip candidates the predictor says are over budget or dominated (nas/prescreen.py); one device only
+    budgets: dict[str, int] = field(default_factory=dict)  # per-device budgets (--budget pixel8=500MB,rpi5=1GB)
 
     def __post_init__(self) -> None:
         from devices.artifact import check_backend_quant
@@ -77,9 +86,26 @@ class SearchConfig:
             raise UserError(f"--context must be >= 1, got {self.context}")
         if self.in_flight < 1:
             raise UserError(f"--in-flight must be >= 1, got {self.in_flight}")
-        if self.budget_bytes <= 0:
-            raise UserError("--budget must be a positive size such as 500MB")
-        self.study = self.study or f"{self.device}-{self.backend}-{self.quant}"
+        if not self.measure_timeout_s > 0:
+            raise UserError(f"--measure-timeout must be a positive number of seconds, got {self.measure_timeout_s}")
+        devices = parse_devices(self.device)
+        unknown = sorted(set(self.budgets) - set(devices))
+        if unknown:
+            raise UserError(f"--budget names {', '.join(unknown)}, not in --device ({', '.join(devices)})")
+        if any(self.budget_for(name) <= 0 for name in devices):
+            raise UserError("--budget must be a positive size such as 500MB (or NAME=SIZE for each device)")
+        self.study = self.study or f"{'+'.join(devices)}-{self.backend}-{self.quant}"
+
+    @property
+    def devices(self) -> list[str]:
+        return parse_devices(self.device)
+
+    @property
+    def multi_device(self) -> bool:
+        return len(self.devices) > 1
+
+    def budget_for(self, device: str) -> int:
+        return self.budgets.get(device, self.budget_bytes)
 
     @property
     def protocol(self) -> Protocol:
@@ -94,26 +120,42 @@ class SearchConfig:
 
 
 @dataclass
+class DeviceRun:
+    """One device of the search: its session, budget, actor and what it said it is."""
+
+    name: str
+    budget_bytes: int
+    session: DeviceSession
+    actor: Any = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+@dataclass
 class Candidate:
     trial: optuna.Trial
     spec: ArchSpec
     estimate: dict[str, Any]
+    targets: list[str] = field(default_factory=list)  # the devices the pre-filter admits
+    prefiltered: dict[str, float] = field(default_factory=dict)  # device -> lower bound minus its budget (> 0)
     started: float = field(default_factory=time.perf_counter)
     compile_ref: Any = None
-    bundle_ref: Any = None  # the compiled bundle in Ray's object store; held until measured
-    measure_ref: Any = None
+    bundle_ref: Any = None  # the compiled bundle in Ray's object store; held until measured everywhere
+    measure_refs: dict[str, Any] = field(default_factory=dict)  # device -> its measurement in flight
     quality_ref: Any = None
     compiled: dict[str, Any] | None = None
-    measurement: dict[str, Any] | None = None
+    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> Measurement dict (or a failure)
+    measured_from: dict[str, str] = field(default_factory=dict)  # device -> the artifact copy its actor read
     quality: dict[str, Any] | None = None
-    measurement_cached: bool = False
+    measurement_cached: dict[str, Any] = field(default_factory=dict)  # device -> provenance of a cached measurement
     quality_cached: bool = False
     quality_key: str | None = None
     stage_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
-        return self.measurement is not None and (self.quality is not None or self.quality_ref is None)
+        measured = all(d in self.measurements for d in self.targets)
+        return measured and (self.quality is not None or self.quality_ref is None)
 
 
 @dataclass
@@ -172,7 +214,8 @@ class Search:
         self.config = config
         self.console = console
         self.space = SearchSpace.load(config.space)
-        self.start_device = open_device(config.device, config.emulate)  # checks the flags; starts nothing
+        # checks the flags; starts nothing
+        self.start_devices = {name: open_device(name, config.emulate) for name in config.devices}
         self.storage_url = config.storage or DEFAULT_STORAGE
         if config.resume:
             _require_existing_sqlite(self.storage_url, config.study)
@@ -180,7 +223,10 @@ class Search:
         self.cache = ResultCache()
         self.stats = SearchStats()
         self.pending: dict[int, Candidate] = {}
-        self.device: DeviceSession | None = None
+        self.devices: dict[str, DeviceRun] = {}
+        self.device: DeviceSession | None = None  # the first device's session
+        self.worker_cpus: list[int] | None = None  # where compiles and training run on this machine
+        self.discards: list[Any] = []  # received artifact copies being removed (DeviceActor.discard)
         self.prescreen = None  # nas.prescreen.Prescreen once the study is open (config.prescreen)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -191,16 +237,23 @@ class Search:
             self._signal = _signal_version(self.config.quality, self.config.quality_settings)
         return self._signal
 
-    def _metadata(self, device_facts: dict[str, Any]) -> dict[str, Any]:
+    def _metadata(self) -> dict[str, Any]:
         from importlib.metadata import version
 
         from devices.artifact import toolchain_versions
 
         c = self.config
+        if c.multi_device:
+            budgets = {name: run.budget_bytes for name, run in self.devices.items()}
+            # budget_bytes: the one budget when all devices share it, else None (budgets_bytes has each)
+            where = {"devices": {name: run.facts for name, run in self.devices.items()}, "budgets_bytes": budgets,
+                     "budget_bytes": next(iter(budgets.values())) if len(set(budgets.values())) == 1 else None}
+        else:
+            (run,) = self.devices.values()
+            where = {"device": run.facts, "budget_bytes": run.budget_bytes}
         return {
             "version": version("lfm2-nas"),
-            "device": device_facts,
-            "budget_bytes": c.budget_bytes,
+            **where,
             "context": c.context,
             "backend": c.backend,
             "quant": c.quant,
@@ -216,9 +269,16 @@ class Search:
 
     def run(self) -> optuna.Study:
         c = self.config
-        self.device = self.start_device()
         try:
-            start_ray(c.ray_address, self.device.worker_cpus)
+            for name, start in self.start_devices.items():
+                self.devices[name] = DeviceRun(name=name, budget_bytes=c.budget_for(name), session=start())
+            sessions = [run.session for run in self.devices.values()]
+            self.device = sessions[0]
+            # Agents started on this machine all partition its cores alike (device_session):
+            # compiles take the lower half; their measurements share the upper half, one at a
+            # time (devices.measure locks each core host-wide while it measures).
+            self.worker_cpus = next((s.worker_cpus for s in sessions if s.worker_cpus), None)
+            start_ray(c.ray_address, self.worker_cpus)
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             from nas.workers import DeviceActor
@@ -226,12 +286,15 @@ class Search:
             self.home_node = ray.get_runtime_context().get_node_id()
             _check_compile_resource(c.compile_resource)
             on_home_node = NodeAffinitySchedulingStrategy(node_id=self.home_node, soft=False)
-            self.actor = DeviceActor.options(scheduling_strategy=on_home_node).remote(self.device.url, self.device.token, self.device.name)
-            info = ray.get(self.actor.info.remote(), timeout=60)
-            self.device_facts = describe(self.device, info)
-            self.device_fingerprint = _fingerprint(info, self.device)
-            study, resumed = create_or_resume(c.study, self.storage, self.storage_url, c.quality, c.sampler, c.seed, c.trials, c.resume, self._metadata(self.device_facts))
+            for run in self.devices.values():
+                run.actor = DeviceActor.options(scheduling_strategy=on_home_node).remote(run.session.url, run.session.token, run.name)
+            infos = ray.get([run.actor.info.remote() for run in self.devices.values()], timeout=60)
+            for run, info in zip(self.devices.values(), infos):
+                run.facts = describe(run.session, info)
+                run.fingerprint = _fingerprint(info, run.session)
+            study, resumed = create_or_resume(c.study, self.storage, self.storage_url, c.quality, c.sampler, c.seed, c.trials, c.resume, self._metadata(), devices=c.devices if c.multi_device else None)
             self.study = study
+            _check_same_devices(study, c)
             if resumed:
                 stale = fail_stale_trials(study)
                 if stale and self.console:
@@ -239,7 +302,7 @@ class Search:
             else:
                 enqueue_presets(study, self.space)
             self.quality_on_gpu = c.quality not in ("none", "layout") and cluster_has_gpu()
-            if c.prescreen:
+            if c.prescreen and not c.multi_device:  # the predictor learns one device's figures
                 from nas.prescreen import for_search
 
                 self.prescreen = for_search(study, context=c.context, decode_tokens=c.decode_tokens, backend=c.backend, quant=c.quant, budget_bytes=c.budget_bytes, quality=c.quality)
@@ -252,11 +315,16 @@ class Search:
                     fail_stale_trials(study, list(self.pending), reason="the search was interrupted while this trial ran; re-enqueued for --resume")
                     raise
             _record_estimate_error(study)
+            if self.discards:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    # the actors end with this driver: let them finish removing the received copies
+                    ray.wait(self.discards, num_returns=len(self.discards), timeout=60)
             return study
         finally:
             if ray.is_initialized() and c.ray_address is None:
                 ray.shutdown()
-            self.device.stop()
+            for run in self.devices.values():
+                run.session.stop()
             self.cache.close()
 
     # -- the loop -------------------------------------------------------------------------
@@ -295,12 +363,16 @@ class Search:
         estimate = estimate_peak_memory(spec, c.context + c.decode_tokens, c.backend, c.quant, prefill_tokens=c.context)
         estimate_dict = asdict(estimate)
         spec_attrs(trial, spec, count_parameters(spec), estimate_dict)
-        if estimate.lower_bound_bytes > c.budget_bytes:
+        # Per device: a candidate certainly over one device's budget is not measured there.
+        over = {name: float(estimate.lower_bound_bytes - run.budget_bytes) for name, run in self.devices.items() if estimate.lower_bound_bytes > run.budget_bytes}
+        if len(over) == len(self.devices):
             trial.set_user_attr("status", "prefiltered")
-            trial.set_constraint(MEMORY_CONSTRAINT, float(estimate.lower_bound_bytes - c.budget_bytes))
+            for name, excess in over.items():
+                trial.set_constraint(memory_constraint(name if c.multi_device else None), excess)
+            budgets = " / ".join(f"{run.budget_bytes / 2**20:.0f}" for run in self.devices.values())
             trial.set_user_attr(
                 "reason",
-                f"needs at least {estimate.lower_bound_bytes / 2**20:.0f} MiB (analytic lower bound) > budget {c.budget_bytes / 2**20:.0f} MiB: not compiled",
+                f"needs at least {estimate.lower_bound_bytes / 2**20:.0f} MiB (analytic lower bound) > budget {budgets} MiB: not compiled",
             )
             self._tell(trial, "prefiltered", state=TrialState.PRUNED)
             return
@@ -310,34 +382,38 @@ class Search:
             record_skip(trial, verdict, c.budget_bytes)
             self._tell(trial, "skipped", state=TrialState.PRUNED)
             return
-        candidate = Candidate(trial=trial, spec=spec, estimate=estimate_dict)
+        targets = [name for name in self.devices if name not in over]
+        candidate = Candidate(trial=trial, spec=spec, estimate=estimate_dict, targets=targets, prefiltered=over)
         self.pending[trial.number] = candidate
         self._start_measurement_path(candidate)
         self._start_quality(candidate)
 
-    def _measurement_key(self, spec: ArchSpec) -> str:
+    def _measurement_key(self, spec: ArchSpec, device: str) -> str:
         from devices.artifact import toolchain_versions
 
         c = self.config
-        return measurement_key(spec.key, c.backend, c.quant, c.protocol.key, self.device_fingerprint, toolchain_versions())
+        return measurement_key(spec.key, c.backend, c.quant, c.protocol.key, self.devices[device].fingerprint, toolchain_versions())
 
     def _start_measurement_path(self, candidate: Candidate) -> None:
         from nas.workers import compile_candidate
 
-        cached = self.cache.get(self._measurement_key(candidate.spec))
-        if cached is not None:
-            value, provenance = cached
-            candidate.compiled = value.get("artifact")
-            candidate.measurement = value["measurement"]
-            candidate.measurement_cached = True
-            candidate.trial.set_user_attr("measurement_cached_from", provenance)
-            return
+        for device in candidate.targets:
+            cached = self.cache.get(self._measurement_key(candidate.spec, device))
+            if cached is not None:
+                value, provenance = cached
+                candidate.compiled = candidate.compiled or value.get("artifact")
+                candidate.measurements[device] = value["measurement"]
+                candidate.measurement_cached[device] = provenance
+        if candidate.measurement_cached and not self.config.multi_device:
+            candidate.trial.set_user_attr("measurement_cached_from", next(iter(candidate.measurement_cached.values())))
+        if all(device in candidate.measurements for device in candidate.targets):
+            return  # every device's measurement came from the cache: nothing to compile
         c = self.config
         options: dict[str, Any] = {"num_cpus": 1}
         if c.compile_resource:
             options["resources"] = {c.compile_resource: 1}
         candidate.compile_ref, candidate.bundle_ref = compile_candidate.options(**options).remote(
-            candidate.spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.device.worker_cpus, self.home_node
+            candidate.spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.worker_cpus, self.home_node
         )
 
     def _start_quality(self, candidate: Candidate) -> None:
@@ -374,16 +450,19 @@ class Search:
         options = {"num_gpus": 0.25, "num_cpus": 1} if self.quality_on_gpu else {"num_cpus": 1}
         device = "cuda" if self.quality_on_gpu else "cpu"
         candidate.quality_ref = score_quality.options(**options).remote(
-            candidate.spec.to_dict(), c.quality, device, c.quality_settings, c.seed or 0, self.device.worker_cpus, self.home_node
+            candidate.spec.to_dict(), c.quality, device, c.quality_settings, c.seed or 0, self.worker_cpus, self.home_node
         )
 
-    def _refs(self) -> dict[Any, tuple[Candidate, str]]:
+    def _refs(self) -> dict[Any, tuple[Candidate, str, str | None]]:
+        """Every result in flight: ref -> (candidate, stage, device or None)."""
         refs = {}
         for candidate in self.pending.values():
-            for stage in ("compile", "measure", "quality"):
+            for stage in ("compile", "quality"):
                 ref = getattr(candidate, f"{stage}_ref")
                 if ref is not None:
-                    refs[ref] = (candidate, stage)
+                    refs[ref] = (candidate, stage, None)
+            for device, ref in candidate.measure_refs.items():
+                refs[ref] = (candidate, "measure", device)
         return refs
 
     def _advance(self) -> None:
@@ -393,38 +472,71 @@ class Search:
         else:
             ready = []
         for ref in ready:
-            candidate, stage = refs[ref]
-            result = ray.get(ref)
-            setattr(candidate, f"{stage}_ref", None)
-            candidate.stage_s[stage] = result.get("wall_s", 0.0)
-            self.stats.stage_s[stage] += result.get("wall_s", 0.0)
-            getattr(self, f"_on_{stage}")(candidate, result)
+            candidate, stage, device = refs[ref]
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                # The worker or actor died for good (a device actor is not restarted): this
+                # stage failed, the others and the search go on.
+                result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:2000]}
+            if device is None:
+                setattr(candidate, f"{stage}_ref", None)
+            else:
+                candidate.measure_refs.pop(device)
+            wall_s = result.get("wall_s", 0.0)
+            candidate.stage_s[stage] = max(candidate.stage_s.get(stage, 0.0), wall_s)  # devices measure side by side
+            self.stats.stage_s[stage] += wall_s
+            if device is None:
+                getattr(self, f"_on_{stage}")(candidate, result)
+            else:
+                self._on_measure(candidate, result, device)
         for number in [n for n, cand in self.pending.items() if cand.done]:
             self._finish(self.pending.pop(number))
 
     def _on_compile(self, candidate: Candidate, result: dict[str, Any]) -> None:
+        waiting = [d for d in candidate.targets if d not in candidate.measurements]
         if not result["ok"]:
-            candidate.measurement = {"status": "compile_error", "error": result["error"]}
+            for device in waiting:
+                candidate.measurements[device] = {"status": "compile_error", "error": result["error"]}
             candidate.bundle_ref = None
             return
         candidate.compiled = result
         c = self.config
         # The bundle's reference goes inside a list: Ray then hands the reference over
         # rather than fetching the bytes, and the actor fetches them only if it needs them.
-        candidate.measure_ref = self.actor.measure.remote(result, [candidate.bundle_ref], c.protocol.to_dict(), self._measurement_key(candidate.spec), c.measure_timeout_s)
+        for device in waiting:
+            candidate.measure_refs[device] = self.devices[device].actor.measure.remote(
+                result, [candidate.bundle_ref], c.protocol.to_dict(), self._measurement_key(candidate.spec, device), c.measure_timeout_s
+            )
 
-    def _on_measure(self, candidate: Candidate, result: dict[str, Any]) -> None:
+    def _on_measure(self, candidate: Candidate, result: dict[str, Any], device: str) -> None:
         self.stats.device_busy_s += result.get("wall_s", 0.0)
-        candidate.bundle_ref = None  # measured: Ray may free the bundle
-        if candidate.compiled is not None and result.get("local_path"):
-            candidate.compiled["measured_from"] = result["local_path"]
+        if result.get("local_path"):
+            candidate.measured_from[device] = result["local_path"]
+            if candidate.compiled is not None:
+                candidate.compiled.setdefault("measured_from", result["local_path"])
+        if not candidate.measure_refs:
+            candidate.bundle_ref = None  # measured everywhere: Ray may free the bundle
+            self._discard_received_copy(candidate, device)
         if not result["ok"]:
-            candidate.measurement = {"status": "lost", "error": result["error"]}
+            candidate.measurements[device] = {"status": "lost", "error": result["error"]}
             return
-        candidate.measurement = result["measurement"]
-        if candidate.measurement["status"] == "ok":
-            self.cache.put(self._measurement_key(candidate.spec), {"measurement": candidate.measurement, "artifact": candidate.compiled}, self.config.study, candidate.trial.number)
+        candidate.measurements[device] = result["measurement"]
+        if result["measurement"]["status"] == "ok":
+            self.cache.put(self._measurement_key(candidate.spec, device), {"measurement": result["measurement"], "artifact": candidate.compiled}, self.config.study, candidate.trial.number)
 
+    def _discard_received_copy(self, candidate: Candidate, device: str) -> None:
+        """Every device has measured a bundle that travelled from another node: its copy
+        under `<cache>/received/` has served (each agent keeps the artifact by sha256) and
+        goes, unless another candidate in flight uses the same bundle."""
+        sha = (candidate.compiled or {}).get("bundle_sha256")
+        copies = set(candidate.measured_from.values())
+        if not sha or not copies:
+            return
+        others = [p for p in self.pending.values() if p is not candidate and (p.compiled or {}).get("bundle_sha256") == sha and (p.measure_refs or p.compile_ref is not None)]
+        if not others:
+            for path in copies:
+                self.discards.append(self.devices[device].actor.discard.remote(path))  # on the actors' node; waited for at the end
     def _on_quality(self, candidate: Candidate, result: dict[str, Any]) -> None:
         candidate.quality = result
         if result["ok"]:
@@ -434,57 +546,142 @@ class Search:
 
     def _finish(self, candidate: Candidate) -> None:
         c, trial = self.config, candidate.trial
-        trial.set_user_attr("cached", candidate.measurement_cached or candidate.quality_cached)
+        trial.set_user_attr("cached", bool(candidate.measurement_cached) or candidate.quality_cached)
         trial.set_user_attr("stage_s", candidate.stage_s)
         if candidate.compiled:
             # path: where it was compiled, on the compile node; measured_from: the copy the
             # device actor read (the same folder unless the compile ran on another node)
             fields = ("key", "path", "node", "bundle_sha256", "measured_from", "bytes", "stages_s")
             trial.set_user_attr("artifact", {k: candidate.compiled.get(k) for k in fields} | {"backend": c.backend, "quant": c.quant})
-        m = candidate.measurement
-        status = m["status"]
-        if status != "ok":
-            reason = m.get("error") or status
-            if status == "compile_error":
-                reason = f"compile failed: {reason}"
+        if c.multi_device:
+            self._finish_on_devices(candidate)
+            return
+        (device,) = candidate.targets  # one device: a candidate it prefilters is never started
+        record = self._device_record(candidate, device)
+        status = record["status"]
+        if status not in ("ok", "infeasible"):
             trial.set_user_attr("status", status)
-            trial.set_user_attr("reason", reason[:2000])
-            if "protocol" in m:
-                trial.set_user_attr("measurement", m)
+            trial.set_user_attr("reason", record["reason"])
+            if "measurement" in record:
+                trial.set_user_attr("measurement", record["measurement"])
             self._tell(trial, status, state=TrialState.FAIL)
             return
+        trial.set_user_attr("measurement", record["measurement"])
+        for key in ("prefill_ms", "decode_ms", "prefill_stats", "decode_stats", "footprint_bytes", "peak_rss_bytes", "memory_estimate_error"):
+            if key in record:
+                trial.set_user_attr(key, record[key])
+        if self.prescreen is not None:
+            self.prescreen.add(candidate.spec, prefill_ms=record["prefill_ms"], decode_ms=record["decode_ms"], footprint_bytes=record["footprint_bytes"], quality=_free_quality(candidate.spec, c.quality))
+        quality_score = self._quality_score(candidate)
+        if quality_score is False:
+            return
+        trial.set_constraint(MEMORY_CONSTRAINT, record["over_budget_bytes"])
+        trial.set_user_attr("status", status)
+        if status == "infeasible":
+            trial.set_user_attr("reason", record["reason"])
+        self._tell(trial, status, values=objective_values(c.quality, quality_score, record["prefill_ms"], record["decode_ms"]))
+
+    def _device_record(self, candidate: Candidate, device: str) -> dict[str, Any]:
+        """What `device` made of the candidate: its status (ok, infeasible over its budget,
+        or how it failed), the headline figures and the whole measurement."""
+        c = self.config
+        budget = self.devices[device].budget_bytes
+        m = candidate.measurements[device]
+        record: dict[str, Any] = {"status": m["status"], "budget_bytes": budget}
+        if device in candidate.measurement_cached:
+            record["cached_from"] = candidate.measurement_cached[device]
+        if device in candidate.measured_from:
+            record["measured_from"] = candidate.measured_from[device]
+        if m["status"] != "ok":
+            reason = m.get("error") or m["status"]
+            if m["status"] == "compile_error":
+                reason = f"compile failed: {reason}"
+            record["reason"] = reason[:2000]
+            if "protocol" in m:
+                record["measurement"] = m
+            return record
         measurement = Measurement.from_dict(m)
         prefill, decode = measurement.prefill[c.context], measurement.decode[c.context]
         footprint = measurement.memory.get("footprint_bytes")
-        trial.set_user_attr("measurement", m)
-        trial.set_user_attr("prefill_ms", prefill.median_ms)
-        trial.set_user_attr("decode_ms", decode.median_ms)
-        trial.set_user_attr("prefill_stats", prefill.to_dict())
-        trial.set_user_attr("decode_stats", decode.to_dict())
-        trial.set_user_attr("footprint_bytes", footprint)
-        trial.set_user_attr("peak_rss_bytes", measurement.memory.get("peak_rss_bytes"))
-        if self.prescreen is not None:
-            self.prescreen.add(candidate.spec, prefill_ms=prefill.median_ms, decode_ms=decode.median_ms, footprint_bytes=footprint, quality=_free_quality(candidate.spec, c.quality))
+        record |= {
+            "measurement": m,
+            "prefill_ms": prefill.median_ms,
+            "decode_ms": decode.median_ms,
+            "prefill_stats": prefill.to_dict(),
+            "decode_stats": decode.to_dict(),
+            "footprint_bytes": footprint,
+            "peak_rss_bytes": measurement.memory.get("peak_rss_bytes"),
+        }
         if footprint:
-            trial.set_user_attr("memory_estimate_error", (candidate.estimate["total_bytes"] - footprint) / footprint)
-        quality_score = None
-        if c.quality != "none":
-            q = candidate.quality or {"ok": False, "error": "no quality result"}
-            if not q["ok"]:
-                trial.set_user_attr("status", "error")
-                trial.set_user_attr("reason", f"quality proxy failed: {q.get('error')}"[:2000])
-                self._tell(trial, "error", state=TrialState.FAIL)
-                return
-            quality_score = q["score"]
-            trial.set_user_attr("quality", quality_score)
-            trial.set_user_attr("quality_detail", q["detail"])
-        over = float((footprint or 0) - c.budget_bytes)
-        trial.set_constraint(MEMORY_CONSTRAINT, over)
-        status = "ok" if over <= 0 else "infeasible"
+            record["memory_estimate_error"] = (candidate.estimate["total_bytes"] - footprint) / footprint
+        record["over_budget_bytes"] = over = float((footprint or 0) - budget)
+        if over > 0:
+            record["status"] = "infeasible"
+            record["reason"] = f"footprint {footprint / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB"
+        return record
+
+    def _quality_score(self, candidate: Candidate) -> float | None | bool:
+        """The quality score (None without a proxy), or False after failing the trial for it."""
+        c, trial = self.config, candidate.trial
+        if c.quality == "none":
+            return None
+        q = candidate.quality or {"ok": False, "error": "no quality result"}
+        if not q["ok"]:
+            trial.set_user_attr("status", "error")
+            trial.set_user_attr("reason", f"quality proxy failed: {q.get('error')}"[:2000])
+            self._tell(trial, "error", state=TrialState.FAIL)
+            return False
+        trial.set_user_attr("quality", q["score"])
+        trial.set_user_attr("quality_detail", q["detail"])
+        return q["score"]
+
+    def _finish_on_devices(self, candidate: Candidate) -> None:
+        """Tell a multi-device trial: every device's record under `devices`, one memory
+        constraint per device; COMPLETE (ok, or infeasible when over any device's budget)
+        only when every device measured it; PRUNED when the pre-filter kept it off some
+        device (certainly infeasible there, measured on the rest); FAIL when any device
+        failed, with the others' figures kept."""
+        c, trial = self.config, candidate.trial
+        records: dict[str, dict[str, Any]] = {}
+        for name, run in self.devices.items():
+            if name in candidate.prefiltered:
+                lower = candidate.prefiltered[name] + run.budget_bytes
+                records[name] = {"status": "prefiltered", "budget_bytes": run.budget_bytes,
+                                 "reason": f"needs at least {lower / 2**20:.0f} MiB (analytic lower bound) > budget {run.budget_bytes / 2**20:.0f} MiB: not measured here"}
+                trial.set_constraint(memory_constraint(name), candidate.prefiltered[name])
+                continue
+            records[name] = self._device_record(candidate, name)
+            if "over_budget_bytes" in records[name]:
+                trial.set_constraint(memory_constraint(name), records[name]["over_budget_bytes"])
+        trial.set_user_attr("devices", records)
+        failed = {name: r for name, r in records.items() if r["status"] not in ("ok", "infeasible", "prefiltered")}
+        if failed:
+            status = next(iter(failed.values()))["status"]
+            reasons = {r["reason"] for r in failed.values()}
+            # a compile error is the same on every device: say it once
+            reason = reasons.pop() if status == "compile_error" and len(reasons) == 1 else "; ".join(f"{name}: {r['reason']}" for name, r in failed.items())
+            measured = [name for name, r in records.items() if r["status"] in ("ok", "infeasible")]
+            if measured:
+                reason += f" (measured on {', '.join(measured)})"
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("reason", reason[:2000])
+            self._tell(trial, status, state=TrialState.FAIL)
+            return
+        quality_score = self._quality_score(candidate)
+        if quality_score is False:
+            return
+        if candidate.prefiltered:
+            trial.set_user_attr("status", "prefiltered")
+            trial.set_user_attr("reason", "; ".join(f"{name}: {records[name]['reason']}" for name in candidate.prefiltered) + f" (measured on {', '.join(candidate.targets)})")
+            self._tell(trial, "prefiltered", state=TrialState.PRUNED)
+            return
+        over = [name for name, r in records.items() if r["status"] == "infeasible"]
+        status = "infeasible" if over else "ok"
         trial.set_user_attr("status", status)
-        if status == "infeasible":
-            trial.set_user_attr("reason", f"footprint {footprint / 2**20:.0f} MiB > budget {c.budget_bytes / 2**20:.0f} MiB")
-        self._tell(trial, status, values=objective_values(c.quality, quality_score, prefill.median_ms, decode.median_ms))
+        if over:
+            trial.set_user_attr("reason", "; ".join(f"{name}: {records[name]['reason']}" for name in over))
+        latencies = [(records[name]["prefill_ms"], records[name]["decode_ms"]) for name in self.devices]
+        self._tell(trial, status, values=objective_values(c.quality, quality_score, *latencies[0], more=latencies[1:]))
 
     def _tell(self, trial: optuna.Trial, status: str, state: TrialState = TrialState.COMPLETE, values: list[float] | None = None) -> None:
         if state == TrialState.COMPLETE:
@@ -565,8 +762,29 @@ def _fingerprint(info: dict[str, Any], session: DeviceSession) -> str:
     return device_fingerprint({**(info.get("machine") or {}), "profile": profile.get("name") if isinstance(profile, dict) else profile, "emulated": info.get("emulated"), "limits": limits})
 
 
+def _check_same_devices(study: optuna.Study, config: SearchConfig) -> None:
+    """A resumed study must be searched on the devices (and budgets) it was started with:
+    its objectives are named after them."""
+    from nas.study import METADATA_KEY
+
+    expected = objective_names(config.quality, config.devices if config.multi_device else None)
+    if study.metric_names and list(study.metric_names) != expected:
+        raise UserError(f"study {study.study_name!r} has objectives {', '.join(study.metric_names)}, this search would have {', '.join(expected)}: "
+                        "resume it with the --device list it was started with, or start a new --study")
+    previous = study.user_attrs.get(METADATA_KEY, {}).get("budgets_bytes")
+    budgets = {name: config.budget_for(name) for name in config.devices}
+    if config.multi_device and previous is not None and previous != budgets:
+        raise UserError(f"study {study.study_name!r} was run with budgets {previous}, not {budgets}; resume it with the same --budget, or start a new --study")
+
+
 def _record_estimate_error(study: optuna.Study) -> None:
-    errors = sorted(abs(t.user_attrs["memory_estimate_error"]) for t in study.get_trials(deepcopy=False) if "memory_estimate_error" in t.user_attrs)
+    errors = []
+    for trial in study.get_trials(deepcopy=False):
+        records = trial.user_attrs.get("devices") or {}
+        for attrs in [trial.user_attrs, *records.values()]:
+            if "memory_estimate_error" in attrs:
+                errors.append(abs(attrs["memory_estimate_error"]))
+    errors.sort()
     if errors:
         study.set_user_attr("memory_estimate_error", {"n": len(errors), "median_abs": errors[len(errors) // 2], "max_abs": errors[-1]})
 
@@ -582,4 +800,5 @@ def _free_quality(spec: ArchSpec, quality: str) -> float | None:
 
     return free_quality(spec, quality)
 
-__all__ = ["SearchConfig", "Search", "SearchInterrupted", "run_search", "start_ray"]
+
+__all__ = ["SearchConfig", "DeviceRun", "Search", "SearchInterrupted", "run_search", "start_ray"]

@@ -17,8 +17,8 @@ study_app = typer.Typer(help="Look into stored studies.", no_args_is_help=True)
 
 
 def search(
-    device: str = typer.Option(..., "--device", help="A registered device name, or 'local' for this machine."),
-    budget: str = typer.Option(..., "--budget", help="Memory budget for the model's footprint: 500MB, 1.5GiB, 800M ..."),
+    device: str = typer.Option(..., "--device", help="A registered device name, or 'local' for this machine; several separated by commas (pixel8,rpi5,local) measure every candidate on each."),
+    budget: str = typer.Option(..., "--budget", help="Memory budget for the model's footprint: 500MB, 1.5GiB, 800M ...; per device: pixel8=500MB,rpi5=1GB."),
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (presets included)."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default: DEVICE-BACKEND-QUANT)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///FILE.db (default sqlite:///lfm2-nas.db), an RDB URL, or a journal file PATH.log."),
@@ -33,20 +33,24 @@ def search(
     in_flight: int = typer.Option(2, "--in-flight", help="Candidates in the pipeline at once."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (ray start --head) instead of a local one."),
     compile_resource: Optional[str] = typer.Option(None, "--compile-resource", help="Run compiles only on Ray nodes offering this custom resource (ray start --resources '{\"compile\": 4}')."),
+    measure_timeout: float = typer.Option(900.0, "--measure-timeout", help="Seconds one measurement may take, queueing on the device included, before that device's result is given up on as lost (an agent that went away is polled until then)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
     prescreen: bool = typer.Option(True, "--prescreen/--no-prescreen", help="Once 10 candidates are measured, skip (as 'skipped', not compiled) those the latency/memory predictor says are surely over budget or dominated."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
-    from lfm2.sizes import format_size, parse_size
+    from lfm2.sizes import format_size
+    from nas.device_list import parse_budgets, parse_devices
     from nas.progress import pareto_table
     from nas.search import SearchConfig, SearchInterrupted, run_search
 
+    budget_bytes, budgets = parse_budgets(budget, parse_devices(device))
     config = SearchConfig(
-        device=device, budget_bytes=parse_size(budget, what="--budget", require_unit=True), trials=trials, study=study, storage=storage, space=space,
+        device=device, budget_bytes=budget_bytes, budgets=budgets, trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
         prescreen=prescreen,
+        measure_timeout_s=measure_timeout,
     )
     import warnings
 
@@ -60,19 +64,32 @@ def search(
     except SearchInterrupted as stop:
         console.print(f"[yellow]stopped by {stop}[/]: in-flight trials were failed and re-enqueued; continue with the same command plus --resume")
         raise typer.Exit(128 + stop.signum) from None
-    console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {format_size(config.budget_bytes)})"))
+    budgets = ", ".join(f"{name} {format_size(config.budget_for(name))}" for name in config.devices) if config.multi_device else format_size(config.budget_for(config.devices[0]))
+    console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {budgets})"))
     storage_flag = f" --storage {storage}" if storage else ""
     console.print(f"report: [bold]lfm2-nas report --study {config.study}{storage_flag} --out {config.study}.html[/]")
     # --to lfm2 exports every winner, sliding-window layers included (the same files as --to hf where Lfm2 can express it).
     console.print(f"export the winners to train them: [bold]lfm2-nas export --study {config.study}{storage_flag} --pareto --to lfm2 winners[/]")
 
 
+def _device_summaries(attrs: dict) -> dict | None:
+    """A multi-device trial's figures per device (None for a single-device trial)."""
+    records = attrs.get("devices")
+    if not isinstance(records, dict):
+        return None
+    keys = ("status", "prefill_ms", "decode_ms", "footprint_bytes", "reason")
+    return {name: {k: r.get(k) for k in keys if r.get(k) is not None} for name, r in records.items() if isinstance(r, dict)}
+
+
 def _trial_row(trial, names: list[str]) -> dict:
-    """One trial as `study show --json` / `study pareto --json` print it (the schema's record)."""
+    """One trial as `study show --json` / `study pareto --json` print it (the schema's record;
+    a multi-device trial's figures per device under `devices`)."""
+    from nas.progress import largest_footprint
     from nas.study_schema import TrialRecord
 
     record = TrialRecord.read(trial, names)
-    return {
+    devices = _device_summaries(trial.user_attrs)
+    row = {
         "number": record.number,
         "state": record.state,
         "status": trial.user_attrs.get("status"),  # as stored: None while the search has written none
@@ -80,11 +97,27 @@ def _trial_row(trial, names: list[str]) -> dict:
         "layout": record.layout,
         "preset": record.preset,
         "params": record.params,
-        "footprint_bytes": record.footprint_bytes,
+        "footprint_bytes": record.footprint_bytes or largest_footprint(trial.user_attrs),  # several devices: the largest
         "memory_estimate_bytes": record.memory_estimate_bytes,
         "reason": record.reason,
         "spec_key": record.spec_key,
     }
+    if devices is not None:
+        row["devices"] = devices
+    return row
+
+
+def _metric_cells(row: dict, metrics: list[str]) -> list[str]:
+    """One cell per objective; a multi-device trial that has no values (a device failed,
+    or the pre-filter kept it off one) shows what the other devices measured."""
+    if row["values"]:
+        return [f"{v:.4g}" for v in row["values"]]
+    cells = []
+    for metric in metrics:
+        name, _, device = metric.partition("@")
+        value = ((row.get("devices") or {}).get(device) or {}).get(name) if device else None
+        cells.append(f"{value:.4g}" if isinstance(value, (int, float)) else "-")
+    return cells
 
 
 @study_app.command("list")
@@ -125,7 +158,7 @@ def study_show(study: str = typer.Option(..., "--study"), storage: Optional[str]
     for column in ("#", "state", "status", "layout", *metrics, "footprint MiB", "reason"):
         table.add_column(column, justify="right" if column in metrics else "left")
     for row in rows:
-        values = [f"{v:.4g}" for v in row["values"]] if row["values"] else ["-"] * len(metrics)
+        values = _metric_cells(row, list(metrics))
         footprint = f"{row['footprint_bytes'] / 2**20:.0f}" if row["footprint_bytes"] else "-"
         table.add_row(str(row["number"]), row["state"], row["status"] or "", (row["preset"] or "") + " " + (row["layout"] or ""), *values, footprint, (row["reason"] or "")[:80])
     Console(width=160).print(table)

@@ -15,7 +15,7 @@ from nas.objectives import directions, make_sampler, objective_names
 from nas.study_schema import METADATA_KEY, StudyMetadata, TrialStatus, write_trial_attrs, write_trial_attrs_by_id
 
 
-def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_url: str, quality: str, sampler_name: str, seed: int | None, n_trials: int, resume: bool, metadata: dict[str, Any]) -> tuple[optuna.Study, bool]:
+def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_url: str, quality: str, sampler_name: str, seed: int | None, n_trials: int, resume: bool, metadata: dict[str, Any], devices: list[str] | None = None) -> tuple[optuna.Study, bool]:
     """(study, resumed). A new study gets its directions, objective names and metadata; an
     existing one is only reopened with --resume, and then must match this search."""
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -34,8 +34,9 @@ def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_ur
         return study, True
     if resume:
         raise UserError(f"--resume: there is no study {name!r} in {storage_url} to resume; drop --resume to start it")
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions(quality), sampler=sampler)
-    study.set_metric_names(objective_names(quality))
+    # devices: a multi-device search's device names (each its own latency objectives)
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions(quality, devices), sampler=sampler)
+    study.set_metric_names(objective_names(quality, devices))
     StudyMetadata.from_attrs(metadata).write(study)
     return study, False
 

@@ -148,6 +148,7 @@ TRIAL_ATTRS: dict[str, tuple[type, ...]] = {
     "quality_detail": (dict, list, float, int, str),
     "quality_signal": (str,),
     "prescreen": (dict,),
+    "devices": (dict,),  # a multi-device search's record per device, by name (docs/study-schema.md)
     "measurement": (dict,),
     "artifact": (dict,),
     "cached": (bool,),

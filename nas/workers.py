@@ -9,7 +9,9 @@ those core numbers mean nothing and it runs unpinned.
 Artifacts travel through Ray, not a shared disk: a compile that ran on another node also
 returns its artifact's bundle (devices.agent.bundle) as bytes in Ray's object store, and
 the device actor materialises it in its own node's cache under the bundle's sha256,
-verified file by file against the manifest, before it uploads it to the agent.
+verified file by file against the manifest, before it uploads it to the agent. Once every
+device has measured it, the driver has the copy discarded (`discard_received`): the agent
+keeps its own copy by sha256, and the compile node keeps the original.
 """
 
 from __future__ import annotations
@@ -141,6 +143,16 @@ def materialise(compiled: dict[str, Any], bundle: list, cache_dir: Path | None =
     return target
 
 
+def discard_received(path: str) -> bool:
+    """Remove `path` if it is a copy under `<cache>/received/` (never a compile's own
+    folder); True when it was one."""
+    folder = Path(path)
+    if folder.parent.name != RECEIVED_DIR or not (folder / "manifest.json").is_file():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 @ray.remote(max_retries=0)
 def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, cpus: list[int] | None, home_node: str | None = None) -> dict[str, Any]:
     """Train and score the candidate's quality proxy; never raises."""
@@ -210,5 +222,9 @@ class DeviceActor:
     def busy_seconds(self) -> float:
         return self.busy_s
 
+    def discard(self, path: str) -> bool:
+        """Remove a received artifact copy on this actor's node (see `discard_received`)."""
+        return discard_received(path)
 
-__all__ = ["RECEIVED_DIR", "DeviceActor", "compile_candidate", "materialise", "score_quality"]
+
+__all__ = ["RECEIVED_DIR", "DeviceActor", "compile_candidate", "discard_received", "materialise", "score_quality"]

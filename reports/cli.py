@@ -86,6 +86,12 @@ def pick_command(
             ("decode", f"{t.decode_ms:.3f} ms/token"),
             ("peak memory", format_bytes(t.footprint_bytes)),
         ]
+        if t.devices:  # several devices: the figures above are the slowest / largest; each device's own:
+            rows[5:8] = [(k + " (worst device)", v) for k, v in rows[5:8]]
+            for name, record in t.devices.items():
+                figures = (record.get("prefill_ms"), record.get("decode_ms"))
+                shown = f"{figures[0]:.2f} ms prefill, {figures[1]:.3f} ms/token, " if None not in figures else ""
+                rows.append((f"on {name}", shown + f"{format_bytes(record.get('footprint_bytes'))}, {record.get('status') or '–'}"))
         for key, value in rows:
             table.add_row(key, value)
         Console(width=max(Console().width, 120)).print(table)

@@ -308,4 +308,43 @@ def report_figures(data: StudyData) -> dict[str, go.Figure]:
     return figures
 
 
-__all__ = ["report_figures", "front_figure", "memory_figure", "hypervolume_figure", "outcomes_figure", "memory_colour_axis", "OUTCOME_COLOURS", "OUTCOME_LABELS"]
+def _element_id(text: str) -> str:
+    """`text` as a piece of an element id that CSS selectors take as it is."""
+    return "".join(c if c.isalnum() or c in "_-" else "-" for c in text)
+
+
+def device_figures(device: str, view: StudyData, everywhere: list[int]) -> dict[str, go.Figure]:
+    """One device's fronts and memory chart (`view` is reports.devices.device_view), titled
+    with the device, its own Pareto set marked, and the trials on every device's front ringed."""
+    if view.has_quality:
+        pairs = {"quality-prefill": ("prefill_ms", "quality"), "quality-decode": ("decode_ms", "quality")}
+    else:
+        pairs = {"decode-prefill": ("prefill_ms", "decode_ms")}
+    figures: dict[str, go.Figure] = {}
+    for suffix, (x, y) in pairs.items():
+        figure = front_figure(view, x, y)
+        for trace in figure.data:
+            if trace.name == "Pareto set (all objectives)":
+                trace.name = f"Pareto set on {device}"
+        ringed = [t for t in view.trials if t.number in everywhere and x in t.values and y in t.values]
+        if ringed:
+            figure.add_trace(_scatter(ringed, x, y, "on every device's front", {"size": 24, "symbol": "circle-open", "color": "#2ca02c", "line": {"width": 2.5}}))
+        figure.update_layout(title={"text": f"{device}: {_short(y)} vs {_short(x)}"})
+        figures[f"fig-{_element_id(device)}-{suffix}"] = figure
+    memory = memory_figure(view)
+    memory.update_layout(title={"text": f"{device}: peak memory vs decode latency"})
+    figures[f"fig-{_element_id(device)}-memory"] = memory
+    return figures
+
+
+def multi_device_figures(data: StudyData, views: dict[str, StudyData], everywhere: list[int]) -> dict[str, go.Figure]:
+    """A multi-device report's figures: each device's, then the joint hypervolume and outcomes."""
+    figures: dict[str, go.Figure] = {}
+    for device, view in views.items():
+        figures |= device_figures(device, view, everywhere)
+    figures["fig-hypervolume"] = hypervolume_figure(data)
+    figures["fig-outcomes"] = outcomes_figure(data)
+    return figures
+
+
+__all__ = ["report_figures", "device_figures", "multi_device_figures", "front_figure", "memory_figure", "hypervolume_figure", "outcomes_figure", "memory_colour_axis", "OUTCOME_COLOURS", "OUTCOME_LABELS"]

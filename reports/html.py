@@ -19,7 +19,8 @@ from typing import Any, Iterable
 import plotly.io
 import plotly.offline
 
-from reports.figures import OUTCOME_COLOURS, OUTCOME_LABELS, report_figures
+from reports.devices import device_names, device_view, on_every_front
+from reports.figures import OUTCOME_COLOURS, OUTCOME_LABELS, multi_device_figures, report_figures
 from reports.pareto import REFERENCE_MARGIN
 from reports.sizes import format_bytes
 from reports.style import REPORT_CSS
@@ -126,7 +127,7 @@ def _latency_columns(prefix: str) -> list[tuple[str, str, str]]:
     ]
 
 
-def pareto_table(data: StudyData) -> str:
+def pareto_table(data: StudyData, table_id: str = "pareto-table", source: str = "Optuna's <code>study.best_trials</code>") -> str:
     """The Pareto set (`study.best_trials`) with every headline figure and its spread."""
     columns: list[tuple[str, str, str]] = [("trial", "trial", "number"), ("preset", "preset", "text"), ("layout", "layout", "text"), ("params", "params", "number")]
     if data.has_quality:
@@ -169,13 +170,13 @@ def pareto_table(data: StudyData) -> str:
     at = f" at context {context}" if context else ""
     caption = (
         f"Pareto set: {len(rows)} architecture(s) that no other feasible trial beats on every objective "
-        f"(Optuna's <code>study.best_trials</code>). Latencies are medians{at} in ms with their spread "
+        f"({source}). Latencies are medians{at} in ms with their spread "
         "(trimmed mean, p10, p90, coefficient of variation, timed runs; ⚠ marks a point still noisy after re-measuring). "
         "Click a column to sort."
     )
     if not rows:
         return '<p class="muted">No feasible trial yet: the Pareto set is empty.</p>'
-    return _table("pareto-table", columns, rows, caption)
+    return _table(table_id, columns, rows, caption)
 
 
 def trials_table(data: StudyData) -> str:
@@ -239,12 +240,17 @@ def architecture_card(trial: TrialRow, has_quality: bool) -> str:
     facts = []
     if has_quality:
         facts.append(("quality", "–" if trial.quality is None else f"{trial.quality:.4f}"))
+    worst = " (slowest device)" if trial.devices else ""
     facts += [
-        ("prefill", f"{_ms(trial.prefill_ms)} ms"),
-        ("decode", f"{_ms(trial.decode_ms)} ms/token"),
-        ("peak memory", format_bytes(trial.footprint_bytes)),
+        ("prefill" + worst, f"{_ms(trial.prefill_ms)} ms"),
+        ("decode" + worst, f"{_ms(trial.decode_ms)} ms/token"),
+        ("peak memory" + (" (largest)" if trial.devices else ""), format_bytes(trial.footprint_bytes)),
         ("params", _millions(trial.params)),
     ]
+    for device, record in trial.devices.items():
+        record = record if isinstance(record, dict) else {}
+        facts.append((f"on {escape(device)}", f"{_ms(record.get('prefill_ms'))} ms prefill, {_ms(record.get('decode_ms'))} ms/token, "
+                                               f"{format_bytes(record.get('footprint_bytes'))}, {escape(str(record.get('status') or '–'))}"))
     if arch is not None:
         facts += [
             ("d_model", str(arch.d_model)),
@@ -265,8 +271,9 @@ def architecture_card(trial: TrialRow, has_quality: bool) -> str:
     )
 
 
-def architectures_section(data: StudyData) -> str:
-    shown = data.pareto_set + [t for t in data.preset_trials if not t.on_pareto_set]
+def architectures_section(data: StudyData, extra: list[int] = ()) -> str:
+    """Cards of the Pareto set, the presets, and the trials numbered in `extra`."""
+    shown = data.pareto_set + [t for t in data.trials if (t.preset or t.number in extra) and not t.on_pareto_set]
     if not shown:
         return '<p class="muted">No architecture measured yet.</p>'
     legend = "".join(f'<span class="legend-item">{layout_strip(letter)} {name}</span>' for letter, name in (("C", "gated short convolution"), ("A", "full attention (GQA)"), ("S", "sliding-window attention")))
@@ -308,7 +315,12 @@ def facts_section(data: StudyData) -> str:
         "seed": facts.get("seed"),
         "lfm2-nas version": facts.get("version"),
     }
-    boxes = [("Device", facts.get("device") or {}), ("Runtime and search", {k: v for k, v in runtime.items() if v is not None}), ("Measurement protocol", facts.get("protocol") or {})]
+    devices = facts.get("devices") if isinstance(facts.get("devices"), dict) else {}
+    budgets = facts.get("budgets_bytes") if isinstance(facts.get("budgets_bytes"), dict) else {}
+    if devices:
+        runtime["memory budget"] = ", ".join(f"{escape(str(name))} {format_bytes(budgets.get(name))}" for name in devices)
+    device_boxes = [(f"Device {name}", box if isinstance(box, dict) else {}) for name, box in devices.items()] or [("Device", facts.get("device") or {})]
+    boxes = [*device_boxes, ("Runtime and search", {k: v for k, v in runtime.items() if v is not None}), ("Measurement protocol", facts.get("protocol") or {})]
     stack = next((t.measurement for t in data.trials if t.measurement and t.measurement.get("stack")), None)
     if stack:
         boxes.append(("Measured stack (as the device reported it)", {**(stack.get("stack") or {}), "device": stack.get("device") or {}}))
@@ -316,7 +328,7 @@ def facts_section(data: StudyData) -> str:
     space = facts.get("space")
     if isinstance(space, dict):
         boxes.append(("Search space", space))
-    known = {"device", "backend", "quant", "context", "budget_bytes", "quality", "quality_signal", "sampler", "seed", "version", "protocol", "versions", "space"}
+    known = {"device", "devices", "budgets_bytes", "backend", "quant", "context", "budget_bytes", "quality", "quality_signal", "sampler", "seed", "version", "protocol", "versions", "space"}
     others = {k: v for k, v in facts.items() if k not in known}
     if others:
         boxes.append(("Other facts", others))
@@ -341,6 +353,9 @@ def summary_section(data: StudyData) -> str:
         bits.append(f"memory budget <b>{format_bytes(data.budget_bytes)}</b>")
     if device.get("name"):
         bits.append(f"device <b>{escape(str(device['name']))}</b>")
+    budgets = facts.get("budgets_bytes") if isinstance(facts.get("budgets_bytes"), dict) else {}
+    if isinstance(facts.get("devices"), dict):
+        bits.append("devices " + ", ".join(f"<b>{escape(str(name))}</b>" + (f" (budget {format_bytes(budgets[name])})" if name in budgets else "") for name in facts["devices"]))
     if facts.get("backend"):
         bits.append(f"runtime <b>{escape(str(facts.get('backend')))}</b> {escape(str(facts.get('quant') or ''))}")
     hv = data.hypervolume
@@ -358,8 +373,69 @@ def summary_section(data: StudyData) -> str:
 # -- the payload and the page ------------------------------------------------------------------
 
 
+def _device_cells(trial: TrialRow, device: str) -> dict[str, tuple[Any, str]]:
+    record = trial.devices.get(device) or {}
+    status = record.get("status") or "–"
+    return {
+        f"{device}:prefill_ms": (record.get("prefill_ms"), _ms(record.get("prefill_ms"))),
+        f"{device}:decode_ms": (record.get("decode_ms"), _ms(record.get("decode_ms"))),
+        f"{device}:footprint_bytes": (record.get("footprint_bytes"), format_bytes(record.get("footprint_bytes"))),
+        f"{device}:status": (status, escape(str(status))),
+    }
+
+
+def across_devices_table(data: StudyData, trials: list[TrialRow], table_id: str, caption: str) -> str:
+    """Trials with each device's latencies, footprint and status side by side."""
+    devices = device_names(data)
+    columns = [("trial", "trial", "number"), ("preset", "preset", "text"), ("layout", "layout", "text"), ("params", "params", "number")]
+    if data.has_quality:
+        columns.append(("quality", "quality", "number"))
+    for device in devices:
+        columns += [(f"{device}:prefill_ms", f"{device} prefill ms", "number"), (f"{device}:decode_ms", f"{device} decode ms", "number"),
+                    (f"{device}:footprint_bytes", f"{device} peak memory", "number"), (f"{device}:status", f"{device} status", "text")]
+    rows = []
+    for trial in trials:
+        cells: dict[str, tuple[Any, str]] = {
+            "trial": (trial.number, f'<a href="#arch-{trial.number}">{trial.number}</a>'),
+            "preset": (trial.preset or "", escape(trial.preset or "")),
+            "layout": (trial.layout or "", layout_strip(trial.layout, small=True)),
+            "params": (trial.params, _millions(trial.params)),
+            "quality": (trial.quality, "–" if trial.quality is None else f"{trial.quality:.4f}"),
+        }
+        for device in devices:
+            cells |= _device_cells(trial, device)
+        rows.append((trial, cells))
+    return _table(table_id, columns, rows, caption)
+
+
+def devices_pareto_section(data: StudyData, views: dict[str, StudyData], everywhere: list[int]) -> str:
+    """A multi-device study's fronts: the candidates on every device's front, the joint
+    Pareto set (feasible everywhere, unbeaten on all devices' objectives), each device's own."""
+    by_number = {t.number: t for t in data.trials}
+    parts = ["<h3>On every device's front</h3>"]
+    if everywhere:
+        parts.append(across_devices_table(data, [by_number[n] for n in everywhere], "everywhere-table",
+                                          f"{len(everywhere)} architecture(s) in the Pareto set of every device ({', '.join(escape(d) for d in views)}), each within that device's budget."))
+    else:
+        parts.append('<p class="muted" id="everywhere-table">No architecture is on every device\'s front yet.</p>')
+    parts.append("<h3>Joint Pareto set (feasible on every device)</h3>")
+    if data.pareto_set:
+        parts.append(across_devices_table(data, data.pareto_set, "pareto-table",
+                                          "Optuna's <code>study.best_trials</code>: within every device's budget, and no other such trial beats it on every objective of every device."))
+    else:
+        parts.append('<p class="muted">No trial is feasible on every device yet: the joint Pareto set is empty.</p>')
+    for device, view in views.items():
+        parts.append(f"<h3>{escape(device)}: its own Pareto set</h3>")
+        parts.append(pareto_table(view, table_id=f"pareto-table-{''.join(c if c.isalnum() or c in '_-' else '-' for c in device)}",
+                                  source=f"on {escape(device)} alone: its latencies, within its budget"))
+    return "".join(parts)
+
+
 def report_payload(data: StudyData) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (see the module docstring)."""
+    devices = device_names(data)
+    if devices:
+        return _multi_device_payload(data, devices)
     figures = {key: json.loads(plotly.io.to_json(figure, validate=False)) for key, figure in report_figures(data).items()}
     return to_jsonable(
         {
@@ -374,6 +450,32 @@ def report_payload(data: StudyData) -> dict[str, Any]:
                 "facts": facts_section(data),
                 "pareto": pareto_table(data),
                 "architectures": architectures_section(data),
+                "trials": trials_table(data),
+            },
+        }
+    )
+
+
+def _multi_device_payload(data: StudyData, devices: list[str]) -> dict[str, Any]:
+    """The payload of a multi-device study: a front per device (reports.devices)."""
+    views = {device: device_view(data, device) for device in devices}
+    everywhere = on_every_front(views)
+    figures = {key: json.loads(plotly.io.to_json(figure, validate=False)) for key, figure in multi_device_figures(data, views, everywhere).items()}
+    return to_jsonable(
+        {
+            "study": data.name,
+            "revision": data.revision,
+            "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "n_trials": len(data.trials),
+            "pareto_numbers": data.pareto_numbers,
+            "devices": {device: {"pareto_numbers": view.pareto_numbers} for device, view in views.items()},
+            "on_every_front": everywhere,
+            "figures": figures,
+            "sections": {
+                "summary": summary_section(data),
+                "facts": facts_section(data),
+                "pareto": devices_pareto_section(data, views, everywhere),
+                "architectures": architectures_section(data, extra=everywhere),
                 "trials": trials_table(data),
             },
         }

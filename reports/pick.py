@@ -71,6 +71,8 @@ class PickResult:
             "prefill_ms": t.prefill_ms,
             "decode_ms": t.decode_ms,
             "footprint_bytes": t.footprint_bytes,
+            # several devices: the figures above are the worst device's; each device's here
+            **({"devices": {name: {k: r.get(k) for k in ("status", "prefill_ms", "decode_ms", "footprint_bytes")} for name, r in t.devices.items()}} if t.devices else {}),
             "on_pareto_set": t.on_pareto_set,
             "spec": t.spec,
         }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -58,6 +58,10 @@ class TrialRow:
     artifact: dict[str, Any] | None
     cached: bool
     duration_s: float | None
+    # A multi-device study's per-device records (the trial attr `devices`), by device name;
+    # reports.devices reads them. Its headline figures above are then the worst over the
+    # devices (the largest latency and footprint), set only when every device measured it.
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def arch(self) -> ArchSpec | None:
@@ -122,8 +126,34 @@ def _outcome(state: TrialState, status: str, constraint: float | None) -> str:
     return "failed"
 
 
+def _figure(value: Any) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _worst_over_devices(records: dict[str, Any]) -> dict[str, Any]:
+    """The largest latency and footprint over a multi-device trial's devices, where every
+    device measured it: the figure a limit must meet to hold on all of them (pick)."""
+    measured = [r for r in records.values() if isinstance(r, dict) and r.get("status") in ("ok", "infeasible")]
+    if not measured or len(measured) != len(records):
+        return {}
+    worst = {}
+    for key in ("prefill_ms", "decode_ms", "footprint_bytes", "peak_rss_bytes"):
+        figures = [_figure(r.get(key)) for r in measured]
+        if all(f is not None for f in figures):
+            worst[key] = max(figures)
+    return worst
+
+
 def _row(trial: FrozenTrial, names: list[str], pareto: set[int]) -> TrialRow:
     record = TrialRecord.read(trial, names)
+    devices = trial.user_attrs.get("devices") if isinstance(trial.user_attrs.get("devices"), dict) else {}
+    worst = _worst_over_devices(devices) if devices else {}
+
+    def headline(key: str, own: Any) -> Any:  # a multi-device trial's own figure is absent: the worst device's
+        return own if own is not None else worst.get(key)
+
     return TrialRow(
         number=record.number,
         state=record.state,
@@ -140,17 +170,18 @@ def _row(trial: FrozenTrial, names: list[str], pareto: set[int]) -> TrialRow:
         params=record.params,
         quality=record.quality,
         quality_detail=record.quality_detail,
-        prefill_ms=record.prefill_ms,
-        decode_ms=record.decode_ms,
+        prefill_ms=headline("prefill_ms", record.prefill_ms),
+        decode_ms=headline("decode_ms", record.decode_ms),
         prefill_stats=record.prefill_stats,
         decode_stats=record.decode_stats,
-        footprint_bytes=record.footprint_bytes,
-        peak_rss_bytes=record.peak_rss_bytes,
+        footprint_bytes=headline("footprint_bytes", record.footprint_bytes),
+        peak_rss_bytes=headline("peak_rss_bytes", record.peak_rss_bytes),
         memory_estimate_bytes=record.memory_estimate_bytes,
         measurement=record.measurement,
         artifact=record.artifact,
         cached=record.cached,
         duration_s=record.duration_s,
+        devices=devices,
     )
 
 

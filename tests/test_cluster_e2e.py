@@ -29,7 +29,10 @@ from nas.storage import open_storage
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH = ["--device", "local", "--budget", "400MB", "--space", "small", "--context", "64", "--backend", "onnx", "--quant", "fp32", "--quality", "none", "--sampler", "random"]
+DEVICES = ["--device", "local", "--budget", "400MB"]
+# this machine and an emulated Pixel 8: two agents, every candidate measured on both
+TWO_DEVICES = ["--device", "local,pixel8", "--emulate", "--budget", "local=400MB,pixel8=300MB"]
+SEARCH = ["--space", "small", "--context", "64", "--backend", "onnx", "--quant", "fp32", "--quality", "none", "--sampler", "random"]
 
 
 def _exe(name: str) -> str:
@@ -123,10 +126,10 @@ def cluster():
         yield nodes
 
 
-def _search(cluster, *args, study):
+def _search(cluster, *args, study, devices=DEVICES):
     driver = cluster["driver"]
     env = cluster["env"] | {"LFM2_NAS_CACHE": str(driver / "cache"), "LFM2_NAS_CONFIG": str(driver / "devices.toml")}
-    command = [_exe("lfm2-nas"), "search", *SEARCH, *args, "--study", study, "--ray-address", cluster["address"], "--compile-resource", "compile"]
+    command = [_exe("lfm2-nas"), "search", *devices, *SEARCH, *args, "--study", study, "--ray-address", cluster["address"], "--compile-resource", "compile"]
     return subprocess.Popen(command, cwd=driver, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -134,9 +137,9 @@ def _load(cluster, study):
     return optuna.load_study(study_name=study, storage=open_storage(f"sqlite:///{cluster['driver']}/lfm2-nas.db"))
 
 
-def test_search_on_two_nodes_moves_artifacts_through_ray(cluster):
+def test_search_on_two_nodes_moves_artifacts_through_ray_and_measures_on_two_devices(cluster):
     driver = cluster["driver"]
-    search = _search(cluster, "--trials", "2", "--in-flight", "2", study="two-nodes")
+    search = _search(cluster, "--trials", "2", "--in-flight", "2", study="two-nodes", devices=TWO_DEVICES)
     out, err = search.communicate(timeout=900)
     assert search.returncode == 0, out[-3000:] + err[-3000:]
     study = _load(cluster, "two-nodes")
@@ -150,11 +153,16 @@ def test_search_on_two_nodes_moves_artifacts_through_ray(cluster):
         assert compiled_at.is_relative_to(cluster["worker"] / "cache"), artifact
         if cluster["private"]:
             assert not compiled_at.exists(), f"{compiled_at} is visible to the driver: the worker node's folder is shared"
-        # ... and measured from the copy the device actor (on the head node) received by sha256
+        # ... measured on both devices from the copy the device actors (on the head node)
+        # received by sha256, which went once both had measured it
         measured_from = Path(artifact["measured_from"])
         assert measured_from == received / artifact["bundle_sha256"], artifact
-        assert (measured_from / "manifest.json").is_file()
-        assert trial.user_attrs["measurement"]["status"] == "ok" and all(v > 0 for v in trial.values)
+        records = trial.user_attrs["devices"]
+        for device in ("local", "pixel8"):
+            assert Path(records[device]["measured_from"]) == measured_from
+            assert records[device]["measurement"]["status"] == "ok" and records[device]["measurement"]["device"]["name"] == device
+        assert len(trial.values) == 4 and all(v > 0 for v in trial.values)
+    assert not [p for p in received.iterdir() if (p / "manifest.json").exists()], "received copies were left behind after both devices measured them"
     # nothing was compiled on the head node or by the driver
     assert not list((cluster["head"] / "cache").glob("artifacts*/**/manifest.json"))
     assert not list((driver / "cache").glob("**/artifacts*/**/manifest.json"))

@@ -30,6 +30,14 @@ def lfm2_nas(lfm2_nas):
         (["--device", "local", "--budget", "500MB", "--space", "missing.toml"], ["missing.toml"]),
         (["--device", "local", "--budget", "500MB", "--storage", "sqlite:////no/such/folder/x.db"], ["/no/such/folder", "sqlite:///"]),
         (["--device", "local", "--budget", "500MB", "--storage", "postgresql://u@127.0.0.1:9/db"], ["postgresql", "sqlite:///"]),
+        # several devices in one search
+        (["--device", "local,local", "--budget", "500MB"], ["names local more than once"]),
+        (["--device", "local,", "--budget", "500MB"], ["--device", "pixel8,rpi5,local"]),
+        (["--device", "local,pixel8", "--emulate", "--budget", "local=500MB"], ["no budget to pixel8", "pixel8=SIZE"]),
+        (["--device", "local", "--budget", "pixel8=500MB"], ["'pixel8'", "not in --device"]),
+        (["--device", "local,pixel8", "--emulate", "--budget", "local=500MB,pixel8=500"], ["--budget for pixel8", "no unit"]),
+        (["--device", "local,pixel8", "--emulate", "--budget", "500MB,1GB"], ["two budgets"]),
+        (["--device", "local,nosuchboard", "--budget", "500MB", "--emulate"], ["profile", "nosuchboard"]),
     ],
 )
 def test_bad_search_input_exits_2_with_the_fix(lfm2_nas, tmp_path, args, expected):
