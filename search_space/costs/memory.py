@@ -98,8 +98,8 @@ class RuntimeMemoryModel:
 #:   as overhead. The fp32 row keeps the serialised copy (not measured with this program).
 #: * ONNX Runtime: one session of one step graph for prefill and decode; MLAS packs the
 #:   MatMul weights once (the packed copy replaces the stored one); int8 stores the table
-#:   and a tied head as two int8 tensors; a prefill runs in steps of 256 tokens, so its
-#:   activations hold 256 rows and the last step's scores [256, prompt]; the K/V cache
+#:   and a tied head as two int8 tensors; a prefill runs in steps of 128 tokens, so its
+#:   activations hold 128 rows and the last step's scores [128, prompt]; the K/V cache
 #:   grows and a step holds its input and output state. Fitted on LFM2-350M int8 at
 #:   prefill 2,048 and 8,192 and on a 29M-parameter model (BENCHMARKS.md, "ONNX Runtime:
 #:   one step graph").
@@ -119,7 +119,7 @@ class RuntimeMemoryModel:
 #: 1.25 x a step's SwiGLU rows per layer (the arena keeps blocks across layers), which
 #: reproduces LFM2-350M int8 at prefill 2,048 / 8,192 (+306 / +923 MiB after load) and a
 #: 29M-parameter model (+83 MiB) within 2%.
-ONNX_PREFILL_CHUNK = 256
+ONNX_PREFILL_CHUNK = 128
 ONNX_ACTIVATION_FACTOR = 1.71
 ONNX_LAYER_BUFFERS = 1.25
 ONNX_OVERHEAD = 16 * MIB
