@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     run = BenchRun(NAME, "ExecuTorch: the project's 8da4w LFM2-350M against ExecuTorch's own LFM2 recipe", args)
     prefill = tuple(int(x) for x in args.prefill.split(","))
     decode = tuple(int(x) for x in args.decode.split(","))
-    protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8, threads=args.threads, max_seconds_per_point=20.0)
+    # few runs per point (a 2,048-token prefill of a 350M model takes 10-30 s here): the rounds repeat them
+    protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8, threads=args.threads, min_runs=3, max_seconds_per_point=5.0)
     spec = LFM2_PRESETS[PRESET]
     # the project's usual context: the longest prompt, or the deepest decode and its tokens
     max_context = protocol.max_context
