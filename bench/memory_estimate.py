@@ -146,7 +146,7 @@ def render_full(rows: list[dict]) -> str:
 
 
 def main_full(args) -> int:
-    run = BenchRun(NAME + "_full", "Memory estimate at full size: every backend and precision against its measured footprint", args)
+    run = BenchRun(NAME + "_full", "Memory estimate at full size: every backend and precision against its measured footprint", args, module=NAME)
     rows = [row_from_bench(Path(p)) for p in args.bench_json.split(",") if p]
     summary = error_distribution([r["relative_error"] for r in rows]) if rows else None
     run.save({"source": args.bench_json, "summary": summary, "rows": rows})
