@@ -33,8 +33,11 @@ from lfm2.spec import ArchSpec
 from search_space import costs
 
 NAME = "memory_estimate"
-#: Backends whose runner touches the whole decode state when it loads the model.
-STATE_AT_LOAD = ("executorch", "llamacpp")
+#: The share of the estimated state a backend's runner touches while it loads the model:
+#: ExecuTorch's `reset` zeroes its mutable buffers (the whole state); llama.cpp clears its K/V
+#: buffer when the context is created (the live half of the estimate's state; the other half
+#: is the runner's saved depth state, written while running).
+STATE_AT_LOAD = {"executorch": 1.0, "llamacpp": 0.5}
 
 
 def parse_args(argv=None):
@@ -107,7 +110,7 @@ def row_from_bench(path: Path) -> dict:
     # ExecuTorch (`reset` zeroes the mutable buffers) and llama.cpp (the K/V buffer is cleared
     # when the context is created) touch their whole state while loading; ONNX Runtime's and
     # eager's state grows with the prompt
-    state_at_load = e["state_bytes"] if m["backend"] in STATE_AT_LOAD else 0
+    state_at_load = int(e["state_bytes"] * STATE_AT_LOAD.get(m["backend"], 0.0))
     row.update(
         state_at_load=bool(state_at_load),
         estimate_load_bytes=e["weights_bytes"] + e["runtime_overhead_bytes"] + state_at_load,
@@ -125,8 +128,8 @@ def render_full(rows: list[dict]) -> str:
         "for the same context and prefill. Measured load = RSS right after loading the artifact minus the baseline "
         "(after the runtime's import); measured run = footprint (peak RSS growth) minus load. The estimate's "
         "weights + runtime overhead is compared with the load, its state + activations with the run; where the runner "
-        "touches its whole state while loading (ExecuTorch's `reset`, llama.cpp's cleared K/V buffer: marked *), the state "
-        "counts to the load. "
+        "touches state while loading (marked *: ExecuTorch's `reset` zeroes all of it, llama.cpp clears its live K/V "
+        "cache, half of its estimate; the other half is the runner's saved depth state), that part counts to the load. "
         "Error = (estimate - measured) / measured."
     )
     table = markdown_table(
