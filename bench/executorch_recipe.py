@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from statistics import median
 import shutil
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def render(rounds: dict[str, list[dict]], sizes: dict[str, int], prefill: tuple[
     rows = [["file", mib(sizes["project"]), mib(sizes["recipe"]), f"{sizes['recipe'] / sizes['project']:.2f}x"]]
     feet = {name: [r["footprint_bytes"] for r in results if r.get("footprint_bytes")] for name, results in rounds.items()}
     if feet["project"] and feet["recipe"]:
-        a, b = sorted(feet["project"])[len(feet["project"]) // 2], sorted(feet["recipe"])[len(feet["recipe"]) // 2]
+        a, b = median(feet["project"]), median(feet["recipe"])
         rows.append(["footprint (peak RSS growth)", mib(a), mib(b), f"{b / a:.2f}x"])
     for kind, points, unit in (("prefill", prefill, "prefill {} tok/s"), ("decode", decode, "decode @{} tok/s")):
         for point in points:
@@ -221,7 +222,7 @@ def render(rounds: dict[str, list[dict]], sizes: dict[str, int], prefill: tuple[
                 rows.append([unit.format(point), "-", "-", "-"])
                 continue
             per_token = (lambda ms: point / ms * 1e3) if kind == "prefill" else (lambda ms: 1e3 / ms)
-            ours_m, theirs_m = sorted(ours)[len(ours) // 2], sorted(theirs)[len(theirs) // 2]
+            ours_m, theirs_m = median(ours), median(theirs)
             rows.append([unit.format(point), f"{per_token(ours_m):.1f}", f"{per_token(theirs_m):.1f}", f"{theirs_m / ours_m:.2f}x"])
     per_round = []
     for name, results in rounds.items():
