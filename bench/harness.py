@@ -45,6 +45,7 @@ class BenchRun:
     date: str = field(default_factory=today)
     load_before: list[float] = field(default_factory=load_average)
     facts: dict[str, Any] = field(default_factory=machine_facts)
+    module: str | None = None  # the `bench.<module>` that ran, where it differs from the block's name
 
     @property
     def quick(self) -> bool:
@@ -83,7 +84,7 @@ class BenchRun:
                 f"Run {self.date}, {self.elapsed_s() / 60:.1f} minutes. {machine_markdown(self.facts, self.load_before, load_after)}",
                 body.strip() + (f"\n\n**Note on this run:** {self.args.note}" if getattr(self.args, "note", None) else ""),
                 f"Reproduce (one command, from the repository root with the project's venv active):\n\n```bash\n{reproduce}\n```\n\n"
-                + (f"This run: `python -m bench.{self.name} {' '.join(sys.argv[1:])}`. " if sys.argv[1:] and sys.argv[1:] != ["--quick"] else "")
+                + (f"This run: `python -m bench.{self.module or self.name} {' '.join(sys.argv[1:])}`. " if sys.argv[1:] and sys.argv[1:] != ["--quick"] else "")
                 + f"Raw results: `{_shown_path(self.results_path)}`.",
             ]
         )

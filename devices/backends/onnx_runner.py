@@ -28,8 +28,11 @@ from devices.runner import Runner
 
 PROVIDER = "CPUExecutionProvider"
 #: The most tokens one prefill step runs: bounds the attention scores to [chunk, keys so far]
-#: and every other activation to the chunk. 256 rows keep the int8 GEMMs efficient.
-PREFILL_CHUNK = 256
+#: and every other activation to the chunk. 128 as ExecuTorch's program and its LLM runner:
+#: LFM2-350M int8, prefill 2,048 + one decode step, peak RSS growth 639 MiB at 256,
+#: 583 MiB at 128, 565 MiB at 64 (BENCHMARKS.md, "ONNX Runtime int8 at context 2,048"); a
+#: 29M-parameter model prefilled a few % slower at 128 than at 256, 20% slower at 64.
+PREFILL_CHUNK = 128
 #: MLAS pre-packs the weights of the quantised MatMuls when the session is built. With one
 #: session the packed copy replaces the stored one (ONNX Runtime drops an initializer its
 #: kernels packed), so packing costs no memory and keeps the fast kernels.
