@@ -23,6 +23,12 @@ from lfm2.spec import ArchSpec
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, ExecuTorch forward), prefill in chunks
+#: Each backend's artifact layout revision, part of the compile cache key: bump a backend's
+#: number when what its compile writes changes without a toolchain version changing, so that
+#: no cache (nor a cached refusal) of the old layout is reused.
+#: onnx 2: prefill steps of 128 tokens (were 256); llamacpp 2: all-attention stacks with wide
+#: heads written as qwen3 (were refused).
+BACKEND_FORMATS = {"eager": 1, "onnx": 2, "executorch": 1, "llamacpp": 2}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.
@@ -144,6 +150,7 @@ def artifact_key(spec: ArchSpec, backend: str, quant: str, max_context: int, pro
         "prompt_lengths": sorted(set(prompt_lengths)),
         "toolchain": toolchain or toolchain_versions(),
         "manifest_version": MANIFEST_VERSION,
+        "backend_format": BACKEND_FORMATS.get(backend, 1),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -243,3 +243,14 @@ def test_work_folders_of_a_killed_compile_are_removed(tmp_path):
     other.mkdir()
     compile(SPEC, "eager", "fp32", 64, (16,), cache_dir=tmp_path)
     assert not leftover.exists() and other.exists()
+
+
+def test_a_backend_layout_revision_changes_the_cache_key(monkeypatch):
+    """A backend whose artifact layout changed (ONNX's prefill step, llama.cpp's qwen3 writer)
+    bumps its BACKEND_FORMATS entry, and nothing compiled (or refused) before is reused."""
+    from devices import artifact
+
+    before = artifact.artifact_key(SPEC, "onnx", "fp32", 64, (16,))
+    monkeypatch.setitem(artifact.BACKEND_FORMATS, "onnx", artifact.BACKEND_FORMATS["onnx"] + 1)
+    assert artifact.artifact_key(SPEC, "onnx", "fp32", 64, (16,)) != before
+    assert artifact.artifact_key(SPEC, "eager", "fp32", 64, (16,)) == artifact.artifact_key(SPEC, "eager", "fp32", 64, (16,))
