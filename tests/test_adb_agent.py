@@ -200,9 +200,12 @@ def test_over_the_memory_cap_is_oom_and_past_the_time_limit_is_timeout(phone, ru
     target = Phone.open(AdbTransport(SERIAL), runner_build)
     over = target.measure(artifact, PROTOCOL, Limits(cpus=(8,), threads=1, memory_bytes=1 << 20, timeout_s=120))
     assert over.status == "oom" and "over the 1 MiB cap" in over.error and over.memory["footprint_bytes"] > 1 << 20
+    # a limit shorter than the job on any machine: the stand-in's adb calls and the runner's
+    # start alone take longer than 0.5 s, and 60 runs a point follow (a 4 s limit was met by a
+    # quiet machine, which finished the job in time)
     slow = Protocol(prompt_lengths=(32,), decode_depths=(32,), decode_tokens=4, min_runs=60, max_runs=60, max_seconds_per_point=60, ci_target=0.0)
-    late = target.measure(artifact, slow, Limits(cpus=(8,), threads=1, timeout_s=4))
-    assert late.status == "timeout" and "4 s wall-clock limit" in late.error and late.device["transport"] == "adb"
+    late = target.measure(artifact, slow, Limits(cpus=(8,), threads=1, timeout_s=0.5))
+    assert late.status == "timeout" and "0.5 s wall-clock limit" in late.error and late.device["transport"] == "adb"
     assert late.wall_time_s < 30  # the runner was stopped, not waited for
 
 
