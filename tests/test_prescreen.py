@@ -142,7 +142,7 @@ def test_a_live_search_skips_what_its_study_says_is_over_budget_and_the_flag_tur
         result = subprocess.run([*base, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    storage = open_storage(url)
+    storage = open_storage(url, create=True)  # this test writes the study a search would have
     study, _ = create_or_resume("pre", storage, url, "none", "random", 0, 18, False, {"budget_bytes": 400_000_000, "context": 64, "backend": "eager", "quant": "fp32", "quality": "none"})
     space = SearchSpace.load("small")
     rng = np.random.default_rng(5)
