@@ -271,7 +271,8 @@ def test_driver_killed_while_the_agent_measures_resumes_without_measuring_again(
     figures("search, driver SIGKILLed mid-measurement, --resume", trials=trials, jobs=len(jobs), faults_injected=1, trials_left_running=0, measured_twice=0, losses=0)
 
 
-def test_a_registered_device_that_is_offline_exits_2_naming_it_and_writes_nothing(tmp_path):
+def test_a_registered_device_that_is_offline_exits_4_naming_it_and_writes_nothing(tmp_path):
+    """An unreachable agent is a failed environment, not bad input: exit 4 (lfm2.errors)."""
     env = isolated_env(tmp_path)
     token = tmp_path / "off.token"
     token.write_text("a-token\n")
@@ -280,7 +281,7 @@ def test_a_registered_device_that_is_offline_exits_2_naming_it_and_writes_nothin
     before = set(os.listdir(tmp_path))
     command = [_lfm2_nas(), "search", "--device", "offline-board", "--budget", "500MB", "--space", "small", "--backend", "onnx", "--quant", "fp32", "--quality", "none"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.returncode == 4, result.stderr[-2000:]
     assert "offline-board" in result.stderr and "unreachable" in result.stderr and "devices list" in result.stderr
     assert "Traceback" not in result.stderr and 'File "' not in result.stderr
     assert set(os.listdir(tmp_path)) - before <= {"cache", "locks", "xdg-data"} and not (tmp_path / "lfm2-nas.db").exists()
