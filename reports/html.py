@@ -436,23 +436,11 @@ def report_payload(data: StudyData) -> dict[str, Any]:
     devices = device_names(data)
     if devices:
         return _multi_device_payload(data, devices)
-    figures = {key: json.loads(plotly.io.to_json(figure, validate=False)) for key, figure in report_figures(data).items()}
-    return to_jsonable(
-        {
-            "study": data.name,
-            "revision": data.revision,
-            "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "n_trials": len(data.trials),
-            "pareto_numbers": data.pareto_numbers,
-            "figures": figures,
-            "sections": {
-                "summary": summary_section(data),
-                "facts": facts_section(data),
-                "pareto": pareto_table(data),
-                "architectures": architectures_section(data),
-                "trials": trials_table(data),
-            },
-        }
+    return _payload(
+        data,
+        report_figures(data),
+        pareto=pareto_table(data),
+        architectures=architectures_section(data),
     )
 
 
@@ -460,7 +448,19 @@ def _multi_device_payload(data: StudyData, devices: list[str]) -> dict[str, Any]
     """The payload of a multi-device study: a front per device (reports.devices)."""
     views = {device: device_view(data, device) for device in devices}
     everywhere = on_every_front(views)
-    figures = {key: json.loads(plotly.io.to_json(figure, validate=False)) for key, figure in multi_device_figures(data, views, everywhere).items()}
+    return _payload(
+        data,
+        multi_device_figures(data, views, everywhere),
+        pareto=devices_pareto_section(data, views, everywhere),
+        architectures=architectures_section(data, extra=everywhere),
+        devices={device: {"pareto_numbers": view.pareto_numbers} for device, view in views.items()},
+        on_every_front=everywhere,
+    )
+
+
+def _payload(data: StudyData, figures: dict[str, Any], *, pareto: Any, architectures: Any, **extra: Any) -> dict[str, Any]:
+    """What the page renders: the study's facts, its figures as plotly JSON and its sections
+    (`pareto` and `architectures` differ between one device and several; `extra` adds keys)."""
     return to_jsonable(
         {
             "study": data.name,
@@ -468,14 +468,13 @@ def _multi_device_payload(data: StudyData, devices: list[str]) -> dict[str, Any]
             "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "n_trials": len(data.trials),
             "pareto_numbers": data.pareto_numbers,
-            "devices": {device: {"pareto_numbers": view.pareto_numbers} for device, view in views.items()},
-            "on_every_front": everywhere,
-            "figures": figures,
+            **extra,
+            "figures": {key: json.loads(plotly.io.to_json(figure, validate=False)) for key, figure in figures.items()},
             "sections": {
                 "summary": summary_section(data),
                 "facts": facts_section(data),
-                "pareto": devices_pareto_section(data, views, everywhere),
-                "architectures": architectures_section(data, extra=everywhere),
+                "pareto": pareto,
+                "architectures": architectures,
                 "trials": trials_table(data),
             },
         }
