@@ -119,6 +119,8 @@ class StudyMetadata:
 
     def to_attrs(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        if not values["device"]:  # a multi-device study records `devices` (in extra) instead
+            del values["device"]
         return {**self.extra, **values}
 
     def write(self, study: optuna.Study) -> None:
