@@ -205,7 +205,9 @@ def test_over_the_memory_cap_is_oom_and_past_the_time_limit_is_timeout(phone, ru
     # quiet machine, which finished the job in time)
     slow = Protocol(prompt_lengths=(32,), decode_depths=(32,), decode_tokens=4, min_runs=60, max_runs=60, max_seconds_per_point=60, ci_target=0.0)
     late = target.measure(artifact, slow, Limits(cpus=(8,), threads=1, timeout_s=0.5))
-    assert late.status == "timeout" and "0.5 s wall-clock limit" in late.error and late.device["transport"] == "adb"
+    # the limit ends the job at a check between commands or inside a read that was given what was left of it
+    assert late.status == "timeout" and late.device["transport"] == "adb"
+    assert "0.5 s wall-clock limit" in late.error or ("gave no answer within" in late.error and "the runner was stopped" in late.error), late.error
     assert late.wall_time_s < 30  # the runner was stopped, not waited for
 
 
