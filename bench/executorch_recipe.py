@@ -221,7 +221,7 @@ def render(rounds: dict[str, list[dict]], sizes: dict[str, int], prefill: tuple[
             if not ours or not theirs:
                 rows.append([unit.format(point), "-", "-", "-"])
                 continue
-            per_token = (lambda ms: point / ms * 1e3) if kind == "prefill" else (lambda ms: 1e3 / ms)
+            per_token = (lambda ms, tokens=point: tokens / ms * 1e3) if kind == "prefill" else (lambda ms: 1e3 / ms)
             ours_m, theirs_m = median(ours), median(theirs)
             rows.append([unit.format(point), f"{per_token(ours_m):.1f}", f"{per_token(theirs_m):.1f}", f"{theirs_m / ours_m:.2f}x"])
     per_round = []
