@@ -150,11 +150,7 @@ def pareto_table(data: StudyData, table_id: str = "pareto-table", source: str = 
     for trial in data.pareto_set:
         load_time = (trial.measurement or {}).get("load_time_s")
         cells: dict[str, tuple[Any, str]] = {
-            "trial": (trial.number, f'<a href="#arch-{trial.number}">{trial.number}</a>'),
-            "preset": (trial.preset or "", escape(trial.preset or "")),
-            "layout": (trial.layout or "", layout_strip(trial.layout, small=True)),
-            "params": (trial.params, _millions(trial.params)),
-            "quality": (trial.quality, "–" if trial.quality is None else f"{trial.quality:.4f}"),
+            **_identity_cells(trial),
             "footprint_bytes": (trial.footprint_bytes, format_bytes(trial.footprint_bytes)),
             "peak_rss_bytes": (trial.peak_rss_bytes, format_bytes(trial.peak_rss_bytes)),
             "memory_estimate_bytes": (trial.memory_estimate_bytes, format_bytes(trial.memory_estimate_bytes)),
@@ -396,11 +392,7 @@ def across_devices_table(data: StudyData, trials: list[TrialRow], table_id: str,
     rows = []
     for trial in trials:
         cells: dict[str, tuple[Any, str]] = {
-            "trial": (trial.number, f'<a href="#arch-{trial.number}">{trial.number}</a>'),
-            "preset": (trial.preset or "", escape(trial.preset or "")),
-            "layout": (trial.layout or "", layout_strip(trial.layout, small=True)),
-            "params": (trial.params, _millions(trial.params)),
-            "quality": (trial.quality, "–" if trial.quality is None else f"{trial.quality:.4f}"),
+            **_identity_cells(trial),
         }
         for device in devices:
             cells |= _device_cells(trial, device)
@@ -430,6 +422,18 @@ def devices_pareto_section(data: StudyData, views: dict[str, StudyData], everywh
                                   source=f"on {escape(device)} alone: its latencies, within its budget"))
     return "".join(parts)
 
+
+
+def _identity_cells(trial: TrialRow) -> dict[str, tuple[Any, str]]:
+    """The cells every trial table starts with: (sort value, html) of trial, preset, layout,
+    parameters and quality."""
+    return {
+        "trial": (trial.number, f'<a href="#arch-{trial.number}">{trial.number}</a>'),
+        "preset": (trial.preset or "", escape(trial.preset or "")),
+        "layout": (trial.layout or "", layout_strip(trial.layout, small=True)),
+        "params": (trial.params, _millions(trial.params)),
+        "quality": (trial.quality, "–" if trial.quality is None else f"{trial.quality:.4f}"),
+    }
 
 def report_payload(data: StudyData) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (see the module docstring)."""
