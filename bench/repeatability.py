@@ -43,6 +43,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def variant_flags(args) -> list[str]:
+    """The flags that make this run a variant of the default one (its own block and results
+    file, so that the ONNX run, the ExecuTorch run and the interleaved run stand side by side)."""
+    flags = []
+    if not args.quick and (args.backend, args.quant) != ("onnx", "fp32"):
+        flags += ["--backend", args.backend, "--quant", args.quant]
+    if args.order != "sequential":
+        flags += ["--order", args.order]
+    return flags
+
+
+def block_name(args) -> str:
+    flags = variant_flags(args)
+    return NAME if not flags else "_".join([NAME] + [f for f in flags if not f.startswith("--")])
+
+
+def title(args) -> str:
+    flags = variant_flags(args)
+    what = "Repeatability: the same architectures measured twice in separate processes"
+    return what if not flags else f"{what} ({' '.join(f for f in flags if not f.startswith('--'))})"
+
+
 def protocol_for(prefill: int, depth: int, threads: int, quick: bool):
     from devices.protocol import Protocol
 
@@ -85,7 +107,7 @@ def pair_metrics(first: list[float | None], second: list[float | None]) -> dict 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run = BenchRun(NAME, "Repeatability: the same architectures measured twice in separate processes", args)
+    run = BenchRun(block_name(args), title(args), args, module=NAME)
     if args.quick:
         specs, prefill, depth = list(quick_models().values()), QUICK_POINT, QUICK_POINT
         args.backend, args.quant = QUICK_BACKEND
@@ -136,7 +158,8 @@ def main(argv=None) -> int:
             }
         )
     run.save({"backend": args.backend, "quant": args.quant, "prefill_tokens": prefill, "decode_depth": depth, "protocol": protocol.to_dict(), "metrics": metrics, "rows": rows, "raw": passes})
-    run.finish(render(metrics, rows, args, prefill, depth), "python -m bench.repeatability" + (" --quick" if args.quick else ""))
+    command = ["python -m bench.repeatability"] + (["--quick"] if args.quick else []) + ([f"--archs {args.archs}"] if not args.quick and args.archs != 10 else []) + variant_flags(args)
+    run.finish(render(metrics, rows, args, prefill, depth), " ".join(command))
     return 0
 
 

@@ -43,6 +43,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def runnable_draw(draw: int, wanted: int, backends: set[str]) -> list:
+    """`draw` architectures of the small space (seed 0) that every one of `backends` can run,
+    drawing further in the same seeded sequence until at least `wanted` qualify: llama.cpp
+    refuses layouts that mix full and sliding-window attention, and a roofline compares the
+    backends on the same architectures."""
+    from devices.backends import backend_module
+
+    checks = [check for check in (getattr(backend_module(b), "unsupported_reason", None) for b in sorted(backends)) if check is not None]
+    count = draw
+    while True:
+        specs = [spec for spec in sample_space(count, seed=0) if not any(check(spec) for check in checks)]
+        if len(specs) >= wanted or count >= 50 * draw:
+            return specs
+        count *= 2
+
+
 def roofline_row(spec, backend: str, quant: str, prefill_ms: float | None, decode_ms: float | None, prefill_tokens: int, depth: int, bandwidth_GBps: float, gemm_GFLOPs: float) -> dict:
     """The achieved rates of one measured artifact and their fractions of the roofs."""
     flops = costs.prefill_flops(spec, prefill_tokens)
@@ -65,8 +81,8 @@ def main(argv=None) -> int:
     if args.quick:
         specs, pairs, prefill, depth = [quick_models()["tiny-LFM2"]], [QUICK_BACKEND], QUICK_POINT, QUICK_POINT
     else:
-        specs = by_size(sample_space(args.draw, seed=0), args.archs)
         pairs = [tuple(p.split(":")) for p in args.backends.split(",")]
+        specs = by_size(runnable_draw(args.draw, args.archs, {backend for backend, _ in pairs}), args.archs)
         prefill, depth = args.prefill, args.depth
     protocol = Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if args.quick else 16, min_runs=3, max_runs=10, max_seconds_per_point=5.0 if not args.quick else 2.0, measure_memory=False, threads=args.threads)
 

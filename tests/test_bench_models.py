@@ -64,3 +64,25 @@ def test_lfm2_ratio_table_is_lfm2_over_other():
 
     models = {"a": {"prefill": {512: 300.0, 2048: None}}, "b": {"prefill": {512: 100.0, 2048: 50.0}}}
     assert ratio_table(models, "a", "b", (512, 2048), "prefill") == [pytest.approx(3.0), None]
+
+
+def test_roofline_draws_only_architectures_every_backend_can_run():
+    pytest.importorskip("llama_cpp")  # the llamacpp backend's module loads its runtime
+    from bench.roofline import runnable_draw
+    from devices.backends.llamacpp_gguf import unsupported_reason
+
+    specs = runnable_draw(20, 3, {"onnx", "llamacpp"})
+    assert len(specs) >= 3
+    assert all(unsupported_reason(spec) is None for spec in specs)
+    # without llama.cpp nothing is filtered: the draw is the plain seeded one
+    assert [s.key for s in runnable_draw(20, 3, {"onnx"})] == [s.key for s in sample_space(20, seed=0)]
+
+
+def test_repeatability_variants_get_their_own_block_and_reproduce_command():
+    from bench.repeatability import block_name, parse_args, title, variant_flags
+
+    assert block_name(parse_args([])) == "repeatability"  # the block bench.memory_estimate reads
+    et = parse_args(["--archs", "20", "--backend", "executorch", "--quant", "8da4w"])
+    assert block_name(et) == "repeatability_executorch_8da4w" and "(executorch 8da4w)" in title(et)
+    assert variant_flags(et) == ["--backend", "executorch", "--quant", "8da4w"]
+    assert block_name(parse_args(["--order", "interleaved"])) == "repeatability_interleaved"
