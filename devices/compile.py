@@ -343,7 +343,7 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
 def _reference_floor(model, max_context: int, tokens: np.ndarray, prompt_length: int, expected: np.ndarray) -> dict[str, Any]:
     """The quantised reference against itself with its embedding output scaled by
     1 + QUANT_FLOOR_PERTURBATION (see QUANT_FLOOR_FACTOR)."""
-    handle = model.embed.register_forward_hook(lambda _module, _inputs, output: output * (1.0 + QUANT_FLOOR_PERTURBATION))
+    handle = model.embed_tokens.register_forward_hook(lambda _module, _inputs, output: output * (1.0 + QUANT_FLOOR_PERTURBATION))
     try:
         perturbed = step_logits(model, max_context, tokens, prompt_length)
     finally:
