@@ -14,7 +14,6 @@ import json
 import platform
 import re
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -124,6 +123,7 @@ def check_backend_quant(backend: str, quant: str) -> None:
 
 
 def toolchain_versions() -> dict[str, str]:
+    from importlib import metadata  # ~50 ms: paid when versions are read, not at every import
     versions = {"python": platform.python_version()}
     for package in _TOOLCHAIN_PACKAGES:
         try:
