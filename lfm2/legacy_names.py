@@ -1,8 +1,8 @@
 """The one compatibility shim for state dicts saved before the model took transformers' names.
 
-Until lfm2-nas 0.1's rename, `lfm2.model.LFM2` called its modules `embed`, `norm`, `head`
+Before issue #24's rename, `lfm2.model.LFM2` called its modules `embed`, `norm`, `head`
 and, in each layer, `op_norm`, `op` (whatever the operator), `ffn`, and in attention `q_norm` /
-`k_norm`. Training checkpoints (`lfm2 train`'s `checkpoint.pt`) hold those names. `LFM2`
+`k_norm`. Training checkpoints (`lfm2-nas train`'s `checkpoints/step-*.pt`) hold those names. `LFM2`
 registers `upgrade_legacy_keys` as a load-state-dict pre-hook, so `load_state_dict` renames
 an old dict's keys in place and an old checkpoint loads as it did; a current dict passes
 through untouched. (Model folders never held these names: they store transformers' names.)
