@@ -14,7 +14,6 @@ import json
 import platform
 import re
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,8 +26,9 @@ MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, Ex
 #: number when what its compile writes changes without a toolchain version changing, so that
 #: no cache (nor a cached refusal) of the old layout is reused.
 #: onnx 2: prefill steps of 128 tokens (were 256); llamacpp 2: all-attention stacks with wide
-#: heads written as qwen3 (were refused).
-BACKEND_FORMATS = {"eager": 1, "onnx": 2, "executorch": 1, "llamacpp": 2}
+#: heads written as qwen3 (were refused); onnx 3: initialisers named as transformers' Lfm2
+#: (`model.layers.0.self_attn.q_proj.weight`, was `...op.q_proj...`), same values.
+BACKEND_FORMATS = {"eager": 1, "onnx": 3, "executorch": 1, "llamacpp": 2}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.
@@ -123,6 +123,7 @@ def check_backend_quant(backend: str, quant: str) -> None:
 
 
 def toolchain_versions() -> dict[str, str]:
+    from importlib import metadata  # ~50 ms: paid when versions are read, not at every import
     versions = {"python": platform.python_version()}
     for package in _TOOLCHAIN_PACKAGES:
         try:

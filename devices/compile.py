@@ -23,14 +23,15 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from devices.artifact import MANIFEST, Artifact, ArtifactError, artifact_key, check_backend_quant, toolchain_versions, write_manifest
 from devices.backends import backend_module, open_runner
 from lfm2.errors import EnvironmentFailure, UserError
 from lfm2.spec import ArchSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Decode steps the check against eager runs after its prefill.
 VERIFY_DECODE_STEPS = 8
@@ -326,6 +327,7 @@ def eager_reference(spec: ArchSpec, seed: int, max_context: int, tokens: np.ndar
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    import numpy as np  # here, not at the top: `import devices` (every CLI start) must not pay for numpy
     ref = reference.astype(np.float64)
     got = candidate.astype(np.float64)
     cosine = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-30)
@@ -343,7 +345,7 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
 def _reference_floor(model, max_context: int, tokens: np.ndarray, prompt_length: int, expected: np.ndarray) -> dict[str, Any]:
     """The quantised reference against itself with its embedding output scaled by
     1 + QUANT_FLOOR_PERTURBATION (see QUANT_FLOOR_FACTOR)."""
-    handle = model.embed.register_forward_hook(lambda _module, _inputs, output: output * (1.0 + QUANT_FLOOR_PERTURBATION))
+    handle = model.embed_tokens.register_forward_hook(lambda _module, _inputs, output: output * (1.0 + QUANT_FLOOR_PERTURBATION))
     try:
         perturbed = step_logits(model, max_context, tokens, prompt_length)
     finally:
@@ -357,6 +359,7 @@ def _tolerance(quant: str, own: dict[str, float] | None, report: dict[str, Any])
     may state its own per precision (`VERIFY_TOLERANCES[quant]`: `min_cosine`,
     `top1_agreement`, `max_abs_diff_rel` of the largest logit), where its runtime's own
     arithmetic (f16 activations, 8-bit dot products) sits between it and any eager model."""
+    import numpy as np  # here, not at the top: `import devices` (every CLI start) must not pay for numpy
     if own:
         bound = own.get("max_abs_diff_rel", np.inf) * max(1.0, report["max_abs_logit"])
         ok = report["max_abs_diff"] <= bound and report["min_cosine"] >= own.get("min_cosine", -1.0) and report["top1_agreement"] >= own.get("top1_agreement", 0.0)
@@ -384,6 +387,7 @@ def verify_against_eager(artifact: Artifact, seed: int) -> dict[str, Any]:
     tolerance, else return the observed numbers. For a quantised artifact the distance to
     the fp32 model is recorded too (`fp32_distance`), as information: it measures the
     quantisation error of these (random) weights, never a reason to reject."""
+    import numpy as np  # here, not at the top: `import devices` (every CLI start) must not pay for numpy
     start = time.perf_counter()
     prompt_length = min(artifact.prompt_lengths)
     steps = min(VERIFY_DECODE_STEPS, artifact.max_context - prompt_length)

@@ -43,9 +43,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from devices.artifact import Artifact, ArtifactError
 from devices.measure_child import mentions_out_of_memory
@@ -53,6 +51,9 @@ from devices.protocol import Limits, Measurement, Protocol
 from devices.stack import device_fingerprint, machine_facts, status_kib, usable_cpus
 from lfm2.errors import UserError
 from lfm2.sizes import format_size
+
+if TYPE_CHECKING:  # psutil is imported where it is used: `import devices` must stay cheap
+    import psutil
 
 #: How often the parent samples the child's RSS when a memory cap is set.
 POLL_S = 0.025
@@ -117,6 +118,7 @@ class ChildOutcome:
 
 
 def _tree_rss(process: psutil.Process) -> int:
+    import psutil
     try:
         return process.memory_info().rss
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
@@ -141,6 +143,7 @@ def supervise(command: list[str], workdir: Path, *, memory_bytes: int | None = N
     with wait4 (for its peak RSS) and collect its output and result files from `workdir`.
 
     The command's stdout/stderr go to files (a pipe could fill up and stall it)."""
+    import psutil
     out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
     start = time.monotonic()
     deadline = start + timeout_s if timeout_s else None

@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from lfm2.sizes import parse_size
 from lfm2.errors import UserError
 
@@ -67,6 +65,7 @@ def cpu_model() -> str:
 
 def _local_facts() -> dict[str, Any]:
     """What "auto" means in the `local` profile: this machine, as this process sees it."""
+    import psutil  # here: `import devices` (every `lfm2-nas` start) must stay cheap
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     physical = psutil.cpu_count(logical=False) or usable
     ram = psutil.virtual_memory().total

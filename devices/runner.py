@@ -10,10 +10,12 @@ does not depend on the state's values, so a decode at depth C may follow a `rese
 from __future__ import annotations
 
 import abc
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from devices.artifact import Artifact
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Runner(abc.ABC):

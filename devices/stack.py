@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from devices.artifact import toolchain_versions
 from devices.profiles import cpu_model
 
@@ -49,6 +47,7 @@ def usable_cpus() -> list[int]:
 
 def machine_facts() -> dict[str, Any]:
     """What this machine is: CPU model and features, cores, memory, OS, runtime versions."""
+    import psutil
     return {
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
@@ -93,6 +92,7 @@ def thermal_snapshot(cpus: list[int] | None = None) -> dict[str, Any]:
 
     `source` says where the numbers come from; a VM usually exposes no cpufreq and no
     thermal zones, and /proc/cpuinfo's MHz there is the nominal clock, not a live one."""
+    import psutil
     snapshot: dict[str, Any] = {"loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     cpus = cpus if cpus is not None else usable_cpus()
     freqs = {}
@@ -150,6 +150,7 @@ def status_kib(field: str, pid: int | str = "self") -> int | None:
 
 
 def rss_bytes() -> int:
+    import psutil
     kib = status_kib("VmRSS")
     return kib * 1024 if kib is not None else psutil.Process().memory_info().rss
 

@@ -12,7 +12,7 @@ from lfm2.presets import PUBLISHED_PARAMETERS, presets
 
 
 def presets_table() -> list[dict]:
-    from lfm2.model import build_model, count_parameters  # torch: only when the command runs
+    from lfm2.flops import parameters  # counted from the spec: no torch, no model built
 
     rows = []
     for name, spec in presets.items():
@@ -23,7 +23,7 @@ def presets_table() -> list[dict]:
                 "layers": spec.n_layers,
                 "attention_layers": list(spec.attention_layers),
                 "d_model": spec.d_model,
-                "parameters": count_parameters(build_model(spec, device="meta")),
+                "parameters": parameters(spec),
                 "published_parameters": PUBLISHED_PARAMETERS.get(name),
                 "kv_bytes_per_token_fp32": spec.kv_cache_bytes_per_token(4),
                 "kv_bytes_per_token_bf16": spec.kv_cache_bytes_per_token(2),

@@ -1,4 +1,4 @@
-"""FLOPs from an `ArchSpec` alone: the one place they are counted. `search_space.costs`
+"""FLOPs (and parameters) from an `ArchSpec` alone: the one place they are counted. `search_space.costs`
 (the search's cost model and the predictor's features) and `lfm2.train` (MFU) both use it.
 
 Conventions: 2 FLOPs per multiply-accumulate (MAC). Counted: every matmul (the projections
@@ -83,4 +83,29 @@ def training_flops_per_token(spec: ArchSpec, seq_len: int) -> float:
     return 3 * prefill_flops(spec, seq_len, all_logits=True) / seq_len
 
 
-__all__ = ["linear_shapes", "linear_macs_per_token", "prefill_flops", "decode_flops", "training_flops_per_token"]
+# -- parameters: the same shapes, counted once ------------------------------------------------
+
+
+def small_weights(spec: ArchSpec, op: str) -> int:
+    """Elements of one layer that are not linear weights: norms and conv kernels."""
+    n = 2 * spec.d_model  # operator_norm, ffn_norm
+    if op == "conv":
+        n += spec.d_model * spec.conv_kernel  # depthwise kernel, no bias
+    elif spec.qk_norm:
+        n += 2 * spec.head_dim  # q_layernorm, k_layernorm
+    return n
+
+
+def layer_parameters(spec: ArchSpec, op: str) -> int:
+    """Parameters of one layer with operator `op` (its SwiGLU and two norms included)."""
+    return sum(o * i for o, i in linear_shapes(spec, op)) + small_weights(spec, op)
+
+
+def parameters(spec: ArchSpec) -> int:
+    """Unique parameters, as `lfm2.count_parameters(lfm2.build_model(spec))` counts them."""
+    embed = spec.vocab_size * spec.d_model
+    head = 0 if spec.tie_embeddings else embed
+    return embed + head + sum(layer_parameters(spec, op) for op in spec.layers) + spec.d_model  # final norm
+
+
+__all__ = ["small_weights", "layer_parameters", "parameters", "linear_shapes", "linear_macs_per_token", "prefill_flops", "decode_flops", "training_flops_per_token"]

@@ -1,7 +1,8 @@
 """Interop with Hugging Face `transformers` LFM2 (`Lfm2Config`, `Lfm2ForCausalLM`).
 
-`to_hf_config(spec)` gives keyword arguments for `transformers.Lfm2Config`; the state-dict
-converters map our parameter names to theirs and back. `transformers` is not imported
+`to_hf_config(spec)` gives keyword arguments for `transformers.Lfm2Config`; our modules
+carry `Lfm2ForCausalLM`'s names, so the state-dict converters only add or strip the
+`model.` prefix (and store a tied head once). `transformers` is not imported
 here: the dicts are plain data, so that exporting needs no extra dependency.
 
 What `Lfm2` cannot express is refused with a clear error: sliding-window layers, a
@@ -16,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lfm2.model import build_model
 from lfm2.spec import ArchSpec, SpecError
 
 _HF_LAYER_TYPE = {"conv": "conv", "attn": "full_attention"}
@@ -67,7 +69,7 @@ def to_hf_config(spec: ArchSpec) -> dict[str, Any]:
 
 def from_hf_config(config: Any) -> ArchSpec:
     """An `ArchSpec` from an `Lfm2Config` or its dict (as in a `config.json`)."""
-    data = config if isinstance(config, dict) else config.to_dict()
+    data: dict[str, Any] = config if isinstance(config, dict) else config.to_dict()
     if data.get("model_type", "lfm2") != "lfm2":
         raise SpecError(f"not an LFM2 config: model_type is {data.get('model_type')!r}")
     n_layers = data["num_hidden_layers"]
@@ -88,7 +90,7 @@ def from_hf_config(config: Any) -> ArchSpec:
             multiple = data.get("block_multiple_of", 256)
             ffn_dim = int(multiplier * ffn_dim)
             ffn_dim = multiple * ((ffn_dim + multiple - 1) // multiple)
-    rope = data.get("rope_parameters") or {}
+    rope: dict[str, Any] = data.get("rope_parameters") or {}
     return ArchSpec(
         vocab_size=data["vocab_size"],
         d_model=data["hidden_size"],
@@ -104,51 +106,21 @@ def from_hf_config(config: Any) -> ArchSpec:
     )
 
 
-# Our name pattern -> theirs. `{i}` is the layer index.
-_LAYER_NAMES = {
-    "op_norm.weight": "operator_norm.weight",
-    "ffn_norm.weight": "ffn_norm.weight",
-    "ffn.w1.weight": "feed_forward.w1.weight",
-    "ffn.w2.weight": "feed_forward.w2.weight",
-    "ffn.w3.weight": "feed_forward.w3.weight",
-}
-_CONV_NAMES = {
-    "op.in_proj.weight": "conv.in_proj.weight",
-    "op.conv.weight": "conv.conv.weight",
-    "op.out_proj.weight": "conv.out_proj.weight",
-}
-_ATTN_NAMES = {
-    "op.q_proj.weight": "self_attn.q_proj.weight",
-    "op.k_proj.weight": "self_attn.k_proj.weight",
-    "op.v_proj.weight": "self_attn.v_proj.weight",
-    "op.out_proj.weight": "self_attn.out_proj.weight",
-    "op.q_norm.weight": "self_attn.q_layernorm.weight",
-    "op.k_norm.weight": "self_attn.k_layernorm.weight",
-}
+#: `LFM2`'s module names are `Lfm2ForCausalLM`'s (see `lfm2.model`): theirs sit under
+#: `model.` except the head. The tied head is one tensor, stored once (under the embedding).
+HEAD = "lm_head.weight"
 
 
-def _name_map(spec: ArchSpec) -> dict[str, str]:
-    """Our parameter names -> Hugging Face's. Defined for every spec: an `swa` layer has the
-    parameters of an attention layer and takes its names (`self_attn.*`), and without q/k
-    norm those two weights are simply absent. Only `to_hf_state_dict` insists that
-    `Lfm2ForCausalLM` could use the result."""
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.embedding_norm.weight"}
-    if not spec.tie_embeddings:
-        names["head.weight"] = "lm_head.weight"
-    for i, op in enumerate(spec.layers):
-        per_op = _CONV_NAMES if op == "conv" else _ATTN_NAMES
-        for ours, theirs in {**_LAYER_NAMES, **per_op}.items():
-            if not spec.qk_norm and ours in ("op.q_norm.weight", "op.k_norm.weight"):
-                continue
-            names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
-    return names
+def _hf_name(ours: str) -> str:
+    return ours if ours == HEAD else f"model.{ours}"
 
 
 def hf_named_state_dict(model: Any) -> dict[str, Tensor]:
     """Our model's weights under Hugging Face LFM2's names (the tied head left out), for any
-    spec: what an lfm2-nas folder stores, whether or not `transformers` could load it."""
-    ours = model.state_dict()
-    return {theirs: ours[name] for name, theirs in _name_map(model.spec).items()}
+    spec: what an lfm2-nas folder stores, whether or not `transformers` could load it. An
+    `swa` layer has the parameters of an attention layer and takes its names."""
+    tied = model.spec.tie_embeddings
+    return {_hf_name(name): tensor for name, tensor in model.state_dict().items() if not (tied and name == HEAD)}
 
 
 def to_hf_state_dict(model: Any) -> dict[str, Tensor]:
@@ -167,15 +139,17 @@ def hf_representable(spec: ArchSpec) -> str | None:
 
 
 def from_hf_state_dict(state_dict: dict[str, Tensor], spec: ArchSpec) -> dict[str, Tensor]:
-    """`Lfm2ForCausalLM` weights renamed for our model of `spec` (load with `load_state_dict`)."""
-    names = _name_map(spec)
-    missing = [theirs for theirs in names.values() if theirs not in state_dict]
+    """`Lfm2ForCausalLM` weights under our model's names for `spec` (load with `load_state_dict`):
+    the same names less the `model.` prefix, and the tied head pointed at the embedding."""
+    # The names of `spec`'s model (built on the meta device: no memory, no init).
+    ours = [name for name in build_model(spec, device="meta").state_dict() if not (spec.tie_embeddings and name == HEAD)]
+    missing = [_hf_name(name) for name in ours if _hf_name(name) not in state_dict]
     if missing:
         raise KeyError(f"the Hugging Face state dict lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    converted = {ours: state_dict[theirs] for ours, theirs in names.items()}
+    converted = {name: state_dict[_hf_name(name)] for name in ours}
     if spec.tie_embeddings:
-        converted["head.weight"] = converted["embed.weight"]
-    leftover = sorted(set(state_dict) - set(names.values()) - {"lm_head.weight"})
+        converted[HEAD] = converted["embed_tokens.weight"]
+    leftover = sorted(set(state_dict) - {_hf_name(name) for name in ours} - {HEAD})
     if leftover and not all(re.search(r"rotary|inv_freq", key) for key in leftover):
         raise KeyError(f"the Hugging Face state dict has weights this spec has no place for: {leftover[:5]}")
     return converted

@@ -97,7 +97,7 @@ def save_model_folder(
     if not_loadable is None:
         (folder / CONFIG).write_text(json.dumps(hf_config_dict(spec, token_ids, dtype), indent=2) + "\n")
         (folder / GENERATION_CONFIG).write_text(json.dumps(generation_config_dict(token_ids), indent=2) + "\n")
-        transformers_note = {"loadable": True}
+        transformers_note: dict[str, Any] = {"loadable": True}
     else:
         for stale in (CONFIG, GENERATION_CONFIG):  # a folder reused for another spec must not keep one
             (folder / stale).unlink(missing_ok=True)
@@ -183,7 +183,7 @@ def load_model_folder(folder: str | Path, *, device: str | torch.device | None =
     model = build_model(spec, device="meta")
     model.load_state_dict(from_hf_state_dict(state, spec), assign=True)
     if spec.tie_embeddings:
-        model.head.weight = model.embed.weight  # `assign` replaced the shared Parameter
+        model.lm_head.weight = model.embed_tokens.weight  # `assign` replaced the shared Parameter
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model

@@ -18,7 +18,13 @@ Two ways to run the same weights:
 State, in layer order: a conv layer keeps its last `conv_kernel - 1` gated inputs
 `[B, d_model, K-1]`; an `attn` layer keeps K and V in static buffers
 `[B, n_kv_heads, max_seq_len, head_dim]`; an `swa` layer keeps K and V in a ring buffer of
-`swa_window` slots, so its memory is bounded by the window.
+`swa_window` slots, so its memory is bounded by the window. Each operator type (`OPERATOR_TYPES`)
+owns its state's shapes and its `step`; the model only concatenates them.
+
+Module names are those of Hugging Face's `Lfm2ForCausalLM` (`embed_tokens`, `operator_norm`,
+`conv` / `self_attn`, `q_layernorm`, `feed_forward`, `embedding_norm`, `lm_head`), so that a
+checkpoint maps onto ours by one prefix (`model.`): see `lfm2.hf`. State dicts saved under the
+names before (`embed`, `op_norm`, `op`, `ffn`, `head`, ...) still load (`lfm2.legacy_names`).
 
 Attention over the static buffer costs O(max_seq_len) per step in this portable form.
 Runtimes that can do better swap the `AttentionCore` of each attention layer (for example
@@ -28,11 +34,13 @@ for ExecuTorch's KV-cache SDPA op, which only reads the filled part of the cache
 from __future__ import annotations
 
 import math
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lfm2.legacy_names import upgrade_legacy_keys
 from lfm2.spec import ArchSpec
 
 
@@ -71,6 +79,31 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+class Operator(nn.Module):
+    """The mixing operator of a block, one type per name in `ArchSpec.layers`.
+
+    A type names the `Block` attribute that holds it (its checkpoint name: `conv` or
+    `self_attn`, as in transformers' `Lfm2DecoderLayer`), the decode state it keeps
+    (`state_names`, `state_shapes`) and runs one `step` over it; `LFM2` only slices the
+    flat state by `len(state_names)`."""
+
+    kind: ClassVar[str]
+    attribute: ClassVar[str]
+    state_names: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_spec(cls, spec: ArchSpec) -> Operator:
+        raise NotImplementedError
+
+    def state_shapes(self, batch_size: int, max_context: int) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, positions: Tensor, *state: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """T new tokens `x` [B, T, d_model] at absolute `positions` [T], with this layer's
+        state; returns the output and the new state (same shapes, same order)."""
+        raise NotImplementedError
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__()
@@ -82,8 +115,17 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class ShortConv(nn.Module):
-    """y = out_proj(C * causal_depthwise_conv(B * x)), with B, C, x from one projection."""
+class ShortConv(Operator):
+    """y = out_proj(C * causal_depthwise_conv(B * x)), with B, C, x from one projection.
+    State: the last `kernel - 1` gated inputs."""
+
+    kind = "conv"
+    attribute = "conv"
+    state_names = ("conv",)
+
+    @classmethod
+    def from_spec(cls, spec: ArchSpec) -> ShortConv:
+        return cls(spec.d_model, spec.conv_kernel)
 
     def __init__(self, d_model: int, kernel: int):
         super().__init__()
@@ -104,12 +146,16 @@ class ShortConv(nn.Module):
         conv = self.conv(F.pad(bx, (self.kernel - 1, 0)))
         return self.out_proj(c * conv.transpose(1, 2))
 
-    def step(self, x: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+    def state_shapes(self, batch_size: int, max_context: int) -> list[tuple[int, ...]]:
+        return [(batch_size, self.d_model, self.kernel - 1)]
+
+    def step(self, x: Tensor, positions: Tensor, *state: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        (conv_state,) = state
         bx, c = self.gated_input(x)
         window = torch.cat((conv_state, bx), dim=2)  # [B, D, K-1+T]
         conv = self.conv(window)  # [B, D, T]
         new_state = window[:, :, window.shape[2] - (self.kernel - 1) :]
-        return self.out_proj(c * conv.transpose(1, 2)), new_state
+        return self.out_proj(c * conv.transpose(1, 2)), (new_state,)
 
 
 class AttentionCore(nn.Module):
@@ -178,8 +224,17 @@ class AttentionCore(nn.Module):
         return out.reshape(bsz, self.n_kv_heads, groups, t, d).permute(0, 3, 1, 2, 4).reshape(bsz, t, n_heads * d)
 
 
-class Attention(nn.Module):
-    """GQA with per-head RMSNorm on q and k before rotary embeddings; output `out_proj`."""
+class Attention(Operator):
+    """GQA with per-head RMSNorm on q and k before rotary embeddings; output `out_proj`.
+    State: K and V in static buffers of the whole context."""
+
+    kind = "attn"
+    attribute = "self_attn"
+    state_names = ("k", "v")
+
+    @classmethod
+    def from_spec(cls, spec: ArchSpec) -> Attention:
+        return cls(spec, window=None)
 
     def __init__(self, spec: ArchSpec, window: int | None):
         super().__init__()
@@ -190,8 +245,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec.d_model, spec.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(spec.d_model, spec.n_kv_heads * hd, bias=False)
         self.out_proj = nn.Linear(spec.n_heads * hd, spec.d_model, bias=False)
-        self.q_norm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None
+        self.q_layernorm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None
+        self.k_layernorm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None
         self.core = AttentionCore(spec.n_heads, spec.n_kv_heads, hd, window)
 
     def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,8 +254,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(bsz, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(bsz, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(bsz, t, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_layernorm is not None and self.k_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
@@ -217,60 +272,86 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, t, -1))
 
-    def step(self, x: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor):
+    def state_shapes(self, batch_size: int, max_context: int) -> list[tuple[int, ...]]:
+        return [(batch_size, self.n_kv_heads, self.core.cache_len(max_context), self.head_dim)] * 2
+
+    def step(self, x: Tensor, positions: Tensor, *state: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        k_cache, v_cache = state
         q, k, v = self.project(x, positions)
         out, k_cache, v_cache = self.core(q, k, v, k_cache, v_cache, positions)
-        return self.out_proj(out), k_cache, v_cache
+        return self.out_proj(out), (k_cache, v_cache)
+
+
+class SlidingWindowAttention(Attention):
+    """Attention over the last `swa_window` positions. State: K and V in a ring of
+    `swa_window` slots, so its memory is bounded by the window, not the context. Same
+    parameters (and checkpoint names) as full attention."""
+
+    kind = "swa"
+
+    @classmethod
+    def from_spec(cls, spec: ArchSpec) -> SlidingWindowAttention:
+        return cls(spec, window=spec.swa_window)
+
+
+#: The operator type of each name `ArchSpec.layers` may hold (`lfm2.spec.OPERATORS`).
+OPERATOR_TYPES: dict[str, type[Operator]] = {cls.kind: cls for cls in (ShortConv, Attention, SlidingWindowAttention)}
 
 
 class Block(nn.Module):
-    """x + op(norm(x)), then h + swiglu(norm(h))."""
+    """x + op(norm(x)), then h + swiglu(norm(h)). The operator sits under its checkpoint
+    name (`conv` or `self_attn`); `operator` reaches it whatever its type."""
 
     def __init__(self, spec: ArchSpec, op: str):
         super().__init__()
+        operator_type = OPERATOR_TYPES[op]
         self.kind = op
-        self.op_norm = RMSNorm(spec.d_model, spec.norm_eps)
-        if op == "conv":
-            self.op = ShortConv(spec.d_model, spec.conv_kernel)
-        else:
-            self.op = Attention(spec, window=spec.swa_window if op == "swa" else None)
+        self.operator_norm = RMSNorm(spec.d_model, spec.norm_eps)
+        self._operator_attribute = operator_type.attribute
+        self.add_module(operator_type.attribute, operator_type.from_spec(spec))
         self.ffn_norm = RMSNorm(spec.d_model, spec.norm_eps)
-        self.ffn = SwiGLU(spec.d_model, spec.ffn_dim)
+        self.feed_forward = SwiGLU(spec.d_model, spec.ffn_dim)
+
+    @property
+    def operator(self) -> Operator:
+        return self._modules[self._operator_attribute]  # type: ignore[return-value]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x + self.op(self.op_norm(x))
-        return h + self.ffn(self.ffn_norm(h))
+        h = x + self.operator(self.operator_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
 
-    def step(self, x: Tensor, positions: Tensor, state: tuple[Tensor, ...]):
-        if self.kind == "conv":
-            y, conv_state = self.op.step(self.op_norm(x), state[0])
-            new_state = (conv_state,)
-        else:
-            y, k_cache, v_cache = self.op.step(self.op_norm(x), positions, state[0], state[1])
-            new_state = (k_cache, v_cache)
+    def step(self, x: Tensor, positions: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        y, new_state = self.operator.step(self.operator_norm(x), positions, *state)
         h = x + y
-        return h + self.ffn(self.ffn_norm(h)), new_state
+        return h + self.feed_forward(self.ffn_norm(h)), new_state
 
 
 class LFM2(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
+        # Registration order fixes `init_weights`' draws: keep it (seeded weights stay the same).
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.d_model)
         self.layers = nn.ModuleList(Block(spec, op) for op in spec.layers)
-        self.norm = RMSNorm(spec.d_model, spec.norm_eps)
-        self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        self.embedding_norm = RMSNorm(spec.d_model, spec.norm_eps)  # the final norm, by transformers' name
+        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
-            self.head.weight = self.embed.weight
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_load_state_dict_pre_hook(upgrade_legacy_keys)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """`layers`, typed: an `nn.ModuleList` hands out plain `Module`s."""
+        return cast("list[Block]", list(self.layers))
 
     # -- training / scoring ---------------------------------------------------------------
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits [B, T, vocab] for tokens [B, T], from an empty context."""
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.norm(x))
+        return self.lm_head(self.embedding_norm(x))
 
     # -- inference with explicit state ----------------------------------------------------
 
@@ -279,20 +360,12 @@ class LFM2(nn.Module):
 
         `max_context` sizes the full-attention K/V buffers (default: `spec.max_seq_len`); a
         compiled artifact allocates only the context it is built for."""
-        spec = self.spec
-        max_context = max_context or spec.max_seq_len
-        shapes: list[tuple[int, ...]] = []
-        for layer in self.layers:
-            if layer.kind == "conv":
-                shapes.append((batch_size, spec.d_model, spec.conv_kernel - 1))
-            else:
-                slots = layer.op.core.cache_len(max_context)
-                shapes += [(batch_size, spec.n_kv_heads, slots, spec.head_dim)] * 2
-        return shapes
+        max_context = max_context or self.spec.max_seq_len
+        return [shape for layer in self.blocks for shape in layer.operator.state_shapes(batch_size, max_context)]
 
     def init_state(self, batch_size: int = 1, dtype: torch.dtype | None = None, device=None, max_context: int | None = None) -> tuple[Tensor, ...]:
-        dtype = dtype or self.embed.weight.dtype
-        device = device or self.embed.weight.device
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.embed_tokens.weight.device
         return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in self.state_shapes(batch_size, max_context))
 
     def step(self, tokens: Tensor, pos: Tensor, *state: Tensor, all_logits: bool = False):
@@ -303,17 +376,17 @@ class LFM2(nn.Module):
         [B, T, vocab] when `all_logits`.
         """
         positions = pos + torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens)
         new_state: list[Tensor] = []
         i = 0
-        for layer in self.layers:
-            n = 1 if layer.kind == "conv" else 2
+        for layer in self.blocks:
+            n = len(layer.operator.state_names)  # the operator type says how many tensors are its
             x, layer_state = layer.step(x, positions, state[i : i + n])
             new_state.extend(layer_state)
             i += n
         if not all_logits:
             x = x[:, -1, :]
-        return (self.head(self.norm(x)), *new_state)
+        return (self.lm_head(self.embedding_norm(x)), *new_state)
 
 
 def init_weights(model: LFM2, seed: int | None = 0, std: float = 0.02) -> LFM2:
@@ -355,4 +428,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["LFM2", "build_model", "init_weights", "count_parameters", "AttentionCore", "RMSNorm"]
+__all__ = [
+    "LFM2",
+    "build_model",
+    "init_weights",
+    "count_parameters",
+    "AttentionCore",
+    "RMSNorm",
+    "Operator",
+    "OPERATOR_TYPES",
+    "ShortConv",
+    "Attention",
+    "SlidingWindowAttention",
+]

@@ -52,7 +52,9 @@ class ArchSpec:
     n_heads: int
     n_kv_heads: int
     ffn_dim: int
-    head_dim: int | None = None
+    # None when constructed means d_model // n_heads; __post_init__ always leaves an int, so
+    # every reader sees an int (the annotation says so; the default is the one exception).
+    head_dim: int = None  # type: ignore[assignment]
     conv_kernel: int = 3
     rope_theta: float = 1_000_000.0
     norm_eps: float = 1e-5

@@ -11,12 +11,19 @@ else of `nas`, and never `devices`.
     pick(data, Limits(max_decode_ms=10, max_memory_bytes=parse_size("500MB"))).trial
 """
 
-from reports.dashboard import ReportSource, make_server, serve
-from reports.html import render_report, report_payload, write_report
-from reports.pareto import front_2d, hypervolume_history, reference_point
-from reports.pick import Limits, PickResult, pick
-from reports.sizes import format_bytes, parse_size
-from reports.study_data import StudyData, TrialRow, load_study, load_study_data, open_storage, read_study
+from lfm2.lazy import lazy_attributes
+
+# Loaded on first use (PEP 562): Optuna and plotly, which `lfm2-nas --help` (it imports
+# `reports.cli`, so this file) must not pay for.
+_LAZY = {
+    **dict.fromkeys(("ReportSource", "make_server", "serve"), "reports.dashboard"),
+    **dict.fromkeys(("render_report", "report_payload", "write_report"), "reports.html"),
+    **dict.fromkeys(("front_2d", "hypervolume_history", "reference_point"), "reports.pareto"),
+    **dict.fromkeys(("Limits", "PickResult", "pick"), "reports.pick"),
+    **dict.fromkeys(("format_bytes", "parse_size"), "reports.sizes"),
+    **dict.fromkeys(("StudyData", "TrialRow", "load_study", "load_study_data", "open_storage", "read_study"), "reports.study_data"),
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "StudyData",

@@ -16,24 +16,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from reports.dashboard import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REFRESH_S, serve
-from reports.html import write_report
-from reports.pick import Limits, pick
-from reports.sizes import format_bytes, parse_size
-from reports.study_data import DEFAULT_STORAGE, load_study_data
+from reports.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REFRESH_S
+
+# The commands import what they run (Optuna, plotly, the dashboard's server) when they run:
+# `lfm2-nas --help` imports this module and must not pay for them.
 
 EXIT_NOTHING_MEETS_LIMITS = 1
 
 _STUDY = typer.Option(..., "--study", help="The study name the search used (--study of `lfm2-nas search`).")
-_STORAGE = typer.Option(DEFAULT_STORAGE, "--storage", help="Where the study lives: sqlite:///FILE.db, an RDB URL, or a journal file PATH.log.")
+_STORAGE = typer.Option(None, "--storage", help="Where the study lives: sqlite:///FILE.db (default sqlite:///lfm2-nas.db), an RDB URL, or a journal file PATH.log.")
 
 
 def report_command(
     study: str = _STUDY,
-    storage: str = _STORAGE,
+    storage: Optional[str] = _STORAGE,
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write (self-contained: opens with no network)."),
 ) -> None:
     """Write a self-contained HTML report: Pareto fronts, hypervolume, the Pareto set, layouts, device facts."""
+    from reports.html import write_report
+    from reports.study_data import load_study_data
+
     data = load_study_data(study, storage)
     path = write_report(data, out)
     counts = data.outcome_counts()
@@ -43,12 +45,13 @@ def report_command(
 
 def dashboard_command(
     study: str = _STUDY,
-    storage: str = _STORAGE,
+    storage: Optional[str] = _STORAGE,
     port: int = typer.Option(DEFAULT_PORT, "--port", min=0, max=65535, help="TCP port to listen on (0: any free port)."),
     host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on; the default is this machine only."),
     refresh: float = typer.Option(DEFAULT_REFRESH_S, "--refresh", help="Seconds between the page's checks for new trials."),
 ) -> None:
     """Serve a live report page that updates as trials complete (Ctrl-C stops it)."""
+    from reports.dashboard import serve
 
     def ready(url: str) -> None:
         typer.echo(f"dashboard of study {study!r} at {url} (Ctrl-C to stop)")
@@ -59,7 +62,7 @@ def dashboard_command(
 
 def pick_command(
     study: str = _STUDY,
-    storage: str = _STORAGE,
+    storage: Optional[str] = _STORAGE,
     max_decode_ms: Optional[float] = typer.Option(None, "--max-decode-ms", help="Most decode latency per token, ms (median)."),
     max_prefill_ms: Optional[float] = typer.Option(None, "--max-prefill-ms", help="Most prefill latency at the search's context, ms (median)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Most peak memory (footprint), e.g. 500MB, 1.5GiB, 800M."),
@@ -68,6 +71,10 @@ def pick_command(
     """The best-quality architecture within the limits (lowest decode latency for --quality none studies).
 
     Exits 1 and says which limit nothing meets when no architecture qualifies."""
+    from reports.pick import Limits, pick
+    from reports.sizes import format_bytes, parse_size
+    from reports.study_data import load_study_data
+
     limits = Limits(max_decode_ms=max_decode_ms, max_prefill_ms=max_prefill_ms, max_memory_bytes=parse_size(max_memory, "--max-memory", require_unit=True) if max_memory is not None else None)
     result = pick(load_study_data(study, storage), limits)
     if as_json:

@@ -27,11 +27,8 @@ import optuna
 
 from lfm2.errors import UserError
 from reports.html import plotly_js, render_page, report_payload
+from reports.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REFRESH_S  # re-exported: callers import them from here
 from reports.study_data import load_study, open_storage, read_study, study_revision, to_jsonable
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
-DEFAULT_REFRESH_S = 5.0
 
 
 class ReportSource:

@@ -6,9 +6,28 @@
     costs.parameters(spec), costs.estimate_peak_memory(spec, 2048, "executorch", "8da4w")
 """
 
-from search_space import costs
-from search_space.costs import MemoryEstimate
-from search_space.schema import SpaceFileError, ffn_width
-from search_space.space import BUILTIN_SPACES, NotInSpaceError, SearchSpace
+from importlib import import_module
+from typing import Any
+
+from lfm2.lazy import lazy_attributes
+
+# Loaded on first use (PEP 562): `search_space.space` imports Optuna (~0.7 s), which
+# `lfm2-nas --help` (it imports `search_space.cli`, so this file) must not pay for.
+_LAZY = {
+    "MemoryEstimate": "search_space.costs",
+    "SpaceFileError": "search_space.schema",
+    "ffn_width": "search_space.schema",
+    "BUILTIN_SPACES": "search_space.space",
+    "NotInSpaceError": "search_space.space",
+    "SearchSpace": "search_space.space",
+}
+_attribute = lazy_attributes(__name__, _LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "costs":  # the subpackage, as `search_space.costs` after `import search_space`
+        return import_module("search_space.costs")
+    return _attribute(name)
+
 
 __all__ = ["SearchSpace", "SpaceFileError", "NotInSpaceError", "BUILTIN_SPACES", "MemoryEstimate", "costs", "ffn_width"]

@@ -55,8 +55,11 @@ def runner_build(tmp_path_factory):
         pytest.skip("needs llama-cpp-python and cmake")
     from devices.adb.runner_build import build_runner
 
-    os.environ.setdefault("LFM2_NAS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    return build_runner()
+    # The cache for this module's tests only: a variable left set would move later tests' caches.
+    with pytest.MonkeyPatch.context() as patch:
+        if "LFM2_NAS_CACHE" not in os.environ:
+            patch.setenv("LFM2_NAS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield build_runner()
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,15 @@ SPEC = ArchSpec(vocab_size=512, d_model=64, layers=("conv", "attn"), n_heads=4, 
 def local_ray():
     import os
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir="/tmp/lfm2-nas-ray-transfer")
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    # Set for this module's Ray only: a variable left set would change later tests' Ray.
+    with pytest.MonkeyPatch.context() as patch:
+        if "RAY_AUTH_MODE" not in os.environ:
+            patch.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir="/tmp/lfm2-nas-ray-transfer")
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture

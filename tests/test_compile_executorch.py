@@ -126,7 +126,7 @@ def test_a_wrong_scale_in_the_program_fails_verification_with_both_numbers(tmp_p
 
     def export_with_a_wrong_scale(module, *args, **kwargs):
         if isinstance(module, ExecuTorchLFM2) and module.mode == "forward":
-            module.model.layers[0].ffn.w1.weight.scale.mul_(4.0)
+            module.model.layers[0].feed_forward.w1.weight.scale.mul_(4.0)
         return real_export(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.export, "export", export_with_a_wrong_scale)

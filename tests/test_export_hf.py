@@ -146,7 +146,7 @@ def test_lfm2_target_exports_any_architecture_and_reloads_exactly(tmp_path):
     with pytest.raises((OSError, ValueError), match="config.json"):
         transformers.AutoConfig.from_pretrained(native)  # nothing there for transformers to misread
     back, ours = load_model_folder(native).eval(), build_model(swa, seed=0).eval()
-    assert back.spec == swa and back.head.weight is back.embed.weight
+    assert back.spec == swa and back.lm_head.weight is back.embed_tokens.weight
     tokens = torch.randint(0, swa.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))  # longer than the window
     with torch.no_grad():
         assert torch.equal(back(tokens), ours(tokens))

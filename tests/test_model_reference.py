@@ -28,7 +28,7 @@ def reference_pair(spec, seed=0):
     missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
     assert not unexpected
     assert set(missing) <= {"lm_head.weight"}  # tied to the embedding
-    assert torch.equal(theirs.lm_head.weight, ours.head.weight)
+    assert torch.equal(theirs.lm_head.weight, ours.lm_head.weight)
     return ours, theirs
 
 
@@ -78,3 +78,13 @@ def test_hf_state_dict_round_trip():
     back.load_state_dict(from_hf_state_dict(theirs.state_dict(), spec))
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_our_parameter_names_are_transformers_less_the_model_prefix(tie):
+    """A checkpoint loads by name: `Lfm2ForCausalLM`'s keys are ours with `model.` in front
+    (the head aside), so `lfm2.hf` converts with no table."""
+    spec = small_spec(**LAYOUTS["350M-layout-narrow"]).replace(tie_embeddings=tie)
+    config = transformers.Lfm2Config(**{k: v for k, v in to_hf_config(spec).items() if k != "model_type"})
+    theirs = {name.removeprefix("model.") for name in transformers.Lfm2ForCausalLM(config).state_dict()}
+    assert set(build_model(spec, device="meta").state_dict()) == theirs

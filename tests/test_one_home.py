@@ -38,7 +38,7 @@ def test_one_weight_decay_rule_for_training_and_the_proxies():
     decayed = {name for name, p in model.named_parameters() if decays(p)}
     assert not any(name.endswith("conv.weight") for name in decayed)  # depthwise kernels [d, 1, k]
     assert not any("norm" in name for name in decayed)
-    assert {"embed.weight"} <= decayed and any(name.endswith("w1.weight") for name in decayed)
+    assert {"embed_tokens.weight"} <= decayed and any(name.endswith("w1.weight") for name in decayed)
 
     def groups(optimizer) -> list[tuple[float, set[int]]]:
         return [(g["weight_decay"], {id(p) for p in g["params"]}) for g in optimizer.param_groups]

@@ -132,7 +132,7 @@ def test_an_int8_artifact_with_a_wrong_scale_fails_verification(int8_artifact, t
     shutil.copytree(int8_artifact.path, copy)
     graph = onnx.load(str(copy / "step.onnx"), load_external_data=False)
     scales = [t for t in graph.graph.initializer if t.name.endswith("_scale")]
-    table = "model.head.weight_scale"  # the Gather's table
+    table = "model.lm_head.weight_scale"  # the Gather's table
     scale = next(t for t in scales if t.name == table) if "embedding" in damage else [t for t in scales if t.name != table][-1]
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2, scale.name))
     onnx.save(graph, str(copy / "step.onnx"))

@@ -72,7 +72,7 @@ def test_quick_start_study_reaches_a_trained_model(lfm2_nas, tmp_path):
     checkpoint = torch.load(out / "train" / "checkpoints" / f"step-{steps:08d}.pt", map_location="cpu", weights_only=True)
     ended = build_model(spec, device="meta")
     ended.load_state_dict(checkpoint["model"], assign=True)
-    ended.head.weight = ended.embed.weight
+    ended.lm_head.weight = ended.embed_tokens.weight
     with torch.no_grad():
         reloaded = load_model_folder(out).eval()(tokens)
         assert torch.equal(reloaded, ended.eval()(tokens))

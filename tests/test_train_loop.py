@@ -180,7 +180,7 @@ def test_a_sliding_window_architecture_trains_and_reloads_as_trained(tmp_path):
     checkpoint = torch.load(out / "train" / "checkpoints" / "step-00000004.pt", map_location="cpu", weights_only=True)
     ended = build_model(spec, device="meta")
     ended.load_state_dict(checkpoint["model"], assign=True)
-    ended.head.weight = ended.embed.weight
+    ended.lm_head.weight = ended.embed_tokens.weight
     initial = load_model_folder(folder).eval()
     tokens = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -4,19 +4,23 @@ client, bundles and local launcher that talk to it (see service.py for the HTTP 
 Light on import: the FastAPI service is imported only by those who serve.
 """
 
-from devices.agent.auth import ensure_token, read_token
-from devices.agent.bundle import BundleError, pack_bundle
-from devices.agent.client import (
-    AgentAuthError,
-    AgentClient,
-    AgentError,
-    AgentRejected,
-    AgentUnreachable,
-    JobLost,
-    JobTimeout,
-    bundle_sha256,
-)
-from devices.agent.local import LocalAgent, start_local_agent
+from lfm2.lazy import lazy_attributes
+
+# Loaded on first use (PEP 562): the client imports httpx (~0.3 s), which `lfm2-nas --help`
+# (it imports `devices.agent.config` for the options' defaults, so this file) must not pay for.
+_LAZY = {
+    "ensure_token": "devices.agent.auth",
+    "read_token": "devices.agent.auth",
+    "BundleError": "devices.agent.bundle",
+    "pack_bundle": "devices.agent.bundle",
+    **dict.fromkeys(
+        ("AgentAuthError", "AgentClient", "AgentError", "AgentRejected", "AgentUnreachable", "JobLost", "JobTimeout", "bundle_sha256"),
+        "devices.agent.client",
+    ),
+    "LocalAgent": "devices.agent.local",
+    "start_local_agent": "devices.agent.local",
+}
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "AgentClient",

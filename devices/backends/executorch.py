@@ -97,19 +97,19 @@ def quantize_8da4w(model) -> dict[str, Any]:
     def granularity(in_features: int):
         return PerGroup(GROUP_SIZE) if in_features % GROUP_SIZE == 0 else PerAxis(0)
 
-    tied = model.head.weight is model.embed.weight
+    tied = model.lm_head.weight is model.embed_tokens.weight
     grouped = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
     per_channel = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE != 0)
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE)), filter_fn=linear(True))
     if per_channel:
         quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerAxis(0)), filter_fn=linear(False))
     _round_scales_to_bf16(model)
-    vocab, width = model.embed.weight.shape
+    vocab, width = model.embed_tokens.weight.shape
     if tied:
-        table = model.head.weight
+        table = model.lm_head.weight
     else:
         holder = nn.Sequential(nn.Linear(width, vocab, bias=False))
-        holder[0].weight = nn.Parameter(model.embed.weight.detach().clone(), requires_grad=False)
+        holder[0].weight = nn.Parameter(model.embed_tokens.weight.detach().clone(), requires_grad=False)
         quantize_(holder, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity(width)))
         table = holder[0].weight
         _round_scales_to_bf16(holder)
@@ -118,7 +118,7 @@ def quantize_8da4w(model) -> dict[str, Any]:
         raise ValueError("the int4 embedding table must be symmetric (zero points 0)")
     qdata, scale = qdata.reshape(vocab, width), scale.reshape(vocab, -1)
     dequantised = (qdata.float().reshape(vocab, scale.shape[1], -1) * scale[:, :, None]).reshape(vocab, width)
-    model.embed.weight = nn.Parameter(dequantised, requires_grad=False)
+    model.embed_tokens.weight = nn.Parameter(dequantised, requires_grad=False)
     model.embedding_int4 = (qdata, scale)  # for export: the packed table
     return {
         "scheme": "8da4w",

@@ -64,7 +64,7 @@ class QuantizedEmbedding(nn.Module):
 class ExecuTorchLFM2(nn.Module):
     """One method of the program: `forward` (tokens [1, T] from position `pos` [1], T up to
     the chunk) or `reset` (zero the state). Returns logits [1, vocab] of the last token
-    (`reset` returns a dummy zero). `embedding`: a module that replaces `model.embed`."""
+    (`reset` returns a dummy zero). `embedding`: a module that replaces `model.embed_tokens`."""
 
     def __init__(self, model: LFM2, max_context: int, mode: str, embedding: nn.Module | None = None):
         super().__init__()
@@ -72,7 +72,7 @@ class ExecuTorchLFM2(nn.Module):
             raise ValueError(f"mode must be forward or reset, not {mode!r}")
         spec = model.spec
         self.model = model
-        self.embedding = embedding if embedding is not None else model.embed
+        self.embedding = embedding if embedding is not None else model.embed_tokens
         self.mode = mode
         self.max_context = max_context
         self.window = spec.swa_window
@@ -133,17 +133,17 @@ class ExecuTorchLFM2(nn.Module):
             sources = self._ring_sources(pos, t)
         x = self.embedding(tokens)
         for i, layer in enumerate(model.layers):
-            h = layer.op_norm(x)
+            h = layer.operator_norm(x)
             if layer.kind == "conv":
-                y = self._conv(i, layer.op, h)
+                y = self._conv(i, layer.operator, h)
             elif layer.kind == "attn":
-                y = self._full_attention(i, layer.op, h, cos, sin, start)
+                y = self._full_attention(i, layer.operator, h, cos, sin, start)
             else:
-                y = self._window_attention(i, layer.op, h, cos, sin, mask, sources)
+                y = self._window_attention(i, layer.operator, h, cos, sin, mask, sources)
             x = x + y
-            x = x + layer.ffn(layer.ffn_norm(x))
+            x = x + layer.feed_forward(layer.ffn_norm(x))
         last = x[:, t - 1 :, :]  # a slice, not a select: XNNPACK takes it
-        return model.head(model.norm(last)).reshape(1, -1)
+        return model.lm_head(model.embedding_norm(last)).reshape(1, -1)
 
     def _conv(self, i: int, op, h: Tensor) -> Tensor:
         buffer = getattr(self, f"conv_{i}")
@@ -158,8 +158,8 @@ class ExecuTorchLFM2(nn.Module):
         q = att.q_proj(h).reshape(1, t, att.n_heads, att.head_dim)
         k = att.k_proj(h).reshape(1, t, att.n_kv_heads, att.head_dim)
         v = att.v_proj(h).reshape(1, t, att.n_kv_heads, att.head_dim)
-        if att.q_norm is not None:
-            q, k = att.q_norm(q), att.k_norm(k)
+        if att.q_layernorm is not None:
+            q, k = att.q_layernorm(q), att.k_layernorm(k)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def _full_attention(self, i: int, att, h: Tensor, cos: Tensor, sin: Tensor, start) -> Tensor:

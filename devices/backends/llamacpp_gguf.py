@@ -82,34 +82,35 @@ def unsupported_reason(spec: ArchSpec) -> str | None:
 
 def gguf_name(param: str, arch: str = "lfm2") -> str:
     """Our parameter name (`lfm2.model.LFM2.state_dict`) -> the GGUF tensor name in `arch`."""
-    if param == "embed.weight":
+    if param == "embed_tokens.weight":
         return "token_embd.weight"
-    if param == "norm.weight":
+    if param == "embedding_norm.weight":
         return "token_embd_norm.weight" if arch == "lfm2" else "output_norm.weight"  # lfm2's name for its final norm
-    if param == "head.weight":
+    if param == "lm_head.weight":
         return "output.weight"
     parts = param.split(".")
     if parts[0] != "layers":
         raise KeyError(f"no GGUF name for {param!r}")
     block, rest = parts[1], ".".join(parts[2:])
     names = {
-        "op_norm.weight": "attn_norm",
+        "operator_norm.weight": "attn_norm",
         "ffn_norm.weight": "ffn_norm",
-        "ffn.w1.weight": "ffn_gate",
-        "ffn.w3.weight": "ffn_up",
-        "ffn.w2.weight": "ffn_down",
-        "op.in_proj.weight": "shortconv.in_proj",
-        "op.conv.weight": "shortconv.conv",
-        "op.out_proj.weight": None,  # conv and attention both name it out_proj: decided below
-        "op.q_proj.weight": "attn_q",
-        "op.k_proj.weight": "attn_k",
-        "op.v_proj.weight": "attn_v",
-        "op.q_norm.weight": "attn_q_norm",
-        "op.k_norm.weight": "attn_k_norm",
+        "feed_forward.w1.weight": "ffn_gate",
+        "feed_forward.w3.weight": "ffn_up",
+        "feed_forward.w2.weight": "ffn_down",
+        "conv.in_proj.weight": "shortconv.in_proj",
+        "conv.conv.weight": "shortconv.conv",
+        "conv.out_proj.weight": "shortconv.out_proj",
+        "self_attn.q_proj.weight": "attn_q",
+        "self_attn.k_proj.weight": "attn_k",
+        "self_attn.v_proj.weight": "attn_v",
+        "self_attn.out_proj.weight": "attn_output",
+        "self_attn.q_layernorm.weight": "attn_q_norm",
+        "self_attn.k_layernorm.weight": "attn_k_norm",
     }
     if rest not in names:
         raise KeyError(f"no GGUF name for {param!r}")
-    return f"blk.{block}.{names[rest]}.weight" if names[rest] else f"blk.{block}.{{out}}.weight"
+    return f"blk.{block}.{names[rest]}.weight"
 
 
 def model_tensors(spec: ArchSpec, state: dict[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
@@ -118,14 +119,11 @@ def model_tensors(spec: ArchSpec, state: dict[str, Any]) -> dict[str, tuple[str,
     out: dict[str, tuple[str, np.ndarray]] = {}
     arch = architecture(spec)
     for param, tensor in state.items():
-        if param == "head.weight" and spec.tie_embeddings:
+        if param == "lm_head.weight" and spec.tie_embeddings:
             continue
         name = gguf_name(param, arch)
-        if "{out}" in name:
-            block = int(param.split(".")[1])
-            name = name.format(out="shortconv.out_proj" if spec.layers[block] == "conv" else "attn_output")
         array = tensor.detach().to("cpu").float().numpy()
-        if param.endswith("op.conv.weight"):
+        if param.endswith("conv.conv.weight"):
             array = array.reshape(array.shape[0], array.shape[-1])  # [d, 1, K] -> [d, K]: ggml ne {K, d}
         out[name] = (param, np.ascontiguousarray(array, dtype=np.float32))
     return out
@@ -172,7 +170,7 @@ def stored_weights(spec: ArchSpec, state: dict[str, Any], quant: str) -> dict[st
         qtype = storage_type(name, array, quant)
         values[param] = decode(encode(array, qtype), qtype).reshape(tuple(state[param].shape))
     if spec.tie_embeddings:
-        values["head.weight"] = values["embed.weight"]
+        values["lm_head.weight"] = values["embed_tokens.weight"]
     return values
 
 

@@ -87,8 +87,8 @@ def use_growing_cache(model: LFM2) -> LFM2:
     the core has none)."""
     for layer in model.layers:
         if layer.kind == "attn":
-            core = layer.op.core
-            layer.op.core = GrowingKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
+            core = layer.operator.core
+            layer.operator.core = GrowingKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
     return model
 
 
@@ -462,7 +462,7 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
     model = build_model(spec, seed=seed).eval()
     by_content: dict[bytes, nn.Module] = {}
     with torch.no_grad():
-        table = model.embed.weight
+        table = model.embed_tokens.weight
         # The graph's MatMul holds W^T: quantised per tensor, the same scale as W's.
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -471,7 +471,7 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
                     linear = DynamicInt8Linear(_dequantized(zero_point, scale, quantized).T.contiguous())
                     by_content[quantized.tobytes()] = linear
                     setattr(parent, name, linear)
-        model.embed.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
+        model.embed_tokens.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
     oracle = RoundingOracle(step_path, layout, by_content) if step_path is not None else None
     return ChunkedPrefill(model, chunk, oracle).eval()
 

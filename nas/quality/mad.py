@@ -45,7 +45,7 @@ class HiddenCapture:
 
     def __init__(self, model: nn.Module):
         self.value: Tensor | None = None
-        model.norm.register_forward_hook(self._keep)
+        model.embedding_norm.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
         self.value = output

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 
-from lfm2.flops import decode_flops, linear_macs_per_token, linear_shapes, prefill_flops  # FLOPs' one home
+from lfm2.flops import decode_flops, layer_parameters, linear_macs_per_token, linear_shapes, parameters, prefill_flops, small_weights  # FLOPs' one home
 from lfm2.spec import ArchSpec
 
 PRECISIONS = ("fp32", "bf16", "int8", "8da4w")
@@ -45,26 +45,8 @@ SCALE_BYTES = 4  # a quantisation scale is an fp32
 # -- parameters ----------------------------------------------------------------------------
 
 
-def small_weights(spec: ArchSpec, op: str) -> int:
-    """Elements of one layer that are not linear weights: norms and conv kernels."""
-    n = 2 * spec.d_model  # op_norm, ffn_norm
-    if op == "conv":
-        n += spec.d_model * spec.conv_kernel  # depthwise kernel, no bias
-    elif spec.qk_norm:
-        n += 2 * spec.head_dim  # q_norm, k_norm
-    return n
-
-
-def layer_parameters(spec: ArchSpec, op: str) -> int:
-    """Parameters of one layer with operator `op` (its SwiGLU and two norms included)."""
-    return sum(o * i for o, i in linear_shapes(spec, op)) + small_weights(spec, op)
-
-
-def parameters(spec: ArchSpec) -> int:
-    """Unique parameters, as `lfm2.count_parameters(lfm2.build_model(spec))` counts them."""
-    embed = spec.vocab_size * spec.d_model
-    head = 0 if spec.tie_embeddings else embed
-    return embed + head + sum(layer_parameters(spec, op) for op in spec.layers) + spec.d_model  # final norm
+# `small_weights`, `layer_parameters` and `parameters` live in `lfm2.flops`, beside the linear
+# shapes they count (so that `lfm2-nas presets` counts without building a model).
 
 
 # -- weight bytes --------------------------------------------------------------------------
