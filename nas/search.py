@@ -757,16 +757,14 @@ def _quality_settings(name: str):
 
 
 def _fingerprint(info: dict[str, Any], session: DeviceSession) -> str:
-    """The device's fingerprint, which the agent computes (`devices.stack.device_fingerprint`,
-    the one home: hardware, runtimes, profile, emulation, limits); recomputed the same way
-    from its facts for an agent too old to send it."""
-    from devices.stack import device_fingerprint
+    """The device's fingerprint, which the agent computes (`AgentConfig.fingerprint`); for an
+    agent too old to send it, the same rule applied to its facts (`devices.stack.agent_fingerprint`)."""
+    from devices.stack import agent_fingerprint
 
     if isinstance(info.get("fingerprint"), str) and info["fingerprint"]:
         return info["fingerprint"]
     profile = info.get("profile")
-    limits = {k: v for k, v in (info.get("limits") or {}).items() if k != "timeout_s"}  # as the agent leaves it out
-    return device_fingerprint({**(info.get("machine") or {}), "profile": profile.get("name") if isinstance(profile, dict) else profile, "emulated": info.get("emulated"), "limits": limits})
+    return agent_fingerprint(info.get("machine") or {}, profile.get("name") if isinstance(profile, dict) else profile, info.get("emulated"), info.get("limits") or {})
 
 
 def _check_same_devices(study: optuna.Study, config: SearchConfig) -> None:
