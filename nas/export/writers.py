@@ -38,6 +38,11 @@ class ExportResult:
     skipped: list[str] = field(default_factory=list)  # "trial N: why"
 
 
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise UserError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
+
+
 def _check_hf_representable(members: list[Member]) -> list[tuple[Member, str]]:
     problems = []
     for member in members:
@@ -112,8 +117,7 @@ def export_members(
     skip_unsupported: bool = False,
     log=print,
 ) -> ExportResult:
-    if target not in TARGETS:
-        raise UserError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
+    _check_target(target)
     result = ExportResult(target=target)
     if target == "hf":
         problems = _check_hf_representable(members)
@@ -209,8 +213,7 @@ def export_from_study(
     log=print,
 ) -> ExportResult:
     """`lfm2-nas export`: one trial, the whole Pareto set, or a family of K from it."""
-    if target not in TARGETS:
-        raise UserError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
+    _check_target(target)
     if family is not None:
         pareto = True
     if (trial is None) == (not pareto):
