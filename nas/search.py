@@ -80,6 +80,8 @@ class SearchConfig:
         check_backend_quant(self.backend, self.quant)
         if self.quality not in QUALITY_KINDS:
             raise UserError(f"--quality {self.quality!r}: choose one of {', '.join(QUALITY_KINDS)}")
+        if self.quality != "none":
+            _quality_settings(self.quality_settings)  # before anything starts: a typo is exit 2, not a failed trial
         if self.sampler not in SAMPLERS:
             raise UserError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.trials < 1:
@@ -748,12 +750,9 @@ def _signal_version(kind: str, settings_name: str) -> str | None:
 
 
 def _quality_settings(name: str):
-    from nas.quality import QualitySettings
+    from nas.quality.settings import QualitySettings
 
-    try:
-        return getattr(QualitySettings, name)()
-    except AttributeError:
-        raise UserError(f"unknown quality settings {name!r}; use default or cpu_small") from None
+    return QualitySettings.named(name)
 
 
 def _fingerprint(info: dict[str, Any], session: DeviceSession) -> str:

@@ -152,7 +152,7 @@ def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, 
         from lfm2.spec import ArchSpec
         from nas.quality import QualitySettings, score
 
-        preset = getattr(QualitySettings, settings)()
+        preset = QualitySettings.named(settings)
         result = score(ArchSpec.from_dict(spec), kind, device=device, settings=preset, seed=seed)
         return QualityOutcome(ok=True, score=result.score, detail=result.to_dict(), wall_s=time.perf_counter() - started).to_dict()
     except Exception as exc:
