@@ -95,3 +95,22 @@ def test_progress_reads_a_snapshot_and_prints_a_line_per_trial_off_a_terminal(se
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "seam on local: 0/4 trials" in lines[0] and "1/4 trials" in lines[1] and "compile_error 1" in lines[1]
     assert search.study.trials[0].state == TrialState.FAIL
+
+
+def test_a_device_that_failed_fails_a_multi_device_trial_with_every_record_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = SearchConfig(device="local,pixel8", emulate=True, budget_bytes=400 * 2**20, trials=2, storage=f"sqlite:///{tmp_path}/m.db", quality="none", study="two")
+    driver = Search(config)
+    driver.devices = {name: DeviceRun(name=name, budget_bytes=config.budget_bytes, session=None) for name in ("local", "pixel8")}
+    driver.study = optuna.create_study(study_name="two", storage=driver.storage, directions=["minimize"] * 4)
+    candidate = Candidate(trial=driver.study.ask(), spec=presets["LFM2-350M"], estimate={"total_bytes": 300 * 2**20}, targets=["local", "pixel8"])
+    candidate.compiled = CompileOutcome(ok=True, path="/a", key="k")
+    driver._on_measure(candidate, MeasureOutcome(ok=True, measurement={"status": "oom", "error": "over the 400 MiB cap"}), "local")
+    driver._on_measure(candidate, MeasureOutcome.failed("AgentUnreachable: pixel8 went away"), "pixel8")
+    assert candidate.done
+    driver._finish(candidate)
+    record = TrialRecord.read(optuna.load_study(study_name="two", storage=driver.storage).trials[0], [])
+    assert record.state == "FAIL" and record.status is TrialStatus.OOM
+    assert record.reason == "local: over the 400 MiB cap; pixel8: AgentUnreachable: pixel8 went away"
+    assert {name: r.status for name, r in record.devices.items()} == {"local": TrialStatus.OOM, "pixel8": TrialStatus.LOST}
+    assert record.devices["local"].budget_bytes == 400 * 2**20 and record.prefill_ms is None  # no headline: not every device measured it
