@@ -139,7 +139,7 @@ def spearman_p_value(x: list[float], y: list[float], permutations: int = 20_000,
 def _settings(name: str, steps_scale: float = 1.0):
     from nas.quality import QualitySettings
 
-    settings = getattr(QualitySettings, name)()
+    settings = QualitySettings.named(name)
     if steps_scale != 1.0:  # smoke runs only: the numbers then mean nothing
         settings = settings.replace(name=f"{name}*{steps_scale}", mad_steps=max(2, round(settings.mad_steps * steps_scale)),
                                     lm_steps=max(2, round(settings.lm_steps * steps_scale)), eval_every=max(1, round(settings.eval_every * steps_scale)))

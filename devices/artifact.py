@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from lfm2.backends import BACKENDS, QUANTS, check_backend_quant
 from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 
@@ -47,14 +48,8 @@ MANIFEST_PATH_FIELDS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx.step", "onnx.weights", "onnx.weights_index"),
 }
 
-#: Backends and the precisions each one compiles.
-QUANTS: dict[str, tuple[str, ...]] = {
-    "executorch": ("fp32", "8da4w"),
-    "onnx": ("fp32", "int8"),
-    "llamacpp": ("f16", "q8_0", "q4_0"),
-    "eager": ("fp32",),
-}
-BACKENDS = tuple(QUANTS)
+# Backends and the precisions each one compiles (QUANTS, BACKENDS, check_backend_quant): one
+# table, `lfm2.backends`, which the cost model reads too; re-exported here.
 
 _TOOLCHAIN_PACKAGES = ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript", "numpy", "gguf", "llama_cpp_python")
 
@@ -113,13 +108,6 @@ def check_manifest_paths(manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"the {MANIFEST}'s {field!r}: {exc}") from None
         if value not in files:
             raise ArtifactError(f"the {MANIFEST}'s {field!r} names {str(value)[:80]!r}, which is not one of its listed files; compile the artifact again")
-
-
-def check_backend_quant(backend: str, quant: str) -> None:
-    if backend not in QUANTS:
-        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if quant not in QUANTS[backend]:
-        raise UserError(f"backend {backend!r} compiles {', '.join(QUANTS[backend])}, not {quant!r}")
 
 
 def toolchain_versions() -> dict[str, str]:

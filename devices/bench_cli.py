@@ -153,7 +153,7 @@ def bench(
     tokens: int = typer.Option(16, "--tokens", help="Tokens generated per timed decode run."),
     threads: int = typer.Option(None, "--threads", help="Runtime threads (default: one per CPU used)."),
     cpus: str = typer.Option(None, "--cpus", help="Cores to pin to, e.g. 0-1 or 2,3 (default: all usable)."),
-    memory_cap: str = typer.Option(None, "--memory-cap", help="Kill the measurement over this RSS, e.g. 2GiB (status oom)."),
+    memory_cap: str = typer.Option(None, "--memory-limit", "--memory-cap", help="Kill the measurement over this RSS, e.g. 2GiB (status oom); the name `agent serve` uses (--memory-cap still works)."),
     timeout: float = typer.Option(1800.0, "--timeout", help="Wall-clock limit of the measurement in seconds."),
     max_seconds: float = typer.Option(10.0, "--max-seconds", help="Time budget of each point after its minimum runs."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Artifact cache (default: $LFM2_NAS_CACHE or ~/.cache/lfm2-nas)."),
@@ -184,7 +184,7 @@ def bench(
     limits = Limits(
         cpus=parse_cpus(cpus),
         threads=threads,
-        memory_bytes=parse_size(memory_cap, "--memory-cap", require_unit=True) if memory_cap else None,
+        memory_bytes=parse_size(memory_cap, "--memory-limit", require_unit=True) if memory_cap else None,
         timeout_s=timeout,
     )
     console = Console(stderr=True)

@@ -64,18 +64,20 @@ def cpu_model() -> str:
 
 
 def _local_facts() -> dict[str, Any]:
-    """What "auto" means in the `local` profile: this machine, as this process sees it."""
-    import psutil  # here: `import devices` (every `lfm2-nas` start) must stay cheap
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical = psutil.cpu_count(logical=False) or usable
-    ram = psutil.virtual_memory().total
+    """What "auto" means in the `local` profile: this machine, as this process sees it,
+    read from the one description of a host (`devices.stack.machine_facts`)."""
+    from devices.stack import machine_facts  # imports this module: here, not at the top
+
+    facts = machine_facts()
+    usable = len(facts["usable_cpus"])
+    physical = facts["physical_cores"] or usable
     return {
-        "soc": cpu_model(),
-        "os": platform.system().lower(),
-        "arch": platform.machine(),
+        "soc": facts["cpu_model"],
+        "os": facts["os"].lower(),
+        "arch": facts["arch"],
         "big_cores": usable,
-        "ram": ram,
-        "memory_budget": ram // 2,
+        "ram": facts["memory_bytes"],
+        "memory_budget": facts["memory_bytes"] // 2,
         "threads": max(1, min(usable, physical)),
         "affinity": None,
     }

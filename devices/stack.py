@@ -77,6 +77,15 @@ def device_fingerprint(facts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def agent_fingerprint(machine: dict[str, Any], profile: str | None, emulated: bool | None, limits: dict[str, Any]) -> str:
+    """The fingerprint of an agent that measures on its own host: the host's facts
+    (`machine_facts`), the profile, emulation and the limits (not the timeout, which does not
+    change the numbers). The agent computes it (`AgentConfig.fingerprint`) and the search
+    recomputes it from the agent's `/v1/info` when an older agent sends none: one rule."""
+    kept = {k: v for k, v in (limits or {}).items() if k != "timeout_s"}
+    return device_fingerprint({**(machine or {}), "profile": profile, "emulated": emulated, "limits": kept})
+
+
 # -- thermal --------------------------------------------------------------------------------
 
 

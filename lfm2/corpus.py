@@ -103,6 +103,35 @@ class Corpus:
         windows = data[: count * length].reshape(count, length)
         return windows[index].astype(np.int64)
 
+    @classmethod
+    def from_documents(cls, name: str, train: list[bytes], validation: list[bytes], source_root: str = "") -> Corpus:
+        """A corpus of documents (a training run's text files, split by `load_corpus`),
+        joined by `FILE_SEPARATOR` like the named corpora, with the same fingerprint rule."""
+        train_bytes, validation_bytes = FILE_SEPARATOR.join(train), FILE_SEPARATOR.join(validation)
+        return cls(
+            name=name,
+            train=np.frombuffer(train_bytes, dtype=np.uint8),
+            validation=np.frombuffer(validation_bytes, dtype=np.uint8),
+            train_files=(),
+            validation_files=(),
+            python_version=platform.python_version(),
+            source_root=source_root,
+            fingerprint=_fingerprint(train_bytes, validation_bytes),
+        )
+
+    def documents(self, split: str) -> list[bytes]:
+        """The split's documents (files), without the separator between them: what a
+        tokenizer is trained on and encodes (each document ends with end-of-text)."""
+        return [d for d in self.split(split).tobytes().split(FILE_SEPARATOR) if d]
+
+    @property
+    def train_bytes(self) -> int:
+        return int(len(self.train))
+
+    @property
+    def validation_bytes(self) -> int:
+        return int(len(self.validation))
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -262,4 +291,73 @@ def _read_corpus(name: str, files: list[tuple[Path, str, str]], max_bytes: int |
     )
 
 
-__all__ = ["Corpus", "CorpusError", "CORPORA", "corpus_by_name", "stdlib_corpus", "python_sources_corpus", "stdlib_files", "site_roots", "is_validation_file", "BYTE_VOCAB_SIZE", "FILE_SEPARATOR"]
+# -- a training run's corpus: a named one, or text files ---------------------------------------
+
+
+def _read_text_files(path: Path) -> list[bytes]:
+    """The UTF-8 text files under `path` (or `path` itself), in a stable order. Binary files
+    (a NUL byte, or not UTF-8) and hidden or cache folders are skipped."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    documents = []
+    for file in files:
+        relative = file.relative_to(path).parts if file != path else ()
+        if any(part.startswith(".") or part == "__pycache__" for part in relative):
+            continue
+        data = file.read_bytes()
+        if not data or b"\x00" in data:
+            continue
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        documents.append(data)
+    return documents
+
+
+def _split_documents(documents: list[bytes], val_fraction: float) -> tuple[list[bytes], list[bytes]]:
+    """The last `val_fraction` of the bytes (in document order) become the validation split;
+    the document on the boundary is cut at a newline near it."""
+    total = sum(map(len, documents))
+    boundary = total - max(1, int(total * val_fraction))
+    train, validation, seen = [], [], 0
+    for doc in documents:
+        if seen + len(doc) <= boundary:
+            train.append(doc)
+        elif seen >= boundary:
+            validation.append(doc)
+        else:
+            cut = boundary - seen
+            newline = doc.find(b"\n", cut)
+            cut = newline + 1 if 0 <= newline < len(doc) - 1 else cut
+            train.append(doc[:cut])
+            validation.append(doc[cut:])
+        seen += len(doc)
+    return [d for d in train if d], [d for d in validation if d]
+
+
+def load_corpus(source: str, val_fraction: float = 0.05) -> Corpus:
+    """A corpus by name (`stdlib[:MAX_BYTES]`: the Python standard library;
+    `python-sources[:MAX_BYTES]`: it and the installed packages' sources, ~10x larger) or a
+    text file or folder of text files (split by `val_fraction` of the bytes), as
+    `lfm2-nas train --corpus` takes it."""
+    name, _, cap = source.partition(":")
+    if name in CORPORA:
+        max_bytes = None
+        if cap:
+            try:
+                max_bytes = int(float(cap))
+            except ValueError:
+                raise UserError(f"--corpus {source}: write {name} or {name}:MAX_BYTES (e.g. {name}:2000000); corpora: {', '.join(CORPORA)}") from None
+        return corpus_by_name(name, max_bytes)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"--corpus {source}: no such file or folder; give a text file, a folder of text files, or one of {', '.join(CORPORA)}")
+    documents = _read_text_files(path)
+    if not documents:
+        raise UserError(f"--corpus {source}: found no UTF-8 text files there")
+    train, validation = _split_documents(documents, val_fraction)
+    resolved = str(path.resolve())
+    return Corpus.from_documents(resolved, train, validation, source_root=resolved)
+
+
+__all__ = ["Corpus", "CorpusError", "CORPORA", "load_corpus", "corpus_by_name", "stdlib_corpus", "python_sources_corpus", "stdlib_files", "site_roots", "is_validation_file", "BYTE_VOCAB_SIZE", "FILE_SEPARATOR"]

@@ -27,38 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lfm2.flops import training_flops_per_token  # one home for FLOPs (lfm2.flops)
-from lfm2.optim import adamw, lr_factor
+from lfm2.checkpoints import CHECKPOINT_PREFIX, checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
+from lfm2.corpus import Corpus, load_corpus  # one Corpus: a named corpus or text files (lfm2.corpus)
 from lfm2.errors import UserError
+from lfm2.flops import training_flops_per_token  # one home for FLOPs (lfm2.flops)
 from lfm2.hf_io import is_transformers_loadable, load_model_folder, read_provenance, read_spec, save_model_folder
 from lfm2.model import LFM2
+from lfm2.optim import adamw, lr_factor
 from lfm2.spec import ArchSpec
-from lfm2.tokenizer import (
-    TOKENIZER_KINDS,
-    byte_tokenizer,
-    encode_documents,
-    end_of_text_id,
-    save_tokenizer,
-    train_bpe_tokenizer,
-)
-
-CHECKPOINT_PREFIX = "step-"
+from lfm2.tokenizer import TOKENIZER_KINDS, end_of_text_id, save_tokenizer
+from lfm2.train_data import WindowSampler, prepare_tokens, validation_windows
+from lfm2.train_log import append_record, plot_log, read_log, truncate_log
 
 #: Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU. The H200 has
 #: the H100 SXM's compute (989 TFLOP/s dense bf16); it differs in memory only.
@@ -134,194 +125,6 @@ class TrainConfig:
         return max(1, (self.micro_batch_tokens or self.batch_tokens) // self.seq_len)
 
 
-# -- corpus --------------------------------------------------------------------------------
-
-
-@dataclass
-class Corpus:
-    name: str
-    train: list[bytes]  # documents
-    validation: list[bytes]
-    fingerprint: str = field(default="")
-
-    def __post_init__(self) -> None:
-        if not self.fingerprint:
-            digest = hashlib.sha256()
-            for split in (self.train, self.validation):
-                digest.update(len(split).to_bytes(8, "little"))
-                for doc in split:
-                    digest.update(len(doc).to_bytes(8, "little"))
-                    digest.update(doc)
-            self.fingerprint = digest.hexdigest()[:16]
-
-    @property
-    def train_bytes(self) -> int:
-        return sum(map(len, self.train))
-
-    @property
-    def validation_bytes(self) -> int:
-        return sum(map(len, self.validation))
-
-
-def _read_text_files(path: Path) -> list[bytes]:
-    """The UTF-8 text files under `path` (or `path` itself), in a stable order. Binary files
-    (a NUL byte, or not UTF-8) and hidden or cache folders are skipped."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    documents = []
-    for file in files:
-        relative = file.relative_to(path).parts if file != path else ()
-        if any(part.startswith(".") or part == "__pycache__" for part in relative):
-            continue
-        data = file.read_bytes()
-        if not data or b"\x00" in data:
-            continue
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        documents.append(data)
-    return documents
-
-
-def _split_documents(documents: list[bytes], val_fraction: float) -> tuple[list[bytes], list[bytes]]:
-    """The last `val_fraction` of the bytes (in document order) become the validation split;
-    the document on the boundary is cut at a newline near it."""
-    total = sum(map(len, documents))
-    boundary = total - max(1, int(total * val_fraction))
-    train, validation, seen = [], [], 0
-    for doc in documents:
-        if seen + len(doc) <= boundary:
-            train.append(doc)
-        elif seen >= boundary:
-            validation.append(doc)
-        else:
-            cut = boundary - seen
-            newline = doc.find(b"\n", cut)
-            cut = newline + 1 if 0 <= newline < len(doc) - 1 else cut
-            train.append(doc[:cut])
-            validation.append(doc[cut:])
-        seen += len(doc)
-    return [d for d in train if d], [d for d in validation if d]
-
-
-def _named(source: str) -> Corpus:
-    """`NAME` or `NAME:MAX_BYTES` for a corpus of `lfm2.corpus.CORPORA` (`stdlib`,
-    `python-sources`), with its own split by file; its file separator is replaced by our
-    end-of-text token between documents."""
-    from lfm2.corpus import CORPORA, FILE_SEPARATOR, corpus_by_name
-
-    name, _, cap = source.partition(":")
-    max_bytes = None
-    if cap:
-        try:
-            max_bytes = int(float(cap))
-        except ValueError:
-            raise UserError(f"--corpus {source}: write {name} or {name}:MAX_BYTES (e.g. {name}:2000000); corpora: {', '.join(CORPORA)}") from None
-    corpus = corpus_by_name(name, max_bytes)
-    return Corpus(
-        name=corpus.name,
-        train=[d for d in corpus.train.tobytes().split(FILE_SEPARATOR) if d],
-        validation=[d for d in corpus.validation.tobytes().split(FILE_SEPARATOR) if d],
-    )
-
-
-def load_corpus(source: str, val_fraction: float = 0.05) -> Corpus:
-    """A corpus of `lfm2.corpus` by name (`stdlib[:MAX_BYTES]`: the Python standard library;
-    `python-sources[:MAX_BYTES]`: it and the installed packages' sources, ~10x larger) or a
-    text file or folder of text files (split by `val_fraction` of the bytes)."""
-    from lfm2.corpus import CORPORA
-
-    if source.partition(":")[0] in CORPORA:
-        return _named(source)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"--corpus {source}: no such file or folder; give a text file, a folder of text files, or one of {', '.join(CORPORA)}")
-    documents = _read_text_files(path)
-    if not documents:
-        raise UserError(f"--corpus {source}: found no UTF-8 text files there")
-    train, validation = _split_documents(documents, val_fraction)
-    return Corpus(name=str(path.resolve()), train=train, validation=validation)
-
-
-# -- tokens and batches --------------------------------------------------------------------
-
-
-def _token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 1 << 16 else np.int32
-
-
-def prepare_tokens(corpus: Corpus, kind: str, vocab_size: int, workdir: Path, log: Callable[[str], None] = print):
-    """The tokenizer and the train/validation token streams, cached in `workdir`."""
-    cache = workdir / "tokens.npz"
-    tokenizer_path = workdir / "tokenizer.json"
-    if cache.is_file() and tokenizer_path.is_file():
-        with np.load(cache) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta == {"fingerprint": corpus.fingerprint, "kind": kind, "vocab_size": vocab_size}:
-                from tokenizers import Tokenizer
-
-                return Tokenizer.from_file(str(tokenizer_path)), data["train"], data["validation"]
-    if kind == "bytes":
-        tokenizer = byte_tokenizer(vocab_size)
-    else:
-        log(f"training a byte-level BPE tokenizer (vocab {vocab_size:,}) on {corpus.train_bytes:,} bytes")
-        tokenizer = train_bpe_tokenizer((doc.decode("utf-8", errors="replace") for doc in corpus.train), vocab_size)
-        log(f"BPE vocabulary: {tokenizer.get_vocab_size():,} tokens")
-    dtype = _token_dtype(vocab_size)
-    train_tokens = encode_documents(tokenizer, corpus.train, kind, dtype)
-    validation_tokens = encode_documents(tokenizer, corpus.validation, kind, dtype)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(tokenizer_path))
-    meta = json.dumps({"fingerprint": corpus.fingerprint, "kind": kind, "vocab_size": vocab_size})
-    np.savez(cache, train=train_tokens, validation=validation_tokens, meta=np.array(meta))
-    return tokenizer, train_tokens, validation_tokens
-
-
-class WindowSampler:
-    """Fixed windows of `seq_len + 1` tokens (stride `seq_len`), visited in a seeded random
-    order per epoch. The position (epoch, index) is all the state there is."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
-        self.tokens = torch.from_numpy(tokens.astype(np.int64))
-        self.seq_len = seq_len
-        self.seed = seed
-        self.n_windows = (len(tokens) - 1) // seq_len
-        if self.n_windows < 1:
-            raise UserError(f"the training split has {len(tokens)} tokens, fewer than one window of --seq-len {seq_len} + 1; use a larger corpus or a smaller --seq-len")
-        self.epoch, self.index = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_windows, generator=generator)
-
-    def next_batch(self, n_sequences: int) -> torch.Tensor:
-        rows = []
-        for _ in range(n_sequences):
-            if self.index >= self.n_windows:
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            start = int(self._order[self.index]) * self.seq_len
-            rows.append(self.tokens[start : start + self.seq_len + 1])
-            self.index += 1
-        return torch.stack(rows)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._permutation(self.epoch)
-
-
-def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> torch.Tensor:
-    n = min(max(1, max_tokens // seq_len), (len(tokens) - 1) // seq_len)
-    if n < 1:
-        raise UserError(f"the validation split has {len(tokens)} tokens, fewer than one window of --seq-len {seq_len} + 1; use a larger corpus or a smaller --seq-len")
-    data = torch.from_numpy(tokens[: n * seq_len + 1].astype(np.int64))
-    return torch.stack([data[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
-
-
 # -- schedule, FLOPs -----------------------------------------------------------------------
 
 
@@ -335,71 +138,6 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> tu
         if fragment in name:
             return flops, name
     return None, name
-
-
-# -- checkpoints ---------------------------------------------------------------------------
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob(f"{CHECKPOINT_PREFIX}*.pt"))
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _compatibility(config: TrainConfig, spec: ArchSpec, corpus: Corpus) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it."""
-    return {
-        "spec_key": spec.key,
-        "corpus": corpus.fingerprint,
-        "tokenizer": config.tokenizer,
-        "seq_len": config.seq_len,
-        "sequences_per_step": config.sequences_per_step,
-        "seed": config.seed,
-    }
-
-
-def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{CHECKPOINT_PREFIX}{step:08d}.pt"
-    partial = path.with_suffix(".pt.partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)  # a checkpoint file exists only once it is complete
-    for old in _checkpoints(folder)[:-keep] if keep > 0 else []:
-        old.unlink()
-    return path
-
-
-# -- the log -------------------------------------------------------------------------------
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_log(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    import plotly.graph_objects as go
-
-    train = [r for r in records if r["kind"] == "train"]
-    val = [r for r in records if r["kind"] == "val"]
-    figure = go.Figure()
-    figure.add_trace(go.Scatter(x=[r["step"] for r in train], y=[r["loss"] for r in train], name="train loss", mode="lines"))
-    figure.add_trace(go.Scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], name="validation loss", mode="lines+markers"))
-    figure.update_layout(title=title, xaxis_title="step", yaxis_title="cross-entropy (nats/token)", template="plotly_white")
-    figure.write_html(str(path), include_plotlyjs=True)
 
 
 # -- training ------------------------------------------------------------------------------
@@ -451,15 +189,117 @@ def train(folder: str | Path, out: str | Path | None = None, config: TrainConfig
         torch.set_num_threads(threads)
 
 
+@dataclass
+class _Run:
+    """What a checkpoint holds, live: the model and its optimiser, the schedule, the data
+    position, and the step reached."""
+
+    model: LFM2
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: WindowSampler
+    compatibility: dict[str, Any]
+    step: int = 0
+
+    def payload(self, config: TrainConfig, device: torch.device) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(device),
+            "data": self.sampler.state_dict(),
+            "compatibility": self.compatibility,
+            "config": dataclasses.asdict(config),
+        }
+
+    def restore(self, checkpoint: dict[str, Any], device: torch.device) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.sampler.load_state_dict(checkpoint["data"])
+        set_rng_state(checkpoint["rng"], device)
+        self.step = checkpoint["step"]
+
+
+def _check_request(folder: Path, out: Path, spec: ArchSpec, config: TrainConfig) -> None:
+    if out.resolve() == folder.resolve():
+        raise UserError(f"--out must differ from the folder being trained ({folder}): the initial weights would be overwritten")
+    if config.seq_len > spec.max_seq_len:
+        raise UserError(f"--seq-len {config.seq_len} is longer than the model's max_seq_len {spec.max_seq_len}")
+
+
+def _resume_or_start(run: _Run, checkpoint_dir: Path, log_path: Path, resume: bool, device: torch.device, log: Callable[[str], None]) -> None:
+    """Continue from the newest checkpoint (its log cut back to it), or start afresh."""
+    latest = load_latest(checkpoint_dir, run.compatibility) if resume else None
+    if latest is not None:
+        path, checkpoint = latest
+        run.restore(checkpoint, device)
+        truncate_log(log_path, run.step)
+        log(f"resumed from {path} at step {run.step}")
+        return
+    existing = checkpoints(checkpoint_dir)
+    if existing:
+        log(f"--no-resume: discarding {len(existing)} checkpoint(s) and the log in {log_path.parent}")
+        for path in existing:
+            path.unlink()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+
+
+def _optimizer_step(run: _Run, training_model, batch: torch.Tensor, config: TrainConfig, device: torch.device, autocast) -> tuple[float, float, float]:
+    """One step over `batch` in micro-batches (gradients accumulated, clipped): (train loss,
+    the learning rate it used, the gradient norm before clipping)."""
+    n_seq, micro = len(batch), config.sequences_per_micro_batch
+    tokens_per_step = n_seq * config.seq_len
+    loss_sum = torch.zeros((), device=device)
+    for start in range(0, n_seq, micro):
+        chunk = batch[start : start + micro].to(device, non_blocking=True)
+        with autocast():
+            logits = training_model(chunk[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum") / tokens_per_step
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return loss_sum.item(), lr, float(grad_norm)  # .item() synchronises: the step time is honest on CUDA
+
+
+def _stop_reason(config: TrainConfig, step: int, steps_this_run: int, elapsed_s: float, signalled: bool) -> str | None:
+    """Why the run stops before its last step (it resumes from there), or None."""
+    if step >= config.steps:
+        return None
+    if config.stop_after is not None and steps_this_run >= config.stop_after:
+        return f"--stop-after {config.stop_after}"
+    if config.time_limit_s is not None and elapsed_s > config.time_limit_s:
+        return f"time limit {config.time_limit_s:.0f} s"
+    return "SIGTERM" if signalled else None
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """A flag that SIGTERM sets (the loop then checkpoints and stops), for the run's duration."""
+    stop = {"signal": False}
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    except ValueError:  # not the main thread: no graceful SIGTERM
+        previous = None
+    try:
+        yield stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[[str], None]) -> TrainResult:
     folder = Path(folder)
     spec = read_spec(folder)
     config = (config or TrainConfig()).resolved()
     out = Path(out) if out is not None else folder.with_name(folder.name + "-trained")
-    if out.resolve() == folder.resolve():
-        raise UserError(f"--out must differ from the folder being trained ({folder}): the initial weights would be overwritten")
-    if config.seq_len > spec.max_seq_len:
-        raise UserError(f"--seq-len {config.seq_len} is longer than the model's max_seq_len {spec.max_seq_len}")
+    _check_request(folder, out, spec, config)
     workdir = out / "train"
     checkpoint_dir = workdir / "checkpoints"
     log_path = workdir / "log.jsonl"
@@ -476,38 +316,9 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
     model = load_model_folder(folder, device=device, dtype=torch.float32)
     model.train()
     optimizer = _optimizer(model, config, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio)
-    )
-    compatibility = _compatibility(config, spec, corpus)
-
-    step = 0
-    existing = _checkpoints(checkpoint_dir)
-    if existing and resume:
-        # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        checkpoint = torch.load(existing[-1], map_location="cpu", weights_only=True)
-        if checkpoint["compatibility"] != compatibility:
-            changed = {k: (checkpoint["compatibility"].get(k), v) for k, v in compatibility.items() if checkpoint["compatibility"].get(k) != v}
-            raise UserError(
-                f"{existing[-1]} was made with different settings {changed} (checkpoint, now); "
-                "resume with the same ones, or start over with --no-resume (or another --out)"
-            )
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        sampler.load_state_dict(checkpoint["data"])
-        _set_rng_state(checkpoint["rng"], device)
-        step = checkpoint["step"]
-        records = [r for r in read_log(log_path) if r["step"] <= step]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        log(f"resumed from {existing[-1]} at step {step}")
-    else:
-        if existing:
-            log(f"--no-resume: discarding {len(existing)} checkpoint(s) and the log in {workdir}")
-            for path in existing:
-                path.unlink()
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio))
+    run = _Run(model, optimizer, scheduler, sampler, _compatibility(config, spec, corpus))
+    _resume_or_start(run, checkpoint_dir, log_path, resume, device, log)
 
     training_model = torch.compile(model) if config.compile else model
     # bf16 autocast on CUDA (weights and optimizer state stay fp32); plain fp32 on CPU.
@@ -525,96 +336,82 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
         f"{config.steps} steps x {tokens_per_step:,} tokens, micro-batch {micro} x {config.seq_len}"
     )
 
-    stop = {"signal": False}
-    previous_handler = None
-    try:
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-    except ValueError:  # not the main thread: no graceful SIGTERM
-        pass
-
-    def write(record: dict[str, Any]) -> None:
-        with open(log_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def checkpoint_now() -> Path:
-        payload = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(device),
-            "data": sampler.state_dict(),
-            "compatibility": compatibility,
-            "config": dataclasses.asdict(config),
-        }
-        return save_checkpoint(checkpoint_dir, step, payload, config.keep_checkpoints)
-
-    if step == 0:
+    if run.step == 0:
         initial = _evaluate(training_model, val_windows, micro, device, autocast)
-        write({"kind": "val", "step": 0, "val_loss": initial, "tokens": 0})
+        append_record(log_path, {"kind": "val", "step": 0, "val_loss": initial, "tokens": 0})
         log(f"step 0: validation loss {initial:.4f}")
 
     started, steps_this_run = time.perf_counter(), 0
     timed_tokens, timed_seconds = 0, 0.0
-    timing_skip = min(3, max(0, config.steps - step - 1))  # first steps pay compile/allocator warm-up
+    timing_skip = min(3, max(0, config.steps - run.step - 1))  # first steps pay compile/allocator warm-up
     reason = None
-    while step < config.steps:
-        step_start = time.perf_counter()
-        batch = sampler.next_batch(n_seq)
-        loss_sum = torch.zeros((), device=device)
-        for start in range(0, n_seq, micro):
-            chunk = batch[start : start + micro].to(device, non_blocking=True)
-            with autocast():
-                logits = training_model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum") / tokens_per_step
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        train_loss = loss_sum.item()  # synchronises: the step time below is honest on CUDA
-        seconds = time.perf_counter() - step_start
-        step += 1
-        steps_this_run += 1
-        if steps_this_run > timing_skip:
-            timed_tokens += tokens_per_step
-            timed_seconds += seconds
-        tokens_per_s = tokens_per_step / seconds
-        mfu = flops_per_token * tokens_per_s / peak if peak else None
-        record = {"kind": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s, "step_s": seconds}
-        if mfu is not None:
-            record["mfu"] = mfu
-        write(record)
-        if not math.isfinite(train_loss):
-            raise UserError(f"the loss became {train_loss} at step {step}; lower --lr (now {config.lr}) or raise --warmup-steps")
-        if step % config.log_every == 0 or step == config.steps:
-            log(f"step {step}/{config.steps}: loss {train_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu is not None else ""))
-        if step % config.eval_every == 0 or step == config.steps:
-            val_loss = _evaluate(training_model, val_windows, micro, device, autocast)
-            write({"kind": "val", "step": step, "val_loss": val_loss, "tokens": step * tokens_per_step})
-            log(f"step {step}: validation loss {val_loss:.4f}")
-        if config.stop_after is not None and steps_this_run >= config.stop_after and step < config.steps:
-            reason = f"--stop-after {config.stop_after}"
-        elif config.time_limit_s is not None and time.perf_counter() - started > config.time_limit_s and step < config.steps:
-            reason = f"time limit {config.time_limit_s:.0f} s"
-        elif stop["signal"]:
-            reason = "SIGTERM"
-        if step % config.checkpoint_every == 0 or step == config.steps or reason:
-            checkpoint_now()
-        if reason:
-            log(f"stopped at step {step} ({reason}); run the same command again to resume")
-            break
-    if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
+    with _sigterm_flag() as stop:
+        while run.step < config.steps:
+            step_start = time.perf_counter()
+            train_loss, lr, grad_norm = _optimizer_step(run, training_model, sampler.next_batch(n_seq), config, device, autocast)
+            seconds = time.perf_counter() - step_start
+            run.step += 1
+            step = run.step
+            steps_this_run += 1
+            if steps_this_run > timing_skip:
+                timed_tokens += tokens_per_step
+                timed_seconds += seconds
+            tokens_per_s = tokens_per_step / seconds
+            mfu = flops_per_token * tokens_per_s / peak if peak else None
+            record = {"kind": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s, "step_s": seconds}
+            if mfu is not None:
+                record["mfu"] = mfu
+            append_record(log_path, record)
+            if not math.isfinite(train_loss):
+                raise UserError(f"the loss became {train_loss} at step {step}; lower --lr (now {config.lr}) or raise --warmup-steps")
+            if step % config.log_every == 0 or step == config.steps:
+                log(f"step {step}/{config.steps}: loss {train_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu is not None else ""))
+            if step % config.eval_every == 0 or step == config.steps:
+                val_loss = _evaluate(training_model, val_windows, micro, device, autocast)
+                append_record(log_path, {"kind": "val", "step": step, "val_loss": val_loss, "tokens": step * tokens_per_step})
+                log(f"step {step}: validation loss {val_loss:.4f}")
+            reason = _stop_reason(config, step, steps_this_run, time.perf_counter() - started, stop["signal"])
+            if step % config.checkpoint_every == 0 or step == config.steps or reason:
+                save_checkpoint(checkpoint_dir, step, run.payload(config, device), config.keep_checkpoints)
+            if reason:
+                log(f"stopped at step {step} ({reason}); run the same command again to resume")
+                break
 
     records = read_log(log_path)
     plot_log(records, workdir / "loss.html", f"{spec.layout} ({spec.key})")
+    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else None
+    summary = _summary(records, run.step, config, tokens_per_step, device_name, tokens_per_s, flops_per_token, peak, tokenizer, corpus)
+    if device.type == "cuda":
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    completed = reason is None
+    if completed:
+        _write_result(folder, out, model, tokenizer, config, spec, summary)
+        if is_transformers_loadable(out):
+            log(f"saved the trained model to {out} (a Hugging Face folder: transformers.AutoModelForCausalLM.from_pretrained loads it)")
+        else:
+            log(
+                f"saved the trained model to {out} (an lfm2-nas folder: lfm2.hf_io.load_model_folder loads it; "
+                f"transformers cannot: {read_provenance(out)['transformers']['reason']})"
+            )
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return TrainResult(
+        out=out,
+        completed=completed,
+        step=run.step,
+        final_train_loss=summary["final_train_loss"],
+        final_val_loss=summary["final_val_loss"],
+        initial_val_loss=summary["initial_val_loss"],
+        tokens_per_s=tokens_per_s,
+        mfu=summary["mfu"],
+        summary=summary,
+    )
+
+
+def _summary(records, step: int, config: TrainConfig, tokens_per_step: int, device_name: str, tokens_per_s: float | None, flops_per_token: float, peak: float | None, tokenizer, corpus: Corpus) -> dict[str, Any]:
+    """What the run did (summary.json, the provenance of the trained folder, ARCH.md)."""
     train_records = [r for r in records if r["kind"] == "train"]
     val_records = [r for r in records if r["kind"] == "val"]
-    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else None
-    summary = {
+    return {
         "steps": step,
         "target_steps": config.steps,
         "tokens": step * tokens_per_step,
@@ -632,30 +429,18 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
         "corpus_fingerprint": corpus.fingerprint,
         "config": dataclasses.asdict(config),
     }
-    if device.type == "cuda":
-        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    completed = reason is None
-    if completed:
-        _write_result(folder, out, model, tokenizer, config, spec, summary)
-        if is_transformers_loadable(out):
-            log(f"saved the trained model to {out} (a Hugging Face folder: transformers.AutoModelForCausalLM.from_pretrained loads it)")
-        else:
-            log(
-                f"saved the trained model to {out} (an lfm2-nas folder: lfm2.hf_io.load_model_folder loads it; "
-                f"transformers cannot: {read_provenance(out)['transformers']['reason']})"
-            )
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return TrainResult(
-        out=out,
-        completed=completed,
-        step=step,
-        final_train_loss=summary["final_train_loss"],
-        final_val_loss=summary["final_val_loss"],
-        initial_val_loss=summary["initial_val_loss"],
-        tokens_per_s=tokens_per_s,
-        mfu=summary["mfu"],
-        summary=summary,
-    )
+
+
+def _compatibility(config: TrainConfig, spec: ArchSpec, corpus: Corpus) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it."""
+    return {
+        "spec_key": spec.key,
+        "corpus": corpus.fingerprint,
+        "tokenizer": config.tokenizer,
+        "seq_len": config.seq_len,
+        "sequences_per_step": config.sequences_per_step,
+        "seed": config.seed,
+    }
 
 
 def _write_result(folder: Path, out: Path, model: LFM2, tokenizer, config: TrainConfig, spec: ArchSpec, summary: dict[str, Any]) -> None:
@@ -699,6 +484,9 @@ def training_section(summary: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "CHECKPOINT_PREFIX",
+    "save_checkpoint",
+    "plot_log",
     "TrainConfig",
     "TrainResult",
     "Corpus",

@@ -225,17 +225,14 @@ def observations_from_study(study) -> tuple[list[Observation], dict[str, Any]]:
     is a measurement too) and the study's protocol facts (context, backend, quant)."""
     from optuna.trial import TrialState
 
-    from nas.study_schema import METADATA_KEY
+    from nas.study_schema import StudyMetadata, read_trials
 
-    meta = study.user_attrs.get(METADATA_KEY) or {}
     observations = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        attrs = trial.user_attrs
-        if not attrs.get("spec") or attrs.get("prefill_ms") is None:
+    for record in read_trials(study):
+        if record.state != TrialState.COMPLETE.name or not record.spec or record.prefill_ms is None or record.devices:  # one device's figures only
             continue
-        spec = ArchSpec.from_dict(attrs["spec"])
-        observations.append(Observation(spec, attrs.get("prefill_ms"), attrs.get("decode_ms"), attrs.get("footprint_bytes")))
-    return observations, meta
+        observations.append(Observation(ArchSpec.from_dict(record.spec), record.prefill_ms, record.decode_ms, record.footprint_bytes))
+    return observations, StudyMetadata.read(study).to_attrs()
 
 
 __all__ = ["Observation", "Predictor", "Prediction", "FeatureSet", "TARGETS", "observations_from_study", "nonnegative_least_squares"]

@@ -161,10 +161,9 @@ def record_skip(trial, verdict: Verdict, budget_bytes: int) -> None:
     for an over-budget skip the memory constraint at the low end of the predicted footprint
     (like the analytic pre-filter's lower bound), so that TPE ranks it with the infeasible."""
     from nas.objectives import MEMORY_CONSTRAINT
+    from nas.study_schema import TrialStatus, write_trial_attrs
 
-    trial.set_user_attr("status", "skipped")
-    trial.set_user_attr("reason", verdict.reason)
-    trial.set_user_attr("prescreen", verdict.attrs())
+    write_trial_attrs(trial, status=TrialStatus.SKIPPED, reason=verdict.reason, prescreen=verdict.attrs())
     if verdict.rule == "over_budget" and verdict.prediction is not None:
         trial.set_constraint(MEMORY_CONSTRAINT, float(verdict.prediction.intervals["footprint_bytes"][0] - budget_bytes))
 

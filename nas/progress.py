@@ -6,44 +6,82 @@ draws nothing off a terminal, so a piped search printed nothing until it ended).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 
-def largest_footprint(attrs: dict) -> int | None:
-    """A multi-device trial's largest footprint over its devices (each is in `devices`)."""
-    footprints = [r.get("footprint_bytes") for r in (attrs.get("devices") or {}).values() if isinstance(r, dict) and r.get("footprint_bytes")]
-    return max(footprints) if footprints else None
-
-
 def pareto_table(study, title: str = "Pareto front (feasible trials)") -> Table:
+    from nas.study_schema import read_trials
+
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     table = Table(title=title)
     for column in ("trial", "layout", "params", *names, "footprint MiB", "status"):
         table.add_column(column, justify="left" if column in ("layout", "status") else "right")
     try:
-        best = sorted(study.best_trials, key=lambda t: t.values[-1])
+        best = {t.number for t in study.best_trials}
     except (ValueError, RuntimeError):
-        best = []
-    for trial in best:
-        attrs = trial.user_attrs
-        footprint = attrs.get("footprint_bytes") or largest_footprint(attrs)
+        best = set()
+    records = [r for r in read_trials(study) if r.number in best]
+    for record in sorted(records, key=lambda r: list(r.values.values())[-1]):
+        footprint = record.largest_footprint_bytes
         table.add_row(
-            str(trial.number),
-            (attrs.get("preset") + " " if attrs.get("preset") else "") + attrs.get("layout", "?"),
-            f"{attrs.get('params', 0) / 1e6:.1f}M",
-            *(f"{v:.4g}" for v in trial.values),
+            str(record.number),
+            (record.preset + " " if record.preset else "") + (record.layout or "?"),
+            f"{(record.params or 0) / 1e6:.1f}M",
+            *(f"{v:.4g}" for v in record.values.values()),
             f"{footprint / 2**20:.0f}" if footprint else "-",
-            attrs.get("status", ""),
+            record.written_status or "",
         )
     return table
 
 
+@dataclass(frozen=True)
+class SearchSnapshot:
+    """What a running search shows, taken by the driver (`nas.search.Search.snapshot`): the
+    display reads this, never the driver's own fields."""
+
+    study_name: str
+    device: str  # as given to --device (one name, or several separated by commas)
+    trials_done: int
+    trials_target: int
+    compiling: int  # candidates with a compile in flight
+    measuring: int  # candidates with a measurement in flight on some device
+    scoring: int  # candidates with a quality proxy in flight
+    wall_s: float
+    told: dict[str, int]  # trials told so far, by status
+    device_busy_s: float  # summed over the devices
+    devices: int
+    study: Any = None  # the optuna.Study once it is open (for the Pareto table), else None
+
+    @property
+    def utilisation(self) -> float:
+        return self.device_busy_s / (self.wall_s * max(1, self.devices)) if self.wall_s > 0 else 0.0
+
+    @property
+    def eta(self) -> str:
+        told = sum(self.told.values())
+        return f"{(self.trials_target - self.trials_done) * self.wall_s / told:.0f} s" if told else "-"
+
+    def header(self) -> str:
+        return (
+            f"[bold]{self.study_name}[/] on {self.device}: {self.trials_done}/{self.trials_target} trials  |  "
+            f"compiling {self.compiling}, measuring {self.measuring}, scoring {self.scoring}  |  "
+            f"device busy {self.utilisation:.0%}  |  {self.wall_s:.0f} s elapsed, ETA {self.eta}  |  "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.told.items()))
+        )
+
+
 class Progress:
-    def __init__(self, search, enabled: bool, console: Console | None):
-        self.search = search
+    """`snapshot` is called for each refresh (a terminal) or each check for a finished trial
+    (off a terminal)."""
+
+    def __init__(self, snapshot: Callable[[], SearchSnapshot], enabled: bool, console: Console | None):
+        self.snapshot = snapshot
         self.enabled = enabled
         self.console = console or Console()
         self.live: Live | None = None
@@ -66,37 +104,17 @@ class Progress:
             self.last = time.perf_counter()
             self.live.update(self._render())
         elif self.enabled and self.live is None:
-            told = sum(self.search.stats.told.values())
+            snapshot = self.snapshot()
+            told = sum(snapshot.told.values())
             if told != self.lines_for_told:
                 self.lines_for_told = told
-                self.console.print(self._render(with_front=False), highlight=False, soft_wrap=True)
+                self.console.print(snapshot.header(), highlight=False, soft_wrap=True)
 
     def _render(self, with_front: bool = True):
-        from nas.study import finished_trials
-
-        s = self.search
-        stats = s.stats
-        stages = {"compiling": 0, "measuring": 0, "scoring": 0}
-        for candidate in s.pending.values():
-            stages["compiling"] += candidate.compile_ref is not None
-            stages["measuring"] += bool(candidate.measure_refs)
-            stages["scoring"] += candidate.quality_ref is not None
-        done = finished_trials(s.study) if hasattr(s, "study") else 0
-        target = s.config.trials
-        wall = stats.wall_s
-        told = sum(stats.told.values())
-        eta = f"{(target - done) * wall / told:.0f} s" if told else "-"
-        devices = max(1, len(getattr(s, "devices", None) or ()))  # busy seconds add up over the devices
-        utilisation = stats.device_busy_s / (wall * devices) if wall > 0 else 0.0
-        header = (
-            f"[bold]{s.config.study}[/] on {s.config.device}: {done}/{target} trials  |  "
-            f"compiling {stages['compiling']}, measuring {stages['measuring']}, scoring {stages['scoring']}  |  "
-            f"device busy {utilisation:.0%}  |  {wall:.0f} s elapsed, ETA {eta}  |  "
-            + ", ".join(f"{k} {v}" for k, v in sorted(stats.told.items()))
-        )
-        if with_front and hasattr(s, "study"):
-            return Group(header, pareto_table(s.study))
-        return header
+        snapshot = self.snapshot()
+        if with_front and snapshot.study is not None:
+            return Group(snapshot.header(), pareto_table(snapshot.study))
+        return snapshot.header()
 
 
-__all__ = ["Progress", "pareto_table"]
+__all__ = ["Progress", "SearchSnapshot", "pareto_table"]

@@ -39,9 +39,11 @@ from lfm2.spec import ArchSpec
 from nas.cache import ResultCache, measurement_key
 from nas.device_list import parse_devices
 from nas.device_session import DeviceSession, describe, open_device
+from nas.results import CompileOutcome, MeasureOutcome, QualityOutcome
 from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, memory_constraint, objective_names, objective_values
 from nas.storage import DEFAULT_STORAGE, missing_sqlite_file, open_storage
 from nas.study import create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
+from nas.study_schema import DeviceRecord, StudyMetadata, TrialStatus, write_estimate_error_summary, write_trial_attrs
 
 RAY_TEMP_DIR = "/tmp/lfm2-nas-ray"  # short: Ray's unix sockets live under it (108-byte path limit)
 log = logging.getLogger("lfm2_nas.search")
@@ -78,6 +80,8 @@ class SearchConfig:
         check_backend_quant(self.backend, self.quant)
         if self.quality not in QUALITY_KINDS:
             raise UserError(f"--quality {self.quality!r}: choose one of {', '.join(QUALITY_KINDS)}")
+        if self.quality != "none":
+            _quality_settings(self.quality_settings)  # before anything starts: a typo is exit 2, not a failed trial
         if self.sampler not in SAMPLERS:
             raise UserError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if self.trials < 1:
@@ -143,18 +147,22 @@ class Candidate:
     bundle_ref: Any = None  # the compiled bundle in Ray's object store; held until measured everywhere
     measure_refs: dict[str, Any] = field(default_factory=dict)  # device -> its measurement in flight
     quality_ref: Any = None
-    compiled: dict[str, Any] | None = None
-    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> Measurement dict (or a failure)
+    compiled: CompileOutcome | None = None  # a failed compile too (then nothing is measured)
+    measurements: dict[str, MeasureOutcome] = field(default_factory=dict)  # device -> what came back
     measured_from: dict[str, str] = field(default_factory=dict)  # device -> the artifact copy its actor read
-    quality: dict[str, Any] | None = None
+    quality: QualityOutcome | None = None
     measurement_cached: dict[str, Any] = field(default_factory=dict)  # device -> provenance of a cached measurement
     quality_cached: bool = False
     quality_key: str | None = None
     stage_s: dict[str, float] = field(default_factory=dict)
 
     @property
+    def compile_failed(self) -> bool:
+        return self.compiled is not None and not self.compiled.ok
+
+    @property
     def done(self) -> bool:
-        measured = all(d in self.measurements for d in self.targets)
+        measured = self.compile_failed or all(d in self.measurements for d in self.targets)
         return measured and (self.quality is not None or self.quality_ref is None)
 
 
@@ -228,6 +236,7 @@ class Search:
         self.worker_cpus: list[int] | None = None  # where compiles and training run on this machine
         self.discards: list[Any] = []  # received artifact copies being removed (DeviceActor.discard)
         self.prescreen = None  # nas.prescreen.Prescreen once the study is open (config.prescreen)
+        self.study: optuna.Study | None = None  # once run() opened it
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -314,7 +323,7 @@ class Search:
                     # and enqueued again, so that --resume evaluates them.
                     fail_stale_trials(study, list(self.pending), reason="the search was interrupted while this trial ran; re-enqueued for --resume")
                     raise
-            _record_estimate_error(study)
+            write_estimate_error_summary(study)
             if self.discards:
                 with contextlib.suppress(ray.exceptions.RayError):
                     # the actors end with this driver: let them finish removing the received copies
@@ -329,11 +338,32 @@ class Search:
 
     # -- the loop -------------------------------------------------------------------------
 
+    def snapshot(self):
+        """What the progress display shows now (`nas.progress.SearchSnapshot`)."""
+        from nas.progress import SearchSnapshot
+
+        study = self.study
+        pending = list(self.pending.values())
+        return SearchSnapshot(
+            study_name=self.config.study,
+            device=self.config.device,
+            trials_done=finished_trials(study) if study is not None else 0,
+            trials_target=self.config.trials,
+            compiling=sum(c.compile_ref is not None for c in pending),
+            measuring=sum(bool(c.measure_refs) for c in pending),
+            scoring=sum(c.quality_ref is not None for c in pending),
+            wall_s=self.stats.wall_s,
+            told=dict(self.stats.told),
+            device_busy_s=self.stats.device_busy_s,
+            devices=len(self.devices),
+            study=study,
+        )
+
     def _loop(self) -> None:
         from nas.progress import Progress
 
         target = self.config.trials
-        with Progress(self, enabled=self.console is not None, console=self.console) as progress:
+        with Progress(self.snapshot, enabled=self.console is not None, console=self.console) as progress:
             while True:
                 done = finished_trials(self.study)
                 while len(self.pending) < self.config.in_flight and done + len(self.pending) < target:
@@ -356,9 +386,8 @@ class Search:
         try:
             spec = self.space.sample(trial)
         except UserError as exc:
-            trial.set_user_attr("status", "error")
-            trial.set_user_attr("reason", f"the space produced an invalid spec: {exc}")
-            self._tell(trial, "error", state=TrialState.FAIL)
+            write_trial_attrs(trial, status=TrialStatus.ERROR, reason=f"the space produced an invalid spec: {exc}")
+            self._tell(trial, TrialStatus.ERROR)
             return
         estimate = estimate_peak_memory(spec, c.context + c.decode_tokens, c.backend, c.quant, prefill_tokens=c.context)
         estimate_dict = asdict(estimate)
@@ -366,21 +395,18 @@ class Search:
         # Per device: a candidate certainly over one device's budget is not measured there.
         over = {name: float(estimate.lower_bound_bytes - run.budget_bytes) for name, run in self.devices.items() if estimate.lower_bound_bytes > run.budget_bytes}
         if len(over) == len(self.devices):
-            trial.set_user_attr("status", "prefiltered")
             for name, excess in over.items():
                 trial.set_constraint(memory_constraint(name if c.multi_device else None), excess)
             budgets = " / ".join(f"{run.budget_bytes / 2**20:.0f}" for run in self.devices.values())
-            trial.set_user_attr(
-                "reason",
-                f"needs at least {estimate.lower_bound_bytes / 2**20:.0f} MiB (analytic lower bound) > budget {budgets} MiB: not compiled",
-            )
-            self._tell(trial, "prefiltered", state=TrialState.PRUNED)
+            write_trial_attrs(trial, status=TrialStatus.PREFILTERED,
+                              reason=f"needs at least {estimate.lower_bound_bytes / 2**20:.0f} MiB (analytic lower bound) > budget {budgets} MiB: not compiled")
+            self._tell(trial, TrialStatus.PREFILTERED)
             return
         if self.prescreen is not None and (verdict := self.prescreen.judge(spec, _free_quality(spec, c.quality))).skip:
             from nas.prescreen import record_skip
 
             record_skip(trial, verdict, c.budget_bytes)
-            self._tell(trial, "skipped", state=TrialState.PRUNED)
+            self._tell(trial, TrialStatus.SKIPPED)
             return
         targets = [name for name in self.devices if name not in over]
         candidate = Candidate(trial=trial, spec=spec, estimate=estimate_dict, targets=targets, prefiltered=over)
@@ -401,11 +427,12 @@ class Search:
             cached = self.cache.get(self._measurement_key(candidate.spec, device))
             if cached is not None:
                 value, provenance = cached
-                candidate.compiled = candidate.compiled or value.get("artifact")
-                candidate.measurements[device] = value["measurement"]
+                if candidate.compiled is None and value.get("artifact"):
+                    candidate.compiled = CompileOutcome.from_dict(value["artifact"])
+                candidate.measurements[device] = MeasureOutcome(ok=True, measurement=value["measurement"])
                 candidate.measurement_cached[device] = provenance
         if candidate.measurement_cached and not self.config.multi_device:
-            candidate.trial.set_user_attr("measurement_cached_from", next(iter(candidate.measurement_cached.values())))
+            write_trial_attrs(candidate.trial, measurement_cached_from=next(iter(candidate.measurement_cached.values())))
         if all(device in candidate.measurements for device in candidate.targets):
             return  # every device's measurement came from the cache: nothing to compile
         c = self.config
@@ -426,23 +453,24 @@ class Search:
         from nas.quality import cache_key as quality_cache_key
 
         # what the score means (the signal's version), with every trial: scores of two versions do not compare
-        candidate.trial.set_user_attr("quality_signal", self._quality_signal())
+        write_trial_attrs(candidate.trial, quality_signal=self._quality_signal())
         if c.quality in FREE_KINDS:  # no training: scored here, at once
             started = time.perf_counter()
             try:
                 result = score(candidate.spec, c.quality)
-                candidate.quality = {"ok": True, "score": result.score, "detail": result.to_dict(), "wall_s": time.perf_counter() - started}
+                candidate.quality = QualityOutcome(ok=True, score=result.score, detail=result.to_dict(), wall_s=time.perf_counter() - started)
             except Exception as exc:  # a failed score fails its trial, as a proxy's failure does
-                candidate.quality = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - started}
-            candidate.stage_s["quality"] = candidate.quality["wall_s"]
+                candidate.quality = QualityOutcome.from_exception(exc, time.perf_counter() - started)
+            candidate.stage_s["quality"] = candidate.quality.wall_s
             return
         settings = _quality_settings(c.quality_settings)
         key = "quality-" + quality_cache_key(candidate.spec, c.quality, settings, c.seed or 0)
         cached = self.cache.get(key)
         if cached is not None:
-            candidate.quality, provenance = cached
+            value, provenance = cached
+            candidate.quality = QualityOutcome.from_dict(value)
             candidate.quality_cached = True
-            candidate.trial.set_user_attr("quality_cached_from", provenance)
+            write_trial_attrs(candidate.trial, quality_cached_from=provenance)
             return
         candidate.quality_key = key
         # A proxy step is bound by the host launching kernels, not by the GPU: four share one
@@ -457,12 +485,12 @@ class Search:
         """Every result in flight: ref -> (candidate, stage, device or None)."""
         refs = {}
         for candidate in self.pending.values():
-            for stage in ("compile", "quality"):
-                ref = getattr(candidate, f"{stage}_ref")
-                if ref is not None:
-                    refs[ref] = (candidate, stage, None)
+            if candidate.compile_ref is not None:
+                refs[candidate.compile_ref] = (candidate, CompileOutcome.stage, None)
+            if candidate.quality_ref is not None:
+                refs[candidate.quality_ref] = (candidate, QualityOutcome.stage, None)
             for device, ref in candidate.measure_refs.items():
-                refs[ref] = (candidate, "measure", device)
+                refs[ref] = (candidate, MeasureOutcome.stage, device)
         return refs
 
     def _advance(self) -> None:
@@ -473,151 +501,132 @@ class Search:
             ready = []
         for ref in ready:
             candidate, stage, device = refs[ref]
+            outcome_type = _OUTCOMES[stage]
             try:
-                result = ray.get(ref)
+                outcome = outcome_type.from_dict(ray.get(ref))
             except ray.exceptions.RayError as exc:
                 # The worker or actor died for good (a device actor is not restarted): this
                 # stage failed, the others and the search go on.
-                result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:2000]}
-            if device is None:
-                setattr(candidate, f"{stage}_ref", None)
+                outcome = outcome_type.failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            candidate.stage_s[stage] = max(candidate.stage_s.get(stage, 0.0), outcome.wall_s)  # devices measure side by side
+            self.stats.stage_s[stage] += outcome.wall_s
+            if stage == CompileOutcome.stage:
+                candidate.compile_ref = None
+                self._on_compile(candidate, outcome)
+            elif stage == QualityOutcome.stage:
+                candidate.quality_ref = None
+                self._on_quality(candidate, outcome)
             else:
                 candidate.measure_refs.pop(device)
-            wall_s = result.get("wall_s", 0.0)
-            candidate.stage_s[stage] = max(candidate.stage_s.get(stage, 0.0), wall_s)  # devices measure side by side
-            self.stats.stage_s[stage] += wall_s
-            if device is None:
-                getattr(self, f"_on_{stage}")(candidate, result)
-            else:
-                self._on_measure(candidate, result, device)
+                self._on_measure(candidate, outcome, device)
         for number in [n for n, cand in self.pending.items() if cand.done]:
             self._finish(self.pending.pop(number))
 
-    def _on_compile(self, candidate: Candidate, result: dict[str, Any]) -> None:
-        waiting = [d for d in candidate.targets if d not in candidate.measurements]
-        if not result["ok"]:
-            for device in waiting:
-                candidate.measurements[device] = {"status": "compile_error", "error": result["error"]}
-            candidate.bundle_ref = None
+    def _on_compile(self, candidate: Candidate, outcome: CompileOutcome) -> None:
+        candidate.compiled = outcome
+        if not outcome.ok:
+            candidate.bundle_ref = None  # nothing to measure: the trial is a compile error
             return
-        candidate.compiled = result
         c = self.config
         # The bundle's reference goes inside a list: Ray then hands the reference over
         # rather than fetching the bytes, and the actor fetches them only if it needs them.
-        for device in waiting:
+        for device in [d for d in candidate.targets if d not in candidate.measurements]:
             candidate.measure_refs[device] = self.devices[device].actor.measure.remote(
-                result, [candidate.bundle_ref], c.protocol.to_dict(), self._measurement_key(candidate.spec, device), c.measure_timeout_s
+                outcome.to_dict(), [candidate.bundle_ref], c.protocol.to_dict(), self._measurement_key(candidate.spec, device), c.measure_timeout_s
             )
 
-    def _on_measure(self, candidate: Candidate, result: dict[str, Any], device: str) -> None:
-        self.stats.device_busy_s += result.get("wall_s", 0.0)
-        if result.get("local_path"):
-            candidate.measured_from[device] = result["local_path"]
-            if candidate.compiled is not None:
-                candidate.compiled.setdefault("measured_from", result["local_path"])
+    def _on_measure(self, candidate: Candidate, outcome: MeasureOutcome, device: str) -> None:
+        self.stats.device_busy_s += outcome.wall_s
+        if outcome.local_path:
+            candidate.measured_from[device] = outcome.local_path
+            if candidate.compiled is not None and candidate.compiled.measured_from is None:
+                candidate.compiled.measured_from = outcome.local_path
         if not candidate.measure_refs:
             candidate.bundle_ref = None  # measured everywhere: Ray may free the bundle
             self._discard_received_copy(candidate, device)
-        if not result["ok"]:
-            candidate.measurements[device] = {"status": "lost", "error": result["error"]}
-            return
-        candidate.measurements[device] = result["measurement"]
-        if result["measurement"]["status"] == "ok":
-            self.cache.put(self._measurement_key(candidate.spec, device), {"measurement": result["measurement"], "artifact": candidate.compiled}, self.config.study, candidate.trial.number)
+        candidate.measurements[device] = outcome
+        if outcome.ok and outcome.measurement["status"] == "ok":
+            self.cache.put(self._measurement_key(candidate.spec, device), {"measurement": outcome.measurement, "artifact": candidate.compiled.to_dict()}, self.config.study, candidate.trial.number)
 
     def _discard_received_copy(self, candidate: Candidate, device: str) -> None:
         """Every device has measured a bundle that travelled from another node: its copy
         under `<cache>/received/` has served (each agent keeps the artifact by sha256) and
         goes, unless another candidate in flight uses the same bundle."""
-        sha = (candidate.compiled or {}).get("bundle_sha256")
+        sha = candidate.compiled.bundle_sha256 if candidate.compiled else None
         copies = set(candidate.measured_from.values())
         if not sha or not copies:
             return
-        others = [p for p in self.pending.values() if p is not candidate and (p.compiled or {}).get("bundle_sha256") == sha and (p.measure_refs or p.compile_ref is not None)]
+        others = [p for p in self.pending.values() if p is not candidate and p.compiled is not None and p.compiled.bundle_sha256 == sha and (p.measure_refs or p.compile_ref is not None)]
         if not others:
             for path in copies:
                 self.discards.append(self.devices[device].actor.discard.remote(path))  # on the actors' node; waited for at the end
-    def _on_quality(self, candidate: Candidate, result: dict[str, Any]) -> None:
-        candidate.quality = result
-        if result["ok"]:
-            self.cache.put(candidate.quality_key, result, self.config.study, candidate.trial.number)
+
+    def _on_quality(self, candidate: Candidate, outcome: QualityOutcome) -> None:
+        candidate.quality = outcome
+        if outcome.ok:
+            self.cache.put(candidate.quality_key, outcome.to_dict(), self.config.study, candidate.trial.number)
 
     # -- telling the study ----------------------------------------------------------------
 
     def _finish(self, candidate: Candidate) -> None:
         c, trial = self.config, candidate.trial
-        trial.set_user_attr("cached", bool(candidate.measurement_cached) or candidate.quality_cached)
-        trial.set_user_attr("stage_s", candidate.stage_s)
-        if candidate.compiled:
+        artifact = None
+        if candidate.compiled is not None and candidate.compiled.ok:
             # path: where it was compiled, on the compile node; measured_from: the copy the
             # device actor read (the same folder unless the compile ran on another node)
-            fields = ("key", "path", "node", "bundle_sha256", "measured_from", "bytes", "stages_s")
-            trial.set_user_attr("artifact", {k: candidate.compiled.get(k) for k in fields} | {"backend": c.backend, "quant": c.quant})
+            artifact = candidate.compiled.artifact_attr(c.backend, c.quant)
+        write_trial_attrs(trial, cached=bool(candidate.measurement_cached) or candidate.quality_cached, stage_s=candidate.stage_s, artifact=artifact)
         if c.multi_device:
             self._finish_on_devices(candidate)
             return
         (device,) = candidate.targets  # one device: a candidate it prefilters is never started
         record = self._device_record(candidate, device)
-        status = record["status"]
-        if status not in ("ok", "infeasible"):
-            trial.set_user_attr("status", status)
-            trial.set_user_attr("reason", record["reason"])
-            if "measurement" in record:
-                trial.set_user_attr("measurement", record["measurement"])
-            self._tell(trial, status, state=TrialState.FAIL)
+        if not record.measured:
+            write_trial_attrs(trial, status=record.status, **record.trial_attrs())
+            self._tell(trial, record.status)
             return
-        trial.set_user_attr("measurement", record["measurement"])
-        for key in ("prefill_ms", "decode_ms", "prefill_stats", "decode_stats", "footprint_bytes", "peak_rss_bytes", "memory_estimate_error"):
-            if key in record:
-                trial.set_user_attr(key, record[key])
+        write_trial_attrs(trial, **(record.trial_attrs() | {"reason": None}))
         if self.prescreen is not None:
-            self.prescreen.add(candidate.spec, prefill_ms=record["prefill_ms"], decode_ms=record["decode_ms"], footprint_bytes=record["footprint_bytes"], quality=_free_quality(candidate.spec, c.quality))
+            self.prescreen.add(candidate.spec, prefill_ms=record.prefill_ms, decode_ms=record.decode_ms, footprint_bytes=record.footprint_bytes, quality=_free_quality(candidate.spec, c.quality))
         quality_score = self._quality_score(candidate)
         if quality_score is False:
             return
-        trial.set_constraint(MEMORY_CONSTRAINT, record["over_budget_bytes"])
-        trial.set_user_attr("status", status)
-        if status == "infeasible":
-            trial.set_user_attr("reason", record["reason"])
-        self._tell(trial, status, values=objective_values(c.quality, quality_score, record["prefill_ms"], record["decode_ms"]))
+        trial.set_constraint(MEMORY_CONSTRAINT, record.over_budget_bytes)
+        write_trial_attrs(trial, status=record.status, reason=record.reason)
+        self._tell(trial, record.status, values=objective_values(c.quality, quality_score, record.prefill_ms, record.decode_ms))
 
-    def _device_record(self, candidate: Candidate, device: str) -> dict[str, Any]:
+    def _device_record(self, candidate: Candidate, device: str) -> DeviceRecord:
         """What `device` made of the candidate: its status (ok, infeasible over its budget,
         or how it failed), the headline figures and the whole measurement."""
         c = self.config
         budget = self.devices[device].budget_bytes
-        m = candidate.measurements[device]
-        record: dict[str, Any] = {"status": m["status"], "budget_bytes": budget}
-        if device in candidate.measurement_cached:
-            record["cached_from"] = candidate.measurement_cached[device]
-        if device in candidate.measured_from:
-            record["measured_from"] = candidate.measured_from[device]
-        if m["status"] != "ok":
-            reason = m.get("error") or m["status"]
-            if m["status"] == "compile_error":
-                reason = f"compile failed: {reason}"
-            record["reason"] = reason[:2000]
+        record = DeviceRecord(status=TrialStatus.OK, budget_bytes=budget, cached_from=candidate.measurement_cached.get(device), measured_from=candidate.measured_from.get(device))
+        outcome = candidate.measurements.get(device)
+        if outcome is None:  # never sent to the device: its compile failed (a cached measurement needs none)
+            record.status, record.reason = TrialStatus.COMPILE_ERROR, f"compile failed: {candidate.compiled.error if candidate.compiled else 'no compile result'}"
+            return record
+        if not outcome.ok:  # the measurement never came back: the agent or its actor was lost
+            record.status, record.reason = TrialStatus.LOST, outcome.error or "lost"
+            return record
+        m = outcome.measurement
+        if m["status"] != "ok":  # the device ran it and it failed there (oom, timeout, error)
+            record.status, record.reason = TrialStatus(m["status"]), m.get("error") or m["status"]
             if "protocol" in m:
-                record["measurement"] = m
+                record.measurement = m
             return record
         measurement = Measurement.from_dict(m)
         prefill, decode = measurement.prefill[c.context], measurement.decode[c.context]
         footprint = measurement.memory.get("footprint_bytes")
-        record |= {
-            "measurement": m,
-            "prefill_ms": prefill.median_ms,
-            "decode_ms": decode.median_ms,
-            "prefill_stats": prefill.to_dict(),
-            "decode_stats": decode.to_dict(),
-            "footprint_bytes": footprint,
-            "peak_rss_bytes": measurement.memory.get("peak_rss_bytes"),
-        }
+        record.measurement = m
+        record.prefill_ms, record.decode_ms = prefill.median_ms, decode.median_ms
+        record.prefill_stats, record.decode_stats = prefill.to_dict(), decode.to_dict()
+        record.footprint_bytes, record.peak_rss_bytes = footprint, measurement.memory.get("peak_rss_bytes")
         if footprint:
-            record["memory_estimate_error"] = (candidate.estimate["total_bytes"] - footprint) / footprint
-        record["over_budget_bytes"] = over = float((footprint or 0) - budget)
+            record.memory_estimate_error = (candidate.estimate["total_bytes"] - footprint) / footprint
+        record.over_budget_bytes = over = float((footprint or 0) - budget)
         if over > 0:
-            record["status"] = "infeasible"
-            record["reason"] = f"footprint {footprint / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB"
+            record.status = TrialStatus.INFEASIBLE
+            record.reason = f"footprint {footprint / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB"
         return record
 
     def _quality_score(self, candidate: Candidate) -> float | None | bool:
@@ -625,15 +634,13 @@ class Search:
         c, trial = self.config, candidate.trial
         if c.quality == "none":
             return None
-        q = candidate.quality or {"ok": False, "error": "no quality result"}
-        if not q["ok"]:
-            trial.set_user_attr("status", "error")
-            trial.set_user_attr("reason", f"quality proxy failed: {q.get('error')}"[:2000])
-            self._tell(trial, "error", state=TrialState.FAIL)
+        q = candidate.quality or QualityOutcome.failed("no quality result")
+        if not q.ok:
+            write_trial_attrs(trial, status=TrialStatus.ERROR, reason=f"quality proxy failed: {q.error}")
+            self._tell(trial, TrialStatus.ERROR)
             return False
-        trial.set_user_attr("quality", q["score"])
-        trial.set_user_attr("quality_detail", q["detail"])
-        return q["score"]
+        write_trial_attrs(trial, quality=q.score, quality_detail=q.detail)
+        return q.score
 
     def _finish_on_devices(self, candidate: Candidate) -> None:
         """Tell a multi-device trial: every device's record under `devices`, one memory
@@ -642,53 +649,55 @@ class Search:
         device (certainly infeasible there, measured on the rest); FAIL when any device
         failed, with the others' figures kept."""
         c, trial = self.config, candidate.trial
-        records: dict[str, dict[str, Any]] = {}
+        records: dict[str, DeviceRecord] = {}
         for name, run in self.devices.items():
             if name in candidate.prefiltered:
                 lower = candidate.prefiltered[name] + run.budget_bytes
-                records[name] = {"status": "prefiltered", "budget_bytes": run.budget_bytes,
-                                 "reason": f"needs at least {lower / 2**20:.0f} MiB (analytic lower bound) > budget {run.budget_bytes / 2**20:.0f} MiB: not measured here"}
+                records[name] = DeviceRecord(status=TrialStatus.PREFILTERED, budget_bytes=run.budget_bytes,
+                                             reason=f"needs at least {lower / 2**20:.0f} MiB (analytic lower bound) > budget {run.budget_bytes / 2**20:.0f} MiB: not measured here")
                 trial.set_constraint(memory_constraint(name), candidate.prefiltered[name])
                 continue
             records[name] = self._device_record(candidate, name)
-            if "over_budget_bytes" in records[name]:
-                trial.set_constraint(memory_constraint(name), records[name]["over_budget_bytes"])
-        trial.set_user_attr("devices", records)
-        failed = {name: r for name, r in records.items() if r["status"] not in ("ok", "infeasible", "prefiltered")}
+            if records[name].over_budget_bytes is not None:
+                trial.set_constraint(memory_constraint(name), records[name].over_budget_bytes)
+        write_trial_attrs(trial, devices=records)
+        failed = {name: r for name, r in records.items() if not r.measured and r.status is not TrialStatus.PREFILTERED}
         if failed:
-            status = next(iter(failed.values()))["status"]
-            reasons = {r["reason"] for r in failed.values()}
+            status = next(iter(failed.values())).status
+            reasons = {r.reason for r in failed.values()}
             # a compile error is the same on every device: say it once
-            reason = reasons.pop() if status == "compile_error" and len(reasons) == 1 else "; ".join(f"{name}: {r['reason']}" for name, r in failed.items())
-            measured = [name for name, r in records.items() if r["status"] in ("ok", "infeasible")]
+            reason = reasons.pop() if status == TrialStatus.COMPILE_ERROR and len(reasons) == 1 else "; ".join(f"{name}: {r.reason}" for name, r in failed.items())
+            measured = [name for name, r in records.items() if r.measured]
             if measured:
                 reason += f" (measured on {', '.join(measured)})"
-            trial.set_user_attr("status", status)
-            trial.set_user_attr("reason", reason[:2000])
-            self._tell(trial, status, state=TrialState.FAIL)
+            write_trial_attrs(trial, status=status, reason=reason)
+            self._tell(trial, status)
             return
         quality_score = self._quality_score(candidate)
         if quality_score is False:
             return
         if candidate.prefiltered:
-            trial.set_user_attr("status", "prefiltered")
-            trial.set_user_attr("reason", "; ".join(f"{name}: {records[name]['reason']}" for name in candidate.prefiltered) + f" (measured on {', '.join(candidate.targets)})")
-            self._tell(trial, "prefiltered", state=TrialState.PRUNED)
+            reason = "; ".join(f"{name}: {records[name].reason}" for name in candidate.prefiltered) + f" (measured on {', '.join(candidate.targets)})"
+            write_trial_attrs(trial, status=TrialStatus.PREFILTERED, reason=reason)
+            self._tell(trial, TrialStatus.PREFILTERED)
             return
-        over = [name for name, r in records.items() if r["status"] == "infeasible"]
-        status = "infeasible" if over else "ok"
-        trial.set_user_attr("status", status)
-        if over:
-            trial.set_user_attr("reason", "; ".join(f"{name}: {records[name]['reason']}" for name in over))
-        latencies = [(records[name]["prefill_ms"], records[name]["decode_ms"]) for name in self.devices]
+        over = [name for name, r in records.items() if r.status is TrialStatus.INFEASIBLE]
+        status = TrialStatus.INFEASIBLE if over else TrialStatus.OK
+        write_trial_attrs(trial, status=status, reason="; ".join(f"{name}: {records[name].reason}" for name in over) or None)
+        latencies = [(records[name].prefill_ms, records[name].decode_ms) for name in self.devices]
         self._tell(trial, status, values=objective_values(c.quality, quality_score, *latencies[0], more=latencies[1:]))
 
-    def _tell(self, trial: optuna.Trial, status: str, state: TrialState = TrialState.COMPLETE, values: list[float] | None = None) -> None:
-        if state == TrialState.COMPLETE:
+    def _tell(self, trial: optuna.Trial, status: TrialStatus, values: list[float] | None = None) -> None:
+        """Tell the study how `trial` ended, in the state its status maps to (`TrialStatus.state`)."""
+        if status.state == TrialState.COMPLETE:
             self.study.tell(trial, values)
         else:
-            self.study.tell(trial, state=state)
-        self.stats.count(status)
+            self.study.tell(trial, state=status.state)
+        self.stats.count(status.value)
+
+
+#: the outcome type of each stage a candidate goes through (what its Ray ref returns)
+_OUTCOMES: dict[str, type] = {outcome.stage: outcome for outcome in (CompileOutcome, MeasureOutcome, QualityOutcome)}
 
 
 class SearchInterrupted(Exception):
@@ -741,52 +750,33 @@ def _signal_version(kind: str, settings_name: str) -> str | None:
 
 
 def _quality_settings(name: str):
-    from nas.quality import QualitySettings
+    from nas.quality.settings import QualitySettings
 
-    try:
-        return getattr(QualitySettings, name)()
-    except AttributeError:
-        raise UserError(f"unknown quality settings {name!r}; use default or cpu_small") from None
+    return QualitySettings.named(name)
 
 
 def _fingerprint(info: dict[str, Any], session: DeviceSession) -> str:
-    """The device's fingerprint, which the agent computes (`devices.stack.device_fingerprint`,
-    the one home: hardware, runtimes, profile, emulation, limits); recomputed the same way
-    from its facts for an agent too old to send it."""
-    from devices.stack import device_fingerprint
+    """The device's fingerprint, which the agent computes (`AgentConfig.fingerprint`); for an
+    agent too old to send it, the same rule applied to its facts (`devices.stack.agent_fingerprint`)."""
+    from devices.stack import agent_fingerprint
 
     if isinstance(info.get("fingerprint"), str) and info["fingerprint"]:
         return info["fingerprint"]
     profile = info.get("profile")
-    limits = {k: v for k, v in (info.get("limits") or {}).items() if k != "timeout_s"}  # as the agent leaves it out
-    return device_fingerprint({**(info.get("machine") or {}), "profile": profile.get("name") if isinstance(profile, dict) else profile, "emulated": info.get("emulated"), "limits": limits})
+    return agent_fingerprint(info.get("machine") or {}, profile.get("name") if isinstance(profile, dict) else profile, info.get("emulated"), info.get("limits") or {})
 
 
 def _check_same_devices(study: optuna.Study, config: SearchConfig) -> None:
     """A resumed study must be searched on the devices (and budgets) it was started with:
     its objectives are named after them."""
-    from nas.study import METADATA_KEY
-
     expected = objective_names(config.quality, config.devices if config.multi_device else None)
     if study.metric_names and list(study.metric_names) != expected:
         raise UserError(f"study {study.study_name!r} has objectives {', '.join(study.metric_names)}, this search would have {', '.join(expected)}: "
                         "resume it with the --device list it was started with, or start a new --study")
-    previous = study.user_attrs.get(METADATA_KEY, {}).get("budgets_bytes")
+    previous = StudyMetadata.read(study).budgets_bytes
     budgets = {name: config.budget_for(name) for name in config.devices}
     if config.multi_device and previous is not None and previous != budgets:
         raise UserError(f"study {study.study_name!r} was run with budgets {previous}, not {budgets}; resume it with the same --budget, or start a new --study")
-
-
-def _record_estimate_error(study: optuna.Study) -> None:
-    errors = []
-    for trial in study.get_trials(deepcopy=False):
-        records = trial.user_attrs.get("devices") or {}
-        for attrs in [trial.user_attrs, *records.values()]:
-            if "memory_estimate_error" in attrs:
-                errors.append(abs(attrs["memory_estimate_error"]))
-    errors.sort()
-    if errors:
-        study.set_user_attr("memory_estimate_error", {"n": len(errors), "median_abs": errors[len(errors) // 2], "max_abs": errors[-1]})
 
 
 def run_search(config: SearchConfig, console=None) -> optuna.Study:

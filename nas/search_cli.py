@@ -72,38 +72,38 @@ def search(
     console.print(f"export the winners to train them: [bold]lfm2-nas export --study {config.study}{storage_flag} --pareto --to lfm2 winners[/]")
 
 
-def _device_summaries(attrs: dict) -> dict | None:
+def _device_summaries(record) -> dict | None:
     """A multi-device trial's figures per device (None for a single-device trial)."""
-    records = attrs.get("devices")
-    if not isinstance(records, dict):
+    if not record.devices:
         return None
     keys = ("status", "prefill_ms", "decode_ms", "footprint_bytes", "reason")
-    return {name: {k: r.get(k) for k in keys if r.get(k) is not None} for name, r in records.items() if isinstance(r, dict)}
+    return {name: {k: v for k, v in r.to_attrs().items() if k in keys} for name, r in record.devices.items()}
 
 
-def _trial_row(trial, names: list[str]) -> dict:
+def _trial_row(trial, names: list[str], with_spec: bool = False) -> dict:
     """One trial as `study show --json` / `study pareto --json` print it (the schema's record;
     a multi-device trial's figures per device under `devices`)."""
-    from nas.progress import largest_footprint
     from nas.study_schema import TrialRecord
 
     record = TrialRecord.read(trial, names)
-    devices = _device_summaries(trial.user_attrs)
+    devices = _device_summaries(record)
     row = {
         "number": record.number,
         "state": record.state,
-        "status": trial.user_attrs.get("status"),  # as stored: None while the search has written none
+        "status": record.written_status,  # as stored: None while the search has written none
         "values": trial.values,
         "layout": record.layout,
         "preset": record.preset,
         "params": record.params,
-        "footprint_bytes": record.footprint_bytes or largest_footprint(trial.user_attrs),  # several devices: the largest
+        "footprint_bytes": record.largest_footprint_bytes,  # several devices: the largest
         "memory_estimate_bytes": record.memory_estimate_bytes,
         "reason": record.reason,
         "spec_key": record.spec_key,
     }
     if devices is not None:
         row["devices"] = devices
+    if with_spec:
+        row["spec"] = record.spec
     return row
 
 
@@ -214,7 +214,7 @@ def study_pareto(study: str = typer.Option(..., "--study"), storage: Optional[st
     loaded = load_study(study, storage)
     if as_json:
         names = metric_names(loaded)
-        typer.echo(json.dumps([_trial_row(t, names) | {"spec": t.user_attrs.get("spec")} for t in loaded.best_trials], indent=2))
+        typer.echo(json.dumps([_trial_row(t, names, with_spec=True) for t in loaded.best_trials], indent=2))
         return
     Console(width=160).print(pareto_table(loaded))
 

@@ -12,7 +12,7 @@ from lfm2.errors import UserError
 from lfm2.presets import presets
 from lfm2.spec import ArchSpec
 from nas.objectives import directions, make_sampler, objective_names
-from nas.study_schema import METADATA_KEY, StudyMetadata, TrialStatus, write_trial_attrs, write_trial_attrs_by_id
+from nas.study_schema import METADATA_KEY, StudyMetadata, TrialStatus, check_trial_attrs, write_trial_attrs, write_trial_attrs_by_id
 
 
 def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_url: str, quality: str, sampler_name: str, seed: int | None, n_trials: int, resume: bool, metadata: dict[str, Any], devices: list[str] | None = None) -> tuple[optuna.Study, bool]:
@@ -46,7 +46,7 @@ def enqueue_presets(study: optuna.Study, space) -> list[str]:
     enqueued = []
     for name, spec in presets.items():
         if space.contains(spec):
-            study.enqueue_trial(space.params_for(spec), user_attrs={"preset": name}, skip_if_exists=True)
+            study.enqueue_trial(space.params_for(spec), user_attrs=check_trial_attrs({"preset": name}), skip_if_exists=True)
             enqueued.append(name)
     return enqueued
 
@@ -65,7 +65,7 @@ def fail_stale_trials(study: optuna.Study, numbers: list[int] | None = None, rea
         user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "preset"}
         user_attrs["requeued_from"] = trial.number
         if trial.params:
-            study.enqueue_trial(trial.params, user_attrs=user_attrs)
+            study.enqueue_trial(trial.params, user_attrs=check_trial_attrs(user_attrs))
     return [t.number for t in stale]
 
 

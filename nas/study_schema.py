@@ -89,6 +89,9 @@ class StudyMetadata:
     sampler: str | None = None
     seed: int | None = None
     versions: dict[str, Any] = field(default_factory=dict)
+    #: a multi-device study: name -> the facts `device` holds for one device, and name -> budget
+    devices: dict[str, Any] | None = None
+    budgets_bytes: dict[str, int] | None = None
     #: keys this version does not know (a newer writer's): kept, never dropped on a rewrite
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -98,7 +101,7 @@ class StudyMetadata:
             return cls()
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in value.items() if k in known and v is not None}
-        for name in ("device", "versions"):
+        for name in ("device", "versions", "devices", "budgets_bytes"):
             if not isinstance(kwargs.get(name, {}), dict):
                 kwargs.pop(name)
         return cls(**kwargs, extra={k: v for k, v in value.items() if k not in known})
@@ -119,15 +122,116 @@ class StudyMetadata:
 
     def to_attrs(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        if not values["device"]:  # a multi-device study records `devices` (in extra) instead
+        if not values["device"]:  # a multi-device study records `devices` instead
             del values["device"]
+        for name in ("devices", "budgets_bytes"):  # a single-device study has neither
+            if values[name] is None:
+                del values[name]
         return {**self.extra, **values}
 
     def write(self, study: optuna.Study) -> None:
         study.set_user_attr(METADATA_KEY, self.to_attrs())
 
 
+def write_estimate_error_summary(study: optuna.Study) -> None:
+    """The study attr `memory_estimate_error` ({n, median_abs, max_abs}): how far the analytic
+    memory estimate was from every measured footprint of the study (each device's too)."""
+    errors = []
+    for record in read_trials(study):
+        for source in (record, *record.devices.values()):
+            if source.memory_estimate_error is not None:
+                errors.append(abs(source.memory_estimate_error))
+    errors.sort()
+    if errors:
+        study.set_user_attr("memory_estimate_error", {"n": len(errors), "median_abs": errors[len(errors) // 2], "max_abs": errors[-1]})
+
+
 # -- trials ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceRecord:
+    """What one device made of a trial: its status (`ok`, `infeasible` over its budget,
+    `prefiltered` there, or how it failed), the headline figures and the whole measurement.
+    A multi-device trial stores one per device under `devices`; a single-device trial
+    stores the figures flat (`DeviceRecord.trial_attrs`)."""
+
+    status: TrialStatus
+    budget_bytes: int | None = None
+    reason: str | None = None
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
+    prefill_stats: dict[str, Any] | None = None
+    decode_stats: dict[str, Any] | None = None
+    footprint_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    over_budget_bytes: float | None = None
+    memory_estimate_error: float | None = None
+    measurement: dict[str, Any] | None = None
+    measured_from: str | None = None
+    cached_from: Any = None
+
+    #: the figures a single-device trial stores as trial attrs of the same names
+    FLAT = ("reason", "measurement", "prefill_ms", "decode_ms", "prefill_stats", "decode_stats", "footprint_bytes", "peak_rss_bytes", "memory_estimate_error")
+
+    @property
+    def measured(self) -> bool:
+        return self.status in (TrialStatus.OK, TrialStatus.INFEASIBLE)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The JSON dict stored under the trial attr `devices` (None fields left out)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["status"] = TrialStatus(self.status).value
+        if values["reason"] is not None:
+            values["reason"] = values["reason"][:MAX_REASON_CHARS]
+        return {k: v for k, v in values.items() if v is not None}
+
+    def trial_attrs(self) -> dict[str, Any]:
+        """A single-device trial's own attrs (the status is written when the trial is told)."""
+        return {k: getattr(self, k) for k in self.FLAT}
+
+    @classmethod
+    def from_attrs(cls, value: Any) -> DeviceRecord:
+        """A stored record, read defensively (a field of the wrong type reads as None)."""
+        value = value if isinstance(value, dict) else {}
+        status = value.get("status")
+        try:
+            status = TrialStatus(status) if isinstance(status, str) else TrialStatus.ERROR
+        except ValueError:
+            status = TrialStatus.ERROR
+        return cls(
+            status=status,
+            budget_bytes=_number(value.get("budget_bytes")),
+            reason=_text(value.get("reason")),
+            prefill_ms=_number(value.get("prefill_ms")),
+            decode_ms=_number(value.get("decode_ms")),
+            prefill_stats=_dict(value.get("prefill_stats")),
+            decode_stats=_dict(value.get("decode_stats")),
+            footprint_bytes=_number(value.get("footprint_bytes")),
+            peak_rss_bytes=_number(value.get("peak_rss_bytes")),
+            over_budget_bytes=_number(value.get("over_budget_bytes")),
+            memory_estimate_error=_number(value.get("memory_estimate_error")),
+            measurement=_dict(value.get("measurement")),
+            measured_from=_text(value.get("measured_from")),
+            cached_from=value.get("cached_from"),
+        )
+
+
+#: The headline figures of a multi-device trial: the worst (largest) over its devices.
+HEADLINE_FIGURES = ("prefill_ms", "decode_ms", "footprint_bytes", "peak_rss_bytes")
+
+
+def worst_over_devices(records: dict[str, DeviceRecord]) -> dict[str, Any]:
+    """The largest latency and footprint over a multi-device trial's devices, where every
+    device measured it: the figure a limit must meet to hold on all of them (pick)."""
+    if not records or not all(r.measured for r in records.values()):
+        return {}
+    worst = {}
+    for key in HEADLINE_FIGURES:
+        figures = [getattr(r, key) for r in records.values()]
+        if all(f is not None for f in figures):
+            worst[key] = max(figures)
+    return worst
 
 #: Every trial user attr of the schema, with the JSON type it holds.
 TRIAL_ATTRS: dict[str, tuple[type, ...]] = {
@@ -178,10 +282,22 @@ def check_trial_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
             value = TrialStatus(value).value  # ValueError for a status the schema does not know
         elif key == "reason":
             value = str(value)[:MAX_REASON_CHARS]
+        elif key == "devices" and isinstance(value, dict):
+            value = {name: _check_device_record(name, record) for name, record in value.items()}
         elif not isinstance(value, TRIAL_ATTRS[key]) or (isinstance(value, bool) and bool not in TRIAL_ATTRS[key]):
             raise ValueError(f"trial attr {key!r} holds {type(value).__name__}, the schema says {'/'.join(t.__name__ for t in TRIAL_ATTRS[key])}")
         checked[key] = value
     return checked
+
+
+def _check_device_record(name: str, record: Any) -> dict[str, Any]:
+    if isinstance(record, DeviceRecord):
+        return record.to_attrs()
+    known = {f.name for f in fields(DeviceRecord)}
+    if not isinstance(record, dict) or not set(record) <= known:
+        raise ValueError(f"trial attr 'devices' entry {name!r} is not a device record (keys {sorted(known)}): write a nas.study_schema.DeviceRecord")
+    TrialStatus(record.get("status"))  # ValueError for a missing or unknown status
+    return record
 
 
 def write_trial_attrs(trial: optuna.Trial, **attrs: Any) -> None:
@@ -272,6 +388,14 @@ class TrialRecord:
     memory_estimate_error: float | None = None
     requeued: bool = False
     requeued_from: int | None = None
+    quality_signal: str | None = None
+    prescreen: dict[str, Any] | None = None
+    #: the status attr as stored (None while the search has written none); `status` infers one
+    written_status: str | None = None
+    #: a multi-device trial's record per device (empty for a single-device trial); its
+    #: headline figures above are then the worst over the devices, set only when every
+    #: device measured it (`worst_over_devices`)
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)
 
     @classmethod
     def read(cls, trial: FrozenTrial, names: list[str]) -> TrialRecord:
@@ -282,6 +406,14 @@ class TrialRecord:
         values: dict[str, float] = {}
         if trial.state == TrialState.COMPLETE and trial.values is not None:
             values = dict(zip(names, trial.values))
+        stored = attrs.get("devices")
+        devices = {str(name): DeviceRecord.from_attrs(r) for name, r in stored.items()} if isinstance(stored, dict) else {}
+        worst = worst_over_devices(devices)
+
+        def headline(key: str, own: Any) -> Any:  # a multi-device trial has no own figure: the worst device's
+            own = _number(own)
+            return own if own is not None else worst.get(key)
+
         return cls(
             number=trial.number,
             state=trial.state.name,
@@ -298,11 +430,11 @@ class TrialRecord:
             params=_number(attrs.get("params")),
             memory_estimate_bytes=_number(attrs.get("memory_estimate_bytes")),
             memory_estimate=_dict(attrs.get("memory_estimate")),
-            footprint_bytes=_number(attrs.get("footprint_bytes")),
-            peak_rss_bytes=_number(attrs.get("peak_rss_bytes")),
+            footprint_bytes=headline("footprint_bytes", attrs.get("footprint_bytes")),
+            peak_rss_bytes=headline("peak_rss_bytes", attrs.get("peak_rss_bytes")),
             # The objectives as told win over the attrs (they are what the sampler saw).
-            prefill_ms=_number(values.get("prefill_ms", attrs.get("prefill_ms"))),
-            decode_ms=_number(values.get("decode_ms", attrs.get("decode_ms"))),
+            prefill_ms=headline("prefill_ms", values.get("prefill_ms", attrs.get("prefill_ms"))),
+            decode_ms=headline("decode_ms", values.get("decode_ms", attrs.get("decode_ms"))),
             prefill_stats=_dict(attrs.get("prefill_stats")),
             decode_stats=_dict(attrs.get("decode_stats")),
             quality=_number(values.get("quality", attrs.get("quality"))),
@@ -316,7 +448,19 @@ class TrialRecord:
             memory_estimate_error=_number(attrs.get("memory_estimate_error")),
             requeued=bool(attrs.get("requeued", False)),
             requeued_from=_number(attrs.get("requeued_from")),
+            quality_signal=_text(attrs.get("quality_signal")),
+            prescreen=_dict(attrs.get("prescreen")),
+            written_status=_text(attrs.get("status")),
+            devices=devices,
         )
+
+    @property
+    def largest_footprint_bytes(self) -> int | None:
+        """The trial's footprint; a multi-device trial's largest over the devices that measured it."""
+        if self.footprint_bytes is not None:
+            return self.footprint_bytes
+        footprints = [r.footprint_bytes for r in self.devices.values() if r.footprint_bytes]
+        return max(footprints) if footprints else None
 
     @property
     def measured(self) -> bool:
@@ -447,6 +591,9 @@ __all__ = [
     "TrialStatus",
     "StudyMetadata",
     "TrialRecord",
+    "DeviceRecord",
+    "worst_over_devices",
+    "write_estimate_error_summary",
     "TRIAL_ATTRS",
     "check_trial_attrs",
     "write_trial_attrs",

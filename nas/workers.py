@@ -1,6 +1,7 @@
 """The work the search hands to Ray: compile tasks, quality tasks, one actor per device.
 
-Workers return plain data (dicts of JSON types); only the driver talks to the study.
+Workers return typed outcomes (`nas.results`), as plain dicts over Ray (`to_dict`); only
+the driver talks to the study.
 A task that runs on the driver's node (the "home" node, where the device actors live)
 pins itself to the worker cores it is given, so that on a machine that is also the device
 being measured, compiles and training never share the measured cores; on any other node
@@ -21,11 +22,12 @@ import os
 import shutil
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import ray
+
+from nas.results import CompileOutcome, MeasureOutcome, QualityOutcome
 
 #: Where a device actor keeps the artifacts it received from other nodes, by bundle sha256.
 RECEIVED_DIR = "received"
@@ -47,11 +49,6 @@ def _pin(cpus: list[int] | None, home_node: str | None = None) -> None:
             pass
 
 
-def _failure(stage: str, exc: BaseException) -> dict[str, Any]:
-    tail = "".join(traceback.format_exception(exc)).strip().splitlines()[-12:]
-    return {"ok": False, "stage": stage, "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": "\n".join(tail)}
-
-
 # num_returns=2: the small summary the driver reads, and the bundle bytes it never reads
 # (it only hands their reference to the device actor). max_retries: the task never raises,
 # so Ray retries it only when its worker or node died; that also lets Ray rebuild a lost
@@ -62,8 +59,9 @@ def compile_candidate(
 ) -> tuple[dict[str, Any], bytes | None]:
     """Compile (or fetch from the artifact cache) one candidate; never raises.
 
-    Returns (summary, bundle): on the home node the bundle is None (the device actor reads
-    the folder at summary["path"]); on any other node it is the artifact's bundle bytes."""
+    Returns (a `CompileOutcome` as a dict, bundle): on the home node the bundle is None (the
+    device actor reads the folder at its `path`); on any other node it is the artifact's
+    bundle bytes."""
     _pin(cpus, home_node)
     started = time.perf_counter()
     try:
@@ -76,20 +74,11 @@ def compile_candidate(
         sha = bundle = None  # on the home node the actor reads the folder (and hashes it to upload)
         if home_node is not None and node != home_node:
             sha, bundle = bundle_bytes(artifact)
-        return {
-            "ok": True,
-            "path": str(artifact.path),  # on the compile node: readable there only
-            "node": node,
-            "bundle_sha256": sha,  # only when the bundle travels
-            "key": artifact.key,
-            "bytes": artifact.size_bytes,
-            "stages_s": artifact.manifest.get("stages_s", {}),
-            "wall_s": time.perf_counter() - started,
-        }, bundle
+        outcome = CompileOutcome(ok=True, path=str(artifact.path), node=node, bundle_sha256=sha, key=artifact.key, bytes=artifact.size_bytes,
+                                 stages_s=artifact.manifest.get("stages_s", {}), wall_s=time.perf_counter() - started)
+        return outcome.to_dict(), bundle
     except Exception as exc:
-        result = _failure("compile", exc)
-        result["wall_s"] = time.perf_counter() - started
-        return result, None
+        return CompileOutcome.from_exception(exc, time.perf_counter() - started).to_dict(), None
 
 
 def materialise(compiled: dict[str, Any], bundle: list, cache_dir: Path | None = None, timeout_s: float | None = None) -> Path:
@@ -155,7 +144,7 @@ def discard_received(path: str) -> bool:
 
 @ray.remote(max_retries=0)
 def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, cpus: list[int] | None, home_node: str | None = None) -> dict[str, Any]:
-    """Train and score the candidate's quality proxy; never raises."""
+    """Train and score the candidate's quality proxy; never raises. A `QualityOutcome` as a dict."""
     if device == "cpu":
         _pin(cpus, home_node)
     started = time.perf_counter()
@@ -163,13 +152,11 @@ def score_quality(spec: dict, kind: str, device: str, settings: str, seed: int, 
         from lfm2.spec import ArchSpec
         from nas.quality import QualitySettings, score
 
-        preset = getattr(QualitySettings, settings)()
+        preset = QualitySettings.named(settings)
         result = score(ArchSpec.from_dict(spec), kind, device=device, settings=preset, seed=seed)
-        return {"ok": True, "score": result.score, "detail": result.to_dict(), "wall_s": time.perf_counter() - started}
+        return QualityOutcome(ok=True, score=result.score, detail=result.to_dict(), wall_s=time.perf_counter() - started).to_dict()
     except Exception as exc:
-        result = _failure("quality", exc)
-        result["wall_s"] = time.perf_counter() - started
-        return result
+        return QualityOutcome.from_exception(exc, time.perf_counter() - started).to_dict()
 
 
 def _rebuilt_here(compiled: dict[str, Any]) -> Path:
@@ -202,7 +189,8 @@ class DeviceActor:
     def measure(self, compiled: dict[str, Any], bundle: list, protocol: dict, job_id: str, timeout_s: float) -> dict[str, Any]:
         """Measure the artifact `compiled` describes (a compile_candidate summary; `bundle`
         is [its bundle's ObjectRef or None]). The agent keeps artifacts by sha256, so the
-        client sends the bundle only if the agent does not have it yet."""
+        client sends the bundle only if the agent does not have it yet. A `MeasureOutcome`
+        as a dict."""
         started = time.perf_counter()
         try:
             from devices.artifact import Artifact
@@ -211,11 +199,9 @@ class DeviceActor:
             path = materialise(compiled, bundle, timeout_s=timeout_s)
             received_s = time.perf_counter() - started
             measurement = self.client.measure(Artifact.load(path), Protocol.from_dict(protocol), job_id=job_id, timeout=timeout_s)
-            return {"ok": True, "measurement": measurement.to_dict(), "local_path": str(path), "received_s": received_s, "wall_s": time.perf_counter() - started}
+            return MeasureOutcome(ok=True, measurement=measurement.to_dict(), local_path=str(path), received_s=received_s, wall_s=time.perf_counter() - started).to_dict()
         except Exception as exc:
-            result = _failure("measure", exc)
-            result["wall_s"] = time.perf_counter() - started
-            return result
+            return MeasureOutcome.from_exception(exc, time.perf_counter() - started).to_dict()
         finally:
             self.busy_s += time.perf_counter() - started
 

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lfm2.errors import UserError
 from reports.defaults import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REFRESH_S
 
 # The commands import what they run (Optuna, plotly, the dashboard's server) when they run:
@@ -33,6 +34,8 @@ def report_command(
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write (self-contained: opens with no network)."),
 ) -> None:
     """Write a self-contained HTML report: Pareto fronts, hypervolume, the Pareto set, layouts, device facts."""
+    if not out.parent.is_dir():  # checked before the study is read: a typo in the folder costs nothing
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it (mkdir -p {out.parent}) or choose another --out")
     from reports.html import write_report
     from reports.study_data import load_study_data
 

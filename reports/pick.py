@@ -100,7 +100,11 @@ def _bound(attr: str, bound: float) -> str:
     return format_bytes(bound) if attr == "footprint_bytes" else f"{bound:g} ms"
 
 
-def _sort_key(trial: TrialRow, by_quality: bool) -> tuple:
+def preference_key(trial: Any, by_quality: bool = True) -> tuple:
+    """The order in which architectures are preferred (smallest first): the highest quality
+    (when ranked by it), then the lowest decode latency, prefill latency, memory, and the
+    earlier trial. `trial` is any record with those figures (a `TrialRow`, or a
+    `nas.study_schema.TrialRecord`: `lfm2-nas export --family 1` takes the same one)."""
     memory = trial.footprint_bytes if trial.footprint_bytes is not None else float("inf")
     latency = (trial.decode_ms if trial.decode_ms is not None else float("inf"), trial.prefill_ms if trial.prefill_ms is not None else float("inf"))
     quality = -(trial.quality if trial.quality is not None else float("-inf"))
@@ -118,7 +122,7 @@ def pick(data: StudyData, limits: Limits) -> PickResult:
     checks = limits.checks()
     meeting = [t for t in candidates if all(_meets(t, bound, attr) for _name, bound, attr in checks)]
     if meeting:
-        best = min(meeting, key=lambda t: _sort_key(t, by_quality))
+        best = min(meeting, key=lambda t: preference_key(t, by_quality))
         return PickResult(best, limits, ranked_by, len(meeting), [], f"trial {best.number} is the best by {ranked_by} of {len(meeting)} architecture(s) within the limits")
 
     unmet, reasons = [], []
@@ -146,4 +150,4 @@ def pick(data: StudyData, limits: Limits) -> PickResult:
     return PickResult(None, limits, ranked_by, 0, unmet, "; ".join(reasons) + f" (among {len(candidates)} feasible architectures of study {data.name!r}); relax the limit(s)")
 
 
-__all__ = ["Limits", "PickResult", "pick"]
+__all__ = ["Limits", "PickResult", "pick", "preference_key"]

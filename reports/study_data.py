@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lfm2.spec import ArchSpec, SpecError
-from nas.study_schema import DEFAULT_STORAGE, METADATA_KEY, TrialRecord, load_study, metric_names, open_storage
+from nas.study_schema import DEFAULT_STORAGE, METADATA_KEY, StudyMetadata, TrialRecord, load_study, metric_names, open_storage
 
 #: How a trial ended, coarsely, for colours and legends: the schema's `status` folded into
 #: what a reader needs to tell apart.
@@ -126,34 +126,8 @@ def _outcome(state: TrialState, status: str, constraint: float | None) -> str:
     return "failed"
 
 
-def _figure(value: Any) -> float | int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
-
-
-def _worst_over_devices(records: dict[str, Any]) -> dict[str, Any]:
-    """The largest latency and footprint over a multi-device trial's devices, where every
-    device measured it: the figure a limit must meet to hold on all of them (pick)."""
-    measured = [r for r in records.values() if isinstance(r, dict) and r.get("status") in ("ok", "infeasible")]
-    if not measured or len(measured) != len(records):
-        return {}
-    worst = {}
-    for key in ("prefill_ms", "decode_ms", "footprint_bytes", "peak_rss_bytes"):
-        figures = [_figure(r.get(key)) for r in measured]
-        if all(f is not None for f in figures):
-            worst[key] = max(figures)
-    return worst
-
-
 def _row(trial: FrozenTrial, names: list[str], pareto: set[int]) -> TrialRow:
-    record = TrialRecord.read(trial, names)
-    devices = trial.user_attrs.get("devices") if isinstance(trial.user_attrs.get("devices"), dict) else {}
-    worst = _worst_over_devices(devices) if devices else {}
-
-    def headline(key: str, own: Any) -> Any:  # a multi-device trial's own figure is absent: the worst device's
-        return own if own is not None else worst.get(key)
-
+    record = TrialRecord.read(trial, names)  # a multi-device trial's headline figures: the worst device's
     return TrialRow(
         number=record.number,
         state=record.state,
@@ -170,18 +144,18 @@ def _row(trial: FrozenTrial, names: list[str], pareto: set[int]) -> TrialRow:
         params=record.params,
         quality=record.quality,
         quality_detail=record.quality_detail,
-        prefill_ms=headline("prefill_ms", record.prefill_ms),
-        decode_ms=headline("decode_ms", record.decode_ms),
+        prefill_ms=record.prefill_ms,
+        decode_ms=record.decode_ms,
         prefill_stats=record.prefill_stats,
         decode_stats=record.decode_stats,
-        footprint_bytes=headline("footprint_bytes", record.footprint_bytes),
-        peak_rss_bytes=headline("peak_rss_bytes", record.peak_rss_bytes),
+        footprint_bytes=record.footprint_bytes,
+        peak_rss_bytes=record.peak_rss_bytes,
         memory_estimate_bytes=record.memory_estimate_bytes,
         measurement=record.measurement,
         artifact=record.artifact,
         cached=record.cached,
         duration_s=record.duration_s,
-        devices=devices,
+        devices={name: r.to_attrs() for name, r in record.devices.items()},
     )
 
 
@@ -202,7 +176,7 @@ def read_study(study: optuna.Study) -> StudyData:
         name=study.study_name,
         metric_names=names,
         directions=[d.name.lower() for d in study.directions],
-        facts=study.user_attrs.get(METADATA_KEY) if isinstance(study.user_attrs.get(METADATA_KEY), dict) else {},
+        facts=_facts(study),
         trials=[_row(t, names, set(pareto_numbers)) for t in trials],
         pareto_numbers=pareto_numbers,
         revision=study_revision(trials),
@@ -211,6 +185,11 @@ def read_study(study: optuna.Study) -> StudyData:
 
     data.hypervolume = hypervolume_history(study, data)
     return data
+
+
+def _facts(study: optuna.Study) -> dict[str, Any]:
+    metadata = StudyMetadata.read(study)
+    return metadata.to_attrs() if metadata.written else {}
 
 
 def load_study_data(name: str, storage_url: str | None = None) -> StudyData:

@@ -68,7 +68,8 @@ def test_bench_prints_a_table(spec_file, tmp_path, capsys, monkeypatch):
         (["{spec}", "--prompt", "12,abc"], "not a positive integer"),
         (["{spec}", "--backend", "tflite"], "choose one of"),
         (["{spec}", "--backend", "onnx", "--quant", "8da4w"], "compiles fp32, int8"),
-        (["{spec}", "--memory-cap", "lots"], "--memory-cap"),
+        (["{spec}", "--memory-cap", "lots"], "--memory-limit"),  # the old name still accepted, the message uses the one name
+        (["{spec}", "--memory-limit", "500"], "no unit"),
         (["{spec}", "--threads", "0"], "--threads must be >= 1"),
     ],
 )

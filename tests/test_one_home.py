@@ -18,7 +18,7 @@ TINY = presets["LFM2-350M"].replace(vocab_size=512, d_model=64, n_heads=4, n_kv_
 def test_format_size_is_the_one_byte_formatter():
     from devices.bench_cli import _mib as bench_mib
     from devices.measure import _fmt_bytes
-    from nas.export import _mib as export_mib
+    from nas.export.markdown import _mib as export_mib
     from reports.sizes import format_bytes
 
     assert format_size(1536 << 20) == "1.50 GiB" and format_size(100) == "100 B" and format_size(None) == "-"

@@ -12,6 +12,7 @@ import pytest
 from nas.objectives import MEMORY_CONSTRAINT
 from nas.predictor import FeatureSet
 from nas.prescreen import MIN_MEASUREMENTS, Prescreen, record_skip
+from nas.study_schema import check_trial_attrs
 from search_space import SearchSpace
 
 FEATURES = FeatureSet(prompt_tokens=256, decode_depth=256, backend="eager", quant="fp32", context=264)
@@ -152,7 +153,7 @@ def test_a_live_search_skips_what_its_study_says_is_over_budget_and_the_flag_tur
         prefill, decode = float(features.row(spec, "prefill_ms") @ PREFILL), float(features.row(spec, "decode_ms") @ DECODE)
         study.add_trial(optuna.trial.create_trial(
             params=space.params_for(spec), distributions=space.distributions(), values=[prefill, decode],
-            user_attrs={"spec": spec.to_dict(), "spec_key": spec.key, "status": "infeasible", "prefill_ms": prefill, "decode_ms": decode, "footprint_bytes": footprint},
+            user_attrs=check_trial_attrs({"spec": spec.to_dict(), "spec_key": spec.key, "status": "infeasible", "prefill_ms": prefill, "decode_ms": decode, "footprint_bytes": int(footprint)}),
             constraints={MEMORY_CONSTRAINT: footprint - 400e6}))
     search("--trials", "18")
     new = [t for t in optuna.load_study(study_name="pre", storage=storage).trials if t.number >= 15]

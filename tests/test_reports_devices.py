@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from lfm2.presets import presets
+from nas.study_schema import StudyMetadata, check_trial_attrs
 from reports.devices import device_names, device_view, on_every_front
 from reports.html import report_payload
 from reports.study_data import read_study
@@ -42,8 +43,8 @@ def write_study(url: str) -> optuna.Study:
     rng = np.random.default_rng(7)
     study = optuna.create_study(study_name="two-devices", storage=url, directions=DIRECTIONS)
     study.set_metric_names(NAMES)
-    study.set_user_attr("lfm2_nas", {"devices": {d: {"name": d, "emulated": True} for d in DEVICES}, "budgets_bytes": BUDGETS, "budget_bytes": None,
-                                     "context": 512, "backend": "onnx", "quant": "int8", "quality": "mad"})
+    StudyMetadata(devices={d: {"name": d, "emulated": True} for d in DEVICES}, budgets_bytes=BUDGETS, budget_bytes=None,
+                  context=512, backend="onnx", quant="int8", quality="mad").write(study)
     spec = presets["LFM2-350M"]
     base = {"spec": spec.to_dict(), "spec_key": spec.key, "layout": spec.layout, "params": 354_483_968}
     for number in range(16):
@@ -52,23 +53,23 @@ def write_study(url: str) -> optuna.Study:
         if number == 12:  # rpi5's agent lost: FAIL, pixel8's figures kept
             records = {"pixel8": _record(rng, 300 * 2**20, "pixel8"), "rpi5": {"status": "lost", "reason": "agent rpi5 is unreachable", "budget_bytes": BUDGETS["rpi5"]}}
             attrs = base | {"status": "lost", "reason": "rpi5: agent rpi5 is unreachable (measured on pixel8)", "quality": quality, "devices": records}
-            study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=attrs, constraints={"memory_over_budget_bytes@pixel8": records["pixel8"]["over_budget_bytes"]}))
+            study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=check_trial_attrs(attrs), constraints={"memory_over_budget_bytes@pixel8": records["pixel8"]["over_budget_bytes"]}))
             continue
         if number == 13:  # certainly over pixel8's budget: measured on rpi5 only
             records = {"pixel8": {"status": "prefiltered", "reason": "needs at least 600 MiB", "budget_bytes": BUDGETS["pixel8"]}, "rpi5": _record(rng, 700 * 2**20, "rpi5")}
             attrs = base | {"status": "prefiltered", "reason": "pixel8: needs at least 600 MiB (measured on rpi5)", "quality": quality, "devices": records}
-            study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=attrs, constraints={"memory_over_budget_bytes@pixel8": 100.0 * 2**20, "memory_over_budget_bytes@rpi5": records["rpi5"]["over_budget_bytes"]}))
+            study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=check_trial_attrs(attrs), constraints={"memory_over_budget_bytes@pixel8": 100.0 * 2**20, "memory_over_budget_bytes@rpi5": records["rpi5"]["over_budget_bytes"]}))
             continue
         if number == 14:
             records = {d: {"status": "compile_error", "reason": "compile failed: boom", "budget_bytes": BUDGETS[d]} for d in DEVICES}
-            study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=base | {"status": "compile_error", "reason": "compile failed: boom", "devices": records}))
+            study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=check_trial_attrs(base | {"status": "compile_error", "reason": "compile failed: boom", "devices": records})))
             continue
         records = {d: _record(rng, footprint + int(rng.uniform(0, 4)) * 2**20, d) for d in DEVICES}
         over = [d for d in DEVICES if records[d]["status"] == "infeasible"]
         attrs = base | {"status": "infeasible" if over else "ok", "quality": quality, "devices": records}
         values = [quality, *(records[d][k] for d in DEVICES for k in ("prefill_ms", "decode_ms"))]
         constraints = {f"memory_over_budget_bytes@{d}": records[d]["over_budget_bytes"] for d in DEVICES}
-        study.add_trial(create_trial(state=TrialState.COMPLETE, values=values, user_attrs=attrs, constraints=constraints))
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=values, user_attrs=check_trial_attrs(attrs), constraints=constraints))
     return study
 
 

@@ -57,6 +57,7 @@ def study_and_report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reports-html")
     url, name = study_under_test(folder)
     out = folder / "out" / "report.html"
+    out.parent.mkdir()  # `report --out` writes into a folder that exists; it creates none
     result = run_cli("report", "--study", name, "--storage", url, "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout

@@ -38,6 +38,8 @@ def lfm2_nas(lfm2_nas):
         (["--device", "local,pixel8", "--emulate", "--budget", "local=500MB,pixel8=500"], ["--budget for pixel8", "no unit"]),
         (["--device", "local,pixel8", "--emulate", "--budget", "500MB,1GB"], ["two budgets"]),
         (["--device", "local,nosuchboard", "--budget", "500MB", "--emulate"], ["profile", "nosuchboard"]),
+        # found before any agent, Ray or storage starts (it used to fail the first trial)
+        (["--device", "local", "--budget", "500MB", "--quality", "mad", "--quality-settings", "gpu_big"], ["--quality-settings 'gpu_big'", "default, cpu_small"]),
     ],
 )
 def test_bad_search_input_exits_2_with_the_fix(lfm2_nas, tmp_path, args, expected):
@@ -76,3 +78,12 @@ def test_study_show_labels_each_objective(lfm2_nas, tmp_path):
     header = " ".join(result.stdout.split())
     for name in ("quality", "prefill_ms", "decode_ms", "footprint MiB"):
         assert name in header, (name, result.stdout)
+
+
+def test_report_into_a_missing_folder_exits_2_before_reading_the_study(lfm2_nas, tmp_path):
+    """`report --out` creates no folder: a typo in it is refused (exit 2) with the fix,
+    before the study is read (here the study does not even exist)."""
+    result = lfm2_nas("report", "--study", "s", "--storage", "sqlite:///missing.db", "--out", tmp_path / "no-such-folder" / "r.html", cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "no-such-folder does not exist" in result.stderr and "mkdir -p" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "no-such-folder").exists()

@@ -187,10 +187,11 @@ def test_memory_estimate_refuses_bad_backend_quant_and_context():
         costs.estimate_peak_memory(preset, 0, "eager", "fp32")
 
 
-def test_backend_table_matches_the_devices_table():
-    from devices.artifact import QUANTS  # the cost model repeats it: search_space may not import devices
+def test_the_cost_model_and_the_compiler_read_one_backend_table():
+    from devices.artifact import QUANTS
+    from lfm2.backends import QUANTS as TABLE
 
-    assert costs.BACKEND_QUANTS == QUANTS
+    assert costs.BACKEND_QUANTS is TABLE and QUANTS is TABLE  # derived, not kept in sync
 
 
 def test_describe_is_json_and_consistent():

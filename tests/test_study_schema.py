@@ -17,15 +17,16 @@ from devices.protocol import MEASUREMENT_STATUSES
 from lfm2.errors import UserError
 from nas.study_schema import (
     METADATA_KEY,
-    TRIAL_ATTRS,
     StudyMetadata,
     TrialRecord,
     TrialStatus,
+    DeviceRecord,
     check_trial_attrs,
     load_study,
     open_storage,
     read_trials,
     trials_table,
+    worst_over_devices,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,20 +67,31 @@ def _literal_calls(path: Path, method: str) -> list[ast.Call]:
     return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == method and n.args and isinstance(n.args[0], ast.Constant)]
 
 
-def test_every_trial_attr_the_search_writes_is_in_the_schema():
-    """`nas/search.py` still writes some attrs with `set_user_attr` directly (it is being
-    changed for several devices at the same time); this keeps every such key and status
-    literal inside the schema until it writes through `write_trial_attrs` too."""
-    written = set()
-    for path in (REPO / "nas").rglob("*.py"):
-        for call in _literal_calls(path, "set_user_attr"):
-            key = call.args[0].value
-            if path.name == "search.py" and key == "memory_estimate_error" and "study" in ast.unparse(call.func.value):
-                continue  # the study-level summary attr, not a trial's
-            written.add(key)
-            if key == "status" and isinstance(call.args[1], ast.Constant):
-                TrialStatus(call.args[1].value)
-    assert written and written <= set(TRIAL_ATTRS), written - set(TRIAL_ATTRS)
+def test_the_schema_module_is_the_only_writer_of_trial_attrs():
+    """Every trial attr is written through `nas.study_schema` (`write_trial_attrs`, which
+    checks keys, types and statuses): no other module of the packages calls
+    `set_user_attr` or `set_trial_user_attr`, nor hands Optuna raw `user_attrs`."""
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            if path == REPO / "nas" / "study_schema.py":
+                continue
+            for method in ("set_user_attr", "set_trial_user_attr"):
+                assert not _literal_calls(path, method), f"{path} calls {method}: write through nas.study_schema"
+
+
+def test_device_records_are_checked_and_read_back():
+    record = DeviceRecord(status=TrialStatus.INFEASIBLE, budget_bytes=10, prefill_ms=2.0, decode_ms=1.0, footprint_bytes=12, over_budget_bytes=2.0, reason="over")
+    stored = check_trial_attrs({"devices": {"a": record, "b": {"status": "lost", "reason": "gone"}}})["devices"]
+    assert stored["a"] == {"status": "infeasible", "budget_bytes": 10, "prefill_ms": 2.0, "decode_ms": 1.0, "footprint_bytes": 12, "over_budget_bytes": 2.0, "reason": "over"}
+    assert DeviceRecord.from_attrs(stored["a"]) == record
+    with pytest.raises(ValueError, match="not a device record"):
+        check_trial_attrs({"devices": {"a": {"status": "ok", "footprint": 1}}})
+    with pytest.raises(ValueError):
+        check_trial_attrs({"devices": {"a": {"status": "exploded"}}})
+    # the headline of a multi-device trial is the worst device's, only when every device measured it
+    ok = DeviceRecord(status=TrialStatus.OK, prefill_ms=5.0, decode_ms=0.5, footprint_bytes=20)
+    assert worst_over_devices({"a": record, "c": ok}) == {"prefill_ms": 5.0, "decode_ms": 1.0, "footprint_bytes": 20}
+    assert worst_over_devices({"a": record, "b": DeviceRecord.from_attrs(stored["b"])}) == {}
 
 
 def test_metadata_key_and_storage_rule_have_one_home():

@@ -50,23 +50,33 @@ def test_byte_tokenizer_is_the_identity_on_bytes():
 
 def test_bpe_tokenizer_fits_the_model_vocabulary():
     corpus = load_corpus(CORPUS)
-    tokenizer = train_bpe_tokenizer((d.decode() for d in corpus.train), 400)
+    tokenizer = train_bpe_tokenizer((d.decode() for d in corpus.documents("train")), 400)
     assert 257 < tokenizer.get_vocab_size() <= 400
-    sample = corpus.validation[0][:500].decode("utf-8", errors="ignore")
+    sample = corpus.documents("validation")[0][:500].decode("utf-8", errors="ignore")
     ids = tokenizer.encode(sample).ids
     assert len(ids) < len(sample.encode()) and tokenizer.decode(ids) == sample
-    assert max(encode_documents(tokenizer, corpus.validation, "bpe")) < 400
+    assert max(encode_documents(tokenizer, corpus.documents("validation"), "bpe")) < 400
 
 
-def test_stdlib_corpus_becomes_documents():
-    pytest.importorskip("lfm2.corpus")
+def test_stdlib_corpus_becomes_documents(tmp_path):
+    from lfm2.corpus import FILE_SEPARATOR, Corpus, corpus_by_name
+
     corpus = load_corpus("stdlib:100000")
-    assert corpus.name == "stdlib[:100000]" and len(corpus.train) > 1 and corpus.validation
-    assert not any(b"\n\x00\n" in doc for doc in corpus.train)  # the file separator became document boundaries
+    # one Corpus class: training reads the named corpus itself (same bytes, same fingerprint)
+    assert isinstance(corpus, Corpus) and corpus is corpus_by_name("stdlib", 100000) and corpus.name == "stdlib[:100000]"
+    documents = corpus.documents("train")
+    assert len(documents) > 1 and corpus.documents("validation")
+    assert not any(FILE_SEPARATOR in doc for doc in documents)  # the file separator became document boundaries
+    (tmp_path / "a.txt").write_text("first file\n" * 50)
+    (tmp_path / "b.txt").write_text("second file\n" * 50)
+    files = load_corpus(str(tmp_path), val_fraction=0.1)
+    assert isinstance(files, Corpus) and files.documents("train")[0] == b"first file\n" * 50
+    assert b"".join(files.documents("train") + files.documents("validation")) == b"first file\n" * 50 + b"second file\n" * 50
+    assert files.fingerprint == load_corpus(str(tmp_path), val_fraction=0.1).fingerprint != load_corpus(str(tmp_path), val_fraction=0.2).fingerprint
     with pytest.raises(UserError, match="stdlib:MAX_BYTES"):
         load_corpus("stdlib:lots")
     bigger = load_corpus("python-sources:100000")
-    assert bigger.name == "python-sources[:100000]" and bigger.train
+    assert bigger.name == "python-sources[:100000]" and bigger.documents("train")
     with pytest.raises(UserError, match="python-sources"):
         load_corpus("no-such-corpus-or-file")
 

@@ -25,7 +25,7 @@ from typing import Any
 from devices.profiles import DeviceProfile, get_profile
 from devices.protocol import Limits
 from lfm2.sizes import parse_size
-from devices.stack import device_fingerprint, machine_facts
+from devices.stack import agent_fingerprint, device_fingerprint, machine_facts
 from devices.stack import usable_cpus as stack_usable_cpus
 from lfm2.errors import UserError
 
@@ -106,7 +106,7 @@ class AgentConfig:
             phone = self.adb.phone()
             facts = {k: v for k, v in phone.facts.items() if k != "memory_available_bytes"}
             return device_fingerprint({"phone": facts, "runner": phone.runner.version, "profile": self.profile.name, "emulated": False, "limits": limits})
-        return device_fingerprint({**machine_facts(), "profile": self.profile.name, "emulated": self.emulate, "limits": limits})
+        return agent_fingerprint(machine_facts(), self.profile.name, self.emulate, self.limits.to_dict())
 
     def device_facts(self) -> dict[str, Any]:
         """Stamped on every Measurement this agent returns."""

@@ -453,24 +453,22 @@ class Worker:
     def _requeue_for_resources(self, job: Job, exc: BaseException) -> None:
         """The host ran out of something while starting this job: back to the queue, and a
         pause (doubling, bounded) before the worker takes a job again."""
-        self._resource_failures += 1
-        pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
-        reason = f"the host ran out of a resource ({errno.errorcode.get(getattr(exc, 'errno', None) or 0, type(exc).__name__)}); tried again in {pause:g} s"
-        log.warning("job %s: %s", job.id, reason)
-        try:
-            self.jobs.requeue(job.id, reason)
-        except StoreUnavailable as store_error:
-            log.error("job %s: cannot re-queue it (%s); it will run again after a restart", job.id, store_error)
-        self.current_job, self.phase = None, "idle"
-        self._stop.wait(pause)
+        pause = self._next_pause()
+        self._requeue_and_pause(job, f"the host ran out of a resource ({errno.errorcode.get(getattr(exc, 'errno', None) or 0, type(exc).__name__)}); tried again in {pause:g} s", pause)
 
     def _requeue_for_device(self, job: Job, exc: BaseException) -> None:
         """The device could not be reached: back to the queue with a growing pause, like a
         resource error; after MAX_RESOURCE_ATTEMPTS starts the job ends `lost` with the reason."""
-        self._resource_failures += 1
-        pause = min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
+        pause = self._next_pause()
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "the device is unavailable"
-        reason = public_error(getattr(exc, "kind", "device_unavailable"), f"tried again in {pause:g} s: {first_line}")
+        self._requeue_and_pause(job, public_error(getattr(exc, "kind", "device_unavailable"), f"tried again in {pause:g} s: {first_line}"), pause)
+
+    def _next_pause(self) -> float:
+        """One more failure in a row: the pause before the next job, doubling up to the bound."""
+        self._resource_failures += 1
+        return min(RESOURCE_BACKOFF_S[0] * 2 ** (self._resource_failures - 1), RESOURCE_BACKOFF_S[1])
+
+    def _requeue_and_pause(self, job: Job, reason: str, pause: float) -> None:
         log.warning("job %s: %s", job.id, reason)
         try:
             self.jobs.requeue(job.id, reason)

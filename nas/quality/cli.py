@@ -28,9 +28,7 @@ def quality(
         spec = ArchSpec.from_json(Path(architecture).read_text())
     else:
         raise UserError(f"{architecture!r} is neither a preset ({', '.join(presets)}) nor an ArchSpec JSON file")
-    if settings not in ("cpu_small", "default"):
-        raise UserError(f"--settings {settings!r}: use cpu_small or default")
-    chosen = getattr(QualitySettings, settings)()
+    chosen = QualitySettings.named(settings, "--settings")
 
     def progress(step: int, value: float) -> None:
         if not as_json:

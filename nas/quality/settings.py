@@ -129,6 +129,13 @@ class QualitySettings:
         return data
 
     @classmethod
+    def named(cls, name: str, flag: str = "--quality-settings") -> QualitySettings:
+        """The preset `name` (one of `PRESET_NAMES`); a `SettingsError` naming the choices."""
+        if name not in PRESET_NAMES:
+            raise SettingsError(f"{flag} {name!r} is not a quality settings preset; choose one of {', '.join(PRESET_NAMES)}")
+        return getattr(cls, name)()
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QualitySettings:
         data = dict(data)
         if isinstance(data.get("task_config"), dict):
@@ -152,4 +159,7 @@ class QualitySettings:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-__all__ = ["QualitySettings", "SettingsError"]
+#: The named presets (`QualitySettings.named`): `default` is sized for a GPU, `cpu_small` for a CPU.
+PRESET_NAMES = ("default", "cpu_small")
+
+__all__ = ["PRESET_NAMES", "QualitySettings", "SettingsError"]

@@ -52,18 +52,13 @@ from typing import Any
 
 from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
+from lfm2.backends import QUANTS, check_backend_quant
 from search_space.costs import counts
 
 MIB = 1 << 20
 
-#: Backends and the precisions each compiles (the same table as `devices.artifact.QUANTS`,
-#: repeated here because `search_space` may not import `devices`).
-BACKEND_QUANTS: dict[str, tuple[str, ...]] = {
-    "executorch": ("fp32", "8da4w"),
-    "onnx": ("fp32", "int8"),
-    "llamacpp": ("f16", "q8_0", "q4_0"),
-    "eager": ("fp32",),
-}
+#: Backends and the precisions each compiles: the one table, `lfm2.backends` (devices compiles by it).
+BACKEND_QUANTS = QUANTS
 
 
 @dataclass(frozen=True)
@@ -173,13 +168,6 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_backend_quant(backend: str, quant: str) -> None:
-    if backend not in BACKEND_QUANTS:
-        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_QUANTS)}")
-    if quant not in BACKEND_QUANTS[backend]:
-        raise UserError(f"backend {backend!r} compiles {', '.join(BACKEND_QUANTS[backend])}, not {quant!r}")
 
 
 def activation_workspace_bytes(
