@@ -87,3 +87,23 @@ def test_predict_command_on_a_real_study(tmp_path):
         assert payload["predictor"]["models"][target]["leave_one_out"]["n"] == 6
     missing = subprocess.run([sys.executable, "-m", "nas.cli", "predict", str(spec), "--study", "nope", "--storage", f"sqlite:///{db}"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no study named 'nope'" in missing.stderr
+
+
+def test_the_onnx_prefill_chunk_the_predictor_counts_is_the_runners():
+    from devices.backends.onnx_runner import PREFILL_CHUNK
+    from nas.predictor import ONNX_PREFILL_CHUNK
+
+    assert ONNX_PREFILL_CHUNK == PREFILL_CHUNK
+
+
+def test_executed_attention_follows_each_backends_kernel():
+    # eager attends over its whole static buffer; ONNX chunked over a growing cache; the
+    # others causally: for a full-attention-only model, eager >= ONNX >= causal
+    spec = _specs(1)[0]
+    from dataclasses import replace
+
+    full_only = replace(spec, layers=("attn",) * len(spec.layers), swa_window=0)
+    rows = {b: FeatureSet(512, 512, b, "fp32", 528).row(full_only, "prefill_ms")[1] for b in ("eager", "onnx", "executorch")}
+    assert rows["eager"] > rows["onnx"] > rows["executorch"] > 0
+    decode = {b: FeatureSet(512, 100, b, "fp32", 528).row(full_only, "decode_ms")[1] for b in ("eager", "onnx")}
+    assert decode["eager"] > decode["onnx"]  # the static buffer (528 slots) against 101 keys
