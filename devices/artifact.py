@@ -27,8 +27,9 @@ MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, Ex
 #: number when what its compile writes changes without a toolchain version changing, so that
 #: no cache (nor a cached refusal) of the old layout is reused.
 #: onnx 2: prefill steps of 128 tokens (were 256); llamacpp 2: all-attention stacks with wide
-#: heads written as qwen3 (were refused).
-BACKEND_FORMATS = {"eager": 1, "onnx": 2, "executorch": 1, "llamacpp": 2}
+#: heads written as qwen3 (were refused); onnx 3: full-attention K/V in one max_context
+#: buffer updated in place by GroupQueryAttention (was a growing, concatenated cache).
+BACKEND_FORMATS = {"eager": 1, "onnx": 3, "executorch": 1, "llamacpp": 2}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.

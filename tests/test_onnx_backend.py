@@ -152,7 +152,7 @@ def test_the_same_request_returns_the_cached_artifact(fp32_artifact, cache):
 
 def test_prefill_and_decode_at_any_depth_match_eager(fp32_artifact):
     """A decode at depth P after reset() sees P zero cache entries: what the static
-    buffer of the eager model holds there (the growing cache is cut or padded to P)."""
+    buffer of the eager model holds there (the runner's cache buffers are zeroed by reset)."""
     model = build_model(TINY, seed=0).eval()
     rng = np.random.default_rng(1)
     with open_runner(fp32_artifact, threads=1) as runner, torch.no_grad():

@@ -4,7 +4,7 @@ The graph is `model.step` (explicit state in, new state out), exported with
 `torch.onnx.export(..., dynamo=True)`:
 
 * `step.onnx`: `(tokens [1, T], pos [1], *state) -> (logits [1, V], *new_state)`, T dynamic
-  (1..max_context) and the full-attention caches dynamic (0..max_context-1 positions).
+  (1..max_context); every state tensor has a fixed shape.
 
 A decode step is a step of one token. A prefill is a run of steps of at most
 `prefill_chunk` tokens from the empty state (the runner's loop, as ExecuTorch's LLM runner
@@ -13,13 +13,15 @@ T x T, and every activation bounded by the chunk, so a long prompt costs memory 
 only with its K/V cache. One graph in one session also means the weights are loaded and
 pre-packed once for prefill and decode alike (two sessions each packed their own copy).
 
-Full-attention layers keep a GROWING K/V cache (`[1, Hkv, S, D]`, S = the tokens seen so
-far, dynamic): a step concatenates the new keys and attends over exactly S + T keys, so
-decode cost follows the context depth, as a deployed runtime's does. The portable
-static-buffer form of `lfm2.model` attends over the whole `max_context` buffer at every
-step (ONNX Runtime has no op that reads only the filled part of a static cache), so it
-would make a decode at depth 128 cost the same as one at depth 2048. Sliding-window
-layers keep their ring of `swa_window` slots: bounded by construction.
+Full-attention layers run ONNX Runtime's `com.microsoft.GroupQueryAttention` over K/V
+buffers of `max_context` positions (`[1, Hkv, max_context, D]`), which the runner binds as
+the op's input and output so that it writes a step's new keys in place
+(`devices.backends.onnx_gqa`): one copy of the cache, nothing copied per token (a growing,
+concatenated cache held the old and the new cache during every step, and copied it whole
+per decoded token). The op attends over the pos + T filled positions only, so decode cost
+follows the context depth, as a deployed runtime's does (the portable static-buffer form
+of `lfm2.model` scores every slot). Sliding-window layers keep their ring of `swa_window`
+slots: bounded by construction.
 
 The weights (after `quantize_dynamic` for int8) are written deduplicated by content into
 `weights.bin`, page-aligned; the graph points into it.
@@ -65,51 +67,50 @@ INT8_OP_TYPES = ("MatMul", "Gather")
 REDUCE_RANGE = False
 
 
-class GrowingKVAttention(AttentionCore):
-    """Full attention over a cache that grows by the new tokens at every step.
-
-    The cache holds the keys/values of positions 0..S-1 (S = its length, dynamic in the
-    exported graph), so the attention of T new tokens at positions S..S+T-1 reads S + T
-    keys. Sliding-window layers keep the ring buffer of `AttentionCore`.
-    """
+class SharedKVAttention(AttentionCore):
+    """Full attention through ONNX Runtime's `GroupQueryAttention` over a cache buffer of
+    `max_context` positions that the op updates in place (`devices.backends.onnx_gqa`):
+    the T new tokens at positions pos..pos+T-1 attend over the pos + T filled positions.
+    Sliding-window layers keep the ring buffer of `AttentionCore`."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor):
         if self.window is not None:
             return super().forward(q, k, v, k_cache, v_cache, positions)
-        keys = torch.cat((k_cache, k.transpose(1, 2)), dim=2)
-        values = torch.cat((v_cache, v.transpose(1, 2)), dim=2)
-        key_positions = torch.arange(keys.shape[2], device=q.device)
-        return self._attend(q, keys, values, key_positions, positions), keys, values
+        from devices.backends.onnx_gqa import group_query_attention
+
+        bsz, t = q.shape[:2]
+        return group_query_attention(q.reshape(bsz, t, -1), k.reshape(bsz, t, -1), v.reshape(bsz, t, -1), k_cache, v_cache, positions[:1], self.n_heads, self.n_kv_heads)
 
 
-def use_growing_cache(model: LFM2) -> LFM2:
-    """Swap the core of every full-attention layer for `GrowingKVAttention` (same weights:
+def use_shared_cache(model: LFM2) -> LFM2:
+    """Swap the core of every full-attention layer for `SharedKVAttention` (same weights:
     the core has none)."""
     for layer in model.layers:
         if layer.kind == "attn":
             core = layer.op.core
-            layer.op.core = GrowingKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
+            layer.op.core = SharedKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
     return model
 
 
-def state_layout(spec: ArchSpec) -> list[dict[str, Any]]:
-    """The flat decode state, in `step` order: name, layer, kind and shape (-1 marks the
-    growing axis of a full-attention cache)."""
+def state_layout(spec: ArchSpec, max_context: int) -> list[dict[str, Any]]:
+    """The flat decode state, in `step` order: name, layer, kind and shape. A full-attention
+    layer's K and V are buffers of `max_context` positions updated in place (`kv_shared`);
+    a sliding-window layer's a ring of `swa_window` slots (`kv_ring`)."""
     layout: list[dict[str, Any]] = []
     for index, op in enumerate(spec.layers):
         if op == "conv":
             layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": "conv", "shape": [1, spec.d_model, spec.conv_kernel - 1]})
         else:
-            slots = -1 if op == "attn" else spec.swa_window
-            kind = "kv_growing" if op == "attn" else "kv_ring"
+            slots = max_context if op == "attn" else spec.swa_window
+            kind = "kv_shared" if op == "attn" else "kv_ring"
             for part in ("k", "v"):
                 layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": f"{kind}_{part}", "shape": [1, spec.n_kv_heads, slots, spec.head_dim]})
     return layout
 
 
-def empty_state(spec: ArchSpec, dtype: torch.dtype = torch.float32) -> list[Tensor]:
-    """The state before the first token: zero conv windows and rings, empty growing caches."""
-    return [torch.zeros([0 if n < 0 else n for n in entry["shape"]], dtype=dtype) for entry in state_layout(spec)]
+def empty_state(layout: list[dict[str, Any]], dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """The state before the first token: zero conv windows, rings and cache buffers."""
+    return [torch.zeros(entry["shape"], dtype=dtype) for entry in layout]
 
 
 class StepGraph(nn.Module):
@@ -121,13 +122,13 @@ class StepGraph(nn.Module):
         return self.model.step(tokens, pos, *state)
 
 
-def _example_lengths(spec: ArchSpec, upper: int, count: int) -> list[int]:
+def _example_lengths(spec: ArchSpec, upper: int, count: int, max_context: int = 0) -> list[int]:
     """`count` distinct example sizes for the dynamic axes. None may equal a static
     dimension of the graph, nor another example (torch.export would tie the two together,
     and it specialises 0 and 1), and they exceed the sliding window when they can: a ring
     layer's `min(T, window)` is traced for the side of the window the example lies on (past
     it, the graph keeps a `Min`)."""
-    static = {1, spec.d_model, spec.n_kv_heads, spec.n_heads, spec.head_dim, spec.conv_kernel - 1, spec.swa_window, spec.vocab_size, spec.ffn_dim}
+    static = {1, spec.d_model, spec.n_kv_heads, spec.n_heads, spec.head_dim, spec.conv_kernel - 1, spec.swa_window, spec.vocab_size, spec.ffn_dim, max_context}
     start = spec.swa_window + 1 if 0 < spec.swa_window < upper - count else 5
     found: list[int] = []
     for candidate in [*range(start, upper + 1), *range(2, start)]:
@@ -140,6 +141,8 @@ def _example_lengths(spec: ArchSpec, upper: int, count: int) -> list[int]:
 
 
 def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str], output_names: list[str], path: Path) -> None:
+    from devices.backends.onnx_gqa import translation_table
+
     program = torch.onnx.export(
         module,
         args,
@@ -149,6 +152,7 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_n
         output_names=output_names,
         optimize=True,
         verbose=False,
+        custom_translation_table=translation_table(),
     )
     program.save(str(path), external_data=True)
 
@@ -158,19 +162,16 @@ def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path
     if max_context < 4:
         raise ValueError(f"the ONNX backend needs max_context >= 4, got {max_context}")
     with stages("build"):
-        model = use_growing_cache(build_model(spec, seed=seed).eval())
-    layout = state_layout(spec)
+        model = use_shared_cache(build_model(spec, seed=seed).eval())
+    layout = state_layout(spec, max_context)
     state_names = [entry["name"] for entry in layout]
     new_state_names = [f"new_{name}" for name in state_names]
     with torch.no_grad(), stages("export"):
-        t, s = _example_lengths(spec, max_context - 1, 2)
+        t, s = _example_lengths(spec, max_context - 1, 2, max_context)
         length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
-        cache = torch.export.Dim.DYNAMIC(min=0, max=max_context - 1)
         tokens = torch.randint(0, spec.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
-        example_state = [torch.zeros([s if n < 0 else n for n in entry["shape"]]) for entry in layout]
-        state_dims = tuple({2: cache} if entry["kind"].startswith("kv_growing") else None for entry in layout)
-        args = (tokens, torch.tensor([s], dtype=torch.long), *example_state)
-        _export_graph(StepGraph(model).eval(), args, ({1: length}, None, state_dims), ["tokens", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
+        args = (tokens, torch.tensor([s], dtype=torch.long), *empty_state(layout))
+        _export_graph(StepGraph(model).eval(), args, ({1: length}, None, tuple(None for _ in layout)), ["tokens", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
     return {"state": layout}
 
 
@@ -287,8 +288,8 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
             "onnxruntime": onnxruntime.__version__,
             "quantization": quantization,
             "weights_sharing": sharing,
-            "kv_cache": "growing (concatenated per step; dynamic length) for full attention; ring of swa_window slots for sliding window",
-            "attention": f"one graph for prefill and decode; a prefill runs in steps of at most {PREFILL_CHUNK} tokens, so scores are [chunk, keys so far], never [T, T]",
+            "kv_cache": "full attention: one buffer of max_context positions per K and V, updated in place by com.microsoft.GroupQueryAttention (the runner binds it as the op's input and output); sliding window: a ring of swa_window slots",
+            "attention": f"one graph for prefill and decode; a prefill runs in steps of at most {PREFILL_CHUNK} tokens, so scores are [chunk, max_context] (only the filled keys computed), never [T, T]",
         },
         "weights_stored_once": True,
         "decode_cost_follows_context": True,
@@ -399,6 +400,7 @@ class RoundingOracle:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.session = ort.InferenceSession(graph.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+        self.layout = layout
         self.state_names = [entry["name"] for entry in layout]
         self.n_outputs = 1 + len(layout)
         self.extra = [name for outputs in self.inputs.values() for name in outputs]
@@ -439,7 +441,7 @@ class ChunkedPrefill(nn.Module):
             piece, at = tokens[:, start : start + self.chunk], pos + start
             if self.oracle is not None:
                 if self._oracle_state is None or int(at) != self._next_pos:
-                    self._oracle_state = [z.numpy() for z in empty_state(self.spec)] if int(at) == 0 else None
+                    self._oracle_state = [z.numpy() for z in empty_state(self.oracle.layout)] if int(at) == 0 else None
                 if self._oracle_state is not None:
                     decisions, self._oracle_state = self.oracle.run(piece, at, self._oracle_state)
                     self._next_pos = int(at) + piece.shape[1]
@@ -476,4 +478,4 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
     return ChunkedPrefill(model, chunk, oracle).eval()
 
 
-__all__ = ["GrowingKVAttention", "use_growing_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "STEP", "WEIGHTS", "WEIGHTS_INDEX"]
+__all__ = ["SharedKVAttention", "use_shared_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "STEP", "WEIGHTS", "WEIGHTS_INDEX"]
