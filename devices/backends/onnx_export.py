@@ -3,8 +3,15 @@
 The graph is `model.step` (explicit state in, new state out), exported with
 `torch.onnx.export(..., dynamo=True)`:
 
-* `step.onnx`: `(tokens [1, T], pos [1], *state) -> (logits [1, V], *new_state)`, T dynamic
-  (1..max_context); every state tensor has a fixed shape.
+* `step.onnx`: `(embeds [1, T, d_model], pos [1], *state) -> (logits [1, V], *new_state)`,
+  T dynamic (1..max_context); every state tensor has a fixed shape.
+* `embedding.bin`: the token embedding table (`[V, d_model]`; uint8 with the scale and zero
+  point ONNX Runtime's quantiser gives it for int8, float32 for fp32). The runner reads the
+  rows of a step's tokens from the file (`onnx_runner.EmbeddingRows`) and feeds them to
+  the graph. A Gather over a table that ONNX Runtime maps from the weights file made the
+  whole table resident on a prompt of random tokens: each lookup faults in the kernel's
+  fault-around window (64 KiB, 64 rows of LFM2-350M's table) around its row, so 2,048
+  tokens touched nearly all of the 64 MiB.
 
 A decode step is a step of one token. A prefill is a run of steps of at most
 `prefill_chunk` tokens from the empty state (the runner's loop, as ExecuTorch's LLM runner
@@ -49,7 +56,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from devices.backends.onnx_runner import PREFILL_CHUNK
+from devices.backends.onnx_runner import PREFILL_CHUNK, EmbeddingRows
 from lfm2.model import LFM2, AttentionCore, build_model
 from lfm2.spec import ArchSpec
 
@@ -63,7 +70,9 @@ WEIGHTS_INDEX = "weights_index.json"
 ALIGNMENT = 4096
 #: ONNX Runtime's dynamic quantisation: the linear layers (MatMul, incl. the tied head) and
 #: the embedding lookup (Gather). The depthwise conv (3 weights per channel) stays fp32.
-INT8_OP_TYPES = ("MatMul", "Gather")
+INT8_OP_TYPES = ("MatMul",)
+#: The token embedding table, read by the runner row by row (module doc).
+EMBEDDING = "embedding.bin"
 REDUCE_RANGE = False
 
 
@@ -113,13 +122,22 @@ def empty_state(layout: list[dict[str, Any]], dtype: torch.dtype = torch.float32
     return [torch.zeros(entry["shape"], dtype=dtype) for entry in layout]
 
 
+class EmbeddedInput(nn.Module):
+    """Stands in for `model.embed` in the exported graph: the step takes the embedded rows
+    (the runner looks them up), so the table is no graph initializer. A tied head keeps
+    its own reference to the table's parameter."""
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        return embeds
+
+
 class StepGraph(nn.Module):
     def __init__(self, model: LFM2):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, pos: Tensor, *state: Tensor):
-        return self.model.step(tokens, pos, *state)
+    def forward(self, embeds: Tensor, pos: Tensor, *state: Tensor):
+        return self.model.step(embeds, pos, *state)  # step reads T from dim 1, then embeds
 
 
 def _example_lengths(spec: ArchSpec, upper: int, count: int, max_context: int = 0) -> list[int]:
@@ -169,10 +187,29 @@ def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path
     with torch.no_grad(), stages("export"):
         t, s = _example_lengths(spec, max_context - 1, 2, max_context)
         length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
-        tokens = torch.randint(0, spec.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
-        args = (tokens, torch.tensor([s], dtype=torch.long), *empty_state(layout))
-        _export_graph(StepGraph(model).eval(), args, ({1: length}, None, tuple(None for _ in layout)), ["tokens", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
-    return {"state": layout}
+        table = model.embed.weight.detach().clone()
+        model.embed = EmbeddedInput()
+        embeds = torch.randn(1, t, spec.d_model, generator=torch.Generator().manual_seed(seed))
+        args = (embeds, torch.tensor([s], dtype=torch.long), *empty_state(layout))
+        _export_graph(StepGraph(model).eval(), args, ({1: length}, None, tuple(None for _ in layout)), ["embeds", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
+    return {"state": layout, "table": table}
+
+
+def write_embedding(table: Tensor, quant: str, out_dir: Path) -> dict[str, Any]:
+    """Write the embedding table as `embedding.bin` (rows of d_model values); returns its
+    manifest facts. int8: quantised by ONNX Runtime's quantiser as `quantize_dynamic`
+    quantises a Gather's table (uint8, asymmetric, per tensor): what the int8 reference
+    dequantises into its own table."""
+    facts: dict[str, Any] = {"file": EMBEDDING, "shape": list(table.shape)}
+    if quant == "int8":
+        zero_point, scale, quantized = _ort_quantized(table, False)
+        data = quantized.astype("uint8")
+        facts.update(dtype="uint8", scale=float(scale), zero_point=int(zero_point))
+    else:
+        data = table.float().numpy()
+        facts.update(dtype="float32")
+    (out_dir / EMBEDDING).write_bytes(data.tobytes(order="C"))
+    return facts
 
 
 def quantize_int8(src_dir: Path, out_dir: Path, stages) -> dict[str, Any]:
@@ -271,6 +308,7 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
             quantization = quantize_int8(fp32_dir, source, stages)
         with stages("pack_weights"):
             sharing = share_weights(source, (STEP,), out_dir)
+            embedding = write_embedding(graph_facts["table"], quant, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     opsets = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(out_dir / STEP), load_external_data=False).opset_import}
@@ -282,6 +320,7 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
             "weights": WEIGHTS,
             "weights_index": WEIGHTS_INDEX,
             "state": graph_facts["state"],
+            "embedding": embedding,
             "prefill_chunk": PREFILL_CHUNK,
             "opsets": opsets,
             "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
@@ -295,7 +334,7 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
         "decode_cost_follows_context": True,
         "prefill_lengths": f"dynamic (one graph serves every length up to max_context, in chunks of {PREFILL_CHUNK})",
     }
-    return [STEP, WEIGHTS, WEIGHTS_INDEX], facts
+    return [STEP, WEIGHTS, WEIGHTS_INDEX, EMBEDDING], facts
 
 
 # -- the eager reference at the artifact's precision ---------------------------------------
@@ -375,7 +414,7 @@ class RoundingOracle:
     point) as extra outputs, and maps each to the eager linear whose int8 weight that MatMul
     holds (found by content: the seeded weight through ONNX Runtime's quantiser)."""
 
-    def __init__(self, step_path: Path, layout: list[dict[str, Any]], weights_by_content: dict[bytes, nn.Module]):
+    def __init__(self, step_path: Path, layout: list[dict[str, Any]], weights_by_content: dict[bytes, nn.Module], embedding: EmbeddingRows):
         import onnxruntime as ort
         from onnx import numpy_helper
 
@@ -401,12 +440,13 @@ class RoundingOracle:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(graph.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
         self.layout = layout
+        self.embedding = embedding  # the runner's lookup: the graph takes embedded rows
         self.state_names = [entry["name"] for entry in layout]
         self.n_outputs = 1 + len(layout)
         self.extra = [name for outputs in self.inputs.values() for name in outputs]
 
     def run(self, tokens: Tensor, pos: Tensor, state: list) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], list]:
-        feeds = {"tokens": tokens.numpy(), "pos": pos.numpy()}
+        feeds = {"embeds": self.embedding(tokens.numpy()), "pos": pos.numpy()}
         feeds.update(zip(self.state_names, state))
         names = [o.name for o in self.session.get_outputs()[: self.n_outputs]] + self.extra
         values = self.session.run(names, feeds)
@@ -457,10 +497,10 @@ class ChunkedPrefill(nn.Module):
         return {"followed": sum(m.steps_followed for m in linears), "own": sum(m.steps_own for m in linears)}
 
 
-def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False, step_path: Path | None = None, layout=None) -> nn.Module:
-    """The eager model that an int8 artifact must reproduce (module doc); with `step_path`,
-    it takes the artifact's rounding decisions where they are within one step of its own
-    (see `DynamicInt8Linear`)."""
+def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False, step_path: Path | None = None, layout=None, embedding: EmbeddingRows | None = None) -> nn.Module:
+    """The eager model that an int8 artifact must reproduce (module doc); with `step_path`
+    (and the artifact's `embedding` reader), it takes the artifact's rounding decisions
+    where they are within one step of its own (see `DynamicInt8Linear`)."""
     model = build_model(spec, seed=seed).eval()
     by_content: dict[bytes, nn.Module] = {}
     with torch.no_grad():
@@ -474,8 +514,8 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
                     by_content[quantized.tobytes()] = linear
                     setattr(parent, name, linear)
         model.embed.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
-    oracle = RoundingOracle(step_path, layout, by_content) if step_path is not None else None
+    oracle = RoundingOracle(step_path, layout, by_content, embedding) if step_path is not None else None
     return ChunkedPrefill(model, chunk, oracle).eval()
 
 
-__all__ = ["SharedKVAttention", "use_shared_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "STEP", "WEIGHTS", "WEIGHTS_INDEX"]
+__all__ = ["SharedKVAttention", "use_shared_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "write_embedding", "STEP", "WEIGHTS", "WEIGHTS_INDEX", "EMBEDDING"]

@@ -19,6 +19,8 @@ the next step's inputs without a copy through numpy.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -39,12 +41,53 @@ PREFILL_CHUNK = 128
 PREPACKING = True
 
 
+class EmbeddingRows:
+    """The token embedding table of an artifact (`embedding.bin`, see
+    `devices.backends.onnx_export`), read row by row with `os.pread`: a step holds only its
+    own tokens' rows. Mapping the file would not do: each lookup then faults in the
+    kernel's fault-around window (64 KiB) of the page cache around its row, and a prompt of
+    random tokens makes nearly the whole table resident (LFM2-350M int8: ~64 MiB at 2,048
+    tokens). int8 rows are dequantised as DequantizeLinear does: (q - zero_point) * scale
+    in float32."""
+
+    def __init__(self, path: str | Path, facts: dict):
+        self.vocab, self.dim = (int(n) for n in facts["shape"])
+        self.dtype = np.dtype(facts["dtype"])
+        self.row_bytes = self.dim * self.dtype.itemsize
+        self.scale = np.float32(facts["scale"]) if "scale" in facts else None
+        self.zero_point = int(facts.get("zero_point", 0))
+        size = os.path.getsize(path)
+        if size != self.vocab * self.row_bytes:
+            raise ArtifactError(f"{path} holds {size} bytes, not the {self.vocab} x {self.dim} {self.dtype} table its manifest describes; compile the artifact again")
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [1, T] -> float32 rows [1, T, d_model]."""
+        flat = np.asarray(tokens).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.vocab):
+            raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {int(flat.min())}..{int(flat.max())}")
+        rows = b"".join(os.pread(self._fd, self.row_bytes, int(token) * self.row_bytes) for token in flat)
+        table = np.frombuffer(rows, dtype=self.dtype).reshape(1, flat.size, self.dim)
+        if self.scale is None:
+            return table.astype(np.float32)
+        return (table.astype(np.int32) - self.zero_point).astype(np.float32) * self.scale
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
 class OnnxRunner(Runner):
     def __init__(self, artifact: Artifact, threads: int | None = None):
         super().__init__(artifact, threads)
         facts = artifact.manifest.get("onnx")
-        if not isinstance(facts, dict) or "step" not in facts:
-            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no single 'step' graph); compile it again")
+        if not isinstance(facts, dict) or "step" not in facts or "embedding" not in facts:
+            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no single 'step' graph and embedding table); compile it again")
+        self.embedding = EmbeddingRows(artifact.file(facts["embedding"]["file"]), facts["embedding"])
         self.layout = facts["state"]
         self.state_names = [entry["name"] for entry in self.layout]
         self.chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
@@ -86,7 +129,7 @@ class OnnxRunner(Runner):
         output of its layer's GroupQueryAttention, which then writes the new positions into
         it in place; the small conv windows and rings come back as new values."""
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input("tokens", ort.OrtValue.ortvalue_from_numpy(tokens))
+        binding.bind_ortvalue_input("embeds", ort.OrtValue.ortvalue_from_numpy(self.embedding(tokens)))
         binding.bind_ortvalue_input("pos", ort.OrtValue.ortvalue_from_numpy(np.array([pos], dtype=np.int64)))
         binding.bind_output(self.output_names[0])
         for name, output, value, shared in zip(self.state_names, self.output_names[1:], self.state, self.shared):
@@ -132,11 +175,14 @@ class OnnxRunner(Runner):
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "weights": "one session for prefill and decode; weights.bin loaded by ONNX Runtime" + (", MatMul weights pre-packed once" if PREPACKING else ", pre-packing disabled"),
             "prefill_chunk": self.chunk,
+            "kv_cache": "one buffer of max_context positions per full-attention K and V, bound as GroupQueryAttention's input and output (updated in place)",
+            "embedding": "rows read from embedding.bin per step (os.pread), not mapped",
         }
 
     def close(self) -> None:
         self.session = None
         self.state = []
+        self.embedding.close()
 
 
-__all__ = ["OnnxRunner"]
+__all__ = ["OnnxRunner", "EmbeddingRows"]
