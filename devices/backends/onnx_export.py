@@ -74,13 +74,24 @@ INT8_OP_TYPES = ("MatMul",)
 #: The token embedding table, read by the runner row by row (module doc).
 EMBEDDING = "embedding.bin"
 REDUCE_RANGE = False
+#: The full-attention K/V cache's precision by artifact precision. int8 holds K and V in
+#: fp16, as deployed runtimes do (llama.cpp's f16 cache, onnxruntime-genai's fp16 models):
+#: half the cache, and its int8 reference rounds q, k, v and the attention output to fp16
+#: alike (`Fp16AttentionReference`). fp32 keeps fp32, checked against eager at fp32's
+#: tolerance.
+KV_DTYPES = {"fp32": "float32", "int8": "float16"}
 
 
 class SharedKVAttention(AttentionCore):
     """Full attention through ONNX Runtime's `GroupQueryAttention` over a cache buffer of
     `max_context` positions that the op updates in place (`devices.backends.onnx_gqa`):
     the T new tokens at positions pos..pos+T-1 attend over the pos + T filled positions.
-    Sliding-window layers keep the ring buffer of `AttentionCore`."""
+    Sliding-window layers keep the ring buffer of `AttentionCore`. With an fp16 cache the
+    op runs in fp16 (its inputs, cache and output; it computes in fp32 inside)."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None, kv_dtype: torch.dtype = torch.float32):
+        super().__init__(n_heads, n_kv_heads, head_dim, window)
+        self.kv_dtype = kv_dtype
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor):
         if self.window is not None:
@@ -88,23 +99,39 @@ class SharedKVAttention(AttentionCore):
         from devices.backends.onnx_gqa import group_query_attention
 
         bsz, t = q.shape[:2]
-        return group_query_attention(q.reshape(bsz, t, -1), k.reshape(bsz, t, -1), v.reshape(bsz, t, -1), k_cache, v_cache, positions[:1], self.n_heads, self.n_kv_heads)
+        q, k, v = (x.reshape(bsz, t, -1).to(self.kv_dtype) for x in (q, k, v))
+        out, k_cache, v_cache = group_query_attention(q, k, v, k_cache, v_cache, positions[:1], self.n_heads, self.n_kv_heads)
+        return out.float(), k_cache, v_cache
 
 
-def use_shared_cache(model: LFM2) -> LFM2:
+class Fp16AttentionReference(AttentionCore):
+    """The eager reference of `SharedKVAttention` with an fp16 cache: q, k and v rounded to
+    fp16 (what the op and its cache hold), attention in fp32 (as the op computes inside),
+    the output rounded to fp16 (the op's output type). Sliding-window layers unchanged."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor):
+        if self.window is not None:
+            return super().forward(q, k, v, k_cache, v_cache, positions)
+        q, k, v = (x.half().float() for x in (q, k, v))
+        out, k_cache, v_cache = super().forward(q, k, v, k_cache, v_cache, positions)
+        return out.half().float(), k_cache, v_cache
+
+
+def use_shared_cache(model: LFM2, kv_dtype: torch.dtype = torch.float32) -> LFM2:
     """Swap the core of every full-attention layer for `SharedKVAttention` (same weights:
     the core has none)."""
     for layer in model.layers:
         if layer.kind == "attn":
             core = layer.op.core
-            layer.op.core = SharedKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
+            layer.op.core = SharedKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window, kv_dtype)
     return model
 
 
-def state_layout(spec: ArchSpec, max_context: int) -> list[dict[str, Any]]:
-    """The flat decode state, in `step` order: name, layer, kind and shape. A full-attention
-    layer's K and V are buffers of `max_context` positions updated in place (`kv_shared`);
-    a sliding-window layer's a ring of `swa_window` slots (`kv_ring`)."""
+def state_layout(spec: ArchSpec, max_context: int, kv_dtype: str = "float32") -> list[dict[str, Any]]:
+    """The flat decode state, in `step` order: name, layer, kind, shape and dtype. A
+    full-attention layer's K and V are buffers of `max_context` positions updated in place
+    (`kv_shared`, in `kv_dtype`); a sliding-window layer's a ring of `swa_window` slots
+    (`kv_ring`); the rings and conv windows are float32."""
     layout: list[dict[str, Any]] = []
     for index, op in enumerate(spec.layers):
         if op == "conv":
@@ -112,14 +139,15 @@ def state_layout(spec: ArchSpec, max_context: int) -> list[dict[str, Any]]:
         else:
             slots = max_context if op == "attn" else spec.swa_window
             kind = "kv_shared" if op == "attn" else "kv_ring"
+            dtype = kv_dtype if op == "attn" else "float32"
             for part in ("k", "v"):
-                layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": f"{kind}_{part}", "shape": [1, spec.n_kv_heads, slots, spec.head_dim]})
+                layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": f"{kind}_{part}", "shape": [1, spec.n_kv_heads, slots, spec.head_dim], "dtype": dtype})
     return layout
 
 
-def empty_state(layout: list[dict[str, Any]], dtype: torch.dtype = torch.float32) -> list[Tensor]:
+def empty_state(layout: list[dict[str, Any]]) -> list[Tensor]:
     """The state before the first token: zero conv windows, rings and cache buffers."""
-    return [torch.zeros(entry["shape"], dtype=dtype) for entry in layout]
+    return [torch.zeros(entry["shape"], dtype=getattr(torch, entry.get("dtype", "float32"))) for entry in layout]
 
 
 class EmbeddedInput(nn.Module):
@@ -175,13 +203,14 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_n
     program.save(str(path), external_data=True)
 
 
-def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path, stages) -> dict[str, Any]:
-    """Write step.onnx (with its own external data) into out_dir."""
+def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path, stages, kv_dtype: str = "float32") -> dict[str, Any]:
+    """Write step.onnx (with its own external data, fp32 weights; the K/V cache in
+    `kv_dtype`) into out_dir."""
     if max_context < 4:
         raise ValueError(f"the ONNX backend needs max_context >= 4, got {max_context}")
     with stages("build"):
-        model = use_shared_cache(build_model(spec, seed=seed).eval())
-    layout = state_layout(spec, max_context)
+        model = use_shared_cache(build_model(spec, seed=seed).eval(), getattr(torch, kv_dtype))
+    layout = state_layout(spec, max_context, kv_dtype)
     state_names = [entry["name"] for entry in layout]
     new_state_names = [f"new_{name}" for name in state_names]
     with torch.no_grad(), stages("export"):
@@ -299,7 +328,7 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
     try:
         fp32_dir = work / "fp32"
         fp32_dir.mkdir()
-        graph_facts = export_fp32_graph(spec, max_context, seed, fp32_dir, stages)
+        graph_facts = export_fp32_graph(spec, max_context, seed, fp32_dir, stages, KV_DTYPES[quant])
         source = fp32_dir
         quantization = None
         if quant == "int8":
@@ -327,7 +356,8 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
             "onnxruntime": onnxruntime.__version__,
             "quantization": quantization,
             "weights_sharing": sharing,
-            "kv_cache": "full attention: one buffer of max_context positions per K and V, updated in place by com.microsoft.GroupQueryAttention (the runner binds it as the op's input and output); sliding window: a ring of swa_window slots",
+            "kv_dtype": KV_DTYPES[quant],
+            "kv_cache": f"full attention: one {KV_DTYPES[quant]} buffer of max_context positions per K and V, updated in place by com.microsoft.GroupQueryAttention (the runner binds it as the op's input and output); sliding window: a ring of swa_window slots",
             "attention": f"one graph for prefill and decode; a prefill runs in steps of at most {PREFILL_CHUNK} tokens, so scores are [chunk, max_context] (only the filled keys computed), never [T, T]",
         },
         "weights_stored_once": True,
@@ -514,8 +544,13 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
                     by_content[quantized.tobytes()] = linear
                     setattr(parent, name, linear)
         model.embed.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
+    if layout is not None and any(entry.get("dtype") == "float16" for entry in layout if entry["kind"].startswith("kv_shared")):
+        for layer in model.layers:
+            if layer.kind == "attn":
+                core = layer.op.core
+                layer.op.core = Fp16AttentionReference(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
     oracle = RoundingOracle(step_path, layout, by_content, embedding) if step_path is not None else None
     return ChunkedPrefill(model, chunk, oracle).eval()
 
 
-__all__ = ["SharedKVAttention", "use_shared_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "write_embedding", "STEP", "WEIGHTS", "WEIGHTS_INDEX", "EMBEDDING"]
+__all__ = ["SharedKVAttention", "Fp16AttentionReference", "KV_DTYPES", "use_shared_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "write_embedding", "STEP", "WEIGHTS", "WEIGHTS_INDEX", "EMBEDDING"]

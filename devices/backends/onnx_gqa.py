@@ -74,7 +74,7 @@ def _schema() -> onnx.defs.OpSchema:
             formal("total_sequence_length", "M"),
         ],
         outputs=[formal("output", "T"), formal("present_key", "T"), formal("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[
             onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
             onnx.defs.OpSchema.Attribute("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, ""),

@@ -115,7 +115,7 @@ class OnnxRunner(Runner):
     def _zeros(self, entry: dict) -> ort.OrtValue:
         # np.zeros maps fresh zero pages: a cache buffer of max_context positions becomes
         # resident only as far as it is written
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(entry["shape"], dtype=np.float32))
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(entry["shape"], dtype=entry.get("dtype", "float32")))
 
     def reset(self) -> None:
         self.state = [self._zeros(entry) for entry in self.layout]
