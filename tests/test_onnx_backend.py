@@ -181,6 +181,50 @@ def test_prefill_and_decode_at_any_depth_match_eager(fp32_artifact):
             runner.decode(token, MAX_CONTEXT)
 
 
+def test_the_kv_cache_is_one_buffer_updated_in_place_by_group_query_attention(fp32_artifact):
+    """Every full-attention layer runs com.microsoft.GroupQueryAttention, whose present K/V
+    is the graph's new state; the runner binds one buffer per cache as the op's input and
+    output, so a prefill and decode steps write into the same memory (no copy of the cache
+    per step), and the logits still match eager over a prefill and several decode steps."""
+    import onnx
+
+    graph = onnx.load(str(fp32_artifact.file("step.onnx")), load_external_data=False)
+    attention = [node for node in graph.graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(attention) == TINY.layers.count("attn") and all(node.domain == "com.microsoft" for node in attention)
+    outputs = {o.name for o in graph.graph.output}
+    assert all(set(node.output[1:]) <= outputs for node in attention)  # present K/V are graph outputs
+    model = build_model(TINY, seed=0).eval()
+    tokens = np.random.default_rng(3).integers(0, TINY.vocab_size, size=(1, 14), dtype=np.int64)
+    with open_runner(fp32_artifact, threads=1) as runner, torch.no_grad():
+        shared = [i for i, entry in enumerate(runner.layout) if entry["kind"].startswith("kv_shared")]
+        assert len(shared) == 2 * TINY.layers.count("attn")
+        pointers = [runner.state[i].data_ptr() for i in shared]
+        assert all(runner.state[i].shape()[2] == MAX_CONTEXT for i in shared)
+        got = runner.prefill(tokens[:, :9])
+        want, *state = model.step(torch.from_numpy(tokens[:, :9]), torch.tensor([0]), *model.init_state(1, max_context=MAX_CONTEXT))
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+        for pos in range(9, 14):
+            want, *state = model.step(torch.from_numpy(tokens[:, pos : pos + 1]), torch.tensor([pos]), *state)
+            np.testing.assert_allclose(runner.decode(tokens[:, pos : pos + 1], pos), want.numpy(), atol=1e-4)
+        assert [runner.state[i].data_ptr() for i in shared] == pointers  # the same buffers throughout
+        written = runner.state[shared[0]].numpy()[0, :, :14]
+        np.testing.assert_allclose(written, state[TINY.layers.index("attn")].numpy()[0, :, :14], atol=1e-5)  # eager's K cache
+        runner.reset()
+        assert not runner.state[shared[0]].numpy().any()  # emptied in place
+
+
+@pytest.mark.slow
+def test_an_int8_artifact_with_an_fp16_kv_cache_passes_against_a_reference_that_rounds_alike(cache, monkeypatch):
+    """The fp16 K/V variant (`KV_DTYPES`): GroupQueryAttention in fp16, the int8 reference
+    rounding q, k, v and the attention output to fp16; verification at int8's tight bound."""
+    monkeypatch.setitem(__import__("devices.backends.onnx_export", fromlist=["KV_DTYPES"]).KV_DTYPES, "int8", "float16")
+    artifact = compile(TINY, "onnx", "int8", MAX_CONTEXT + 1, (16,), cache_dir=cache)  # another context: its own cache entry
+    assert artifact.manifest["onnx"]["kv_dtype"] == "float16"
+    assert {entry["dtype"] for entry in artifact.manifest["onnx"]["state"] if entry["kind"].startswith("kv_shared")} == {"float16"}
+    verification = artifact.manifest["verification"]
+    assert verification["passed"] and verification["max_abs_diff"] < 1e-4 and verification["top1_agreement"] == 1.0
+
+
 def test_runner_reports_its_stack(fp32_artifact):
     import onnxruntime
 
