@@ -85,14 +85,16 @@ class OnnxRunner(Runner):
     def __init__(self, artifact: Artifact, threads: int | None = None):
         super().__init__(artifact, threads)
         facts = artifact.manifest.get("onnx")
-        if not isinstance(facts, dict) or "step" not in facts or "embedding" not in facts:
-            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no single 'step' graph and embedding table); compile it again")
-        self.embedding = EmbeddingRows(artifact.file(facts["embedding"]["file"]), facts["embedding"])
+        if not isinstance(facts, dict) or "step" not in facts:
+            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no single 'step' graph); compile it again")
         self.layout = facts["state"]
         self.state_names = [entry["name"] for entry in self.layout]
         self.chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
         self.session = ort.InferenceSession(str(artifact.file(facts["step"])), sess_options=self._options(), providers=[PROVIDER])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if not isinstance(facts.get("embedding"), dict):
+            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no embedding table); compile it again")
+        self.embedding = EmbeddingRows(artifact.file(facts["embedding"]["file"]), facts["embedding"])
         self.shared = [entry["kind"].startswith("kv_shared") for entry in self.layout]
         self.state: list[ort.OrtValue] = []
         self.reset()
