@@ -28,8 +28,11 @@ MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, Ex
 #: no cache (nor a cached refusal) of the old layout is reused.
 #: onnx 2: prefill steps of 128 tokens (were 256); llamacpp 2: all-attention stacks with wide
 #: heads written as qwen3 (were refused); onnx 3: initialisers named as transformers' Lfm2
-#: (`model.layers.0.self_attn.q_proj.weight`, was `...op.q_proj...`), same values.
-BACKEND_FORMATS = {"eager": 1, "onnx": 3, "executorch": 1, "llamacpp": 2}
+#: (`model.layers.0.self_attn.q_proj.weight`, was `...op.q_proj...`), same values;
+#: onnx 4: full-attention K/V in one max_context buffer updated in place by
+#: GroupQueryAttention (was a growing, concatenated cache), the embedding table in
+#: embedding.bin, looked up by the runner (was a Gather in the graph).
+BACKEND_FORMATS = {"eager": 1, "onnx": 4, "executorch": 1, "llamacpp": 2}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.
@@ -45,7 +48,7 @@ MAX_MEMBER_DEPTH = 16
 #: by `Artifact.file` where a runner joins it onto the folder. A backend that keeps a file
 #: name in its manifest facts adds it here.
 MANIFEST_PATH_FIELDS: dict[str, tuple[str, ...]] = {
-    "onnx": ("onnx.step", "onnx.weights", "onnx.weights_index"),
+    "onnx": ("onnx.step", "onnx.weights", "onnx.weights_index", "onnx.embedding.file"),
 }
 
 # Backends and the precisions each one compiles (QUANTS, BACKENDS, check_backend_quant): one

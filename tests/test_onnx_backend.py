@@ -64,7 +64,8 @@ def _external_locations(path) -> set[str]:
 def _check_artifact(artifact: Artifact) -> None:
     manifest = artifact.manifest
     assert manifest["verification"]["passed"]
-    assert set(artifact.files) == {"step.onnx", "weights.bin", "weights_index.json"}
+    assert set(artifact.files) == {"step.onnx", "weights.bin", "weights_index.json", "embedding.bin"}
+    assert manifest["onnx"]["embedding"]["shape"] == [TINY.vocab_size, TINY.d_model]
     assert manifest["decode_cost_follows_context"] is True and manifest["weights_stored_once"] is True
     assert manifest["onnx"]["prefill_chunk"] == CHUNK
     assert _external_locations(artifact.file("step.onnx")) == {"weights.bin"}
@@ -93,18 +94,24 @@ def test_int8_export_passes_tightly_against_its_own_precision(int8_artifact, fp3
 @pytest.mark.slow
 def test_the_int8_reference_holds_the_artifacts_own_weights(int8_artifact):
     """Every quantised tensor in the artifact, dequantised with its own scale and zero point,
-    is exactly a weight of the eager reference (a MatMul's transposed, the Gather's table)."""
+    is exactly a weight of the eager reference (a MatMul's transposed; the table in
+    embedding.bin, as the runner reads it)."""
     import onnx
     from onnx import numpy_helper
 
     from devices.backends.onnx import reference_model
+    from devices.backends.onnx_runner import EmbeddingRows
 
     reference, _ = reference_model(int8_artifact, 0)
     weights = [p.detach().numpy() for p in reference.parameters() if p.dim() == 2]
     graph = onnx.load(str(int8_artifact.file("step.onnx")))  # with weights.bin
     tensors = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     quantized = [name[: -len("_quantized")] for name in tensors if name.endswith("_quantized")]
-    assert len(quantized) == 2 + 2 + 4 * 2 + 3 * 3  # table and head; conv in/out; q k v out per attention; 3 per FFN
+    assert len(quantized) == 1 + 2 + 4 * 2 + 3 * 3  # head; conv in/out; q k v out per attention; 3 per FFN
+    facts = int8_artifact.manifest["onnx"]["embedding"]
+    assert facts["dtype"] == "uint8"
+    table = EmbeddingRows(int8_artifact.file(facts["file"]), facts)(np.arange(TINY.vocab_size)[None])[0]
+    np.testing.assert_array_equal(table, reference.model.embed_tokens.weight.detach().numpy())
     for base in quantized:
         steps = (tensors[f"{base}_quantized"].astype(np.int32) - tensors[f"{base}_zero_point"].astype(np.int32)).astype(np.float32)
         dequantized = steps * tensors[f"{base}_scale"].astype(np.float32)  # in float32, as DequantizeLinear
@@ -116,10 +123,10 @@ def test_the_int8_reference_holds_the_artifacts_own_weights(int8_artifact):
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["the embedding table's scale", "the last linear's weight scale"])
 def test_an_int8_artifact_with_a_wrong_scale_fails_verification(int8_artifact, tmp_path, damage):
-    """A scale doubled in step.onnx (the files re-hashed, so the artifact loads): the
-    embedding table's, or a layer's linear (which moves the logits less than quantisation
-    noise does, so only the bound on the largest difference sees it). Verification rejects
-    it and names both distances."""
+    """A scale doubled (the files re-hashed, so the artifact loads): the embedding table's
+    (in the manifest, which the runner reads it with), or a layer's linear in step.onnx
+    (which moves the logits less than quantisation noise does, so only the bound on the
+    largest difference sees it). Verification rejects it and names both distances."""
     import shutil
 
     import onnx
@@ -130,14 +137,15 @@ def test_an_int8_artifact_with_a_wrong_scale_fails_verification(int8_artifact, t
 
     copy = tmp_path / "wrong-scale"
     shutil.copytree(int8_artifact.path, copy)
-    graph = onnx.load(str(copy / "step.onnx"), load_external_data=False)
-    scales = [t for t in graph.graph.initializer if t.name.endswith("_scale")]
-    table = "model.lm_head.weight_scale"  # the Gather's table
-    scale = next(t for t in scales if t.name == table) if "embedding" in damage else [t for t in scales if t.name != table][-1]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2, scale.name))
-    onnx.save(graph, str(copy / "step.onnx"))
-    manifest = int8_artifact.manifest
+    manifest = json.loads(json.dumps(int8_artifact.manifest))
     facts = {k: v for k, v in manifest.items() if k not in ("manifest_version", "key", "spec", "spec_key", "backend", "quant", "max_context", "prompt_lengths", "files", "toolchain")}
+    if "embedding" in damage:
+        facts["onnx"]["embedding"]["scale"] *= 2
+    else:
+        graph = onnx.load(str(copy / "step.onnx"), load_external_data=False)
+        scale = [t for t in graph.graph.initializer if t.name.endswith("_scale")][-1]
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2, scale.name))
+        onnx.save(graph, str(copy / "step.onnx"))
     broken = write_manifest(copy, TINY, "onnx", "int8", MAX_CONTEXT, (16,), list(manifest["files"]), **facts)
     with pytest.raises(VerificationError, match=r"max \|logit diff\| .*min cosine [01]\.\d+.*against fp32: min cosine [01]\.\d+") as failure:
         verify_against_eager(broken, 0)
@@ -152,7 +160,7 @@ def test_the_same_request_returns_the_cached_artifact(fp32_artifact, cache):
 
 def test_prefill_and_decode_at_any_depth_match_eager(fp32_artifact):
     """A decode at depth P after reset() sees P zero cache entries: what the static
-    buffer of the eager model holds there (the growing cache is cut or padded to P)."""
+    buffer of the eager model holds there (the runner's cache buffers are zeroed by reset)."""
     model = build_model(TINY, seed=0).eval()
     rng = np.random.default_rng(1)
     with open_runner(fp32_artifact, threads=1) as runner, torch.no_grad():
@@ -171,6 +179,50 @@ def test_prefill_and_decode_at_any_depth_match_eager(fp32_artifact):
             np.testing.assert_allclose(runner.decode(token, depth), want.numpy(), atol=1e-4)
         with pytest.raises(ValueError, match="max_context"):
             runner.decode(token, MAX_CONTEXT)
+
+
+def test_the_kv_cache_is_one_buffer_updated_in_place_by_group_query_attention(fp32_artifact):
+    """Every full-attention layer runs com.microsoft.GroupQueryAttention, whose present K/V
+    is the graph's new state; the runner binds one buffer per cache as the op's input and
+    output, so a prefill and decode steps write into the same memory (no copy of the cache
+    per step), and the logits still match eager over a prefill and several decode steps."""
+    import onnx
+
+    graph = onnx.load(str(fp32_artifact.file("step.onnx")), load_external_data=False)
+    attention = [node for node in graph.graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(attention) == TINY.layers.count("attn") and all(node.domain == "com.microsoft" for node in attention)
+    outputs = {o.name for o in graph.graph.output}
+    assert all(set(node.output[1:]) <= outputs for node in attention)  # present K/V are graph outputs
+    model = build_model(TINY, seed=0).eval()
+    tokens = np.random.default_rng(3).integers(0, TINY.vocab_size, size=(1, 14), dtype=np.int64)
+    with open_runner(fp32_artifact, threads=1) as runner, torch.no_grad():
+        shared = [i for i, entry in enumerate(runner.layout) if entry["kind"].startswith("kv_shared")]
+        assert len(shared) == 2 * TINY.layers.count("attn")
+        assert all(runner.state[i].shape()[2] == MAX_CONTEXT for i in shared)
+        got = runner.prefill(tokens[:, :9])  # a prefill starts from reset: fresh buffers
+        pointers = [runner.state[i].data_ptr() for i in shared]
+        want, *state = model.step(torch.from_numpy(tokens[:, :9]), torch.tensor([0]), *model.init_state(1, max_context=MAX_CONTEXT))
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+        for pos in range(9, 14):
+            want, *state = model.step(torch.from_numpy(tokens[:, pos : pos + 1]), torch.tensor([pos]), *state)
+            np.testing.assert_allclose(runner.decode(tokens[:, pos : pos + 1], pos), want.numpy(), atol=1e-4)
+        assert [runner.state[i].data_ptr() for i in shared] == pointers  # the same buffers through the decode steps
+        written = runner.state[shared[0]].numpy()[0, :, :14]
+        np.testing.assert_allclose(written, state[TINY.layers.index("attn")].numpy()[0, :, :14], atol=1e-5)  # eager's K cache
+        runner.reset()
+        assert not runner.state[shared[0]].numpy().any()  # emptied in place
+
+
+@pytest.mark.slow
+def test_an_int8_artifact_with_an_fp16_kv_cache_passes_against_a_reference_that_rounds_alike(cache, monkeypatch):
+    """The fp16 K/V variant (`KV_DTYPES`): GroupQueryAttention in fp16, the int8 reference
+    rounding q, k, v and the attention output to fp16; verification at int8's tight bound."""
+    monkeypatch.setitem(__import__("devices.backends.onnx_export", fromlist=["KV_DTYPES"]).KV_DTYPES, "int8", "float16")
+    artifact = compile(TINY, "onnx", "int8", MAX_CONTEXT + 1, (16,), cache_dir=cache)  # another context: its own cache entry
+    assert artifact.manifest["onnx"]["kv_dtype"] == "float16"
+    assert {entry["dtype"] for entry in artifact.manifest["onnx"]["state"] if entry["kind"].startswith("kv_shared")} == {"float16"}
+    verification = artifact.manifest["verification"]
+    assert verification["passed"] and verification["max_abs_diff"] < 1e-4 and verification["top1_agreement"] == 1.0
 
 
 def test_runner_reports_its_stack(fp32_artifact):

@@ -2,9 +2,11 @@
 provider, fp32 or int8 (`onnxruntime.quantization.quantize_dynamic`).
 
 An artifact holds `step.onnx`, one graph for prefill (run in chunks) and decode, its
-`weights.bin` and `weights_index.json` (see `devices.backends.onnx_export`). Full-attention
-K/V caches grow with the context, so decode cost follows the context depth
-(`decode_cost_follows_context` in the manifest).
+`weights.bin` and `weights_index.json`, and the token embedding table `embedding.bin`, which
+the runner reads row by row (see `devices.backends.onnx_export`). Full-attention K/V caches
+are buffers of `max_context` positions updated in place by ONNX Runtime's
+GroupQueryAttention, which attends over the filled positions only, so decode cost follows
+the context depth (`decode_cost_follows_context` in the manifest).
 
 Importing this module imports ONNX Runtime (the runtime a measurement pays for) but not
 torch: the exporter is imported when `export` or `reference_model` is called.
@@ -46,12 +48,13 @@ def reference_model(artifact, seed: int):
     `onnx_export.int8_reference_model`). Verification then tests the exporter and the
     runtime, not the quantiser."""
     from devices.backends.onnx_export import int8_reference_model
-    from devices.backends.onnx_runner import PREFILL_CHUNK
+    from devices.backends.onnx_runner import PREFILL_CHUNK, EmbeddingRows
 
     facts = artifact.manifest.get("onnx", {})
     settings = facts.get("quantization") or {}
     chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
-    model = int8_reference_model(artifact.spec, seed, chunk, bool(settings.get("reduce_range", False)), artifact.file(facts["step"]), facts["state"])
+    embedding = EmbeddingRows(artifact.file(facts["embedding"]["file"]), facts["embedding"])
+    model = int8_reference_model(artifact.spec, seed, chunk, bool(settings.get("reduce_range", False)), artifact.file(facts["step"]), facts["state"], embedding)
     return model, "eager int8 (onnxruntime's quantiser, dynamic uint8 activations with the artifact's rounding where within one step, same chunks)"
 
 

@@ -3,8 +3,15 @@
 The graph is `model.step` (explicit state in, new state out), exported with
 `torch.onnx.export(..., dynamo=True)`:
 
-* `step.onnx`: `(tokens [1, T], pos [1], *state) -> (logits [1, V], *new_state)`, T dynamic
-  (1..max_context) and the full-attention caches dynamic (0..max_context-1 positions).
+* `step.onnx`: `(embeds [1, T, d_model], pos [1], *state) -> (logits [1, V], *new_state)`,
+  T dynamic (1..max_context); every state tensor has a fixed shape.
+* `embedding.bin`: the token embedding table (`[V, d_model]`; uint8 with the scale and zero
+  point ONNX Runtime's quantiser gives it for int8, float32 for fp32). The runner reads the
+  rows of a step's tokens from the file (`onnx_runner.EmbeddingRows`) and feeds them to
+  the graph. A Gather over a table that ONNX Runtime maps from the weights file made the
+  whole table resident on a prompt of random tokens: each lookup faults in the kernel's
+  fault-around window (64 KiB, 64 rows of LFM2-350M's table) around its row, so 2,048
+  tokens touched nearly all of the 64 MiB.
 
 A decode step is a step of one token. A prefill is a run of steps of at most
 `prefill_chunk` tokens from the empty state (the runner's loop, as ExecuTorch's LLM runner
@@ -13,13 +20,15 @@ T x T, and every activation bounded by the chunk, so a long prompt costs memory 
 only with its K/V cache. One graph in one session also means the weights are loaded and
 pre-packed once for prefill and decode alike (two sessions each packed their own copy).
 
-Full-attention layers keep a GROWING K/V cache (`[1, Hkv, S, D]`, S = the tokens seen so
-far, dynamic): a step concatenates the new keys and attends over exactly S + T keys, so
-decode cost follows the context depth, as a deployed runtime's does. The portable
-static-buffer form of `lfm2.model` attends over the whole `max_context` buffer at every
-step (ONNX Runtime has no op that reads only the filled part of a static cache), so it
-would make a decode at depth 128 cost the same as one at depth 2048. Sliding-window
-layers keep their ring of `swa_window` slots: bounded by construction.
+Full-attention layers run ONNX Runtime's `com.microsoft.GroupQueryAttention` over K/V
+buffers of `max_context` positions (`[1, Hkv, max_context, D]`), which the runner binds as
+the op's input and output so that it writes a step's new keys in place
+(`devices.backends.onnx_gqa`): one copy of the cache, nothing copied per token (a growing,
+concatenated cache held the old and the new cache during every step, and copied it whole
+per decoded token). The op attends over the pos + T filled positions only, so decode cost
+follows the context depth, as a deployed runtime's does (the portable static-buffer form
+of `lfm2.model` scores every slot). Sliding-window layers keep their ring of `swa_window`
+slots: bounded by construction.
 
 The weights (after `quantize_dynamic` for int8) are written deduplicated by content into
 `weights.bin`, page-aligned; the graph points into it.
@@ -47,7 +56,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from devices.backends.onnx_runner import PREFILL_CHUNK
+from devices.backends.onnx_runner import PREFILL_CHUNK, EmbeddingRows
 from lfm2.model import LFM2, AttentionCore, build_model
 from lfm2.spec import ArchSpec
 
@@ -61,55 +70,94 @@ WEIGHTS_INDEX = "weights_index.json"
 ALIGNMENT = 4096
 #: ONNX Runtime's dynamic quantisation: the linear layers (MatMul, incl. the tied head) and
 #: the embedding lookup (Gather). The depthwise conv (3 weights per channel) stays fp32.
-INT8_OP_TYPES = ("MatMul", "Gather")
+INT8_OP_TYPES = ("MatMul",)
+#: The token embedding table, read by the runner row by row (module doc).
+EMBEDDING = "embedding.bin"
 REDUCE_RANGE = False
+#: The full-attention K/V cache's precision by artifact precision. "float16" for int8 would
+#: hold K and V in fp16, as deployed runtimes do (llama.cpp's f16 cache, onnxruntime-genai's
+#: fp16 models): half the cache (-24 MiB for LFM2-350M at 2,064), the int8 reference then
+#: rounding q, k, v and the attention output to fp16 alike (`Fp16AttentionReference`). It
+#: passes verification on the test model (tests/test_onnx_backend.py) but was not verified
+#: on LFM2-350M yet, so int8 keeps fp32 K/V (verified at 2,048 tokens: BENCHMARKS.md).
+KV_DTYPES = {"fp32": "float32", "int8": "float32"}
 
 
-class GrowingKVAttention(AttentionCore):
-    """Full attention over a cache that grows by the new tokens at every step.
+class SharedKVAttention(AttentionCore):
+    """Full attention through ONNX Runtime's `GroupQueryAttention` over a cache buffer of
+    `max_context` positions that the op updates in place (`devices.backends.onnx_gqa`):
+    the T new tokens at positions pos..pos+T-1 attend over the pos + T filled positions.
+    Sliding-window layers keep the ring buffer of `AttentionCore`. With an fp16 cache the
+    op runs in fp16 (its inputs, cache and output; it computes in fp32 inside)."""
 
-    The cache holds the keys/values of positions 0..S-1 (S = its length, dynamic in the
-    exported graph), so the attention of T new tokens at positions S..S+T-1 reads S + T
-    keys. Sliding-window layers keep the ring buffer of `AttentionCore`.
-    """
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None, kv_dtype: torch.dtype = torch.float32):
+        super().__init__(n_heads, n_kv_heads, head_dim, window)
+        self.kv_dtype = kv_dtype
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor):
         if self.window is not None:
             return super().forward(q, k, v, k_cache, v_cache, positions)
-        keys = torch.cat((k_cache, k.transpose(1, 2)), dim=2)
-        values = torch.cat((v_cache, v.transpose(1, 2)), dim=2)
-        key_positions = torch.arange(keys.shape[2], device=q.device)
-        return self._attend(q, keys, values, key_positions, positions), keys, values
+        from devices.backends.onnx_gqa import group_query_attention
+
+        bsz, t = q.shape[:2]
+        q, k, v = (x.reshape(bsz, t, -1).to(self.kv_dtype) for x in (q, k, v))
+        out, k_cache, v_cache = group_query_attention(q, k, v, k_cache, v_cache, positions[:1], self.n_heads, self.n_kv_heads)
+        return out.float(), k_cache, v_cache
 
 
-def use_growing_cache(model: LFM2) -> LFM2:
-    """Swap the core of every full-attention layer for `GrowingKVAttention` (same weights:
+class Fp16AttentionReference(AttentionCore):
+    """The eager reference of `SharedKVAttention` with an fp16 cache: q, k and v rounded to
+    fp16 (what the op and its cache hold), attention in fp32 (as the op computes inside),
+    the output rounded to fp16 (the op's output type). Sliding-window layers unchanged."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor):
+        if self.window is not None:
+            return super().forward(q, k, v, k_cache, v_cache, positions)
+        q, k, v = (x.half().float() for x in (q, k, v))
+        out, k_cache, v_cache = super().forward(q, k, v, k_cache, v_cache, positions)
+        return out.half().float(), k_cache, v_cache
+
+
+def use_shared_cache(model: LFM2, kv_dtype: torch.dtype = torch.float32) -> LFM2:
+    """Swap the core of every full-attention layer for `SharedKVAttention` (same weights:
     the core has none)."""
     for layer in model.layers:
         if layer.kind == "attn":
             core = layer.operator.core
-            layer.operator.core = GrowingKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
+            layer.operator.core = SharedKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window, kv_dtype)
     return model
 
 
-def state_layout(spec: ArchSpec) -> list[dict[str, Any]]:
-    """The flat decode state, in `step` order: name, layer, kind and shape (-1 marks the
-    growing axis of a full-attention cache)."""
+def state_layout(spec: ArchSpec, max_context: int, kv_dtype: str = "float32") -> list[dict[str, Any]]:
+    """The flat decode state, in `step` order: name, layer, kind, shape and dtype. A
+    full-attention layer's K and V are buffers of `max_context` positions updated in place
+    (`kv_shared`, in `kv_dtype`); a sliding-window layer's a ring of `swa_window` slots
+    (`kv_ring`); the rings and conv windows are float32."""
     layout: list[dict[str, Any]] = []
     for index, op in enumerate(spec.layers):
         if op == "conv":
             layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": "conv", "shape": [1, spec.d_model, spec.conv_kernel - 1]})
         else:
-            slots = -1 if op == "attn" else spec.swa_window
-            kind = "kv_growing" if op == "attn" else "kv_ring"
+            slots = max_context if op == "attn" else spec.swa_window
+            kind = "kv_shared" if op == "attn" else "kv_ring"
+            dtype = kv_dtype if op == "attn" else "float32"
             for part in ("k", "v"):
-                layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": f"{kind}_{part}", "shape": [1, spec.n_kv_heads, slots, spec.head_dim]})
+                layout.append({"name": f"state_{len(layout)}", "layer": index, "kind": f"{kind}_{part}", "shape": [1, spec.n_kv_heads, slots, spec.head_dim], "dtype": dtype})
     return layout
 
 
-def empty_state(spec: ArchSpec, dtype: torch.dtype = torch.float32) -> list[Tensor]:
-    """The state before the first token: zero conv windows and rings, empty growing caches."""
-    return [torch.zeros([0 if n < 0 else n for n in entry["shape"]], dtype=dtype) for entry in state_layout(spec)]
+def empty_state(layout: list[dict[str, Any]]) -> list[Tensor]:
+    """The state before the first token: zero conv windows, rings and cache buffers."""
+    return [torch.zeros(entry["shape"], dtype=getattr(torch, entry.get("dtype", "float32"))) for entry in layout]
+
+
+class EmbeddedInput(nn.Module):
+    """Stands in for `model.embed_tokens` in the exported graph: the step takes the embedded rows
+    (the runner looks them up), so the table is no graph initializer. A tied head keeps
+    its own reference to the table's parameter."""
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        return embeds
 
 
 class StepGraph(nn.Module):
@@ -117,17 +165,17 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, pos: Tensor, *state: Tensor):
-        return self.model.step(tokens, pos, *state)
+    def forward(self, embeds: Tensor, pos: Tensor, *state: Tensor):
+        return self.model.step(embeds, pos, *state)  # step reads T from dim 1, then embeds
 
 
-def _example_lengths(spec: ArchSpec, upper: int, count: int) -> list[int]:
+def _example_lengths(spec: ArchSpec, upper: int, count: int, max_context: int = 0) -> list[int]:
     """`count` distinct example sizes for the dynamic axes. None may equal a static
     dimension of the graph, nor another example (torch.export would tie the two together,
     and it specialises 0 and 1), and they exceed the sliding window when they can: a ring
     layer's `min(T, window)` is traced for the side of the window the example lies on (past
     it, the graph keeps a `Min`)."""
-    static = {1, spec.d_model, spec.n_kv_heads, spec.n_heads, spec.head_dim, spec.conv_kernel - 1, spec.swa_window, spec.vocab_size, spec.ffn_dim}
+    static = {1, spec.d_model, spec.n_kv_heads, spec.n_heads, spec.head_dim, spec.conv_kernel - 1, spec.swa_window, spec.vocab_size, spec.ffn_dim, max_context}
     start = spec.swa_window + 1 if 0 < spec.swa_window < upper - count else 5
     found: list[int] = []
     for candidate in [*range(start, upper + 1), *range(2, start)]:
@@ -140,6 +188,8 @@ def _example_lengths(spec: ArchSpec, upper: int, count: int) -> list[int]:
 
 
 def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str], output_names: list[str], path: Path) -> None:
+    from devices.backends.onnx_gqa import translation_table
+
     program = torch.onnx.export(
         module,
         args,
@@ -149,29 +199,47 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_n
         output_names=output_names,
         optimize=True,
         verbose=False,
+        custom_translation_table=translation_table(),
     )
     program.save(str(path), external_data=True)
 
 
-def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path, stages) -> dict[str, Any]:
-    """Write step.onnx (with its own external data) into out_dir."""
+def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path, stages, kv_dtype: str = "float32") -> dict[str, Any]:
+    """Write step.onnx (with its own external data, fp32 weights; the K/V cache in
+    `kv_dtype`) into out_dir."""
     if max_context < 4:
         raise ValueError(f"the ONNX backend needs max_context >= 4, got {max_context}")
     with stages("build"):
-        model = use_growing_cache(build_model(spec, seed=seed).eval())
-    layout = state_layout(spec)
+        model = use_shared_cache(build_model(spec, seed=seed).eval(), getattr(torch, kv_dtype))
+    layout = state_layout(spec, max_context, kv_dtype)
     state_names = [entry["name"] for entry in layout]
     new_state_names = [f"new_{name}" for name in state_names]
     with torch.no_grad(), stages("export"):
-        t, s = _example_lengths(spec, max_context - 1, 2)
+        t, s = _example_lengths(spec, max_context - 1, 2, max_context)
         length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
-        cache = torch.export.Dim.DYNAMIC(min=0, max=max_context - 1)
-        tokens = torch.randint(0, spec.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
-        example_state = [torch.zeros([s if n < 0 else n for n in entry["shape"]]) for entry in layout]
-        state_dims = tuple({2: cache} if entry["kind"].startswith("kv_growing") else None for entry in layout)
-        args = (tokens, torch.tensor([s], dtype=torch.long), *example_state)
-        _export_graph(StepGraph(model).eval(), args, ({1: length}, None, state_dims), ["tokens", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
-    return {"state": layout}
+        table = model.embed_tokens.weight.detach().clone()
+        model.embed_tokens = EmbeddedInput()
+        embeds = torch.randn(1, t, spec.d_model, generator=torch.Generator().manual_seed(seed))
+        args = (embeds, torch.tensor([s], dtype=torch.long), *empty_state(layout))
+        _export_graph(StepGraph(model).eval(), args, ({1: length}, None, tuple(None for _ in layout)), ["embeds", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
+    return {"state": layout, "table": table}
+
+
+def write_embedding(table: Tensor, quant: str, out_dir: Path) -> dict[str, Any]:
+    """Write the embedding table as `embedding.bin` (rows of d_model values); returns its
+    manifest facts. int8: quantised by ONNX Runtime's quantiser as `quantize_dynamic`
+    quantises a Gather's table (uint8, asymmetric, per tensor): what the int8 reference
+    dequantises into its own table."""
+    facts: dict[str, Any] = {"file": EMBEDDING, "shape": list(table.shape)}
+    if quant == "int8":
+        zero_point, scale, quantized = _ort_quantized(table, False)
+        data = quantized.astype("uint8")
+        facts.update(dtype="uint8", scale=float(scale), zero_point=int(zero_point))
+    else:
+        data = table.float().numpy()
+        facts.update(dtype="float32")
+    (out_dir / EMBEDDING).write_bytes(data.tobytes(order="C"))
+    return facts
 
 
 def quantize_int8(src_dir: Path, out_dir: Path, stages) -> dict[str, Any]:
@@ -261,7 +329,7 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
     try:
         fp32_dir = work / "fp32"
         fp32_dir.mkdir()
-        graph_facts = export_fp32_graph(spec, max_context, seed, fp32_dir, stages)
+        graph_facts = export_fp32_graph(spec, max_context, seed, fp32_dir, stages, KV_DTYPES[quant])
         source = fp32_dir
         quantization = None
         if quant == "int8":
@@ -270,6 +338,7 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
             quantization = quantize_int8(fp32_dir, source, stages)
         with stages("pack_weights"):
             sharing = share_weights(source, (STEP,), out_dir)
+            embedding = write_embedding(graph_facts["table"], quant, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     opsets = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(out_dir / STEP), load_external_data=False).opset_import}
@@ -281,20 +350,22 @@ def export_onnx(spec: ArchSpec, quant: str, max_context: int, prompt_lengths: tu
             "weights": WEIGHTS,
             "weights_index": WEIGHTS_INDEX,
             "state": graph_facts["state"],
+            "embedding": embedding,
             "prefill_chunk": PREFILL_CHUNK,
             "opsets": opsets,
             "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
             "onnxruntime": onnxruntime.__version__,
             "quantization": quantization,
             "weights_sharing": sharing,
-            "kv_cache": "growing (concatenated per step; dynamic length) for full attention; ring of swa_window slots for sliding window",
-            "attention": f"one graph for prefill and decode; a prefill runs in steps of at most {PREFILL_CHUNK} tokens, so scores are [chunk, keys so far], never [T, T]",
+            "kv_dtype": KV_DTYPES[quant],
+            "kv_cache": f"full attention: one {KV_DTYPES[quant]} buffer of max_context positions per K and V, updated in place by com.microsoft.GroupQueryAttention (the runner binds it as the op's input and output); sliding window: a ring of swa_window slots",
+            "attention": f"one graph for prefill and decode; a prefill runs in steps of at most {PREFILL_CHUNK} tokens, so scores are [chunk, max_context] (only the filled keys computed), never [T, T]",
         },
         "weights_stored_once": True,
         "decode_cost_follows_context": True,
         "prefill_lengths": f"dynamic (one graph serves every length up to max_context, in chunks of {PREFILL_CHUNK})",
     }
-    return [STEP, WEIGHTS, WEIGHTS_INDEX], facts
+    return [STEP, WEIGHTS, WEIGHTS_INDEX, EMBEDDING], facts
 
 
 # -- the eager reference at the artifact's precision ---------------------------------------
@@ -374,7 +445,7 @@ class RoundingOracle:
     point) as extra outputs, and maps each to the eager linear whose int8 weight that MatMul
     holds (found by content: the seeded weight through ONNX Runtime's quantiser)."""
 
-    def __init__(self, step_path: Path, layout: list[dict[str, Any]], weights_by_content: dict[bytes, nn.Module]):
+    def __init__(self, step_path: Path, layout: list[dict[str, Any]], weights_by_content: dict[bytes, nn.Module], embedding: EmbeddingRows):
         import onnxruntime as ort
         from onnx import numpy_helper
 
@@ -399,12 +470,14 @@ class RoundingOracle:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.session = ort.InferenceSession(graph.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+        self.layout = layout
+        self.embedding = embedding  # the runner's lookup: the graph takes embedded rows
         self.state_names = [entry["name"] for entry in layout]
         self.n_outputs = 1 + len(layout)
         self.extra = [name for outputs in self.inputs.values() for name in outputs]
 
     def run(self, tokens: Tensor, pos: Tensor, state: list) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], list]:
-        feeds = {"tokens": tokens.numpy(), "pos": pos.numpy()}
+        feeds = {"embeds": self.embedding(tokens.numpy()), "pos": pos.numpy()}
         feeds.update(zip(self.state_names, state))
         names = [o.name for o in self.session.get_outputs()[: self.n_outputs]] + self.extra
         values = self.session.run(names, feeds)
@@ -439,7 +512,7 @@ class ChunkedPrefill(nn.Module):
             piece, at = tokens[:, start : start + self.chunk], pos + start
             if self.oracle is not None:
                 if self._oracle_state is None or int(at) != self._next_pos:
-                    self._oracle_state = [z.numpy() for z in empty_state(self.spec)] if int(at) == 0 else None
+                    self._oracle_state = [z.numpy() for z in empty_state(self.oracle.layout)] if int(at) == 0 else None
                 if self._oracle_state is not None:
                     decisions, self._oracle_state = self.oracle.run(piece, at, self._oracle_state)
                     self._next_pos = int(at) + piece.shape[1]
@@ -455,10 +528,10 @@ class ChunkedPrefill(nn.Module):
         return {"followed": sum(m.steps_followed for m in linears), "own": sum(m.steps_own for m in linears)}
 
 
-def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False, step_path: Path | None = None, layout=None) -> nn.Module:
-    """The eager model that an int8 artifact must reproduce (module doc); with `step_path`,
-    it takes the artifact's rounding decisions where they are within one step of its own
-    (see `DynamicInt8Linear`)."""
+def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bool = False, step_path: Path | None = None, layout=None, embedding: EmbeddingRows | None = None) -> nn.Module:
+    """The eager model that an int8 artifact must reproduce (module doc); with `step_path`
+    (and the artifact's `embedding` reader), it takes the artifact's rounding decisions
+    where they are within one step of its own (see `DynamicInt8Linear`)."""
     model = build_model(spec, seed=seed).eval()
     by_content: dict[bytes, nn.Module] = {}
     with torch.no_grad():
@@ -472,8 +545,29 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
                     by_content[quantized.tobytes()] = linear
                     setattr(parent, name, linear)
         model.embed_tokens.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
-    oracle = RoundingOracle(step_path, layout, by_content) if step_path is not None else None
+    if layout is not None and any(entry.get("dtype") == "float16" for entry in layout if entry["kind"].startswith("kv_shared")):
+        for layer in model.layers:
+            if layer.kind == "attn":
+                core = layer.operator.core
+                layer.operator.core = Fp16AttentionReference(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
+    oracle = RoundingOracle(step_path, layout, by_content, embedding) if step_path is not None else None
     return ChunkedPrefill(model, chunk, oracle).eval()
 
 
-__all__ = ["GrowingKVAttention", "use_growing_cache", "state_layout", "empty_state", "export_onnx", "share_weights", "int8_reference_model", "RoundingOracle", "STEP", "WEIGHTS", "WEIGHTS_INDEX"]
+__all__ = [
+    "SharedKVAttention",
+    "Fp16AttentionReference",
+    "KV_DTYPES",
+    "use_shared_cache",
+    "state_layout",
+    "empty_state",
+    "export_onnx",
+    "share_weights",
+    "int8_reference_model",
+    "RoundingOracle",
+    "write_embedding",
+    "STEP",
+    "WEIGHTS",
+    "WEIGHTS_INDEX",
+    "EMBEDDING",
+]

@@ -9,16 +9,18 @@ loads the weights from `weights.bin` and MLAS pre-packs the quantised MatMul wei
 A prefill runs the graph in steps of at most `prefill_chunk` tokens, so it never holds a
 T x T score matrix nor activations for the whole prompt.
 
-The state lives in the runner as `OrtValue`s and goes from one step's outputs to the
-next step's inputs without a copy through numpy. Full-attention caches grow by one
-position per decoded token; a decode at position `pos` needs a cache of exactly `pos`
-positions, so after `reset()` (or a jump) the cache is cut or zero-padded to `pos`, which
-is what a static buffer holds at that point (the measurement primes the state outside the
-timed tokens, see `devices.measure`).
+The state lives in the runner as `OrtValue`s. A full-attention layer's K and V are
+buffers of `max_context` positions, bound through IO binding as both the input and the
+output of the layer's `GroupQueryAttention`, which writes a step's new positions into them
+in place (`devices.backends.onnx_gqa`): one copy of the cache, nothing copied per token.
+The conv windows and sliding-window rings (small, bounded) go from one step's outputs to
+the next step's inputs without a copy through numpy.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -39,6 +41,46 @@ PREFILL_CHUNK = 128
 PREPACKING = True
 
 
+class EmbeddingRows:
+    """The token embedding table of an artifact (`embedding.bin`, see
+    `devices.backends.onnx_export`), read row by row with `os.pread`: a step holds only its
+    own tokens' rows. Mapping the file would not do: each lookup then faults in the
+    kernel's fault-around window (64 KiB) of the page cache around its row, and a prompt of
+    random tokens makes nearly the whole table resident (LFM2-350M int8: ~64 MiB at 2,048
+    tokens). int8 rows are dequantised as DequantizeLinear does: (q - zero_point) * scale
+    in float32."""
+
+    def __init__(self, path: str | Path, facts: dict):
+        self.vocab, self.dim = (int(n) for n in facts["shape"])
+        self.dtype = np.dtype(facts["dtype"])
+        self.row_bytes = self.dim * self.dtype.itemsize
+        self.scale = np.float32(facts["scale"]) if "scale" in facts else None
+        self.zero_point = int(facts.get("zero_point", 0))
+        size = os.path.getsize(path)
+        if size != self.vocab * self.row_bytes:
+            raise ArtifactError(f"{path} holds {size} bytes, not the {self.vocab} x {self.dim} {self.dtype} table its manifest describes; compile the artifact again")
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [1, T] -> float32 rows [1, T, d_model]."""
+        flat = np.asarray(tokens).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.vocab):
+            raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {int(flat.min())}..{int(flat.max())}")
+        rows = b"".join(os.pread(self._fd, self.row_bytes, int(token) * self.row_bytes) for token in flat)
+        table = np.frombuffer(rows, dtype=self.dtype).reshape(1, flat.size, self.dim)
+        if self.scale is None:
+            return table.astype(np.float32)
+        return (table.astype(np.int32) - self.zero_point).astype(np.float32) * self.scale
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
 class OnnxRunner(Runner):
     def __init__(self, artifact: Artifact, threads: int | None = None):
         super().__init__(artifact, threads)
@@ -50,6 +92,10 @@ class OnnxRunner(Runner):
         self.chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
         self.session = ort.InferenceSession(str(artifact.file(facts["step"])), sess_options=self._options(), providers=[PROVIDER])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if not isinstance(facts.get("embedding"), dict):
+            raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no embedding table); compile it again")
+        self.embedding = EmbeddingRows(artifact.file(facts["embedding"]["file"]), facts["embedding"])
+        self.shared = [entry["kind"].startswith("kv_shared") for entry in self.layout]
         self.state: list[ort.OrtValue] = []
         self.reset()
 
@@ -68,22 +114,35 @@ class OnnxRunner(Runner):
 
     # -- running ------------------------------------------------------------------------
 
-    def _empty(self, entry: dict, length: int = 0) -> ort.OrtValue:
-        shape = [length if n < 0 else n for n in entry["shape"]]
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+    def _zeros(self, entry: dict) -> ort.OrtValue:
+        # np.zeros maps fresh zero pages: a cache buffer of max_context positions becomes
+        # resident only as far as it is written
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(entry["shape"], dtype=entry.get("dtype", "float32")))
 
     def reset(self) -> None:
-        self.state = [self._empty(entry) for entry in self.layout]
+        self.state = [self._zeros(entry) for entry in self.layout]
 
     def _check_positions(self, pos: int, count: int) -> None:
         if pos < 0 or pos + count > self.artifact.max_context:
             raise ValueError(f"positions {pos}..{pos + count - 1} exceed max_context={self.artifact.max_context}")
 
     def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        feeds = {"tokens": ort.OrtValue.ortvalue_from_numpy(tokens), "pos": ort.OrtValue.ortvalue_from_numpy(np.array([pos], dtype=np.int64))}
-        feeds.update(zip(self.state_names, self.state))
-        outputs = self.session.run_with_ort_values(self.output_names, feeds)
-        self.state = list(outputs[1:])
+        """One run of the step graph. A full-attention cache is bound as the input and the
+        output of its layer's GroupQueryAttention, which then writes the new positions into
+        it in place; the small conv windows and rings come back as new values."""
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("embeds", ort.OrtValue.ortvalue_from_numpy(self.embedding(tokens)))
+        binding.bind_ortvalue_input("pos", ort.OrtValue.ortvalue_from_numpy(np.array([pos], dtype=np.int64)))
+        binding.bind_output(self.output_names[0])
+        for name, output, value, shared in zip(self.state_names, self.output_names[1:], self.state, self.shared):
+            binding.bind_ortvalue_input(name, value)
+            if shared:
+                binding.bind_ortvalue_output(output, value)
+            else:
+                binding.bind_output(output)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.state = [value if shared else new for value, new, shared in zip(self.state, outputs[1:], self.shared)]
         return outputs[0].numpy()
 
     def prefill(self, tokens: np.ndarray) -> np.ndarray:
@@ -94,29 +153,12 @@ class OnnxRunner(Runner):
             logits = self._step(np.ascontiguousarray(tokens[:, start : start + self.chunk]), start)
         return logits
 
-    def _cache_at(self, pos: int) -> None:
-        """Make every growing cache hold exactly `pos` positions (cut, or zero-padded)."""
-        for i, entry in enumerate(self.layout):
-            if not entry["kind"].startswith("kv_growing"):
-                continue
-            length = self.state[i].shape()[2]
-            if length == pos:
-                continue
-            if length == 0:
-                self.state[i] = self._empty(entry, pos)
-                continue
-            cache = self.state[i].numpy()
-            if length > pos:
-                cache = np.ascontiguousarray(cache[:, :, :pos])
-            else:
-                pad = np.zeros((cache.shape[0], cache.shape[1], pos - length, cache.shape[3]), dtype=cache.dtype)
-                cache = np.concatenate((cache, pad), axis=2)
-            self.state[i] = ort.OrtValue.ortvalue_from_numpy(cache)
-
     def decode(self, token: np.ndarray, pos: int) -> np.ndarray:
+        """One token at `pos`: the caches' positions from `pos` on are (over)written, those
+        before it are whatever the state holds (the measurement primes it outside the timed
+        tokens, see `devices.measure`)."""
         token = np.ascontiguousarray(token, dtype=np.int64).reshape(1, 1)
         self._check_positions(pos, 1)
-        self._cache_at(pos)
         return self._step(token, pos)
 
     def stack(self) -> dict:
@@ -135,11 +177,14 @@ class OnnxRunner(Runner):
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "weights": "one session for prefill and decode; weights.bin loaded by ONNX Runtime" + (", MatMul weights pre-packed once" if PREPACKING else ", pre-packing disabled"),
             "prefill_chunk": self.chunk,
+            "kv_cache": "one buffer of max_context positions per full-attention K and V, bound as GroupQueryAttention's input and output (updated in place)",
+            "embedding": "rows read from embedding.bin per step (os.pread), not mapped",
         }
 
     def close(self) -> None:
         self.session = None
         self.state = []
+        self.embedding.close()
 
 
-__all__ = ["OnnxRunner"]
+__all__ = ["OnnxRunner", "EmbeddingRows"]

@@ -22,12 +22,13 @@ the model, and are the knobs that measured errors tune:
   data) that is still resident at the peak, next to the packed copies: the loader reads
   (or maps and touches) them while packing.
 * the embedding table is held once, at the precision `counts.py` gives it (fp32; a 4-bit
-  table for ExecuTorch 8da4w; int8 for ONNX int8, mapped so that only looked-up rows are
-  resident); a tied LM head is a separate packed linear in the compiled runtimes, and the
-  table itself in eager PyTorch.
+  table for ExecuTorch 8da4w; not resident in ONNX Runtime, whose runner reads a step's
+  rows from the artifact's table file); a tied LM head is a separate packed linear in the
+  compiled runtimes, and the table itself in eager PyTorch.
 * `state_copies`: copies of the whole decode state (`counts.state_bytes` at `context`)
-  alive at once: one in ExecuTorch's shared mutable buffers; a step's input and output
-  state in ONNX Runtime and eager PyTorch.
+  alive at once: one in ExecuTorch's shared mutable buffers and in ONNX Runtime's in-place
+  K/V buffers (`kv_bytes_per_element`: 2 for an fp16 cache); a step's input and output
+  state in eager PyTorch.
 * the activation workspace is the largest working set of one layer in the prefill graph
   (`activation_workspace_bytes`; `full_attention` says whether the runtime materialises
   full attention's scores over the static cache, over the prompt, or not at all;
@@ -75,8 +76,9 @@ class RuntimeMemoryModel:
     activation_factor: float  # the runtime's arena policy on top of the working set
     overhead_bytes: int  # per method/session when per_method, else once
     prefill_chunk: int = 0  # tokens per prefill step (0: the whole prompt in one step)
-    embedding_resident: bool = True  # False: the table is mapped, and a lookup touches only its rows
+    embedding_resident: bool = True  # False: the runtime reads a step's rows from the table's file
     layer_buffer_factor: float = 0.0  # arena blocks kept per layer: this x one step's SwiGLU rows
+    kv_bytes_per_element: int = 4  # the full-attention K/V cache's precision (2: fp16)
 
 
 #: What the measuring process itself allocates after its baseline, next to the model: the
@@ -105,10 +107,11 @@ MEASUREMENT_BYTES = 24 * MIB
 #:   adds one chunk's working set and `MEASUREMENT_BYTES`: 32 / 33.
 #:   The fp32 row keeps the serialised copy (not measured with this program).
 #: * ONNX Runtime: one session of one step graph for prefill and decode; MLAS packs the
-#:   MatMul weights once (the packed copy replaces the stored one); int8 stores the table
-#:   and a tied head as two int8 tensors; a prefill runs in steps of 128 tokens, so its
-#:   activations hold 128 rows and the last step's scores [128, prompt]; the K/V cache
-#:   grows and a step holds its input and output state (parameters below).
+#:   MatMul weights once (the packed copy replaces the stored one); int8 stores a tied head
+#:   as its own int8 tensor; the runner reads the embedding rows from the table's file (not
+#:   resident); a prefill runs in steps of 128 tokens; full attention is ONNX Runtime's
+#:   GroupQueryAttention over one fp32 K/V buffer of `context` positions updated in place,
+#:   whose scores are [heads, 128, context] (parameters below).
 #: * eager PyTorch: the parameters as they are; the portable static cache of `max_context`
 #:   slots, input and output state both alive, scores over every slot. Fitted on one
 #:   model (29M parameters, d 512, 2 of 8 layers attention, prefill then one decode step):
@@ -118,27 +121,27 @@ MEASUREMENT_BYTES = 24 * MIB
 #: these parameters across sizes.
 #: ONNX Runtime's parameters: `devices.backends.onnx_runner.PREFILL_CHUNK` (repeated:
 #: search_space may not import devices); the rest fitted (2026-12-01, BENCHMARKS.md "ONNX
-#: Runtime int8 at context 2,048" and "Memory estimate at full size") to 14 footprints: ten
-#: 14-49M fp32 models of the small space (prefill 512, 256-token steps), LFM2-350M int8 at
-#: prefill 2,048 and 8,192 (256-token steps) and at 1,024 and 2,048 (128-token steps); the
-#: largest error is 7.3%. Loading adds the packed weights and ~19 MiB (LFM2-350M int8: +357
-#: MiB for 338 MiB of packed weights; a 31M fp32 model +149 MiB for 135 MiB; the int8 table
-#: is mapped from weights.bin and only looked-up rows become resident). Running adds two
-#: copies of the state (a step's input and output caches), 2 x the largest working set of
-#: one step, a step's SwiGLU rows once per layer (the arena keeps blocks across layers) and
-#: the measuring process's own `MEASUREMENT_BYTES`. Not modelled: a transient of the first
-#: step of ~vocab x d_model bytes (64 MiB on LFM2-350M int8 whatever the prompt's length, 5
-#: MiB on a vocab-8,192 d-512 fp32 model), which a prefill of more than a few hundred tokens
-#: outgrows: the estimate is ~10% low for prompts of a few tokens on a large vocabulary.
+#: Runtime int8: the K/V cache updated in place, the table out of the graph") to LFM2-350M
+#: int8 at prefill 2,048 measured by the harness (footprint 488 and 517 MiB in two runs of
+#: the same artifact; 457 MiB without the harness's calibration kernel) and a 4-layer model
+#: of its width (d 1,024, vocab 65,536, 2 attention layers) by a bare runner. Loading adds
+#: the packed weights and ~19 MiB (LFM2-350M int8: +356 MiB for 338 MiB of packed weights).
+#: Running adds one copy of the state (the K/V buffers, written in place), the largest
+#: working set of one step (a step's scores against every position of the buffer) times
+#: `ONNX_ACTIVATION_FACTOR`, a step's SwiGLU rows times `ONNX_LAYER_BUFFERS` per layer (the
+#: arena keeps blocks across layers) and the measuring process's own `MEASUREMENT_BYTES`.
+#: Loading also has a transient of the largest weight (read while its packed copy is built:
+#: the head, 64 MiB for LFM2-350M int8), below the running peak from a prompt of a few
+#: hundred tokens on.
 ONNX_PREFILL_CHUNK = 128
-ONNX_ACTIVATION_FACTOR = 2.0
-ONNX_LAYER_BUFFERS = 1.0
+ONNX_ACTIVATION_FACTOR = 1.4
+ONNX_LAYER_BUFFERS = 0.3
 ONNX_OVERHEAD = 19 * MIB
 RUNTIME_MODELS: dict[tuple[str, str], RuntimeMemoryModel] = {
     ("executorch", "fp32"): RuntimeMemoryModel("fp32", 1, False, 1.0, True, 1.0, "flash", 1.0, 8 * MIB, prefill_chunk=128),
     ("executorch", "8da4w"): RuntimeMemoryModel("8da4w", 1, False, 0.165, True, 1.0, "flash", 1.0, 1 * MIB, prefill_chunk=128),
-    ("onnx", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, True, 2.0, "prefix", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, True, ONNX_LAYER_BUFFERS),
-    ("onnx", "int8"): RuntimeMemoryModel("int8", 1, False, 0.0, True, 2.0, "prefix", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS),
+    ("onnx", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, True, 1.0, "static", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS),
+    ("onnx", "int8"): RuntimeMemoryModel("int8", 1, False, 0.0, True, 1.0, "static", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS),
     ("eager", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, False, 2.0, "static", 1.25, 8 * MIB),
 }
 
@@ -229,7 +232,9 @@ def estimate_peak_memory(
     embedding = stored["embedding"] if model.embedding_resident else 0
     weights = copies * packed + model.serialized_copy * packed + embedding + stored["other"]
 
-    state = model.state_copies * counts.state_bytes(spec, context)
+    # full-attention K/V at the cache's precision; conv windows and swa rings in fp32
+    full_kv_per_element = 2 * spec.n_kv_heads * spec.head_dim * context * sum(op == "attn" for op in spec.layers)
+    state = model.state_copies * (counts.state_bytes(spec, context) - (4 - model.kv_bytes_per_element) * full_kv_per_element)
     activation = model.activation_factor * activation_workspace_bytes(spec, tokens, context, model.full_attention, chunk=model.prefill_chunk)
     rows = min(tokens, model.prefill_chunk) if model.prefill_chunk else tokens
     activation += model.layer_buffer_factor * spec.n_layers * rows * spec.ffn_dim * 4
