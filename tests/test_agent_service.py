@@ -98,7 +98,9 @@ def test_every_route_but_health_needs_the_token(agent):
     assert checked >= 30
 
 
-def test_upload_is_verified_stored_once_and_reported(agent, artifact):
+def test_upload_is_verified_stored_once_and_reported(agent, tmp_path):
+    # an artifact of its own: the module's is uploaded by whichever test runs first
+    artifact = handmade_artifact(tmp_path / "a", payload=b"weights only this test uploads" * 10)
     sha, data = bundle_bytes(artifact)
     with http(agent.url, agent.token) as client:
         assert client.head(f"/v1/artifacts/{sha}").status_code == 404
@@ -345,10 +347,10 @@ def test_the_protocol_body_has_exactly_the_protocols_fields():
     assert ProtocolBody().to_protocol() == Protocol()
 
 
-# -- last: it stops the module's agent ----------------------------------------------------
-
-
-def test_devices_list_shows_a_stopped_agent_as_offline(agent, tmp_path, monkeypatch):
+def test_devices_list_shows_a_stopped_agent_as_offline(tmp_path, monkeypatch):
+    # its own agent: stopping the module's would break whichever test ran after it (the
+    # suite runs in a random order)
+    agent = start_local_agent(name="svc", workdir=tmp_path / "agent", threads=1, job_timeout_s=60)
     config = tmp_path / "devices.toml"
     monkeypatch.setenv("LFM2_NAS_CONFIG", str(config))
     add_device("svc", agent.url, agent.workdir / "token")

@@ -98,3 +98,19 @@ def test_the_lazy_package_names_still_resolve():
         for name in package.__all__:
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"
     assert search_space.SearchSpace.load("small").contains is not None and callable(search_space.costs.parameters)
+
+
+def test_an_export_named_as_its_submodule_stays_the_export_whatever_is_imported_first():
+    # `import reports.pick` binds the module to `reports.pick`; a random test order made
+    # `from reports import pick` the module in one run and the function in another
+    code = (
+        "import devices.compile, devices.measure, reports.pick\n"
+        "import devices, reports\n"
+        "from reports import pick\n"
+        "assert callable(pick) and pick is reports.pick and pick.__module__ == 'reports.pick', pick\n"
+        "assert callable(devices.compile) and callable(devices.measure), (devices.compile, devices.measure)\n"
+        "from reports.pick import Limits\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
