@@ -68,7 +68,7 @@ def pick_command(
     storage: Optional[str] = _STORAGE,
     max_decode_ms: Optional[float] = typer.Option(None, "--max-decode-ms", help="Most decode latency per token, ms (median)."),
     max_prefill_ms: Optional[float] = typer.Option(None, "--max-prefill-ms", help="Most prefill latency at the search's context, ms (median)."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Most peak memory (footprint), e.g. 500MB, 1.5GiB, 800M."),
+    max_memory: Optional[str] = typer.Option(None, "--budget", "--max-memory", help="Most peak memory (footprint), e.g. 500MB, 1.5GiB, 800M: the name `search --budget` gives the same bound (--max-memory is the old name)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with the full ArchSpec) instead of a table."),
 ) -> None:
     """The best-quality architecture within the limits (lowest decode latency for --quality none studies).
@@ -78,7 +78,7 @@ def pick_command(
     from reports.sizes import format_bytes, parse_size
     from reports.study_data import load_study_data
 
-    limits = Limits(max_decode_ms=max_decode_ms, max_prefill_ms=max_prefill_ms, max_memory_bytes=parse_size(max_memory, "--max-memory", require_unit=True) if max_memory is not None else None)
+    limits = Limits(max_decode_ms=max_decode_ms, max_prefill_ms=max_prefill_ms, max_memory_bytes=parse_size(max_memory, "--budget", require_unit=True) if max_memory is not None else None)
     result = pick(load_study_data(study, storage), limits)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), sort_keys=True))

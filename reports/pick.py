@@ -36,7 +36,7 @@ class Limits:
 
     def checks(self) -> list[tuple[str, float, str]]:
         """(limit name, bound, the TrialRow field it bounds) for each limit given."""
-        given = [("max-decode-ms", self.max_decode_ms, "decode_ms"), ("max-prefill-ms", self.max_prefill_ms, "prefill_ms"), ("max-memory", self.max_memory_bytes, "footprint_bytes")]
+        given = [("max-decode-ms", self.max_decode_ms, "decode_ms"), ("max-prefill-ms", self.max_prefill_ms, "prefill_ms"), ("budget", self.max_memory_bytes, "footprint_bytes")]
         return [(name, bound, attr) for name, bound, attr in given if bound is not None]
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Byte sizes for `pick --max-memory` and the report's tables.
+"""Byte sizes for `pick --budget` and the report's tables.
 
 Parsing is `lfm2.sizes.parse_size`, the one parser every flag of lfm2-nas uses; this
 module adds how the report shows memory (binary units).

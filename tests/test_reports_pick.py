@@ -82,8 +82,8 @@ def test_nothing_meets_a_limit_names_it_and_the_best_there_is(study_source):
     assert f"nothing meets --max-decode-ms {limit:g} ms: the lowest is {fastest.user_attrs['decode_ms']:.2f} ms (trial {fastest.number})" in result.message
     smallest = min(t.user_attrs["footprint_bytes"] for t in _feasible(study))
     result = pick(data, Limits(max_memory_bytes=smallest // 2, max_prefill_ms=1e-3))
-    assert not result.ok and result.unmet == ["max-prefill-ms", "max-memory"]
-    assert "nothing meets --max-prefill-ms 0.001 ms" in result.message and "nothing meets --max-memory" in result.message
+    assert not result.ok and result.unmet == ["max-prefill-ms", "budget"]
+    assert "nothing meets --max-prefill-ms 0.001 ms" in result.message and "nothing meets --budget" in result.message
 
 
 def test_limits_met_apart_but_not_together(tmp_path):
@@ -95,7 +95,7 @@ def test_limits_met_apart_but_not_together(tmp_path):
     data = load_study_data("two", url)
     result = pick(data, Limits(max_decode_ms=6, max_memory_bytes=200 * 2**20))
     assert not result.ok and result.unmet == ["all-together"]
-    assert "each limit is met by some architecture, but none meets --max-decode-ms 6 ms and --max-memory 200.0 MiB together" in result.message
+    assert "each limit is met by some architecture, but none meets --max-decode-ms 6 ms and --budget 200.0 MiB together" in result.message
     assert f"the closest is trial 1 (decode {study.trials[1].user_attrs['decode_ms']:.2f} ms > 6 ms)" in result.message
     assert pick(data, Limits(max_decode_ms=6)).trial.number == 0
     assert pick(data, Limits(max_memory_bytes=200 * 2**20)).trial.number == 1
@@ -141,7 +141,7 @@ def test_pick_command(study_source):
     runner = CliRunner()
     memories = sorted(t.user_attrs["footprint_bytes"] for t in _feasible(study))
     memory_mib = memories[len(memories) // 2] / 2**20
-    result = runner.invoke(app, ["pick", "--study", name, "--storage", url, "--max-memory", f"{memory_mib:.3f}MiB", "--json"])
+    result = runner.invoke(app, ["pick", "--study", name, "--storage", url, "--budget", f"{memory_mib:.3f}MiB", "--json"])
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     limit = round(memory_mib * 2**20)
@@ -159,4 +159,4 @@ def test_pick_command(study_source):
 
     out, err = bad.communicate(timeout=300)
     assert bad.returncode == 2, (out, err)
-    assert "--max-memory 'lots' is not a size" in err and "800M, 1.5GiB" in err
+    assert "--budget 'lots' is not a size" in err and "800M, 1.5GiB" in err
