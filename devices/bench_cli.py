@@ -15,13 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lfm2.backends import BACKENDS, DEFAULT_BACKEND, DEFAULT_QUANT
 from lfm2.errors import UserError
 from lfm2.sizes import format_size
 from lfm2.spec import ArchSpec
 
-BACKEND_CHOICES = ("executorch", "onnx", "llamacpp", "eager")
-#: --quant when none is given: the backend's full precision.
-DEFAULT_QUANT = {"executorch": "fp32", "onnx": "fp32", "llamacpp": "f16", "eager": "fp32"}
 
 
 def parse_lengths(text: str, what: str) -> tuple[int, ...]:
@@ -146,8 +144,8 @@ def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
 
 def bench(
     target: str = typer.Argument(..., help="A preset name (see `lfm2-nas presets`) or a JSON file with an ArchSpec."),
-    backend: str = typer.Option("onnx", "--backend", help="executorch, onnx, llamacpp or eager."),
-    quant: str = typer.Option(None, "--quant", help="Precision: executorch fp32|8da4w, onnx fp32|int8, llamacpp f16|q8_0|q4_0, eager fp32 (default: fp32; llamacpp f16)."),
+    backend: str = typer.Option(DEFAULT_BACKEND, "--backend", help="executorch, onnx, llamacpp or eager (the search's default; onnx compiles in seconds, executorch in minutes)."),
+    quant: str = typer.Option(None, "--quant", help="Precision: executorch 8da4w|fp32, onnx int8|fp32, llamacpp q4_0|q8_0|f16, eager fp32 (default: the first, what ships; as search)."),
     prompt: str = typer.Option("128,512", "--prompt", help="Prefill lengths, comma-separated."),
     depth: str = typer.Option("128", "--depth", help="Decode context depths, comma-separated."),
     tokens: int = typer.Option(16, "--tokens", help="Tokens generated per timed decode run."),
@@ -167,8 +165,8 @@ def bench(
     from devices.protocol import Limits, Protocol
     from lfm2.sizes import parse_size
 
-    if backend not in BACKEND_CHOICES:
-        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     quant = quant or DEFAULT_QUANT[backend]
     check_backend_quant(backend, quant)
     if tokens < 1:

@@ -34,6 +34,7 @@ import ray
 from optuna.trial import TrialState
 
 from devices.protocol import Measurement, Protocol
+from lfm2.backends import DEFAULT_BACKEND, DEFAULT_QUANT
 from lfm2.errors import EnvironmentFailure, UserError
 from lfm2.spec import ArchSpec
 from nas.cache import ResultCache, measurement_key
@@ -57,8 +58,8 @@ class SearchConfig:
     study: str | None = None
     storage: str | None = None
     space: str = "default"
-    backend: str = "executorch"
-    quant: str = "8da4w"
+    backend: str = DEFAULT_BACKEND
+    quant: str = DEFAULT_QUANT[DEFAULT_BACKEND]
     context: int = 2048
     quality: str = "layout"  # free, and as good as the trained proxies (nas/quality/layout.py)
     quality_settings: str = "default"  # a QualitySettings preset: default (GPU-sized) or cpu_small

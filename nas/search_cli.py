@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from lfm2.backends import DEFAULT_BACKEND, default_quant
 from lfm2.errors import UserError
 
 
@@ -23,8 +24,8 @@ def search(
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default: DEVICE-BACKEND-QUANT)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="sqlite:///FILE.db (default sqlite:///lfm2-nas.db), an RDB URL, or a journal file PATH.log."),
     space: str = typer.Option("default", "--space", help="default, small, lfm2_350m (HF-exportable, around LFM2-350M), or a space file (.toml)."),
-    backend: str = typer.Option("executorch", "--backend", help="executorch, onnx or llamacpp."),
-    quant: str = typer.Option("8da4w", "--quant", help="executorch: 8da4w|fp32; onnx: int8|fp32; llamacpp: q4_0|q8_0|f16."),
+    backend: str = typer.Option(DEFAULT_BACKEND, "--backend", help="executorch, onnx or llamacpp."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="executorch: 8da4w|fp32; onnx: int8|fp32; llamacpp: q4_0|q8_0|f16 (default: the first, what ships; as bench)."),
     context: int = typer.Option(2048, "--context", help="Prefill length and decode depth the latencies are measured at."),
     quality: str = typer.Option("layout", "--quality", help="layout (free: predicted from the layout, as good as any trained proxy measured; see `lfm2-nas quality --help`), mad (synthetic tasks), lm (bits per byte), or none."),
     quality_settings: str = typer.Option("default", "--quality-settings", help="default (sized for a GPU) or cpu_small."),
@@ -47,7 +48,7 @@ def search(
     budget_bytes, budgets = parse_budgets(budget, parse_devices(device))
     config = SearchConfig(
         device=device, budget_bytes=budget_bytes, budgets=budgets, trials=trials, study=study, storage=storage, space=space,
-        backend=backend, quant=quant, context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
+        backend=backend, quant=quant or default_quant(backend), context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
         prescreen=prescreen,
         measure_timeout_s=measure_timeout,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from lfm2.backends import DEFAULT_BACKEND, default_quant
 from lfm2.errors import UserError
 
 space_app = typer.Typer(help="The search space: its choices, size, and sampled architectures with their costs.", no_args_is_help=True)
@@ -55,8 +57,8 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Seed of the random sampler: the same seed gives the same architectures."),
     space: str = SPACE_OPTION,
     context: int | None = typer.Option(None, "--context", help="Context (tokens) for FLOPs, KV cache and memory [default: min(2048, the space's max_seq_len)]."),
-    backend: str = typer.Option("executorch", "--backend", help="Runtime for the memory estimate: executorch, onnx, llamacpp or eager."),
-    quant: str = typer.Option("fp32", "--quant", help="Precision for the memory estimate: fp32, 8da4w (executorch), int8 (onnx), f16|q8_0|q4_0 (llamacpp)."),
+    backend: str = typer.Option(DEFAULT_BACKEND, "--backend", help="Runtime for the memory estimate: executorch, onnx, llamacpp or eager."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Precision for the memory estimate: 8da4w|fp32 (executorch), int8|fp32 (onnx), q4_0|q8_0|f16 (llamacpp) [default: the first, what ships; as search and bench]."),
 ) -> None:
     """Draw architectures at random from a space: one JSON line each, with the spec and its costs."""
     import optuna
@@ -70,6 +72,7 @@ def sample(
     context = context if context is not None else min(2048, loaded.definition.max_seq_len)
     if not 1 <= context <= loaded.definition.max_seq_len:
         raise UserError(f"--context must be between 1 and the space's max_seq_len ({loaded.definition.max_seq_len}), got {context}")
+    quant = quant or default_quant(backend)
     costs.memory.check_backend_quant(backend, quant)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lfm2.backends import DEFAULT_BACKEND, DEFAULT_QUANT
 from lfm2.spec import ArchSpec
 from search_space.costs.counts import (
     PRECISIONS,
@@ -33,7 +34,7 @@ from search_space.costs.memory import (
 )
 
 
-def describe(spec: ArchSpec, context: int, backend: str = "executorch", quant: str = "fp32") -> dict[str, Any]:
+def describe(spec: ArchSpec, context: int, backend: str = DEFAULT_BACKEND, quant: str = DEFAULT_QUANT[DEFAULT_BACKEND]) -> dict[str, Any]:
     """Every figure of the cost model for `spec` at `context` tokens, as JSON-ready data."""
     estimate = estimate_peak_memory(spec, context, backend, quant)
     return {
