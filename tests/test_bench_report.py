@@ -1,5 +1,7 @@
 """BENCHMARKS.md block rewriting: each benchmark touches only its own block."""
 
+import re
+
 import pytest
 
 from bench.report import HEADER, BlockError, end_marker, markdown_table, rewrite_block, start_marker, write_block
@@ -69,3 +71,15 @@ def test_other_work_is_judged_by_the_load_before_the_run_only():
     assert "Other work" not in quiet
     busy = machine_markdown(facts, load_before=(3.5, 3.0, 2.0), load_after=(2.0, 2.0, 2.0))
     assert "**Other work was running** (1-minute load 3.5 before the run" in busy
+
+
+def test_the_repositorys_benchmarks_file_has_no_damaged_block():
+    # A stray second start marker once sat in BENCHMARKS.md: every later run that inserts a new
+    # block would have stopped on it. Each block named there has one start followed by one end.
+    from bench.report import BENCHMARKS_MD, _block_span
+
+    text = BENCHMARKS_MD.read_text(encoding="utf-8")
+    names = set(re.findall(r"<!-- bench:([A-Za-z0-9_]+):(?:start|end) -->", text))
+    assert names, "no benchmark block found"
+    for name in sorted(names):
+        assert _block_span(text, name) is not None
