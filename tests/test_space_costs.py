@@ -259,7 +259,9 @@ def test_onnx_estimate_follows_the_chunked_step_graph():
     long = costs.estimate_peak_memory(preset, 8208, "onnx", "int8", prefill_tokens=8192)
     assert short.weights_bytes == long.weights_bytes == costs.weight_bytes_breakdown(preset, "int8")["linears"] + costs.weight_bytes_breakdown(preset, "int8")["head"] + costs.weight_bytes_breakdown(preset, "int8")["other"]
     assert long.total_bytes < 2 << 30  # measured 1,280 MiB with 256-token steps (BENCHMARKS.md); 12.4 GiB with T x T scores
-    assert short.state_bytes == costs.kv_cache_bytes(preset, 2064) + costs.conv_state_bytes(preset)  # one copy, in place
+    assert short.state_bytes == costs.kv_cache_bytes(preset, 2064, 2) + costs.conv_state_bytes(preset)  # one fp16 copy, in place
+    fp32 = costs.estimate_peak_memory(preset, 2064, "onnx", "fp32", prefill_tokens=2048)
+    assert fp32.state_bytes == costs.kv_cache_bytes(preset, 2064) + costs.conv_state_bytes(preset)  # an fp32 artifact's cache is fp32
     for estimate, measured in ((short, ONNX_INT8_2048_MIB[0]), (short, ONNX_INT8_2048_MIB[1])):
         assert estimate.lower_bound_bytes < measured * MIB
         assert abs(estimate.total_bytes / MIB - measured) < 0.1 * measured

@@ -110,7 +110,8 @@ MEASUREMENT_BYTES = 24 * MIB
 #:   MatMul weights once (the packed copy replaces the stored one); int8 stores a tied head
 #:   as its own int8 tensor; the runner reads the embedding rows from the table's file (not
 #:   resident); a prefill runs in steps of 128 tokens; full attention is ONNX Runtime's
-#:   GroupQueryAttention over one fp32 K/V buffer of `context` positions updated in place,
+#:   GroupQueryAttention over one K/V buffer of `context` positions updated in place (fp16
+#:   for int8, fp32 for fp32; each buffer its own mapping, resident as far as written),
 #:   whose scores are [heads, 128, context] (parameters below).
 #: * eager PyTorch: the parameters as they are; the portable static cache of `max_context`
 #:   slots, input and output state both alive, scores over every slot. Fitted on one
@@ -137,11 +138,14 @@ ONNX_PREFILL_CHUNK = 128
 ONNX_ACTIVATION_FACTOR = 1.4
 ONNX_LAYER_BUFFERS = 0.3
 ONNX_OVERHEAD = 19 * MIB
+#: An int8 artifact's full-attention K/V cache is fp16 (`devices.backends.onnx_export.KV_DTYPES`;
+#: repeated: search_space may not import devices); fp32 artifacts keep an fp32 cache.
+ONNX_INT8_KV_BYTES = 2
 RUNTIME_MODELS: dict[tuple[str, str], RuntimeMemoryModel] = {
     ("executorch", "fp32"): RuntimeMemoryModel("fp32", 1, False, 1.0, True, 1.0, "flash", 1.0, 8 * MIB, prefill_chunk=128),
     ("executorch", "8da4w"): RuntimeMemoryModel("8da4w", 1, False, 0.165, True, 1.0, "flash", 1.0, 1 * MIB, prefill_chunk=128),
     ("onnx", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, True, 1.0, "static", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS),
-    ("onnx", "int8"): RuntimeMemoryModel("int8", 1, False, 0.0, True, 1.0, "static", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS),
+    ("onnx", "int8"): RuntimeMemoryModel("int8", 1, False, 0.0, True, 1.0, "static", ONNX_ACTIVATION_FACTOR, ONNX_OVERHEAD, ONNX_PREFILL_CHUNK, False, ONNX_LAYER_BUFFERS, ONNX_INT8_KV_BYTES),
     ("eager", "fp32"): RuntimeMemoryModel("fp32", 1, False, 0.0, False, 2.0, "static", 1.25, 8 * MIB),
 }
 
