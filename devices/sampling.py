@@ -118,10 +118,11 @@ class Calibration:
 
         The arrays are built in place, without a temporary: glibc raises its mmap threshold
         to the size of any freed mapped block, after which the measured runtime's buffers
-        below that size come from the heap, where freed memory stays resident (an 8 MiB
-        float64 temporary of `np.linspace` added ~10 MiB to an ONNX footprint; BENCHMARKS.md,
-        "ONNX int8 fourth pass"). The measuring child makes them before its baseline, so
-        that the footprint is the model's, not the harness's."""
+        below that size can come from the heap, where freed memory stays resident
+        (`np.linspace(..., dtype=float32)` freed an 8 MiB float64 temporary; with the old
+        kernel made after loading, a bare ONNX runner grew by 10 MiB more than the arrays:
+        BENCHMARKS.md, "ONNX int8 fourth pass"). The measuring child makes them before its
+        baseline, so that the footprint is the model's, not the harness's."""
         n = self.ARRAY_BYTES // 4
         self._a = np.arange(n, dtype=np.float32)
         self._a *= np.float32(1.0 / max(n - 1, 1))
