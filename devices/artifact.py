@@ -32,7 +32,8 @@ MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, Ex
 #: onnx 4: full-attention K/V in one max_context buffer updated in place by
 #: GroupQueryAttention (was a growing, concatenated cache), the embedding table in
 #: embedding.bin, looked up by the runner (was a Gather in the graph).
-BACKEND_FORMATS = {"eager": 1, "onnx": 4, "executorch": 1, "llamacpp": 2}
+#: onnx 5: an int8 artifact's full-attention K/V cache (and its GroupQueryAttention) in fp16.
+BACKEND_FORMATS = {"eager": 1, "onnx": 5, "executorch": 1, "llamacpp": 2}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.

@@ -9,8 +9,9 @@ The order of work (see DESIGN.md, "Measurement protocol"):
 
 1. pin every thread to the job's cores; cap the data segment if asked (a backstop; the
    parent's RSS watchdog is the cap that counts);
-2. import the backend's runtime and record the baseline RSS: what the process holds
-   before the model (`import executorch` alone is ~355 MiB; a C++ runner would not pay it);
+2. import the backend's runtime, allocate the calibration kernel's arrays (the harness's,
+   not the model's) and record the baseline RSS: what the process holds before the model
+   (`import executorch` alone is ~355 MiB; a C++ runner would not pay it);
 3. load the artifact (the load time is reported apart);
 4. MEMORY PASS: one run of every point (each prefill length; each decode depth), with the
    RSS high-water mark reset after the baseline, so that peak - baseline is the model's
@@ -102,6 +103,9 @@ class Child:
         module = backend_module(artifact.backend)
         if hasattr(module, "import_runtime"):  # a backend whose runtime is imported lazily
             module.import_runtime()
+        # the calibration kernel's arrays are the harness's, not the model's: made before the
+        # baseline (its reference is timed once the model is loaded, below)
+        calibration = Calibration(take_reference=False) if protocol.disturbance_threshold > 0 else None
         baseline = stack.rss_bytes()
         peak_was_reset = stack.reset_peak_rss()
         heavy = [name for name in ("torch", "executorch", "onnxruntime", "torchao", "llama_cpp") if name in sys.modules]
@@ -135,10 +139,9 @@ class Child:
                 runner.decode(decode_tokens[:, i + 1 : i + 2], depth + i)
             return (time.perf_counter_ns() - start) / 1e6 / protocol.decode_tokens
 
-        calibration = None
-        if protocol.disturbance_threshold > 0:
+        if calibration is not None:
             self.progress("calibrate")
-            calibration = Calibration()
+            calibration.take_reference()
             self.result["stack"]["calibration"] = calibration.describe()
         if protocol.measure_memory:
             self.progress("memory")

@@ -112,12 +112,29 @@ class Calibration:
     PASSES = 6
     REPEATS = 5
 
-    def __init__(self) -> None:
+    def __init__(self, take_reference: bool = True) -> None:
+        """Allocate and touch the kernel's arrays; with `take_reference`, also time the
+        reference (else call `take_reference()` when the process is ready).
+
+        The arrays are built in place, without a temporary: glibc raises its mmap threshold
+        to the size of any freed mapped block, after which the measured runtime's buffers
+        below that size can come from the heap, where freed memory stays resident
+        (`np.linspace(..., dtype=float32)` freed an 8 MiB float64 temporary; with the old
+        kernel made after loading, a bare ONNX runner grew by 10 MiB more than the arrays:
+        BENCHMARKS.md, "ONNX int8 fourth pass"). The measuring child makes them before its
+        baseline, so that the footprint is the model's, not the harness's."""
         n = self.ARRAY_BYTES // 4
-        self._a = np.linspace(0.0, 1.0, n, dtype=np.float32)
+        self._a = np.arange(n, dtype=np.float32)
+        self._a *= np.float32(1.0 / max(n - 1, 1))
         self._b = np.full(n, 0.5, dtype=np.float32)
-        self._out = np.empty(n, dtype=np.float32)
-        self.time_ms()  # first touch of the pages: not part of any figure
+        self._out = np.zeros(n, dtype=np.float32)
+        self._out += 0.0  # touch every page now: first touches are not part of any figure
+        self.reference_ms = float("nan")
+        if take_reference:
+            self.take_reference()
+
+    def take_reference(self) -> None:
+        self.time_ms()  # caches warm
         # the best of several: a reference taken during a passing spike would make every
         # later point look faster than it is, and hide a real disturbance
         self.reference_ms = min(self.time_ms() for _ in range(3))

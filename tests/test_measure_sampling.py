@@ -147,3 +147,18 @@ def test_a_disturbance_that_passes_is_remeasured_and_the_clean_attempt_kept(pinn
     assert stats.remeasured >= 1 and stats.disturbances[0] > 1 + PROTOCOL.disturbance_threshold  # the hogged attempt was seen
     # and not kept: a clean attempt if the machine is otherwise quiet, else the least disturbed
     assert not stats.disturbed or stats.calibration_slowdown < stats.disturbances[0]
+
+
+def test_the_calibration_arrays_are_made_apart_from_the_reference_and_touched_whole():
+    """The measuring child makes the kernel's arrays before its baseline (they are the
+    harness's memory, not the model's) and times the reference once the model is loaded."""
+    from devices import stack
+
+    before = stack.rss_bytes()
+    calibration = Calibration(take_reference=False)
+    grown = stack.rss_bytes() - before
+    assert grown >= 3 * Calibration.ARRAY_BYTES * 0.9  # a, b and out resident now, not at the first timing
+    assert np.isnan(calibration.reference_ms)
+    assert calibration._a[0] == 0.0 and abs(float(calibration._a[-1]) - 1.0) < 1e-6  # 0..1, as before
+    calibration.take_reference()
+    assert calibration.reference_ms > 0 and calibration.slowdown() > 0

@@ -211,6 +211,28 @@ def test_the_kv_cache_is_one_buffer_updated_in_place_by_group_query_attention(fp
         np.testing.assert_allclose(written, state[TINY.layers.index("attn")].numpy()[0, :, :14], atol=1e-5)  # eager's K cache
         runner.reset()
         assert not runner.state[shared[0]].numpy().any()  # emptied in place
+        assert [runner.state[i].data_ptr() for i in shared] == pointers  # the same buffers after a reset
+        np.testing.assert_allclose(runner.prefill(tokens[:, :9]), got, atol=1e-6)  # and they serve again
+
+
+def test_a_kv_buffer_is_resident_only_as_far_as_written_and_a_reset_gives_its_pages_back():
+    """`KVBuffer`: its own anonymous mapping; untouched or emptied pages read as zeros and are
+    not resident, whatever the allocator did before (np.zeros through malloc was resident
+    whole when calloc reused heap memory); emptying keeps the address ONNX Runtime binds."""
+    from devices import stack
+    from devices.backends.onnx_runner import KVBuffer
+
+    mib = 1 << 20
+    buffer = KVBuffer({"shape": [1, 8, 4096, 256], "dtype": "float16"})  # 16 MiB
+    address = buffer.value.data_ptr()
+    before = stack.rss_bytes()
+    assert not buffer.array.any()  # reads the zero page: nothing becomes resident
+    assert stack.rss_bytes() - before < 2 * mib
+    buffer.array[:, :, :2048] = 1.0  # half the positions written
+    assert 7 * mib < stack.rss_bytes() - before < 10 * mib
+    buffer.empty()
+    assert stack.rss_bytes() - before < 2 * mib
+    assert not buffer.array.any() and buffer.value.data_ptr() == address and buffer.value.numpy().dtype == np.float16
 
 
 @pytest.mark.slow

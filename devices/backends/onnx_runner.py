@@ -13,12 +13,14 @@ The state lives in the runner as `OrtValue`s. A full-attention layer's K and V a
 buffers of `max_context` positions, bound through IO binding as both the input and the
 output of the layer's `GroupQueryAttention`, which writes a step's new positions into them
 in place (`devices.backends.onnx_gqa`): one copy of the cache, nothing copied per token.
+Each buffer lies in its own anonymous mapping, emptied in place on reset (`KVBuffer`).
 The conv windows and sliding-window rings (small, bounded) go from one step's outputs to
 the next step's inputs without a copy through numpy.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -81,6 +83,34 @@ class EmbeddingRows:
         self.close()
 
 
+class KVBuffer:
+    """A full-attention K or V buffer (`[1, Hkv, max_context, D]`) in its own anonymous
+    mapping, made once per runner and emptied in place by `MADV_DONTNEED` on reset: its pages
+    go back to the kernel, and read back as zeros without becoming resident (the shared zero
+    page) until the cache writes them. So a buffer holds in RSS only the positions written
+    since the last reset, whatever the process allocated before.
+
+    Before, reset made new buffers with `np.zeros` through malloc, whose footprint depended
+    on the allocator's history: glibc raises its mmap threshold to the size of a freed
+    mapped block, so the buffers of the second reset came from the heap, where calloc
+    clears (and so makes resident) the whole buffer (BENCHMARKS.md, "ONNX int8 fourth pass")."""
+
+    def __init__(self, entry: dict):
+        self.dtype = np.dtype(entry.get("dtype", "float32"))
+        self.shape = tuple(int(n) for n in entry["shape"])
+        size = int(np.prod(self.shape)) * self.dtype.itemsize
+        self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.array = np.frombuffer(self._map, dtype=self.dtype, count=int(np.prod(self.shape))).reshape(self.shape)
+        # ONNX Runtime reads and writes the mapping itself (no copy): the OrtValue keeps the array
+        self.value = ort.OrtValue.ortvalue_from_numpy(self.array)
+
+    def empty(self) -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)  # Linux: private anonymous pages read back as zeros
+        else:
+            self.array.fill(0)
+
+
 class OnnxRunner(Runner):
     def __init__(self, artifact: Artifact, threads: int | None = None):
         super().__init__(artifact, threads)
@@ -96,6 +126,8 @@ class OnnxRunner(Runner):
             raise ArtifactError(f"{artifact.path} is not an ONNX artifact made by this version (its manifest has no embedding table); compile it again")
         self.embedding = EmbeddingRows(artifact.file(facts["embedding"]["file"]), facts["embedding"])
         self.shared = [entry["kind"].startswith("kv_shared") for entry in self.layout]
+        # one anonymous mapping per full-attention K or V buffer, made once (see `reset`)
+        self.kv_buffers = {i: KVBuffer(entry) for i, entry in enumerate(self.layout) if self.shared[i]}
         self.state: list[ort.OrtValue] = []
         self.reset()
 
@@ -115,12 +147,15 @@ class OnnxRunner(Runner):
     # -- running ------------------------------------------------------------------------
 
     def _zeros(self, entry: dict) -> ort.OrtValue:
-        # np.zeros maps fresh zero pages: a cache buffer of max_context positions becomes
-        # resident only as far as it is written
+        # a conv window or ring: small and bounded, replaced by every step's output
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(entry["shape"], dtype=entry.get("dtype", "float32")))
 
     def reset(self) -> None:
-        self.state = [self._zeros(entry) for entry in self.layout]
+        """The empty state: the K/V buffers emptied in place (`KVBuffer.empty`), fresh zero
+        conv windows and rings (small)."""
+        for buffer in self.kv_buffers.values():
+            buffer.empty()
+        self.state = [self.kv_buffers[i].value if i in self.kv_buffers else self._zeros(entry) for i, entry in enumerate(self.layout)]
 
     def _check_positions(self, pos: int, count: int) -> None:
         if pos < 0 or pos + count > self.artifact.max_context:
@@ -184,7 +219,8 @@ class OnnxRunner(Runner):
     def close(self) -> None:
         self.session = None
         self.state = []
+        self.kv_buffers = {}
         self.embedding.close()
 
 
-__all__ = ["OnnxRunner", "EmbeddingRows"]
+__all__ = ["OnnxRunner", "EmbeddingRows", "KVBuffer"]
