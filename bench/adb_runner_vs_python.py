@@ -2,7 +2,7 @@
 llama-cpp-python (the local llamacpp backend), measured the same way, side by side.
 
 With no phone here, the runner runs on this host through the adb stand-in of the tests
-(tests/test_adb_support.py: push = copy, shell = run here), pinned to the same core and with
+(tests/testkit/adb.py: push = copy, shell = run here), pinned to the same core and with
 the same thread count as the local measurement; both go through `devices.sampling`. Rounds
 alternate the two (A B, then B A, ...), so a busy machine slows both alike; the ratio per
 round is what to read, not the absolute times.
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quant", default="q4_0")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_adb_support import StandinPhone  # the test fixture: this host plays the phone
+    from testkit.adb import StandinPhone  # the tests' stand-in: this host plays the phone
 
     from devices.adb.measure import Phone
     from devices.adb.runner_build import build_runner
