@@ -7,8 +7,8 @@ the same thread count as the local measurement; both go through `devices.samplin
 alternate the two (A B, then B A, ...), so a busy machine slows both alike; the ratio per
 round is what to read, not the absolute times.
 
-    python -m bench.adb_runner_vs_python            # d_model 512, prompt 256, depth 256, 3 rounds
-    python -m bench.adb_runner_vs_python --quick    # the tiny model, 1 round
+    python -m bench.experiments.adb_runner_vs_python            # d_model 512, prompt 256, depth 256, 3 rounds
+    python -m bench.experiments.adb_runner_vs_python --quick    # the tiny model, 1 round
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from lfm2.spec import ArchSpec
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.adb_runner_vs_python", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--depth", type=int, default=256)
     parser.add_argument("--quant", default="q4_0")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     from testkit.adb import StandinPhone  # the tests' stand-in: this host plays the phone
 
     from devices.adb.measure import Phone
