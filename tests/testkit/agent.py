@@ -10,9 +10,7 @@ import tarfile
 from pathlib import Path
 
 import httpx
-from typer.testing import CliRunner
 
-from devices.agent_cli import devices_app
 from devices.artifact import Artifact, write_manifest
 from devices.protocol import Protocol
 from lfm2.spec import ArchSpec
@@ -77,6 +75,10 @@ def read_ready(path: Path) -> dict:
 
 def list_devices(monkeypatch, config) -> dict[str, dict]:
     """`lfm2-nas devices list --json` against the registry `config`, rows by device name."""
+    from typer.testing import CliRunner  # here: the modules that need only the helpers above import no CLI
+
+    from devices.agent_cli import devices_app
+
     monkeypatch.setenv("LFM2_NAS_CONFIG", str(config))
     result = CliRunner().invoke(devices_app, ["list", "--json", "--timeout", "5"])
     assert result.exit_code == 0, result.output
