@@ -22,8 +22,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def base_parser(name: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
+def base_parser(name: str, description: str, package: str = "bench") -> argparse.ArgumentParser:
+    """The flags every script shares; `package`: where the script lives (`bench.experiments`
+    for the one-off experiments), for the usage line."""
+    parser = argparse.ArgumentParser(prog=f"python -m {package}.{name}", description=description)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a minute or two: tiny models, one point; writes no BENCHMARKS.md unless --benchmarks is given")
     parser.add_argument("--no-write", action="store_true", help="print the BENCHMARKS.md block instead of writing it")
     parser.add_argument("--benchmarks", type=Path, default=None, help=f"the markdown file to rewrite the block of (default {BENCHMARKS_MD.name} at the repository root; none with --quick)")
@@ -45,7 +47,8 @@ class BenchRun:
     date: str = field(default_factory=today)
     load_before: list[float] = field(default_factory=load_average)
     facts: dict[str, Any] = field(default_factory=machine_facts)
-    module: str | None = None  # the `bench.<module>` that ran, where it differs from the block's name
+    module: str | None = None  # the `<package>.<module>` that ran, where it differs from the block's name
+    package: str = "bench"  # `bench.experiments` for the one-off experiments
 
     @property
     def quick(self) -> bool:
@@ -84,7 +87,7 @@ class BenchRun:
                 f"Run {self.date}, {self.elapsed_s() / 60:.1f} minutes. {machine_markdown(self.facts, self.load_before, load_after)}",
                 body.strip() + (f"\n\n**Note on this run:** {self.args.note}" if getattr(self.args, "note", None) else ""),
                 f"Reproduce (one command, from the repository root with the project's venv active):\n\n```bash\n{reproduce}\n```\n\n"
-                + (f"This run: `python -m bench.{self.module or self.name} {' '.join(sys.argv[1:])}`. " if sys.argv[1:] and sys.argv[1:] != ["--quick"] else "")
+                + (f"This run: `python -m {self.package}.{self.module or self.name} {' '.join(sys.argv[1:])}`. " if sys.argv[1:] and sys.argv[1:] != ["--quick"] else "")
                 + f"Raw results: `{_shown_path(self.results_path)}`.",
             ]
         )

@@ -8,14 +8,22 @@ Records of one scenario (e.g. from a parametrized test) are added up field by fi
 `lfm2_nas`: runs the installed `lfm2-nas` script in a subprocess, the way a user does:
 `lfm2_nas("study", "list", cwd=tmp_path, env={"LFM2_NAS_CONFIG": ...}, timeout=300)`
 (arguments go through `str`; `env` adds to this process's environment).
+
+`small_disk_agent`: an agent process whose workdir is a 5 MiB tmpfs (test_reliability_disk.py,
+test_reliability_security.py); skip where `testkit.reliability.can_mount_tmpfs()` is false.
+
+Plain helpers that several test modules share are in the `testkit` package (tests/testkit/);
+test modules import it, never each other.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +61,37 @@ def run_lfm2_nas(*args: object, cwd: str | Path | None = None, env: dict[str, st
 def lfm2_nas():
     """The `lfm2-nas` script in a subprocess: see `run_lfm2_nas`."""
     return run_lfm2_nas
+
+
+@pytest.fixture
+def small_disk_agent(tmp_path):
+    """An agent whose workdir is a 5 MiB tmpfs in a private user+mount namespace; yields
+    (url, token, workdir, run-a-command-in-its-namespace)."""
+    from testkit.reliability import isolated_env  # here, not at the top: conftest.py imports no product code for every test
+
+    store = tmp_path / "store"
+    store.mkdir()
+    token = "disk-full-reliability-token"
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "token").chmod(0o600)
+    serve = [sys.executable, "-m", "devices.agent", "serve", "--name", "small-disk", "--port", "0", "--workdir", str(store), "--exit-with-parent"]
+    serve += ["--token-file", str(tmp_path / "token"), "--ready-file", str(tmp_path / "ready.json"), "--max-upload", "64MiB", "--threads", "1"]
+    script = f"mount -t tmpfs -o size=5m tmpfs {store} && exec " + " ".join(serve)
+    with open(tmp_path / "agent.log", "wb") as log:
+        process = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=isolated_env(tmp_path))
+
+    def inside(*command: str) -> subprocess.CompletedProcess:  # the tmpfs is visible in the agent's namespace only
+        return subprocess.run(["nsenter", "-t", str(process.pid), "-U", "-m", "--preserve-credentials", *command], capture_output=True, text=True, timeout=60)
+
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+            time.sleep(0.1)
+        yield json.loads((tmp_path / "ready.json").read_text())["url"], token, store, inside
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -1,5 +1,5 @@
 """Measuring on a phone over adb, with no phone: the product's `AdbTransport` runs the adb stand-in
-of tests/test_adb_support.py (first on PATH), and the phone's runner is the x86 build of the
+of tests/testkit/adb.py (first on PATH), and the phone's runner is the x86 build of the
 same lfm2-runner the phone gets (built here with cmake against the llama-cpp-python wheel's
 llama.cpp, cached by source hash). Transport, parsing, thermal logic, error handling, the
 agent over a real socket and a search with `--device pixel8` run for real.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_adb_support import SERIAL, StandinPhone
+from testkit.adb import SERIAL, StandinPhone
 
 from devices.adb.measure import Phone
 from devices.adb.phone import CoolDown, device_facts, hottest_cpu_c, thermal_zones

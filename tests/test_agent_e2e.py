@@ -11,8 +11,7 @@ import threading
 import time
 
 import pytest
-from test_agent_service import PROTOCOL, _check_one_at_a_time_in_order, _list_devices
-from test_agent_support import TINY_SPEC
+from testkit.agent import PROTOCOL, TINY_SPEC, check_one_at_a_time_in_order, list_devices
 
 from devices.agent import AgentClient, start_local_agent
 from devices.agent.service import measurement_children
@@ -43,7 +42,7 @@ def test_an_agent_killed_mid_measurement_loses_nothing(artifacts, tmp_path, monk
     token, restarted = handle.token, None
     try:
         add_device("phoenix", handle.url, workdir / "token")
-        assert _list_devices(monkeypatch, config)["phoenix"]["status"] == "online"
+        assert list_devices(monkeypatch, config)["phoenix"]["status"] == "online"
         client = AgentClient(handle.url, token, retry_for_s=5)
         sha = client.upload(artifacts["tiny"])
         before = client.wait(client.submit(sha, PROTOCOL, "done-before"), timeout=300)
@@ -69,7 +68,7 @@ def test_an_agent_killed_mid_measurement_loses_nothing(artifacts, tmp_path, monk
             thread.start()
         os.kill(handle.pid, signal.SIGKILL)
         handle.process.wait()
-        assert _list_devices(monkeypatch, config)["phoenix"]["status"] == "offline"
+        assert list_devices(monkeypatch, config)["phoenix"]["status"] == "offline"
         orphans = measurement_children(workdir)
         time.sleep(2)  # the agent is away for a while: the waiters keep trying
 
@@ -83,8 +82,8 @@ def test_an_agent_killed_mid_measurement_loses_nothing(artifacts, tmp_path, monk
         interrupted = jobs["interrupted"]
         assert interrupted["attempts"] == 2 and "requeued" in [e["event"] for e in interrupted["events"]]
         assert jobs["done-before"]["attempts"] == 1 and client.wait("done-before", timeout=5).to_dict() == before.to_dict()
-        _check_one_at_a_time_in_order([jobs["interrupted"], jobs["queued-behind"]])
-        assert _list_devices(monkeypatch, config)["phoenix"]["status"] == "online"
+        check_one_at_a_time_in_order([jobs["interrupted"], jobs["queued-behind"]])
+        assert list_devices(monkeypatch, config)["phoenix"]["status"] == "online"
         print(f"\nagent restart: jobs 3, SIGKILLs 1 (mid-measurement), orphans killed {len(orphans)}, re-queued 1, losses 0, duplicate results 0")
     finally:
         handle.stop()

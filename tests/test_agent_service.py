@@ -16,22 +16,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_agent_support import TINY_SPEC, artifact_members, handmade_artifact, http, link, regular, sha256, tar_bytes
-from typer.testing import CliRunner
+from testkit.agent import PROTOCOL, TINY_SPEC, artifact_members, check_one_at_a_time_in_order, handmade_artifact, http, link, list_devices, regular, sha256, tar_bytes
 
 from devices.agent import AgentAuthError, AgentClient, AgentUnreachable, start_local_agent
 from devices.agent.bundle import bundle_bytes
 from devices.agent.client import AgentRejected, bundle_sha256
-from devices.agent_cli import devices_app
 from devices.compile import compile
-from devices.protocol import Protocol
 from devices.registry import add_device
 from lfm2.spec import ArchSpec
 
 MAX_UPLOAD = 64 << 10
 #: A tiny candidate peaks near 270 MiB (most of it torch); the big one needs GBs to load.
 MEMORY_CAP = "700MiB"
-PROTOCOL = Protocol(prompt_lengths=(16,), decode_depths=(8,), decode_tokens=4, warmup_runs=0, min_runs=1, max_runs=2, max_seconds_per_point=1.0, max_remeasures=0)
 OTHER_TINY = TINY_SPEC.replace(layers=("attn", "conv", "conv"))
 BIG_SPEC = ArchSpec(vocab_size=65536, d_model=2048, layers=("conv",) * 12 + ("attn",) * 4, n_heads=16, n_kv_heads=8, ffn_dim=8192)
 FITTING = {"prompt_lengths": [16], "decode_depths": [8], "decode_tokens": 4, "min_runs": 1, "max_runs": 1, "warmup_runs": 0}
@@ -214,23 +210,6 @@ def test_client_uploads_once_and_reports_auth_and_reachability(agent, artifact, 
         client.info()
 
 
-def _list_devices(monkeypatch, config) -> dict[str, dict]:
-    monkeypatch.setenv("LFM2_NAS_CONFIG", str(config))
-    result = CliRunner().invoke(devices_app, ["list", "--json", "--timeout", "5"])
-    assert result.exit_code == 0, result.output
-    return {row["name"]: row for row in map(json.loads, result.output.splitlines())}
-
-
-def _check_one_at_a_time_in_order(jobs: list[dict]) -> None:
-    """Jobs (in submission order) ran one after another, each started once and done once."""
-    started = sorted(jobs, key=lambda job: job["started_at"])
-    assert [job["job_id"] for job in started] == [job["job_id"] for job in jobs], "FIFO order broken"
-    for before, after in zip(started, started[1:]):
-        assert before["finished_at"] <= after["started_at"], f"{before['job_id']} and {after['job_id']} overlapped"
-    for job in jobs:
-        assert [e["event"] for e in job["events"]].count("done") == 1
-
-
 def test_concurrent_clients_run_one_at_a_time_none_lost_and_oom_is_survived(agent, artifacts):
     """A candidate over the memory cap is queued first; two clients then measure at the same
     time (and each repeats its request, as a retry would). The big one is `oom`, the agent
@@ -271,7 +250,7 @@ def test_concurrent_clients_run_one_at_a_time_none_lost_and_oom_is_survived(agen
         assert results[name + " again"].to_dict() == measurement.to_dict()  # the same result, not a second run
     ordered = sorted((jobs[name] for name in ("big", "c0", "c1")), key=lambda job: job["submitted_at"])
     assert ordered[0]["job_id"] == "big" and all(job["attempts"] == 1 for job in ordered)
-    _check_one_at_a_time_in_order(ordered)
+    check_one_at_a_time_in_order(ordered)
     print("\nagent concurrency: jobs 3, concurrent clients 2, repeated submissions 2, oom 1, losses 0, duplicate runs 0")
 
 
@@ -354,8 +333,8 @@ def test_devices_list_shows_a_stopped_agent_as_offline(tmp_path, monkeypatch):
     config = tmp_path / "devices.toml"
     monkeypatch.setenv("LFM2_NAS_CONFIG", str(config))
     add_device("svc", agent.url, agent.workdir / "token")
-    row = _list_devices(monkeypatch, config)["svc"]
+    row = list_devices(monkeypatch, config)["svc"]
     assert row["status"] == "online" and row["profile"] == "local" and row["emulated"] is False and row["busy"] is False
     agent.stop()
-    row = _list_devices(monkeypatch, config)["svc"]
+    row = list_devices(monkeypatch, config)["svc"]
     assert row["status"] == "offline" and row["online"] is False and "unreachable" in row["error"]

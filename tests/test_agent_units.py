@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_agent_support import artifact_members, handmade_artifact, link, regular, sha256, tar_bytes
+from testkit.agent import artifact_members, handmade_artifact, link, regular, sha256, tar_bytes
 
 from devices.agent.auth import bearer_token, ensure_token, read_token, token_matches
 from devices.agent.bundle import BundleError, bundle_bytes, extract_bundle, pack_bundle

@@ -1,4 +1,4 @@
-"""bench.executorch_recipe compares the project's ExecuTorch program with ExecuTorch's own
+"""bench.experiments.executorch_recipe compares the project's ExecuTorch program with ExecuTorch's own
 LFM2 recipe: that comparison is only fair if the recipe builds the same model from the
 weights the project hands it. Checked here on a small spec, in eager PyTorch on both sides
 (the recipe's `construct_transformer` with the params JSON and the converted checkpoint)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.executorch_recipe import params_from_hf
+from bench.experiments.executorch_recipe import params_from_hf
 from lfm2.hf import to_hf_state_dict
 from lfm2.hf_io import hf_config_dict
 from lfm2.model import build_model

@@ -1,19 +1,14 @@
-"""bench/quality_fidelity.py: the reference is sized from the proxies' real token counts, and
+"""bench/experiments/quality_fidelity.py: the reference is sized from the proxies' real token counts, and
 a run cut short continues with --resume instead of starting over."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import quality_fidelity as fidelity  # noqa: E402
-
-from nas.quality import QualitySettings  # noqa: E402
+from bench.experiments import quality_fidelity as fidelity
+from nas.quality import QualitySettings
 
 
 def test_proxy_tokens_count_every_learning_rate_of_the_sweep():

@@ -1,21 +1,17 @@
-"""bench/train_h200.py takes a search's exported folder shipped without its weights (a 350M
+"""bench/experiments/train_h200.py takes a search's exported folder shipped without its weights (a 350M
 model's 1.2 GB cannot travel to the GPU machine) and rebuilds the export's seeded weights."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
+from bench.experiments import train_h200
 from lfm2 import build_model
 from lfm2.hf_io import load_hf_folder, save_hf_folder
 from lfm2.spec import ArchSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import train_h200  # noqa: E402
 
 TINY = ArchSpec(vocab_size=512, d_model=64, layers=("conv", "attn", "conv"), n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_export_study import build_study
+from testkit.export_study import build_study
 
 from devices.artifact import Artifact
 from lfm2.errors import UserError

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export_study import build_study, small_study, tiny_spec
+from testkit.export_study import build_study, small_study, tiny_spec
 
 from lfm2.train import TrainConfig, read_log, train
 

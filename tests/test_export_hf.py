@@ -9,7 +9,7 @@ import math
 import optuna
 import pytest
 import torch
-from test_export_study import BUDGET, build_study, small_study, tiny_spec
+from testkit.export_study import BUDGET, build_study, small_study, tiny_spec
 
 from lfm2 import ArchSpec, build_model
 from lfm2.errors import UserError

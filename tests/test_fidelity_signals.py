@@ -1,19 +1,14 @@
-"""bench/fidelity_signals.py: the statistics that judge candidate quality signals (rank
+"""bench/experiments/fidelity_signals.py: the statistics that judge candidate quality signals (rank
 correlation with ties, bootstrap intervals, held-out learned combinations, learning speed)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import quality_fidelity as fidelity  # noqa: E402
-
-from bench import fidelity_signals as fs  # noqa: E402
+from bench.experiments import fidelity_signals as fs
+from bench.experiments import quality_fidelity as fidelity
 
 
 def test_spearman_agrees_with_the_benchmarks_own_on_ties_and_batches():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import fidelity_signals
+from bench.experiments import fidelity_signals
 from lfm2 import presets
 from nas.quality import FREE_KINDS, QualitySettings, cache_key, score, signal_version
 from nas.quality import layout
@@ -31,7 +31,7 @@ def test_layout_score_is_the_shipped_fit_of_the_benchmarks_free_features():
     d = result.detail
     assert result.kind == "layout" and "layout" in FREE_KINDS
     assert d["signal_version"] == signal_version("layout") == layout.version() and d["signal_version"].startswith("layout-v1-")
-    # the features are the ones bench/fidelity_signals.py judged, computed from the spec alone
+    # the features are the ones bench/experiments/fidelity_signals.py judged, computed from the spec alone
     assert d["features"]["attention layers"] == fidelity_signals.attention_layers(spec.layout) == 6
     assert d["features"]["layers"] == 16 and d["features"]["attention share"] == pytest.approx(6 / 16)
     rows = [json.loads(line) for line in (RUN / "fidelity.jsonl").read_text().splitlines()]
@@ -54,8 +54,7 @@ def test_layout_ranks_like_the_references_where_they_disagree_least():
 
 @pytest.mark.slow
 def test_the_shipped_fit_is_what_its_benchmark_run_gives():
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench.fit_layout_signal import fit
+    from bench.experiments.fit_layout_signal import fit
 
     shipped = layout.signal()
     refit = fit(RUN, shipped["version"])

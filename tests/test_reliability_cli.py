@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_reliability_support import isolated_env
+from testkit.reliability import isolated_env
 
 SPACE_OK = """name = "tiny"
 vocab_size = 256
@@ -93,7 +93,7 @@ def test_bad_search_input_exits_2_and_writes_nothing(cli, space_text, flags, exp
 
 
 def _study(tmp_path: Path) -> str:
-    from test_export_study import build_study
+    from testkit.export_study import build_study
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     build_study(url, name="s")

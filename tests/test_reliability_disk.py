@@ -1,7 +1,8 @@
 """Scenario 5 of issue 11: the agent's disk fills up. A clear error, and no half-written
 artifact is ever used later.
 
-The agent's workdir is a 5 MiB tmpfs in a private user+mount namespace (no root needed).
+The agent's workdir is a 5 MiB tmpfs in a private user+mount namespace (no root needed;
+the `small_disk_agent` fixture, tests/conftest.py).
 test_agent_service.py covers an upload refused up front (declared too large) and one that
 fills the disk while it is written. Here: an upload that fits but whose unpacking does
 not; the job store on a full disk; what a driver's `AgentClient` reports; and that the
@@ -11,16 +12,11 @@ it is in the default suite wherever user namespaces allow the mount.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 
 import pytest
-from test_agent_support import handmade_artifact, http
-from test_reliability_support import isolated_env
+from testkit.agent import handmade_artifact, http
+from testkit.reliability import can_mount_tmpfs
 
 from devices.agent import AgentClient, AgentRejected
 from devices.agent.bundle import bundle_bytes
@@ -30,42 +26,7 @@ QUICK = Protocol(prompt_lengths=(16,), decode_depths=(4096,), decode_tokens=1, w
 MiB = 1 << 20
 
 
-def _can_mount_tmpfs() -> bool:
-    if not (shutil.which("unshare") and shutil.which("nsenter")):
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
-    return probe.returncode == 0
-
-
-@pytest.fixture
-def small_disk_agent(tmp_path):
-    """An agent whose workdir is a 5 MiB tmpfs; yields (url, token, run-in-its-namespace)."""
-    store = tmp_path / "store"
-    store.mkdir()
-    token = "disk-full-reliability-token"
-    (tmp_path / "token").write_text(token)
-    (tmp_path / "token").chmod(0o600)
-    serve = [sys.executable, "-m", "devices.agent", "serve", "--name", "small-disk", "--port", "0", "--workdir", str(store), "--exit-with-parent"]
-    serve += ["--token-file", str(tmp_path / "token"), "--ready-file", str(tmp_path / "ready.json"), "--max-upload", "64MiB", "--threads", "1"]
-    script = f"mount -t tmpfs -o size=5m tmpfs {store} && exec " + " ".join(serve)
-    with open(tmp_path / "agent.log", "wb") as log:
-        process = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=isolated_env(tmp_path))
-
-    def inside(*command: str) -> subprocess.CompletedProcess:  # the tmpfs is visible in the agent's namespace only
-        return subprocess.run(["nsenter", "-t", str(process.pid), "-U", "-m", "--preserve-credentials", *command], capture_output=True, text=True, timeout=60)
-
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "ready.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
-            time.sleep(0.1)
-        yield json.loads((tmp_path / "ready.json").read_text())["url"], token, store, inside
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare/nsenter and a mountable tmpfs (user namespaces) to make a small disk")
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare/nsenter and a mountable tmpfs (user namespaces) to make a small disk")
 def test_a_full_disk_never_leaves_a_half_written_artifact_and_the_agent_recovers(small_disk_agent, tmp_path, figures):
     url, token, store, inside = small_disk_agent
     listing = lambda sub: inside("ls", "-A", str(store / sub)).stdout.split()  # noqa: E731

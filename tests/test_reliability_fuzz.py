@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode, checks
-from test_agent_support import artifact_members, handmade_artifact, http, regular, sha256, tar_bytes
+from testkit.agent import artifact_members, handmade_artifact, http, regular, sha256, tar_bytes
 
 from devices.agent import start_local_agent
 

@@ -19,8 +19,8 @@ import threading
 import time
 
 import pytest
-from test_agent_support import handmade_artifact
-from test_reliability_support import RssSampler, check_exactly_once_in_order, jobs_in_queue_order
+from testkit.agent import handmade_artifact
+from testkit.reliability import RssSampler, check_exactly_once_in_order, jobs_in_queue_order
 
 from devices.agent import AgentClient, start_local_agent
 from devices.protocol import Protocol

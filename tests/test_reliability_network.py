@@ -19,8 +19,8 @@ import threading
 import time
 
 import pytest
-from test_agent_support import handmade_artifact
-from test_reliability_support import CuttableProxy
+from testkit.agent import handmade_artifact
+from testkit.reliability import CuttableProxy
 
 from devices.agent import AgentClient, start_local_agent
 from devices.agent.bundle import bundle_bytes

@@ -28,8 +28,8 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_agent_support import http
-from test_reliability_support import free_port, isolated_env
+from testkit.agent import http
+from testkit.reliability import free_port, isolated_env
 
 from devices.agent import AgentClient, start_local_agent
 from devices.agent.service import measurement_children

@@ -34,15 +34,13 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_agent_support import artifact_members, handmade_artifact, regular, sha256, tar_bytes
-from test_reliability_disk import _can_mount_tmpfs, small_disk_agent  # noqa: F401  (a fixture)
-from test_reliability_support import RssSampler, isolated_env
+from testkit.agent import TINY_SPEC, artifact_members, handmade_artifact, regular, sha256, tar_bytes
+from testkit.reliability import RssSampler, can_mount_tmpfs, isolated_env
 
 from devices.agent.guard import BODY_IDLE_TIMEOUT_S, HEADER_TIMEOUT_S, connection_cap
 from devices.agent.bundle import bundle_bytes
 from devices.artifact import MAX_MANIFEST_BYTES, write_manifest
 from devices.protocol import Protocol
-from test_agent_support import TINY_SPEC
 
 #: A job that measure() refuses at once (more context than the artifact holds): the queue
 #: and the worker are under test, and it takes milliseconds.
@@ -467,8 +465,8 @@ def test_the_queue_and_the_protocol_size_are_bounded(agents, tmp_path, figures):
 # -- 6. space, headers, scratch folders, core locks ----------------------------------------------------
 
 
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare/nsenter and a mountable tmpfs (user namespaces) to make a small disk")
-def test_a_chunked_upload_larger_than_the_disk_is_refused_before_the_disk_fills(small_disk_agent, tmp_path, figures):  # noqa: F811
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare/nsenter and a mountable tmpfs (user namespaces) to make a small disk")
+def test_a_chunked_upload_larger_than_the_disk_is_refused_before_the_disk_fills(small_disk_agent, tmp_path, figures):
     url, token, store, inside = small_disk_agent
     small = handmade_artifact(tmp_path / "small")
     sha, data = bundle_bytes(small)

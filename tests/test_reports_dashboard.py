@@ -20,8 +20,8 @@ import pytest
 from lfm2 import presets
 from lfm2.errors import UserError
 from reports.dashboard import make_server
-from test_reports_html import REPO, launch_chromium
-from test_reports_support import add_measured_trial, study_under_test
+from testkit import REPO
+from testkit.reports import add_measured_trial, launch_chromium, study_under_test
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -15,7 +15,7 @@ from lfm2.errors import UserError
 from reports import load_study_data, parse_size, read_study
 from reports.html import report_payload
 from reports.pareto import front_2d, reference_point
-from test_reports_support import add_measured_trial, create_schema_study, handmade_candidates, study_under_test, write_handmade_study
+from testkit.reports import add_measured_trial, create_schema_study, handmade_candidates, study_under_test, write_handmade_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -12,17 +12,13 @@ import base64
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from test_reports_support import study_under_test
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parents[1]
+from testkit import REPO
+from testkit.reports import launch_chromium, study_under_test
 
 # Pixel statistics of a PNG, decoded by the browser itself (no imaging library needed).
 PIXEL_STATS_JS = """async (b64) => {
@@ -41,11 +37,6 @@ PIXEL_STATS_JS = """async (b64) => {
   const mean = sum / n;
   return {width: bitmap.width, height: bitmap.height, std: Math.sqrt(sumSq / n - mean * mean), saturated: saturated};
 }"""
-
-
-def launch_chromium(playwright):
-    assert Path(CHROMIUM).exists(), "the browser tests need Debian's chromium: apt-get install -y chromium"
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -18,8 +18,8 @@ from lfm2 import presets
 from lfm2.errors import UserError
 from reports import Limits, load_study_data, pick
 from reports.cli import EXIT_NOTHING_MEETS_LIMITS, register
-from test_reports_html import REPO
-from test_reports_support import add_measured_trial, create_schema_study, handmade_candidates, study_under_test
+from testkit import REPO
+from testkit.reports import add_measured_trial, create_schema_study, handmade_candidates, study_under_test
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -99,7 +99,7 @@ def test_a_search_on_two_devices_writes_a_front_per_device_and_the_report_shows_
     assert report.returncode == 0, report.stderr[-3000:]
     from playwright.sync_api import sync_playwright
 
-    from test_reports_html import launch_chromium
+    from testkit.reports import launch_chromium
 
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)

@@ -321,7 +321,7 @@ class ExecuTorchRunner(Runner):
 
     def reset(self) -> None:
         if "reset" not in self.artifact.manifest.get("methods", ["reset"]):
-            return  # a program without `reset` (ExecuTorch's own LLM export, bench.executorch_recipe): a prefill from 0 overwrites what it attends to
+            return  # a program without `reset` (ExecuTorch's own LLM export, bench.experiments.executorch_recipe): a prefill from 0 overwrites what it attends to
         self._run("reset", [np.zeros((1, 1), dtype=np.int64)])
 
     def stack(self) -> dict:

@@ -8,7 +8,7 @@ which costs nothing. So the search's default signal is the cheapest one that mat
 free baselines: a ridge regression of five free features -- the number of attention
 layers (full and sliding-window), whether there is any, their share of the layers, the
 depth, and the log parameter count of the candidate's proxy -- fitted on those references
-and shipped as data (`layout_signal.json`, written by `bench/fit_layout_signal.py`).
+and shipped as data (`layout_signal.json`, written by `bench/experiments/fit_layout_signal.py`).
 
 Its score is minus the predicted validation bits per byte of the proxy-width reference run
 (higher is better, like every quality score). Held out architecture by architecture it
@@ -31,7 +31,7 @@ from lfm2.spec import ATTENTION_OPERATORS, ArchSpec
 
 #: The fitted coefficients, their version and their measured fidelity (data, not code).
 SIGNAL_FILE = Path(__file__).with_name("layout_signal.json")
-#: The features, in the order of the coefficients (bench/fidelity_signals.py's free features).
+#: The features, in the order of the coefficients (bench/experiments/fidelity_signals.py's free features).
 FEATURES = ("attention layers", "any attention", "attention share", "layers", "log proxy parameters")
 
 
@@ -66,7 +66,7 @@ def signal() -> dict[str, Any]:
     """The shipped fit: coefficients, version, what it was fitted on, its measured fidelity."""
     data = json.loads(SIGNAL_FILE.read_text())
     if tuple(data["features"]) != FEATURES:
-        raise ValueError(f"{SIGNAL_FILE}: features {data['features']} are not {list(FEATURES)}; refit with bench/fit_layout_signal.py")
+        raise ValueError(f"{SIGNAL_FILE}: features {data['features']} are not {list(FEATURES)}; refit with `python -m bench.experiments.fit_layout_signal`")
     return data
 
 

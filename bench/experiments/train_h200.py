@@ -1,8 +1,8 @@
 """Train two ~350M-class architectures side by side for the same short budget on a GPU and
 report tokens/s, MFU and the loss curves (issue 9's "train the winners" run).
 
-    python bench/train_h200.py --out runs --steps 150 --time-limit 200
-    python bench/train_h200.py --archs LFM2-350M,exports/lfm2-350m-class/trial-0007 ...
+    python -m bench.experiments.train_h200 --out runs --steps 150 --time-limit 200
+    python -m bench.experiments.train_h200 --archs LFM2-350M,exports/lfm2-350m-class/trial-0007 ...
 
 Each architecture is a preset name -- built with our seeded initialisation and saved as a
 Hugging Face folder -- or a folder that `lfm2-nas export --to hf` wrote (a search's winner,
@@ -31,7 +31,7 @@ def initial_folder(folder: Path, spec, seed: int, provenance: dict) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.train_h200", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs")
     parser.add_argument("--archs", default="LFM2-350M,LFM2-350M-attn", help="preset names or exported HF folders, comma-separated")
     parser.add_argument("--steps", type=int, default=150)
@@ -57,7 +57,7 @@ def main() -> None:
                 # the export's seeded initialisation, which is what `export --to hf` wrote
                 provenance = read_provenance(folder)
                 seed = (provenance.get("init") or {}).get("seed", 0)
-                folder = initial_folder(out / name, spec, seed, {**provenance, "weights": f"rebuilt by bench/train_h200.py with seed {seed}"})
+                folder = initial_folder(out / name, spec, seed, {**provenance, "weights": f"rebuilt by bench/experiments/train_h200.py with seed {seed}"})
         else:
             raise SystemExit(f"--archs: {arch!r} is neither a preset ({', '.join(sorted(presets))}) nor a folder with a config.json")
         config = TrainConfig(

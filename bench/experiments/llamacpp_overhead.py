@@ -15,8 +15,8 @@ runs both, the order swapped every round so that drift does not favour one side;
 ratio (backend / alone, of median milliseconds) is reported per round and as the median of
 the rounds.
 
-    python -m bench.llamacpp_overhead            # LFM2-350M q4_0, pp512 and tg16 @ d512, 3 rounds
-    python -m bench.llamacpp_overhead --quick    # the tiny LFM2, short prompt
+    python -m bench.experiments.llamacpp_overhead            # LFM2-350M q4_0, pp512 and tg16 @ d512, 3 rounds
+    python -m bench.experiments.llamacpp_overhead --quick    # the tiny LFM2, short prompt
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ NAME = "llamacpp_overhead"
 
 
 def parse_args(argv=None):
-    parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    parser = base_parser(NAME, __doc__.split("\n\n")[0], package=__package__)
     parser.add_argument("--model", default="LFM2-350M", choices=sorted(MODELS), help="the model (default LFM2-350M)")
     parser.add_argument("--quant", default="q4_0", help="GGUF precision (default q4_0)")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens (default 512)")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     from devices.protocol import Protocol
 
     args = parse_args(argv)
-    run = BenchRun(NAME, "llama.cpp through the backend against llama.cpp alone", args)
+    run = BenchRun(NAME, "llama.cpp through the backend against llama.cpp alone", args, package=__package__)
     if args.quick:
         spec, prefill, depth, tokens, rounds, reps = quick_models()["tiny-LFM2"], QUICK_POINT, QUICK_POINT, 4, 1, 3
     else:
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
     summary = {kind: statistics.median(r[f"ratio_{kind}"] for r in rounds_out) for kind in ("prefill", "decode")}
     run.save({"model": args.model if not args.quick else "tiny-LFM2", "quant": args.quant, "prefill": prefill, "depth": depth, "tokens": tokens, "threads": args.threads, "rounds": rounds_out, "median_ratio": summary, "artifact": artifact})
-    run.finish(render(rounds_out, summary, args, prefill, depth, tokens), "python -m bench.llamacpp_overhead" + (" --quick" if args.quick else ""))
+    run.finish(render(rounds_out, summary, args, prefill, depth, tokens), "python -m bench.experiments.llamacpp_overhead" + (" --quick" if args.quick else ""))
     return 0
 
 

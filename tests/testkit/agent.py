@@ -1,5 +1,5 @@
 """Helpers for the device agent tests: small artifacts, hand-crafted (hostile) bundles,
-and agents started as real processes. This module holds no tests.
+a short measurement protocol, and reading an agent's devices and jobs back.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from pathlib import Path
 import httpx
 
 from devices.artifact import Artifact, write_manifest
+from devices.protocol import Protocol
 from lfm2.spec import ArchSpec
 
 TINY_SPEC = ArchSpec(vocab_size=256, d_model=64, layers=("conv", "attn"), n_heads=2, n_kv_heads=1, ffn_dim=128)
+#: A measurement of a tiny candidate that takes seconds (test_agent_service, test_agent_e2e).
+PROTOCOL = Protocol(prompt_lengths=(16,), decode_depths=(8,), decode_tokens=4, warmup_runs=0, min_runs=1, max_runs=2, max_seconds_per_point=1.0, max_remeasures=0)
 
 
 def handmade_artifact(folder: Path, payload: bytes = b"weights" * 100, spec: ArchSpec = TINY_SPEC) -> Artifact:
@@ -68,3 +71,25 @@ def http(url: str, token: str | None) -> httpx.Client:
 
 def read_ready(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def list_devices(monkeypatch, config) -> dict[str, dict]:
+    """`lfm2-nas devices list --json` against the registry `config`, rows by device name."""
+    from typer.testing import CliRunner  # here: the modules that need only the helpers above import no CLI
+
+    from devices.agent_cli import devices_app
+
+    monkeypatch.setenv("LFM2_NAS_CONFIG", str(config))
+    result = CliRunner().invoke(devices_app, ["list", "--json", "--timeout", "5"])
+    assert result.exit_code == 0, result.output
+    return {row["name"]: row for row in map(json.loads, result.output.splitlines())}
+
+
+def check_one_at_a_time_in_order(jobs: list[dict]) -> None:
+    """Jobs (in submission order) ran one after another, each started once and done once."""
+    started = sorted(jobs, key=lambda job: job["started_at"])
+    assert [job["job_id"] for job in started] == [job["job_id"] for job in jobs], "FIFO order broken"
+    for before, after in zip(started, started[1:]):
+        assert before["finished_at"] <= after["started_at"], f"{before['job_id']} and {after['job_id']} overlapped"
+    for job in jobs:
+        assert [e["event"] for e in job["events"]].count("done") == 1

@@ -10,7 +10,8 @@ plausible figures). Switching to the real study is the one line `REAL_SEARCH_STU
 `add_measured_trial` stays in use after the switch: the dashboard test adds a trial to a
 running study, which is legitimately done with Optuna's API.
 
-This module holds no tests; pytest collects it and finds none.
+`launch_chromium(playwright)`: Debian's `chromium` (installed by `.ci/run`), headless, driven
+by the `playwright` package through `executable_path`; no browser is downloaded.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from devices.sampling import summarize
 from lfm2 import ArchSpec, presets
 from nas.study_schema import MEMORY_CONSTRAINT, StudyMetadata, TrialStatus, check_trial_attrs
 from search_space.costs.counts import parameters
+from testkit import DATA
 
-DATA = Path(__file__).parent / "data"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 #: The committed study a real search wrote, as (file, study name); None: use the hand-made one.
 REAL_SEARCH_STUDY: tuple[Path, str] | None = (DATA / "search_small.db", "small")
@@ -42,6 +45,11 @@ HANDMADE_NAME = "handmade"
 BUDGET_BYTES = 600 * 2**20
 CONTEXT = 512
 PROTOCOL = Protocol(prompt_lengths=(128, CONTEXT), decode_depths=(CONTEXT,), decode_tokens=8, min_runs=5, max_runs=10)
+
+
+def launch_chromium(playwright):
+    assert Path(CHROMIUM).exists(), "the browser tests need Debian's chromium: apt-get install -y chromium"
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def study_under_test(tmp_path: Path) -> tuple[str, str]:

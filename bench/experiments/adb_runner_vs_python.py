@@ -2,13 +2,13 @@
 llama-cpp-python (the local llamacpp backend), measured the same way, side by side.
 
 With no phone here, the runner runs on this host through the adb stand-in of the tests
-(tests/test_adb_support.py: push = copy, shell = run here), pinned to the same core and with
+(tests/testkit/adb.py: push = copy, shell = run here), pinned to the same core and with
 the same thread count as the local measurement; both go through `devices.sampling`. Rounds
 alternate the two (A B, then B A, ...), so a busy machine slows both alike; the ratio per
 round is what to read, not the absolute times.
 
-    python -m bench.adb_runner_vs_python            # d_model 512, prompt 256, depth 256, 3 rounds
-    python -m bench.adb_runner_vs_python --quick    # the tiny model, 1 round
+    python -m bench.experiments.adb_runner_vs_python            # d_model 512, prompt 256, depth 256, 3 rounds
+    python -m bench.experiments.adb_runner_vs_python --quick    # the tiny model, 1 round
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from lfm2.spec import ArchSpec
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.adb_runner_vs_python", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--depth", type=int, default=256)
     parser.add_argument("--quant", default="q4_0")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_adb_support import StandinPhone  # the test fixture: this host plays the phone
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from testkit.adb import StandinPhone  # the tests' stand-in: this host plays the phone
 
     from devices.adb.measure import Phone
     from devices.adb.runner_build import build_runner

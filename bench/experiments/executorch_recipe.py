@@ -19,8 +19,8 @@ see the same machine):
    prompt; latency and memory do not depend on it);
 4. the project's artifact: `devices.compile` (cached) or `--project-artifact DIR`.
 
-    python -m bench.executorch_recipe                       # export everything, measure, write BENCHMARKS.md
-    python -m bench.executorch_recipe --recipe-pte X.pte --project-artifact DIR
+    python -m bench.experiments.executorch_recipe                       # export everything, measure, write BENCHMARKS.md
+    python -m bench.experiments.executorch_recipe --recipe-pte X.pte --project-artifact DIR
 
 The recipe's program is not verified here (its quantisation differs: group size, fp32
 embedding), only timed and weighed.
@@ -50,7 +50,7 @@ RECIPE_MAX_SEQ_LEN = 128
 
 
 def parse_args(argv=None):
-    parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    parser = base_parser(NAME, __doc__.split("\n\n")[0], package=__package__)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lfm2-nas-executorch-recipe"), help="folder for the HF export, checkpoint, params and the recipe's .pte")
     parser.add_argument("--hf", type=Path, default=None, help="a Hugging Face LFM2 folder to convert (default: `lfm2-nas export --preset LFM2-350M --to hf` into --work)")
     parser.add_argument("--recipe-pte", type=Path, default=None, help="the recipe's .pte, already exported (skips the ~15-minute export)")
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     from lfm2.presets import LFM2_PRESETS
 
     args = parse_args(argv)
-    run = BenchRun(NAME, "ExecuTorch: the project's 8da4w LFM2-350M against ExecuTorch's own LFM2 recipe", args)
+    run = BenchRun(NAME, "ExecuTorch: the project's 8da4w LFM2-350M against ExecuTorch's own LFM2 recipe", args, package=__package__)
     prefill = tuple(int(x) for x in args.prefill.split(","))
     decode = tuple(int(x) for x in args.decode.split(","))
     # few runs per point (a 2,048-token prefill of a 350M model takes 10-30 s here): the rounds repeat them
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
             rounds[name].append(result)
     sizes = {name: artifact.size_bytes for name, artifact in programs.items()}
     run.save({"protocol": protocol.to_dict(), "max_context": max_context, "artifacts": {name: str(a.path) for name, a in programs.items()}, "sizes": sizes, "rounds": rounds})
-    run.finish(render(rounds, sizes, prefill, decode, max_context), "python -m bench.executorch_recipe")
+    run.finish(render(rounds, sizes, prefill, decode, max_context), "python -m bench.experiments.executorch_recipe")
     return 0
 
 

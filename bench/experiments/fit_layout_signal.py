@@ -3,28 +3,25 @@
 The `layout` signal is a ridge regression of the five free features (attention layers, any
 attention, attention share, depth, log proxy parameters) onto minus the references'
 validation bits per byte. This fits it on every architecture of a fidelity run (its ridge
-strength chosen by leave-one-out, as `bench/fidelity_signals.py` does for the held-out
+strength chosen by leave-one-out, as `bench/experiments/fidelity_signals.py` does for the held-out
 judgement), and writes `nas/quality/layout_signal.json` with the coefficients, a version,
 what it was fitted on, and the fidelity that run measured for it held out (so the numbers
 printed by `lfm2-nas quality --help` are the benchmark's, not the fit's own).
 
-    python bench/fit_layout_signal.py --run bench/results/fidelity_signals23 --version 1
+    python -m bench.experiments.fit_layout_signal --run bench/results/fidelity_signals23 --version 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import fidelity_signals  # noqa: E402
-from bench.quality_fidelity import architectures  # noqa: E402
-from nas.quality import layout  # noqa: E402
+from bench.experiments import fidelity_signals
+from bench.experiments.quality_fidelity import architectures
+from nas.quality import layout
 
 FREE_COMBINATION = "learned combination, held out: free features (layout, parameters)"
 
@@ -73,7 +70,7 @@ def fit(run: Path, version: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.fit_layout_signal", description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="bench/results/fidelity_signals23", help="a fidelity run's --out (facts.json, fidelity.jsonl)")
     parser.add_argument("--version", type=int, required=True, help="the fit's version number (bump it with every refit)")
     parser.add_argument("--out", default=str(layout.SIGNAL_FILE))

@@ -1,13 +1,17 @@
 """Helpers for the reliability scenarios (issue 11): a TCP proxy on loopback that can cut
 the network between a client and an agent, the agent's own jobs read back in queue order,
-and the exactly-once/FIFO check. This module holds no tests.
+the exactly-once/FIFO check, RSS sampling, an environment that touches none of the user's
+files, and whether a small tmpfs can be mounted here (the `small_disk_agent` fixture in
+tests/conftest.py needs one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -160,3 +164,12 @@ def isolated_env(tmp_path: Path) -> dict[str, str]:
         LFM2_NAS_LOCKS=str(tmp_path / "locks"),
         XDG_DATA_HOME=str(tmp_path / "xdg-data"),
     )
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether this host lets a test mount a tmpfs in a private user+mount namespace and
+    enter it (unshare, nsenter): what `small_disk_agent` needs to make a small disk."""
+    if not (shutil.which("unshare") and shutil.which("nsenter")):
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0

@@ -1,6 +1,6 @@
 """Candidate quality signals, judged against a fidelity run's references (pure numpy).
 
-`bench/quality_fidelity.py` trains proxies and references and logs one row per job; this
+`bench/experiments/quality_fidelity.py` trains proxies and references and logs one row per job; this
 module turns those rows into *signals* -- one number per architecture, higher meaning
 "predicted to be the better language model" -- and says how well each ranks the
 architectures as the references do:

@@ -29,7 +29,7 @@ what it finished and `--resume` continues it (in another session, too).
 
 `--import-from DIR` copies an earlier run's finished rows (its references, say) into this run
 when their recipe matches, so that 20 architectures need only the new ones' references.
-A run with candidate stages is judged by `bench/fidelity_signals.py`: every signal (and the
+A run with candidate stages is judged by `bench/experiments/fidelity_signals.py`: every signal (and the
 free baselines, and learned combinations held out architecture by architecture) with a
 bootstrap 95% interval, within the hybrids too.
 
@@ -39,11 +39,11 @@ architectures before trusting a ranking.
 
     # the real run (one H200: the 12 references side by side take ~23 min, the proxies as much
     # again; --resume continues a run cut short, --summarise-only rebuilds its reports):
-    python bench/quality_fidelity.py --device cuda --workers 16 --long-workers 12 --threads 1 --archs 12 --compile --reference-corpus python-sources --out bench_out
+    python -m bench.experiments.quality_fidelity --device cuda --workers 16 --long-workers 12 --threads 1 --archs 12 --compile --reference-corpus python-sources --out bench_out
     # the candidate signals over 20 architectures, the first 12's references imported (BENCHMARKS.md):
-    python bench/quality_fidelity.py --device cuda --archs 20 --stages long,mad_wide,lm_long,mad,lm --workers 17 --long-workers 8 --threads 1 --compile --reference-corpus python-sources --import-from bench/results/fidelity_ref307 --import-stages long,mad,lm --deadline-s 1150 --stop-s 1440 --out bench_out
+    python -m bench.experiments.quality_fidelity --device cuda --archs 20 --stages long,mad_wide,lm_long,mad,lm --workers 17 --long-workers 8 --threads 1 --compile --reference-corpus python-sources --import-from bench/results/fidelity_ref307 --import-stages long,mad,lm --deadline-s 1150 --stop-s 1440 --out bench_out
     # a smoke run on a CPU (a few minutes; numbers meaningless):
-    python bench/quality_fidelity.py --device cpu --settings cpu_small --archs 3 --reference-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
+    python -m bench.experiments.quality_fidelity --device cpu --settings cpu_small --archs 3 --reference-factor 2 --steps-scale 0.1 --workers 1 --timing --out /tmp/fid
 """
 
 from __future__ import annotations
@@ -53,19 +53,16 @@ import datetime
 import json
 import os
 import platform
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import fidelity_signals  # noqa: E402
-from lfm2.corpus import CORPORA  # noqa: E402
-from lfm2.presets import presets  # noqa: E402
-from lfm2.spec import ArchSpec  # noqa: E402
+from bench.experiments import fidelity_signals
+from lfm2.corpus import CORPORA
+from lfm2.presets import presets
+from lfm2.spec import ArchSpec
 
 LONG_RUN_LR = 2e-3  # the default rate of every reference run: between the two the default sweep tries
 REFERENCE_OF = {"costlier": "costlier proxy", "lm": "LM proxy"}  # --reference-of: whose tokens the factor multiplies
@@ -499,7 +496,7 @@ def machine_facts(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.quality_fidelity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--settings", default="default", choices=["default", "cpu_small"])
     parser.add_argument("--archs", type=int, default=12)

@@ -30,7 +30,7 @@ SERIAL = "STANDIN8"
 ADB_SCRIPT = textwrap.dedent(
     r'''
     #!PYTHON
-    """adb stand-in (test fixture): see tests/test_adb_support.py."""
+    """adb stand-in (test fixture): see tests/testkit/adb.py."""
     import os, re, shutil, signal, subprocess, sys, threading
     from pathlib import Path
 
