@@ -369,13 +369,14 @@ def measure(
         artifact.verify()
     cpus, threads = _check_request(artifact, protocol, limits)
     cap = limits.memory_bytes
+    data_limit = int(cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM) if cap else None
     job = {
         "artifact": str(Path(artifact.path).resolve()),
         "protocol": protocol.to_dict(),
         "cpus": cpus,
         "threads": threads,
         "seed": seed,
-        "data_limit_bytes": int(cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM) if cap else None,
+        "data_limit_bytes": data_limit,
     }
     facts = dict(machine_facts())
     device_facts = dict(device or {})
@@ -402,7 +403,7 @@ def measure(
             wall_time_s=round(time.monotonic() - start, 3),
         )
     cap_method = (
-        f"RSS watchdog every {POLL_S * 1000:.0f} ms + the child's own peak RSS (VmHWM, else wait4) + RLIMIT_DATA backstop at {_fmt_bytes(job['data_limit_bytes'])}" if cap else "no cap"
+        f"RSS watchdog every {POLL_S * 1000:.0f} ms + the child's own peak RSS (VmHWM, else wait4) + RLIMIT_DATA backstop at {_fmt_bytes(data_limit)}" if cap else "no cap"
     )
     measurement = _to_measurement(outcome, limits, {"cap_method": cap_method, "lock_wait_s": round(lock_wait_s, 3), "device": device_facts, "wall_time_s": round(time.monotonic() - start, 3)})
     if not measurement.spec_key:

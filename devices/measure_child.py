@@ -35,6 +35,7 @@ PARTIAL.json after each point, so the parent can say where a timeout or kill str
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -165,11 +166,11 @@ class Child:
 
         for n in protocol.prompt_lengths:
             self.progress("prefill", length=n)
-            self.result["prefill"][str(n)] = measure_point(lambda n=n: prefill_once(n), protocol, n, calibration).to_dict()
+            self.result["prefill"][str(n)] = measure_point(functools.partial(prefill_once, n), protocol, n, calibration).to_dict()
             self.checkpoint()
         for depth in protocol.decode_depths:
             self.progress("decode", depth=depth)
-            self.result["decode"][str(depth)] = measure_point(lambda depth=depth: decode_once(depth), protocol, 1, calibration).to_dict()
+            self.result["decode"][str(depth)] = measure_point(functools.partial(decode_once, depth), protocol, 1, calibration).to_dict()
             self.checkpoint()
 
         memory["peak_rss_end_bytes"] = stack.peak_rss_bytes()[0]

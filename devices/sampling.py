@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Protocol as _Protocol
 
 import numpy as np
 
@@ -94,6 +95,12 @@ def summarize(samples_ms: list[float], tokens: int, trim_fraction: float) -> Sta
         ci_high_ms=high,
         ci_level=round(coverage, 4),
     )
+
+
+class SlowdownProbe(_Protocol):
+    """What `measure_point` needs of a calibration (`Calibration` here, the adb runner's on a phone)."""
+
+    def slowdown(self) -> float: ...
 
 
 class Calibration:
@@ -202,7 +209,20 @@ def timed_runs(run_once: Callable[[], float], protocol: Protocol) -> list[float]
     return samples
 
 
-def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int, calibration: Calibration | None = None) -> Stats:
+def _interval_width(stats: Stats) -> float:
+    if stats.ci_low_ms is None or stats.ci_high_ms is None:
+        raise ValueError("a sampled point without its median's interval; `summarize` gives every point one")
+    return stats.ci_high_ms - stats.ci_low_ms
+
+
+def _slowdown(stats: Stats) -> float:
+    """The calibration slowdown of a disturbed attempt (only a calibrated one can be disturbed)."""
+    if stats.calibration_slowdown is None:
+        raise ValueError("a disturbed attempt without its calibration slowdown; only calibrated attempts are checked for disturbance")
+    return stats.calibration_slowdown
+
+
+def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int, calibration: SlowdownProbe | None = None) -> Stats:
     """Warm up, then sample the point; re-measure (at most `max_remeasures` times) while it
     was disturbed (the calibration kernel ran more than `disturbance_threshold` slower around
     it than at the reference) or its CV is over `cv_threshold`. Keeps the best attempt (an
@@ -211,23 +231,25 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
     warmups = warm_up(run_once, protocol)
     attempts: list[Stats] = []
     for _ in range(1 + protocol.max_remeasures):
-        before = calibration.slowdown() if calibration else None
-        stats = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
-        if calibration:
-            after = calibration.slowdown()
-            stats.calibration_slowdown = round(max(before, after), 4)
-            stats.disturbed = protocol.disturbance_threshold > 0 and stats.calibration_slowdown > 1 + protocol.disturbance_threshold
+        if calibration is None:
+            stats = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
+        else:
+            before = calibration.slowdown()
+            stats = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
+            slowdown = round(max(before, calibration.slowdown()), 4)
+            stats.calibration_slowdown = slowdown
+            stats.disturbed = protocol.disturbance_threshold > 0 and slowdown > 1 + protocol.disturbance_threshold
         attempts.append(stats)
         if not stats.disturbed and stats.cv <= protocol.cv_threshold:
             break
     clean = [s for s in attempts if not s.disturbed]
     if clean:  # the tightest undisturbed attempt
-        best = min(clean, key=lambda s: s.ci_high_ms - s.ci_low_ms)
+        best = min(clean, key=_interval_width)
     else:  # every attempt disturbed: the least disturbed one
-        best = min(attempts, key=lambda s: s.calibration_slowdown)
+        best = min(attempts, key=_slowdown)
     best.remeasured = len(attempts) - 1
     best.warmup_runs = warmups
-    best.disturbances = [s.calibration_slowdown for s in attempts if s.disturbed]
+    best.disturbances = [_slowdown(s) for s in attempts if s.disturbed]
     best.noisy = relative_half_width(best.samples_ms) > protocol.ci_target
     return best
 

@@ -159,7 +159,7 @@ def stdlib_files(root: Path | None = None) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=4)
 def _python_files(root: str) -> tuple[str, ...]:
-    files = []
+    files: list[str] = []
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in EXCLUDED_FOLDERS)  # the stdlib walk never enters site-packages
         relative_folder = Path(folder).relative_to(root)
@@ -242,6 +242,10 @@ def corpus_by_name(name: str, max_bytes: int | None = None) -> Corpus:
     return CORPORA[name](max_bytes)
 
 
+def _is_full(size: int, cap: int | None) -> bool:
+    return cap is not None and size >= cap
+
+
 def _read_corpus(name: str, files: list[tuple[Path, str, str]], max_bytes: int | None, source_root: str, deduplicate: bool) -> Corpus:
     """Read `files` ((root, path under root, name that decides the split)) in order into the
     two splits, capped as `stdlib_corpus` describes."""
@@ -258,7 +262,7 @@ def _read_corpus(name: str, files: list[tuple[Path, str, str]], max_bytes: int |
         split = "validation" if is_validation_file(split_name) else "train"
         cap = caps[split]
         if cap is not None and sizes[split] >= cap:
-            if all(caps[s] is not None and sizes[s] >= caps[s] for s in caps):
+            if all(_is_full(sizes[s], caps[s]) for s in caps):
                 break
             continue
         try:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ from lfm2.spec import ArchSpec
 from lfm2.tokenizer import TOKENIZER_KINDS, end_of_text_id, save_tokenizer
 from lfm2.train_data import WindowSampler, prepare_tokens, validation_windows
 from lfm2.train_log import append_record, plot_log, read_log, truncate_log
+
+_T = TypeVar("_T")
 
 #: Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU. The H200 has
 #: the H100 SXM's compute (989 TFLOP/s dense bf16); it differs in memory only.
@@ -156,7 +158,7 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def _evaluate(model: LFM2, windows: torch.Tensor, micro: int, device: torch.device, autocast) -> float:
+def _evaluate(model: torch.nn.Module, windows: torch.Tensor, micro: int, device: torch.device, autocast) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -294,16 +296,34 @@ def _sigterm_flag():
             signal.signal(signal.SIGTERM, previous)
 
 
+def _resolved(value: _T | None, name: str) -> _T:
+    """A field `TrainConfig.resolved` fills in (None there is a bug in `resolved`)."""
+    if value is None:
+        raise AssertionError(f"TrainConfig.{name} is None after resolved(); resolved() must fill it in")
+    return value
+
+
+def _compiled(model: LFM2) -> torch.nn.Module:
+    """`torch.compile(model)`: a module wrapping `model` (typed as a plain callable by torch)."""
+    compiled = torch.compile(model)
+    if not isinstance(compiled, torch.nn.Module):
+        raise TypeError(f"torch.compile returned {type(compiled).__name__}, not a module; train without --compile")
+    return compiled
+
+
 def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[[str], None]) -> TrainResult:
     folder = Path(folder)
     spec = read_spec(folder)
     config = (config or TrainConfig()).resolved()
+    # `resolved` filled these in; the names below are their non-None values
+    warmup_steps, log_every = _resolved(config.warmup_steps, "warmup_steps"), _resolved(config.log_every, "log_every")
+    eval_every, checkpoint_every = _resolved(config.eval_every, "eval_every"), _resolved(config.checkpoint_every, "checkpoint_every")
     out = Path(out) if out is not None else folder.with_name(folder.name + "-trained")
     _check_request(folder, out, spec, config)
     workdir = out / "train"
     checkpoint_dir = workdir / "checkpoints"
     log_path = workdir / "log.jsonl"
-    device = torch.device(config.device)
+    device = torch.device(_resolved(config.device, "device"))
 
     corpus = load_corpus(config.corpus, config.val_fraction)
     log(f"corpus {corpus.name}: {corpus.train_bytes:,} train bytes, {corpus.validation_bytes:,} validation bytes")
@@ -316,11 +336,11 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
     model = load_model_folder(folder, device=device, dtype=torch.float32)
     model.train()
     optimizer = _optimizer(model, config, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, config.steps, config.min_lr_ratio))
     run = _Run(model, optimizer, scheduler, sampler, _compatibility(config, spec, corpus))
     _resume_or_start(run, checkpoint_dir, log_path, resume, device, log)
 
-    training_model = torch.compile(model) if config.compile else model
+    training_model = _compiled(model) if config.compile else model
     # bf16 autocast on CUDA (weights and optimizer state stay fp32); plain fp32 on CPU.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     if device.type == "cuda":
@@ -364,14 +384,14 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
             append_record(log_path, record)
             if not math.isfinite(train_loss):
                 raise UserError(f"the loss became {train_loss} at step {step}; lower --lr (now {config.lr}) or raise --warmup-steps")
-            if step % config.log_every == 0 or step == config.steps:
+            if step % log_every == 0 or step == config.steps:
                 log(f"step {step}/{config.steps}: loss {train_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu is not None else ""))
-            if step % config.eval_every == 0 or step == config.steps:
+            if step % eval_every == 0 or step == config.steps:
                 val_loss = _evaluate(training_model, val_windows, micro, device, autocast)
                 append_record(log_path, {"kind": "val", "step": step, "val_loss": val_loss, "tokens": step * tokens_per_step})
                 log(f"step {step}: validation loss {val_loss:.4f}")
             reason = _stop_reason(config, step, steps_this_run, time.perf_counter() - started, stop["signal"])
-            if step % config.checkpoint_every == 0 or step == config.steps or reason:
+            if step % checkpoint_every == 0 or step == config.steps or reason:
                 save_checkpoint(checkpoint_dir, step, run.payload(config, device), config.keep_checkpoints)
             if reason:
                 log(f"stopped at step {step} ({reason}); run the same command again to resume")
@@ -379,8 +399,8 @@ def _train(folder, out, config: TrainConfig | None, resume: bool, log: Callable[
 
     records = read_log(log_path)
     plot_log(records, workdir / "loss.html", f"{spec.layout} ({spec.key})")
-    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else None
-    summary = _summary(records, run.step, config, tokens_per_step, device_name, tokens_per_s, flops_per_token, peak, tokenizer, corpus)
+    mean_tokens_per_s = timed_tokens / timed_seconds if timed_seconds else None
+    summary = _summary(records, run.step, config, tokens_per_step, device_name, mean_tokens_per_s, flops_per_token, peak, tokenizer, corpus)
     if device.type == "cuda":
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     completed = reason is None
@@ -445,7 +465,7 @@ def _compatibility(config: TrainConfig, spec: ArchSpec, corpus: Corpus) -> dict[
 
 def _write_result(folder: Path, out: Path, model: LFM2, tokenizer, config: TrainConfig, spec: ArchSpec, summary: dict[str, Any]) -> None:
     eot = end_of_text_id(tokenizer)
-    token_ids = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+    token_ids: dict[str, int | None] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
     provenance = read_provenance(folder)
     provenance.pop("spec", None)
     provenance.pop("spec_key", None)

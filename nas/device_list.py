@@ -28,7 +28,7 @@ def parse_budgets(text: str, devices: list[str]) -> tuple[int, dict[str, int]]:
     `500MB` holds every device to 500 MB; `pixel8=500MB,rpi5=1GB` gives each its own, and
     a bare size among them (`1GB,pixel8=500MB`) is the budget of the devices not named.
     Every size needs a unit (a bare `500` would be 500 bytes)."""
-    default, per_device = 0, {}
+    default, per_device = 0, dict[str, int]()
     for part in (p.strip() for p in (text or "").split(",")):
         if not part:
             raise UserError(f"--budget {text!r} has an empty entry; write 500MB, or pixel8=500MB,rpi5=1GB")
@@ -46,9 +46,10 @@ def parse_budgets(text: str, devices: list[str]) -> tuple[int, dict[str, int]]:
     missing = [name for name in devices if name not in per_device and not default]
     if missing:
         raise UserError(f"--budget gives no budget to {', '.join(missing)}; add {missing[0]}=SIZE, or one size for every device (--budget 500MB)")
-    for name, size in [("all devices", default), *per_device.items()] if default else per_device.items():
-        if size <= 0:
-            raise UserError(f"--budget for {name} must be a positive size such as 500MB")
+    named = ([("all devices", default)] if default else []) + list(per_device.items())
+    for who, budget in named:
+        if budget <= 0:
+            raise UserError(f"--budget for {who} must be a positive size such as 500MB")
     return default, per_device
 
 

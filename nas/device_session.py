@@ -80,7 +80,7 @@ def open_device(device: str, emulate: bool, workdir: str | None = None, memory_l
             handle = start_local_agent(
                 name=device,
                 profile=profile.name,
-                cpus=measure_cpus,
+                cpus=tuple(measure_cpus),
                 threads=len(measure_cpus) if device == "local" else None,
                 memory_limit=memory_limit_bytes,
                 emulate=device != "local",

@@ -22,7 +22,12 @@ latencies on two CPUs are strongly correlated, so it stays small). With one devi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import optuna
+
+Direction = Literal["minimize", "maximize"]  # an objective's direction, as Optuna takes it
 
 QUALITY_KINDS = ("layout", "mad", "lm", "none")  # the first is the default (nas/quality/layout.py says why)
 
@@ -39,15 +44,17 @@ def objective_names(quality: str, devices: list[str] | None = None) -> list[str]
     return latencies if quality == "none" else ["quality", *latencies]
 
 
-def directions(quality: str, devices: list[str] | None = None) -> list[str]:
+def directions(quality: str, devices: list[str] | None = None) -> list[Direction]:
     return ["maximize" if name == "quality" else "minimize" for name in objective_names(quality, devices)]
 
 
-def objective_values(quality: str, quality_score: float | None, prefill_ms: float, decode_ms: float, more: list[tuple[float, float]] = ()) -> list[float]:
+def objective_values(quality: str, quality_score: float | None, prefill_ms: float, decode_ms: float, more: Sequence[tuple[float, float]] = ()) -> list[float]:
     """The values in `objective_names` order; `more`: (prefill, decode) of the second and later devices."""
     latencies = [prefill_ms, decode_ms, *(v for pair in more for v in pair)]
     if quality == "none":
         return latencies
+    if quality_score is None:
+        raise ValueError(f"quality proxy {quality!r} is an objective, but the trial has no quality score; score it before telling the study")
     return [float(quality_score), *latencies]
 
 

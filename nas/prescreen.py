@@ -120,7 +120,7 @@ class Prescreen:
         prefill_low, decode_low = intervals["prefill_ms"][0], intervals["decode_ms"][0]
         use_quality = self.quality == "free"
         for prefill, decode, q in self._front():
-            quality_ok = (not use_quality) or (q is not None and q >= quality)
+            quality_ok = (not use_quality) or (q is not None and quality is not None and q >= quality)
             if quality_ok and prefill <= prefill_low and decode <= decode_low:
                 return Verdict(True, f"predicted prefill >= {prefill_low:.4g} ms and decode >= {decode_low:.4g} ms (optimistic ends) are dominated by a measured "
                                      f"architecture ({prefill:.4g} ms, {decode:.4g} ms{f', quality {q:g}' if use_quality else ''}): not compiled", "dominated", prediction)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import traceback as _traceback
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 #: The longest error sentence kept (a traceback's tail is in `traceback`).
 MAX_ERROR_CHARS = 2000
@@ -31,17 +31,17 @@ class _Outcome:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, value: dict[str, Any]):
+    def from_dict(cls, value: dict[str, Any]) -> Self:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in value.items() if k in known})
 
     @classmethod
-    def failed(cls, error: str, wall_s: float = 0.0, tb: str | None = None):
+    def failed(cls, error: str, wall_s: float = 0.0, tb: str | None = None) -> Self:
         """The outcome of a stage that did not produce its result (`error` says why)."""
         return cls(ok=False, error=error[:MAX_ERROR_CHARS], traceback=tb, wall_s=wall_s)
 
     @classmethod
-    def from_exception(cls, exc: BaseException, wall_s: float):
+    def from_exception(cls, exc: BaseException, wall_s: float) -> Self:
         tail = "".join(_traceback.format_exception(exc)).strip().splitlines()[-12:]
         return cls.failed(f"{type(exc).__name__}: {exc}", wall_s, "\n".join(tail))
 

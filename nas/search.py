@@ -27,7 +27,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 import ray
@@ -45,6 +45,12 @@ from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, memory_co
 from nas.storage import DEFAULT_STORAGE, missing_sqlite_file, open_storage
 from nas.study import create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
 from nas.study_schema import DeviceRecord, StudyMetadata, TrialStatus, write_estimate_error_summary, write_trial_attrs
+
+if TYPE_CHECKING:
+    from nas.prescreen import Prescreen
+
+#: the outcome of one stage of a candidate (what its Ray ref returns)
+_O = TypeVar("_O", CompileOutcome, MeasureOutcome, QualityOutcome)
 
 RAY_TEMP_DIR = "/tmp/lfm2-nas-ray"  # short: Ray's unix sockets live under it (108-byte path limit)
 log = logging.getLogger("lfm2_nas.search")
@@ -100,6 +106,13 @@ class SearchConfig:
         if any(self.budget_for(name) <= 0 for name in devices):
             raise UserError("--budget must be a positive size such as 500MB (or NAME=SIZE for each device)")
         self.study = self.study or f"{'+'.join(devices)}-{self.backend}-{self.quant}"
+
+    @property
+    def study_name(self) -> str:
+        """`study`, which `__post_init__` names after the devices when it is not given."""
+        if self.study is None:
+            raise AssertionError("SearchConfig.study is None after __post_init__, which names it")
+        return self.study
 
     @property
     def devices(self) -> list[str]:
@@ -227,7 +240,7 @@ class Search:
         self.start_devices = {name: open_device(name, config.emulate) for name in config.devices}
         self.storage_url = config.storage or DEFAULT_STORAGE
         if config.resume:
-            _require_existing_sqlite(self.storage_url, config.study)
+            _require_existing_sqlite(self.storage_url, config.study_name)
         self.storage = open_storage(self.storage_url, create=True)  # the one command that may create it
         self.cache = ResultCache()
         self.stats = SearchStats()
@@ -236,7 +249,7 @@ class Search:
         self.device: DeviceSession | None = None  # the first device's session
         self.worker_cpus: list[int] | None = None  # where compiles and training run on this machine
         self.discards: list[Any] = []  # received artifact copies being removed (DeviceActor.discard)
-        self.prescreen = None  # nas.prescreen.Prescreen once the study is open (config.prescreen)
+        self.prescreen: Prescreen | None = None  # once the study is open (config.prescreen)
         self.study: optuna.Study | None = None  # once run() opened it
 
     # -- set-up ---------------------------------------------------------------------------
@@ -297,12 +310,12 @@ class Search:
             _check_compile_resource(c.compile_resource)
             on_home_node = NodeAffinitySchedulingStrategy(node_id=self.home_node, soft=False)
             for run in self.devices.values():
-                run.actor = DeviceActor.options(scheduling_strategy=on_home_node).remote(run.session.url, run.session.token, run.name)
+                run.actor = DeviceActor.options(scheduling_strategy=on_home_node, max_concurrency=1).remote(run.session.url, run.session.token, run.name)
             infos = ray.get([run.actor.info.remote() for run in self.devices.values()], timeout=60)
             for run, info in zip(self.devices.values(), infos):
                 run.facts = describe(run.session, info)
                 run.fingerprint = _fingerprint(info, run.session)
-            study, resumed = create_or_resume(c.study, self.storage, self.storage_url, c.quality, c.sampler, c.seed, c.trials, c.resume, self._metadata(), devices=c.devices if c.multi_device else None)
+            study, resumed = create_or_resume(c.study_name, self.storage, self.storage_url, c.quality, c.sampler, c.seed, c.trials, c.resume, self._metadata(), devices=c.devices if c.multi_device else None)
             self.study = study
             _check_same_devices(study, c)
             if resumed:
@@ -360,17 +373,22 @@ class Search:
             study=study,
         )
 
+    def _open_study(self) -> optuna.Study:
+        if self.study is None:
+            raise AssertionError("the search's study is not open; run() opens it before the loop")
+        return self.study
+
     def _loop(self) -> None:
         from nas.progress import Progress
 
         target = self.config.trials
         with Progress(self.snapshot, enabled=self.console is not None, console=self.console) as progress:
             while True:
-                done = finished_trials(self.study)
+                done = finished_trials(self._open_study())
                 while len(self.pending) < self.config.in_flight and done + len(self.pending) < target:
                     self.stop_flag.check()
                     self._start_candidate()
-                    done = finished_trials(self.study)
+                    done = finished_trials(self._open_study())
                 if not self.pending:
                     break
                 self._advance()
@@ -382,7 +400,7 @@ class Search:
         from search_space.costs import parameters as count_parameters
 
         c = self.config
-        trial = self.study.ask()
+        trial = self._open_study().ask()
         self.stats.asked += 1
         try:
             spec = self.space.sample(trial)
@@ -484,7 +502,7 @@ class Search:
 
     def _refs(self) -> dict[Any, tuple[Candidate, str, str | None]]:
         """Every result in flight: ref -> (candidate, stage, device or None)."""
-        refs = {}
+        refs: dict[Any, tuple[Candidate, str, str | None]] = {}
         for candidate in self.pending.values():
             if candidate.compile_ref is not None:
                 refs[candidate.compile_ref] = (candidate, CompileOutcome.stage, None)
@@ -502,26 +520,35 @@ class Search:
             ready = []
         for ref in ready:
             candidate, stage, device = refs[ref]
-            outcome_type = _OUTCOMES[stage]
-            try:
-                outcome = outcome_type.from_dict(ray.get(ref))
-            except ray.exceptions.RayError as exc:
-                # The worker or actor died for good (a device actor is not restarted): this
-                # stage failed, the others and the search go on.
-                outcome = outcome_type.failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            candidate.stage_s[stage] = max(candidate.stage_s.get(stage, 0.0), outcome.wall_s)  # devices measure side by side
-            self.stats.stage_s[stage] += outcome.wall_s
             if stage == CompileOutcome.stage:
+                compiled = self._collect(ref, CompileOutcome, candidate)
                 candidate.compile_ref = None
-                self._on_compile(candidate, outcome)
+                self._on_compile(candidate, compiled)
             elif stage == QualityOutcome.stage:
+                scored = self._collect(ref, QualityOutcome, candidate)
                 candidate.quality_ref = None
-                self._on_quality(candidate, outcome)
+                self._on_quality(candidate, scored)
             else:
+                if device is None:
+                    raise AssertionError(f"trial {candidate.trial.number}: a measurement in flight without its device")
+                measured = self._collect(ref, MeasureOutcome, candidate)
                 candidate.measure_refs.pop(device)
-                self._on_measure(candidate, outcome, device)
+                self._on_measure(candidate, measured, device)
         for number in [n for n, cand in self.pending.items() if cand.done]:
             self._finish(self.pending.pop(number))
+
+    def _collect(self, ref: Any, outcome_type: type[_O], candidate: Candidate) -> _O:
+        """The outcome `ref` returned, its stage's time added to the candidate's and the search's."""
+        try:
+            outcome = outcome_type.from_dict(ray.get(ref))
+        except ray.exceptions.RayError as exc:
+            # The worker or actor died for good (a device actor is not restarted): this
+            # stage failed, the others and the search go on.
+            outcome = outcome_type.failed(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        stage = outcome_type.stage
+        candidate.stage_s[stage] = max(candidate.stage_s.get(stage, 0.0), outcome.wall_s)  # devices measure side by side
+        self.stats.stage_s[stage] += outcome.wall_s
+        return outcome
 
     def _on_compile(self, candidate: Candidate, outcome: CompileOutcome) -> None:
         candidate.compiled = outcome
@@ -546,8 +573,10 @@ class Search:
             candidate.bundle_ref = None  # measured everywhere: Ray may free the bundle
             self._discard_received_copy(candidate, device)
         candidate.measurements[device] = outcome
-        if outcome.ok and outcome.measurement["status"] == "ok":
-            self.cache.put(self._measurement_key(candidate.spec, device), {"measurement": outcome.measurement, "artifact": candidate.compiled.to_dict()}, self.config.study, candidate.trial.number)
+        if outcome.ok and outcome.measurement is not None and outcome.measurement["status"] == "ok":
+            if candidate.compiled is None:
+                raise AssertionError(f"trial {candidate.trial.number} was measured on {device} without a compile result")
+            self.cache.put(self._measurement_key(candidate.spec, device), {"measurement": outcome.measurement, "artifact": candidate.compiled.to_dict()}, self.config.study_name, candidate.trial.number)
 
     def _discard_received_copy(self, candidate: Candidate, device: str) -> None:
         """Every device has measured a bundle that travelled from another node: its copy
@@ -565,7 +594,9 @@ class Search:
     def _on_quality(self, candidate: Candidate, outcome: QualityOutcome) -> None:
         candidate.quality = outcome
         if outcome.ok:
-            self.cache.put(candidate.quality_key, outcome.to_dict(), self.config.study, candidate.trial.number)
+            if candidate.quality_key is None:
+                raise AssertionError(f"trial {candidate.trial.number} was scored without a quality cache key")
+            self.cache.put(candidate.quality_key, outcome.to_dict(), self.config.study_name, candidate.trial.number)
 
     # -- telling the study ----------------------------------------------------------------
 
@@ -592,9 +623,11 @@ class Search:
         quality_score = self._quality_score(candidate)
         if quality_score is False:
             return
+        if record.over_budget_bytes is None:
+            raise AssertionError(f"trial {trial.number}: a measured device record without its excess over the budget")
         trial.set_constraint(MEMORY_CONSTRAINT, record.over_budget_bytes)
         write_trial_attrs(trial, status=record.status, reason=record.reason)
-        self._tell(trial, record.status, values=objective_values(c.quality, quality_score, record.prefill_ms, record.decode_ms))
+        self._tell(trial, record.status, values=objective_values(c.quality, quality_score, *record.latencies()))
 
     def _device_record(self, candidate: Candidate, device: str) -> DeviceRecord:
         """What `device` made of the candidate: its status (ok, infeasible over its budget,
@@ -610,6 +643,9 @@ class Search:
             record.status, record.reason = TrialStatus.LOST, outcome.error or "lost"
             return record
         m = outcome.measurement
+        if m is None:  # an ok outcome carries its measurement; without one, nothing came back
+            record.status, record.reason = TrialStatus.LOST, "the device returned no measurement"
+            return record
         if m["status"] != "ok":  # the device ran it and it failed there (oom, timeout, error)
             record.status, record.reason = TrialStatus(m["status"]), m.get("error") or m["status"]
             if "protocol" in m:
@@ -625,7 +661,7 @@ class Search:
         if footprint:
             record.memory_estimate_error = (candidate.estimate["total_bytes"] - footprint) / footprint
         record.over_budget_bytes = over = float((footprint or 0) - budget)
-        if over > 0:
+        if footprint is not None and over > 0:  # no footprint: `over` is minus the budget
             record.status = TrialStatus.INFEASIBLE
             record.reason = f"footprint {footprint / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB"
         return record
@@ -658,14 +694,14 @@ class Search:
                                              reason=f"needs at least {lower / 2**20:.0f} MiB (analytic lower bound) > budget {run.budget_bytes / 2**20:.0f} MiB: not measured here")
                 trial.set_constraint(memory_constraint(name), candidate.prefiltered[name])
                 continue
-            records[name] = self._device_record(candidate, name)
-            if records[name].over_budget_bytes is not None:
-                trial.set_constraint(memory_constraint(name), records[name].over_budget_bytes)
+            records[name] = record = self._device_record(candidate, name)
+            if record.over_budget_bytes is not None:
+                trial.set_constraint(memory_constraint(name), record.over_budget_bytes)
         write_trial_attrs(trial, devices=records)
         failed = {name: r for name, r in records.items() if not r.measured and r.status is not TrialStatus.PREFILTERED}
         if failed:
             status = next(iter(failed.values())).status
-            reasons = {r.reason for r in failed.values()}
+            reasons = {r.reason or r.status.value for r in failed.values()}
             # a compile error is the same on every device: say it once
             reason = reasons.pop() if status == TrialStatus.COMPILE_ERROR and len(reasons) == 1 else "; ".join(f"{name}: {r.reason}" for name, r in failed.items())
             measured = [name for name, r in records.items() if r.measured]
@@ -685,20 +721,18 @@ class Search:
         over = [name for name, r in records.items() if r.status is TrialStatus.INFEASIBLE]
         status = TrialStatus.INFEASIBLE if over else TrialStatus.OK
         write_trial_attrs(trial, status=status, reason="; ".join(f"{name}: {records[name].reason}" for name in over) or None)
-        latencies = [(records[name].prefill_ms, records[name].decode_ms) for name in self.devices]
+        latencies = [records[name].latencies() for name in self.devices]
         self._tell(trial, status, values=objective_values(c.quality, quality_score, *latencies[0], more=latencies[1:]))
 
     def _tell(self, trial: optuna.Trial, status: TrialStatus, values: list[float] | None = None) -> None:
         """Tell the study how `trial` ended, in the state its status maps to (`TrialStatus.state`)."""
+        study = self._open_study()
         if status.state == TrialState.COMPLETE:
-            self.study.tell(trial, values)
+            study.tell(trial, values)
         else:
-            self.study.tell(trial, state=status.state)
+            study.tell(trial, state=status.state)
         self.stats.count(status.value)
 
-
-#: the outcome type of each stage a candidate goes through (what its Ray ref returns)
-_OUTCOMES: dict[str, type] = {outcome.stage: outcome for outcome in (CompileOutcome, MeasureOutcome, QualityOutcome)}
 
 
 class SearchInterrupted(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -65,8 +65,8 @@ def search(
     except SearchInterrupted as stop:
         console.print(f"[yellow]stopped by {stop}[/]: in-flight trials were failed and re-enqueued; continue with the same command plus --resume")
         raise typer.Exit(128 + stop.signum) from None
-    budgets = ", ".join(f"{name} {format_size(config.budget_for(name))}" for name in config.devices) if config.multi_device else format_size(config.budget_for(config.devices[0]))
-    console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {budgets})"))
+    budget_text = ", ".join(f"{name} {format_size(config.budget_for(name))}" for name in config.devices) if config.multi_device else format_size(config.budget_for(config.devices[0]))
+    console.print(pareto_table(result, title=f"Pareto front of {config.study} (budget {budget_text})"))
     storage_flag = f" --storage {storage}" if storage else ""
     console.print(f"report: [bold]lfm2-nas report --study {config.study}{storage_flag} --out {config.study}.html[/]")
     # --to lfm2 exports every winner, sliding-window layers included (the same files as --to hf where Lfm2 can express it).
@@ -129,7 +129,7 @@ def study_list(storage: Optional[str] = typer.Option(None, "--storage"), as_json
     from nas.study_schema import DEFAULT_STORAGE, open_storage
 
     summaries = optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False)
-    rows = [{"study": s.study_name, "trials": s.n_trials, "directions": [d.name.lower() for d in s.directions], "started": str(s.datetime_start)} for s in summaries]
+    rows: list[dict[str, Any]] = [{"study": s.study_name, "trials": s.n_trials, "directions": [d.name.lower() for d in s.directions], "started": str(s.datetime_start)} for s in summaries]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -138,7 +138,8 @@ def write_estimate_error_summary(study: optuna.Study) -> None:
     memory estimate was from every measured footprint of the study (each device's too)."""
     errors = []
     for record in read_trials(study):
-        for source in (record, *record.devices.values()):
+        sources: list[TrialRecord | DeviceRecord] = [record, *record.devices.values()]
+        for source in sources:
             if source.memory_estimate_error is not None:
                 errors.append(abs(source.memory_estimate_error))
     errors.sort()
@@ -178,6 +179,12 @@ class DeviceRecord:
     def measured(self) -> bool:
         return self.status in (TrialStatus.OK, TrialStatus.INFEASIBLE)
 
+    def latencies(self) -> tuple[float, float]:
+        """(prefill ms, decode ms) of a measured record; an error for one without them."""
+        if self.prefill_ms is None or self.decode_ms is None:
+            raise ValueError(f"a device record with status {self.status.value!r} has no latencies; only a measured one (ok, infeasible) has")
+        return self.prefill_ms, self.decode_ms
+
     def to_attrs(self) -> dict[str, Any]:
         """The JSON dict stored under the trial attr `devices` (None fields left out)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -201,14 +208,14 @@ class DeviceRecord:
             status = TrialStatus.ERROR
         return cls(
             status=status,
-            budget_bytes=_number(value.get("budget_bytes")),
+            budget_bytes=_count(value.get("budget_bytes")),
             reason=_text(value.get("reason")),
             prefill_ms=_number(value.get("prefill_ms")),
             decode_ms=_number(value.get("decode_ms")),
             prefill_stats=_dict(value.get("prefill_stats")),
             decode_stats=_dict(value.get("decode_stats")),
-            footprint_bytes=_number(value.get("footprint_bytes")),
-            peak_rss_bytes=_number(value.get("peak_rss_bytes")),
+            footprint_bytes=_count(value.get("footprint_bytes")),
+            peak_rss_bytes=_count(value.get("peak_rss_bytes")),
             over_budget_bytes=_number(value.get("over_budget_bytes")),
             memory_estimate_error=_number(value.get("memory_estimate_error")),
             measurement=_dict(value.get("measurement")),
@@ -296,7 +303,10 @@ def _check_device_record(name: str, record: Any) -> dict[str, Any]:
     known = {f.name for f in fields(DeviceRecord)}
     if not isinstance(record, dict) or not set(record) <= known:
         raise ValueError(f"trial attr 'devices' entry {name!r} is not a device record (keys {sorted(known)}): write a nas.study_schema.DeviceRecord")
-    TrialStatus(record.get("status"))  # ValueError for a missing or unknown status
+    status = record.get("status")
+    if not isinstance(status, str):
+        raise ValueError(f"trial attr 'devices' entry {name!r} has no status (got {status!r}); give it one of {[s.value for s in TrialStatus]}")
+    TrialStatus(status)  # ValueError for an unknown status
     return record
 
 
@@ -316,6 +326,15 @@ def _number(value: Any) -> float | int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return value
+
+
+def _count(value: Any) -> int | None:
+    """A stored count (bytes, parameters, a trial number): an int, or a whole float (JSON may
+    write one); anything else reads as None."""
+    number = _number(value)
+    if isinstance(number, float):
+        return int(number) if number.is_integer() else None
+    return number
 
 
 def _dict(value: Any) -> dict[str, Any] | None:
@@ -427,8 +446,8 @@ class TrialRecord:
             layout=_text(attrs.get("layout")),
             preset=_text(attrs.get("preset")),
             reason=_text(attrs.get("reason")),
-            params=_number(attrs.get("params")),
-            memory_estimate_bytes=_number(attrs.get("memory_estimate_bytes")),
+            params=_count(attrs.get("params")),
+            memory_estimate_bytes=_count(attrs.get("memory_estimate_bytes")),
             memory_estimate=_dict(attrs.get("memory_estimate")),
             footprint_bytes=headline("footprint_bytes", attrs.get("footprint_bytes")),
             peak_rss_bytes=headline("peak_rss_bytes", attrs.get("peak_rss_bytes")),
@@ -447,7 +466,7 @@ class TrialRecord:
             stage_s=_dict(attrs.get("stage_s")),
             memory_estimate_error=_number(attrs.get("memory_estimate_error")),
             requeued=bool(attrs.get("requeued", False)),
-            requeued_from=_number(attrs.get("requeued_from")),
+            requeued_from=_count(attrs.get("requeued_from")),
             quality_signal=_text(attrs.get("quality_signal")),
             prescreen=_dict(attrs.get("prescreen")),
             written_status=_text(attrs.get("status")),
@@ -535,7 +554,9 @@ def open_storage(url: str | None, *, create: bool = False) -> optuna.storages.Ba
             raise UserError(f"storage {url!r}: no journal file {path} (it does not exist, so it holds no study); run the search first, or {STORAGE_FORMS}")
         if not path.parent.is_dir():
             raise UserError(f"storage {url!r}: folder {path.parent} does not exist; create it, or {STORAGE_FORMS}")
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
         if Path(url).expanduser().is_file():  # a bare path to a SQLite file
             url = f"sqlite:///{Path(url).expanduser().resolve()}"

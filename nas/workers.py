@@ -172,9 +172,8 @@ def _rebuilt_here(compiled: dict[str, Any]) -> Path:
     return path
 
 
-@ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
-class DeviceActor:
-    """Owns one agent connection and runs one measurement at a time (max_concurrency=1):
+class _DeviceActor:
+    """Owns one agent connection and runs one measurement at a time (started with max_concurrency=1):
     Ray queues the calls, so the device takes the next artifact the moment it is free."""
 
     def __init__(self, url: str, token: str, name: str | None = None):
@@ -211,6 +210,13 @@ class DeviceActor:
     def discard(self, path: str) -> bool:
         """Remove a received artifact copy on this actor's node (see `discard_received`)."""
         return discard_received(path)
+
+
+# `ray.remote` called, not applied as a class decorator, so that type checkers see the actor
+# class it returns (mypy keeps a decorated class's own type). max_concurrency=1 is given where
+# the actor starts (nas.search: `.options`): Ray's typed overloads of `ray.remote` leave that
+# actor option out.
+DeviceActor = ray.remote(num_cpus=0, max_restarts=0)(_DeviceActor)
 
 
 __all__ = ["RECEIVED_DIR", "DeviceActor", "compile_candidate", "discard_received", "materialise", "score_quality"]

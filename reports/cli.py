@@ -82,7 +82,7 @@ def pick_command(
     result = pick(load_study_data(study, storage), limits)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), sort_keys=True))
-    elif result.ok:
+    elif result.trial is not None:
         t = result.trial
         typer.echo(f"study {study!r}: {result.message}")
         table = Table(show_header=False)

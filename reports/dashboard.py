@@ -124,7 +124,7 @@ def serve(study_name: str, storage_url: str | None, host: str = DEFAULT_HOST, po
     server = make_server(study_name, storage_url, host, port, refresh_s)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `kill`, systemd, docker stop: stop cleanly
-    bound_host, bound_port = server.server_address[:2]
+    bound_host, bound_port = server.socket.getsockname()[:2]  # (str, int): an AF_INET socket's name
     if on_ready is not None:
         on_ready(f"http://{bound_host}:{bound_port}/")
     try:

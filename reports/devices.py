@@ -43,13 +43,20 @@ def _number(value: Any) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _byte_count(value: Any) -> int | None:
+    """A recorded byte count (an int in the record; a float one, from JSON, taken whole)."""
+    number = _number(value)
+    return None if number is None else int(number)
+
+
 def _row_on(trial: TrialRow, device: str, has_quality: bool) -> TrialRow:
     record = trial.devices.get(device) or {}
     status = record.get("status") if isinstance(record.get("status"), str) else None
     measured = status in _MEASURED and _number(record.get("prefill_ms")) is not None and _number(record.get("decode_ms")) is not None
     values: dict[str, float] = {}
-    if measured and (not has_quality or trial.quality is not None):
-        values = {"quality": trial.quality} if has_quality else {}
+    quality = trial.quality
+    if measured and (not has_quality or quality is not None):
+        values = {"quality": quality} if has_quality and quality is not None else {}
         values |= {"prefill_ms": record["prefill_ms"], "decode_ms": record["decode_ms"]}
     outcome = _device_outcome(trial, status)
     if status in _MEASURED and not values:
@@ -68,8 +75,8 @@ def _row_on(trial: TrialRow, device: str, has_quality: bool) -> TrialRow:
         decode_ms=_number(record.get("decode_ms")),
         prefill_stats=record.get("prefill_stats") if isinstance(record.get("prefill_stats"), dict) else None,
         decode_stats=record.get("decode_stats") if isinstance(record.get("decode_stats"), dict) else None,
-        footprint_bytes=_number(record.get("footprint_bytes")),
-        peak_rss_bytes=_number(record.get("peak_rss_bytes")),
+        footprint_bytes=_byte_count(record.get("footprint_bytes")),
+        peak_rss_bytes=_byte_count(record.get("peak_rss_bytes")),
         measurement=record.get("measurement") if isinstance(record.get("measurement"), dict) else None,
         cached=bool(record.get("cached_from")),
     )

@@ -52,7 +52,7 @@ def memory_mib(trial: TrialRow) -> float | None:
 def memory_colour_axis(data: StudyData) -> dict[str, Any]:
     """A colour scale for peak memory (MiB) that turns red above the budget, given to each
     trace alike (a shared layout `coloraxis` makes plotly.js's legend warn about colours)."""
-    memories = [memory_mib(t) for t in data.trials if t.measured and t.footprint_bytes is not None]
+    memories = [t.footprint_bytes / MIB for t in data.trials if t.measured and t.footprint_bytes is not None]
     budget = data.budget_bytes / MIB if data.budget_bytes else None
     if not memories:
         memories = [budget or 1.0]

@@ -14,7 +14,7 @@ import json
 from functools import lru_cache
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import plotly.io
 import plotly.offline
@@ -267,7 +267,7 @@ def architecture_card(trial: TrialRow, has_quality: bool) -> str:
     )
 
 
-def architectures_section(data: StudyData, extra: list[int] = ()) -> str:
+def architectures_section(data: StudyData, extra: Collection[int] = ()) -> str:
     """Cards of the Pareto set, the presets, and the trials numbered in `extra`."""
     shown = data.pareto_set + [t for t in data.trials if (t.preset or t.number in extra) and not t.on_pareto_set]
     if not shown:
@@ -311,8 +311,8 @@ def facts_section(data: StudyData) -> str:
         "seed": facts.get("seed"),
         "lfm2-nas version": facts.get("version"),
     }
-    devices = facts.get("devices") if isinstance(facts.get("devices"), dict) else {}
-    budgets = facts.get("budgets_bytes") if isinstance(facts.get("budgets_bytes"), dict) else {}
+    devices = recorded if isinstance(recorded := facts.get("devices"), dict) else {}
+    budgets = recorded if isinstance(recorded := facts.get("budgets_bytes"), dict) else {}
     if devices:
         runtime["memory budget"] = ", ".join(f"{escape(str(name))} {format_bytes(budgets.get(name))}" for name in devices)
     device_boxes = [(f"Device {name}", box if isinstance(box, dict) else {}) for name, box in devices.items()] or [("Device", facts.get("device") or {})]
@@ -349,7 +349,7 @@ def summary_section(data: StudyData) -> str:
         bits.append(f"memory budget <b>{format_bytes(data.budget_bytes)}</b>")
     if device.get("name"):
         bits.append(f"device <b>{escape(str(device['name']))}</b>")
-    budgets = facts.get("budgets_bytes") if isinstance(facts.get("budgets_bytes"), dict) else {}
+    budgets = recorded if isinstance(recorded := facts.get("budgets_bytes"), dict) else {}
     if isinstance(facts.get("devices"), dict):
         bits.append("devices " + ", ".join(f"<b>{escape(str(name))}</b>" + (f" (budget {format_bytes(budgets[name])})" if name in budgets else "") for name in facts["devices"]))
     if facts.get("backend"):

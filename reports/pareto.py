@@ -57,17 +57,16 @@ def hypervolume_history(study: optuna.Study, data: StudyData) -> dict | None:
     Returns `{"reference_point", "ideal_point", "trial_numbers", "hypervolume", "fraction"}`,
     or None when no trial is feasible yet.
     """
-    reference = reference_point(data)
-    if reference is None:
+    reference, ideal = reference_point(data), ideal_point(data)
+    if reference is None or ideal is None:  # both None together: no feasible trial
         return None
-    ideal = ideal_point(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         figure = optuna.visualization.plot_hypervolume_history(study, reference_point=reference)
     trace = figure.data[0]
     numbers = [int(n) for n in trace.x]
     volumes = [float(v) for v in trace.y]
-    box = math.prod(abs(r - i) for r, i in zip(reference, ideal))
+    box = math.prod((abs(r - i) for r, i in zip(reference, ideal)), start=1.0)
     fraction = [v / box if box > 0 else 0.0 for v in volumes]
     return {"reference_point": reference, "ideal_point": ideal, "trial_numbers": numbers, "hypervolume": volumes, "fraction": fraction}
 

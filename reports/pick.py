@@ -58,9 +58,9 @@ class PickResult:
 
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {"ok": self.ok, "limits": self.limits.to_dict(), "ranked_by": self.ranked_by, "meeting_limits": self.meeting, "message": self.message}
-        if not self.ok:
-            return result | {"unmet": self.unmet}
         t = self.trial
+        if t is None:
+            return result | {"unmet": self.unmet}
         return result | {
             "trial": t.number,
             "preset": t.preset,
@@ -128,9 +128,12 @@ def pick(data: StudyData, limits: Limits) -> PickResult:
     unmet, reasons = [], []
     for name, bound, attr in checks:
         if not any(_meets(t, bound, attr) for t in candidates):
-            known = [t for t in candidates if _figure(t, attr) is not None]
-            best = min(known, key=lambda t: _figure(t, attr)) if known else None
-            lowest = f"the lowest is {_describe(attr, _figure(best, attr))} (trial {best.number})" if best else "no trial recorded it"
+            known = [(figure, t) for t in candidates if (figure := _figure(t, attr)) is not None]
+            if known:
+                least, best = min(known, key=lambda pair: pair[0])
+                lowest = f"the lowest is {_describe(attr, least)} (trial {best.number})"
+            else:
+                lowest = "no trial recorded it"
             unmet.append(name)
             reasons.append(f"nothing meets --{name} {_bound(attr, bound)}: {lowest}")
     if not unmet:

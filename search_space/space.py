@@ -45,6 +45,9 @@ from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 from search_space.schema import Choice, SpaceDefinition, SpaceFileError, check_definition, ffn_width, format_of, parse_text
 
+# The two kinds of distribution a space's trial parameters have (a range of ints or a set of choices).
+SpaceDistribution = IntDistribution | CategoricalDistribution
+
 #: The spaces shipped with the package (search_space/spaces/<name>.toml).
 BUILTIN_SPACES = ("default", "small", "lfm2_350m")
 
@@ -114,8 +117,8 @@ class SearchSpace:
         (for `optuna.trial.create_trial` or a custom sampler)."""
         return dict(self._distributions)
 
-    def _make_distributions(self) -> dict[str, BaseDistribution]:
-        out: dict[str, BaseDistribution] = {}
+    def _make_distributions(self) -> dict[str, SpaceDistribution]:
+        out: dict[str, SpaceDistribution] = {}
         for key, choice in self.definition.choices.items():
             if key == "operators" or len(choice.values) < 2:
                 continue
@@ -269,7 +272,8 @@ class SearchSpace:
         """The fewest and the most parameters of any architecture in the space."""
         from search_space.costs import layer_parameters, parameters
 
-        smallest = largest = None
+        smallest: int | None = None
+        largest: int | None = None
         d = self.definition
         for d_model in self.values("d_model"):
             for ffn_dim in self.ffn_widths(d_model):
@@ -288,6 +292,8 @@ class SearchSpace:
                                 high = outside + max(per_op) * max(self.values("n_layers"))
                                 smallest = low if smallest is None else min(smallest, low)
                                 largest = high if largest is None else max(largest, high)
+        if smallest is None or largest is None:
+            raise ValueError("the search space has no architecture (a choice has no values); give every choice at least one value")
         return smallest, largest
 
     def describe(self) -> dict[str, Any]:
@@ -323,14 +329,14 @@ class SearchSpace:
         return f"SearchSpace({self.name!r}, {len(self._distributions)} trial parameters, {self.count():.3e} architectures)"
 
 
-def _distribution(choice: Choice) -> BaseDistribution:
+def _distribution(choice: Choice) -> SpaceDistribution:
     if choice.int_range is not None:
         low, high, step = choice.int_range
         return IntDistribution(low, high, step=step)
     return CategoricalDistribution(choice.values)
 
 
-def _describe_distribution(dist: BaseDistribution) -> dict[str, Any]:
+def _describe_distribution(dist: SpaceDistribution) -> dict[str, Any]:
     if isinstance(dist, IntDistribution):
         return {"kind": "int", "low": dist.low, "high": dist.high, "step": dist.step}
     return {"kind": "categorical", "choices": list(dist.choices)}
@@ -342,7 +348,7 @@ def _log10(value: int) -> float:
     return len(digits) + math.log10(float("0." + digits[:17]))
 
 
-def _allowed(dist: BaseDistribution, value: Any) -> bool:
+def _allowed(dist: SpaceDistribution, value: Any) -> bool:
     if isinstance(dist, IntDistribution):
         return _is_int(value) and dist.low <= value <= dist.high and (value - dist.low) % dist.step == 0
     # `True == 1` in Python: keep booleans and numbers apart

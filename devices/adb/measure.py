@@ -26,6 +26,7 @@ that is not reachable (absent, unauthorised, offline, disconnected mid-run) rais
 from __future__ import annotations
 
 import contextlib
+import functools
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -235,10 +236,10 @@ class Phone:
                     return self._failure("oom", f"the runner's peak RSS on the phone was {peak / 2**20:.0f} MiB, over the {limits.memory_bytes / 2**20:.0f} MiB cap: the candidate does not fit", result, device_facts_, start)
             for n in protocol.prompt_lengths:
                 phase = f"prefill (length {n})"
-                result["prefill"][n] = measure_point(lambda n=n: prefill_once(n), protocol, n, calibration)
+                result["prefill"][n] = measure_point(functools.partial(prefill_once, n), protocol, n, calibration)
             for depth in protocol.decode_depths:
                 phase = f"decode (depth {depth})"
-                result["decode"][depth] = measure_point(lambda depth=depth: decode_once(depth), protocol, 1, calibration)
+                result["decode"][depth] = measure_point(functools.partial(decode_once, depth), protocol, 1, calibration)
             end = session.request("memory", left())
             memory["peak_rss_end_bytes"] = int(end["hwm_bytes"])
             memory["child_peak_rss_bytes"] = max(int(end["hwm_bytes"]), int(memory.get("peak_rss_bytes") or 0))

@@ -86,7 +86,7 @@ def device_facts(transport: Transport) -> dict[str, Any]:
         "core_max_freq_hz": {str(core): freq for core, freq in sorted(cores.items())},
         "memory_bytes": memory.get("MemTotal"),
         "memory_available_bytes": memory.get("MemAvailable"),
-        "kernel": (sections.get("uname") or [None])[0],
+        "kernel": uname[0] if (uname := sections.get("uname")) else None,
     }
 
 

@@ -43,10 +43,13 @@ class RunnerSession:
     def __init__(self, transport: Transport, command: str):
         self.transport = transport
         self.process: subprocess.Popen = transport.spawn(command)
+        if self.process.stdin is None or self.process.stdout is None or self.process.stderr is None:
+            raise TypeError(f"{type(transport).__name__}.spawn must start the runner with stdin, stdout and stderr pipes (subprocess.PIPE)")
+        self._stdin, self._stdout, self._stderr_stream = self.process.stdin, self.process.stdout, self.process.stderr
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
         self.pid: int | None = None
-        threading.Thread(target=self._pump, args=(self.process.stdout, self._lines), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self._stdout, self._lines), daemon=True).start()
         threading.Thread(target=self._collect_stderr, daemon=True).start()
 
     @staticmethod
@@ -56,7 +59,7 @@ class RunnerSession:
         lines.put(None)
 
     def _collect_stderr(self) -> None:
-        for line in self.process.stderr:
+        for line in self._stderr_stream:
             self._stderr.append(line)
             del self._stderr[:-200]
 
@@ -104,8 +107,8 @@ class RunnerSession:
 
     def request(self, command: str, timeout_s: float) -> dict[str, Any]:
         try:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
+            self._stdin.write(command + "\n")
+            self._stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             raise self._ended(f"sent `{command}`") from None
         return self.read(f"running `{command}`", timeout_s)
@@ -113,8 +116,8 @@ class RunnerSession:
     def close(self, kill_remote: bool = True) -> None:
         """Ask the runner to quit; make sure it is gone (on the phone too) and reap adb."""
         with contextlib.suppress(BrokenPipeError, OSError, ValueError):
-            self.process.stdin.write("quit\n")
-            self.process.stdin.close()
+            self._stdin.write("quit\n")
+            self._stdin.close()
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:

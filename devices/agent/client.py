@@ -160,7 +160,7 @@ class AgentClient:
                 if not retryable or time.monotonic() + (wait or delay) > deadline:
                     detail = _detail(response)
                     raise AgentRejected(f"agent {self.name}: {method} {path} -> {response.status_code}: {detail}", response.status_code, detail)
-                if response.status_code == 429:  # the queue is full: come back when it says
+                if wait is not None:  # a 429 (the queue is full) that says when: come back then
                     time.sleep(wait)
                     continue
             if "content" in kwargs and hasattr(kwargs["content"], "seek"):

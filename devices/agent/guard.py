@@ -26,6 +26,7 @@ fewer connections where the fd limit is lower: `connection_cap`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 import threading
@@ -96,7 +97,7 @@ class GuardedH11Protocol(H11Protocol):
         now = time.monotonic()
         self._waiting_since = now  # when this connection started waiting for a request's headers
         self._last_data = now
-        self._guard_timer = None
+        self._guard_timer: asyncio.TimerHandle | None = None
         # closed connections stay in the set until their close callback has run: not counted
         live = [c for c in self.connections if c.transport is not None and not c.transport.is_closing()]
         if len(live) >= cls.max_connections:

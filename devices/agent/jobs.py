@@ -26,6 +26,7 @@ the HTTP server stays responsive.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import json
@@ -288,7 +289,7 @@ class JobStore:
                 (now, measurement.to_json(), json.dumps(events), job_id),
             )
 
-    def recover(self, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
+    def recover(self, max_attempts: int = MAX_ATTEMPTS) -> builtins.list[str]:  # `list` here is JobStore.list
         """After a restart: jobs left RUNNING go back to the queue (or, after `max_attempts`
         starts, are finished as `error`). Returns the ids put back in the queue."""
         requeued = []

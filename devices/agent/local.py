@@ -125,7 +125,7 @@ def start_local_agent(
     `port` and `token` (default: a free port, a new token) let a caller bring an agent
     back at the same address with the same credentials, e.g. after it was killed."""
     temporary = workdir is None
-    root = Path(tempfile.mkdtemp(prefix=f"lfm2-nas-agent-{name}-")) if temporary else Path(workdir).expanduser()
+    root = Path(tempfile.mkdtemp(prefix=f"lfm2-nas-agent-{name}-")) if workdir is None else Path(workdir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     token_file = root / "token"
     token_file.unlink(missing_ok=True)  # written anew: a fresh token unless one is given

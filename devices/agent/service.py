@@ -125,7 +125,7 @@ def _install_error_answers(app: FastAPI) -> None:
         if exc.status_code != 405:
             return await http_exception_handler(request, exc)
         # Starlette's Allow lists one route's methods; a path served by several routes has more
-        allowed = sorted({m for r in app.router.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path) for m in r.methods})
+        allowed = sorted({m for r in app.router.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path) for m in r.methods or ()})
         return JSONResponse({"detail": f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"}, status_code=405, headers={"Allow": ", ".join(allowed)})
 
     @app.exception_handler(RequestValidationError)
@@ -188,9 +188,10 @@ def _artifact_routes(app: FastAPI, agent: Agent, prefix: str, authed: list) -> N
         The hash is checked, the tar unpacked safely and the manifest's sha256s verified
         before the artifact becomes visible. An artifact already present costs nothing."""
         store = agent.artifacts
-        if store.has(sha256):
+        present = store.describe(sha256)
+        if present is not None:
             response.status_code = 200
-            return {**store.describe(sha256), "created": False}
+            return {**present, "created": False}
         declared_text = request.headers.get("content-length")
         if declared_text is not None and not declared_text.isdigit():
             raise HTTPException(400, "Content-Length is not a number")
@@ -232,7 +233,10 @@ def _artifact_routes(app: FastAPI, agent: Agent, prefix: str, authed: list) -> N
         response.status_code = 201 if created else 200
         if created:
             log.info("stored artifact %s (%d bytes)", sha256[:12], upload.size)
-        return {**store.describe(sha256), "created": created}
+        stored = store.describe(sha256)
+        if stored is None:  # removed between the commit and now (the cache's eviction)
+            raise HTTPException(503, f"artifact {sha256[:12]} was stored but is gone again (evicted); upload it again")
+        return {**stored, "created": created}
 
 
 def _job_routes(app: FastAPI, agent: Agent, prefix: str, authed: list) -> None:

@@ -34,16 +34,14 @@ def _number_not_text_or_bool(value: Any) -> Any:
     return value
 
 
-def _int(ge: int, le: int) -> Any:
-    # the bounds first: after a validator they would reach the JSON schema as "ge", not "minimum"
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_number_not_text_or_bool)]
-
-
-def _number(**bounds: float) -> Any:
-    return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(_number_not_text_or_bool)]
-
-
-_Length = _int(1, 1 << 20)
+# Each bounded field below is `Annotated[int | float, Field(bounds), _JSON_NUMBER]`, written out
+# (a type checker reads only static annotations): the bounds first, as after a validator they
+# would reach the JSON schema as "ge", not "minimum".
+_JSON_NUMBER = BeforeValidator(_number_not_text_or_bool)
+_Length = Annotated[int, Field(ge=1, le=1 << 20), _JSON_NUMBER]
+_Runs = Annotated[int, Field(ge=1, le=10_000), _JSON_NUMBER]
+_WarmupRuns = Annotated[int, Field(ge=0, le=1000), _JSON_NUMBER]
+_Percent = Annotated[float, Field(allow_inf_nan=False, ge=0, le=100), _JSON_NUMBER]
 
 
 class ProtocolBody(BaseModel):
@@ -53,20 +51,20 @@ class ProtocolBody(BaseModel):
 
     prompt_lengths: list[_Length] = Field(default=list(_DEFAULT.prompt_lengths), min_length=1, max_length=64)
     decode_depths: list[_Length] = Field(default=list(_DEFAULT.decode_depths), min_length=1, max_length=64)
-    decode_tokens: _int(1, 1 << 16) = _DEFAULT.decode_tokens
-    warmup_runs: _int(0, 1000) = _DEFAULT.warmup_runs
-    max_warmup_runs: _int(0, 1000) = _DEFAULT.max_warmup_runs
-    min_runs: _int(1, 10_000) = _DEFAULT.min_runs
-    max_runs: _int(1, 10_000) = _DEFAULT.max_runs
-    max_seconds_per_point: _number(gt=0, le=86_400) = _DEFAULT.max_seconds_per_point
-    trim_fraction: _number(ge=0, lt=0.5) = _DEFAULT.trim_fraction
-    ci_target: _number(ge=0, le=100) = _DEFAULT.ci_target
-    disturbance_threshold: _number(ge=0, le=100) = _DEFAULT.disturbance_threshold
-    cv_threshold: _number(ge=0, le=100) = _DEFAULT.cv_threshold
-    max_remeasures: _int(0, 100) = _DEFAULT.max_remeasures
+    decode_tokens: Annotated[int, Field(ge=1, le=1 << 16), _JSON_NUMBER] = _DEFAULT.decode_tokens
+    warmup_runs: _WarmupRuns = _DEFAULT.warmup_runs
+    max_warmup_runs: _WarmupRuns = _DEFAULT.max_warmup_runs
+    min_runs: _Runs = _DEFAULT.min_runs
+    max_runs: _Runs = _DEFAULT.max_runs
+    max_seconds_per_point: Annotated[float, Field(allow_inf_nan=False, gt=0, le=86_400), _JSON_NUMBER] = _DEFAULT.max_seconds_per_point
+    trim_fraction: Annotated[float, Field(allow_inf_nan=False, ge=0, lt=0.5), _JSON_NUMBER] = _DEFAULT.trim_fraction
+    ci_target: _Percent = _DEFAULT.ci_target
+    disturbance_threshold: _Percent = _DEFAULT.disturbance_threshold
+    cv_threshold: _Percent = _DEFAULT.cv_threshold
+    max_remeasures: Annotated[int, Field(ge=0, le=100), _JSON_NUMBER] = _DEFAULT.max_remeasures
     measure_memory: StrictBool = _DEFAULT.measure_memory
-    threads: _int(1, 1024) | None = _DEFAULT.threads
-    cpus: list[_int(0, 4095)] | None = Field(default=None, min_length=1, max_length=4096)
+    threads: Annotated[int, Field(ge=1, le=1024), _JSON_NUMBER] | None = _DEFAULT.threads
+    cpus: list[Annotated[int, Field(ge=0, le=4095), _JSON_NUMBER]] | None = Field(default=None, min_length=1, max_length=4096)
 
     def to_protocol(self) -> Protocol:
         return Protocol.from_dict(self.model_dump())

@@ -91,6 +91,8 @@ def quantize_8da4w(model) -> dict[str, Any]:
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
 
+    int4 = torch.int4  # type: ignore[attr-defined]  # torch's type stubs leave out the int4 dtype it has (torch >= 2.6)
+
     def linear(divisible: bool):
         return lambda module, _fqn: isinstance(module, nn.Linear) and (module.in_features % GROUP_SIZE == 0) == divisible
 
@@ -100,9 +102,9 @@ def quantize_8da4w(model) -> dict[str, Any]:
     tied = model.lm_head.weight is model.embed_tokens.weight
     grouped = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
     per_channel = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE != 0)
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE)), filter_fn=linear(True))
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(GROUP_SIZE)), filter_fn=linear(True))
     if per_channel:
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerAxis(0)), filter_fn=linear(False))
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerAxis(0)), filter_fn=linear(False))
     _round_scales_to_bf16(model)
     vocab, width = model.embed_tokens.weight.shape
     if tied:
@@ -110,7 +112,7 @@ def quantize_8da4w(model) -> dict[str, Any]:
     else:
         holder = nn.Sequential(nn.Linear(width, vocab, bias=False))
         holder[0].weight = nn.Parameter(model.embed_tokens.weight.detach().clone(), requires_grad=False)
-        quantize_(holder, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity(width)))
+        quantize_(holder, IntxWeightOnlyConfig(weight_dtype=int4, granularity=granularity(width)))
         table = holder[0].weight
         _round_scales_to_bf16(holder)
     qdata, scale, zero_point = table.qdata.detach(), table.scale.detach().float(), table.zero_point

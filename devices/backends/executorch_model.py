@@ -66,6 +66,8 @@ class ExecuTorchLFM2(nn.Module):
     the chunk) or `reset` (zero the state). Returns logits [1, vocab] of the last token
     (`reset` returns a dummy zero). `embedding`: a module that replaces `model.embed_tokens`."""
 
+    inv_freq: Tensor  # a buffer (registered in __init__)
+
     def __init__(self, model: LFM2, max_context: int, mode: str, embedding: nn.Module | None = None):
         super().__init__()
         if mode not in ("forward", "reset"):
@@ -119,6 +121,8 @@ class ExecuTorchLFM2(nn.Module):
     def forward(self, tokens: Tensor, pos: Tensor | None = None) -> Tensor:
         if self.mode == "reset":
             return self._reset(tokens)
+        if pos is None:
+            raise ValueError("the prefill and decode graphs take `pos` (the position of tokens[0]); only the reset graph runs without it")
         model = self.model
         t = tokens.shape[1]
         start = pos[0].item()
@@ -132,7 +136,7 @@ class ExecuTorchLFM2(nn.Module):
             mask = self._window_mask(positions, pos)
             sources = self._ring_sources(pos, t)
         x = self.embedding(tokens)
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(model.blocks):
             h = layer.operator_norm(x)
             if layer.kind == "conv":
                 y = self._conv(i, layer.operator, h)

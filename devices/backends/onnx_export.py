@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from devices.backends.onnx_runner import PREFILL_CHUNK, EmbeddingRows
-from lfm2.model import LFM2, AttentionCore, build_model
+from lfm2.model import LFM2, Attention, AttentionCore, build_model
 from lfm2.spec import ArchSpec
 
 STEP = "step.onnx"
@@ -121,11 +121,22 @@ class Fp16AttentionReference(AttentionCore):
 def use_shared_cache(model: LFM2, kv_dtype: torch.dtype = torch.float32) -> LFM2:
     """Swap the core of every full-attention layer for `SharedKVAttention` (same weights:
     the core has none)."""
-    for layer in model.layers:
-        if layer.kind == "attn":
-            core = layer.operator.core
-            layer.operator.core = SharedKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window, kv_dtype)
+    for operator in full_attention_operators(model):
+        core = operator.core
+        operator.core = SharedKVAttention(core.n_heads, core.n_kv_heads, core.head_dim, core.window, kv_dtype)
     return model
+
+
+def full_attention_operators(model: LFM2) -> list[Attention]:
+    """The operators of `model`'s full-attention layers (whose cores the exports swap)."""
+    found = []
+    for block in model.blocks:
+        if block.kind == "attn":
+            operator = block.operator
+            if not isinstance(operator, Attention):
+                raise TypeError(f"an 'attn' layer holds a {type(operator).__name__}, not an lfm2.model.Attention")
+            found.append(operator)
+    return found
 
 
 def state_layout(spec: ArchSpec, max_context: int, kv_dtype: str = "float32") -> list[dict[str, Any]]:
@@ -201,6 +212,8 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes: tuple, input_n
         verbose=False,
         custom_translation_table=translation_table(),
     )
+    if program is None:  # only the legacy exporter (dynamo=False) returns none
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")
     program.save(str(path), external_data=True)
 
 
@@ -218,7 +231,7 @@ def export_fp32_graph(spec: ArchSpec, max_context: int, seed: int, out_dir: Path
         t, s = _example_lengths(spec, max_context - 1, 2, max_context)
         length = torch.export.Dim.DYNAMIC(min=1, max=max_context)
         table = model.embed_tokens.weight.detach().clone()
-        model.embed_tokens = EmbeddedInput()
+        model.add_module("embed_tokens", EmbeddedInput())  # in place of the nn.Embedding (LFM2 types the attribute as one)
         embeds = torch.randn(1, t, spec.d_model, generator=torch.Generator().manual_seed(seed))
         args = (embeds, torch.tensor([s], dtype=torch.long), *empty_state(layout))
         _export_graph(StepGraph(model).eval(), args, ({1: length}, None, tuple(None for _ in layout)), ["embeds", "pos", *state_names], ["logits", *new_state_names], out_dir / STEP)
@@ -476,7 +489,7 @@ class RoundingOracle:
         self.n_outputs = 1 + len(layout)
         self.extra = [name for outputs in self.inputs.values() for name in outputs]
 
-    def run(self, tokens: Tensor, pos: Tensor, state: list) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], list]:
+    def run(self, tokens: Tensor, pos: Tensor, state: list) -> tuple[dict[str, tuple[Tensor, ...]], list]:
         feeds = {"embeds": self.embedding(tokens.numpy()), "pos": pos.numpy()}
         feeds.update(zip(self.state_names, state))
         names = [o.name for o in self.session.get_outputs()[: self.n_outputs]] + self.extra
@@ -532,6 +545,8 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
     """The eager model that an int8 artifact must reproduce (module doc); with `step_path`
     (and the artifact's `embedding` reader), it takes the artifact's rounding decisions
     where they are within one step of its own (see `DynamicInt8Linear`)."""
+    if step_path is not None and embedding is None:
+        raise ValueError("int8_reference_model: step_path needs the artifact's embedding reader too (embedding=)")
     model = build_model(spec, seed=seed).eval()
     by_content: dict[bytes, nn.Module] = {}
     with torch.no_grad():
@@ -546,11 +561,10 @@ def int8_reference_model(spec: ArchSpec, seed: int, chunk: int, reduce_range: bo
                     setattr(parent, name, linear)
         model.embed_tokens.weight = nn.Parameter(_dequantized(*_ort_quantized(table, False)), requires_grad=False)  # unties a tied head
     if layout is not None and any(entry.get("dtype") == "float16" for entry in layout if entry["kind"].startswith("kv_shared")):
-        for layer in model.layers:
-            if layer.kind == "attn":
-                core = layer.operator.core
-                layer.operator.core = Fp16AttentionReference(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
-    oracle = RoundingOracle(step_path, layout, by_content, embedding) if step_path is not None else None
+        for operator in full_attention_operators(model):
+            core = operator.core
+            operator.core = Fp16AttentionReference(core.n_heads, core.n_kv_heads, core.head_dim, core.window)
+    oracle = RoundingOracle(step_path, layout, by_content, embedding) if step_path is not None and embedding is not None else None
     return ChunkedPrefill(model, chunk, oracle).eval()
 
 

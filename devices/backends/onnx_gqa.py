@@ -92,8 +92,9 @@ def _translation():
         # total = pos + T; the op takes it as an int32 scalar and seqlens_k = total - 1 per row
         total = op.Add(pos, op.Shape(q, start=1, end=2))
         total = op.Cast(total, to=onnx.TensorProto.INT32)
-        seqlens = op.Sub(total, op.Constant(value=onnx.helper.make_tensor("one", onnx.TensorProto.INT32, [1], [1])))
-        return gqa(q, k, v, k_cache, v_cache, seqlens, op.Squeeze(total), num_heads=n_heads, kv_num_heads=n_kv_heads)
+        # onnxscript types Cast's result as a tensor of any type, whatever `to` says (here INT32)
+        seqlens = op.Sub(total, op.Constant(value=onnx.helper.make_tensor("one", onnx.TensorProto.INT32, [1], [1])))  # type: ignore[type-var]
+        return gqa(q, k, v, k_cache, v_cache, seqlens, op.Squeeze(total), num_heads=n_heads, kv_num_heads=n_kv_heads)  # type: ignore[type-var]
 
     return translate
 

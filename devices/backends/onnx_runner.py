@@ -61,14 +61,17 @@ class EmbeddingRows:
         size = os.path.getsize(path)
         if size != self.vocab * self.row_bytes:
             raise ArtifactError(f"{path} holds {size} bytes, not the {self.vocab} x {self.dim} {self.dtype} table its manifest describes; compile the artifact again")
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd: int | None = os.open(path, os.O_RDONLY)  # None once closed
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [1, T] -> float32 rows [1, T, d_model]."""
         flat = np.asarray(tokens).reshape(-1)
         if flat.size and (flat.min() < 0 or flat.max() >= self.vocab):
             raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {int(flat.min())}..{int(flat.max())}")
-        rows = b"".join(os.pread(self._fd, self.row_bytes, int(token) * self.row_bytes) for token in flat)
+        fd = self._fd
+        if fd is None:
+            raise ValueError("the embedding table was closed; open the artifact's runner again to read it")
+        rows = b"".join(os.pread(fd, self.row_bytes, int(token) * self.row_bytes) for token in flat)
         table = np.frombuffer(rows, dtype=self.dtype).reshape(1, flat.size, self.dim)
         if self.scale is None:
             return table.astype(np.float32)

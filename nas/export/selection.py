@@ -26,13 +26,9 @@ class Member:
 
     trial: FrozenTrial
     spec: ArchSpec
+    record: TrialRecord  # read by `member` (with the study's metric names)
     tier: int | None = None
     tier_value: float | None = None
-    record: TrialRecord | None = None  # filled by `member`; None only for a hand-built Member
-
-    def __post_init__(self) -> None:
-        if self.record is None:
-            self.record = TrialRecord.read(self.trial, [])
 
     @property
     def default_name(self) -> str:
@@ -73,6 +69,7 @@ def pareto_members(study: optuna.Study) -> list[Member]:
 
 def _tier_value(m: Member, metric: str) -> float:
     record = m.record
+    value: float | None
     if metric == "memory":
         value = record.footprint_bytes if record.footprint_bytes is not None else record.memory_estimate_bytes
     else:

@@ -118,6 +118,9 @@ def export_members(
     log=print,
 ) -> ExportResult:
     _check_target(target)
+    if family_name and tier_by is None:
+        raise ValueError(f"family {family_name!r}: say what its tiers are by (tier_by: one of {', '.join(TIER_METRICS)})")
+    family_tier_by = tier_by or ""  # read only for a family, whose tier_by was checked above
     result = ExportResult(target=target)
     if target == "hf":
         problems = _check_hf_representable(members)
@@ -146,7 +149,7 @@ def export_members(
         _prepare_destination(destination, overwrite)
         family = None
         if family_name:
-            family = {"name": family_name, "tier": member.tier, "size": len(members), "tier_by": tier_by, "tier_metric": TIER_METRICS[tier_by], "tier_value": member.tier_value}
+            family = {"name": family_name, "tier": member.tier, "size": len(members), "tier_by": family_tier_by, "tier_metric": TIER_METRICS[family_tier_by], "tier_value": member.tier_value}
         record = provenance(study, member, storage_url, target, seed, family)
         if target in MODEL_TARGETS:
             model = build_model(member.spec, seed=seed)
@@ -173,7 +176,7 @@ def export_members(
             }
         )
     if family_name:
-        result.family_index = _write_family_index(study, out, family_name, tier_by, family_rows, target, storage_url)
+        result.family_index = _write_family_index(study, out, family_name, family_tier_by, family_rows, target, storage_url)
     return result
 
 

@@ -45,10 +45,16 @@ class HiddenCapture:
 
     def __init__(self, model: nn.Module):
         self.value: Tensor | None = None
-        model.embedding_norm.register_forward_hook(self._keep)
+        model.get_submodule("embedding_norm").register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
         self.value = output
+
+    def last(self) -> Tensor:
+        """The hidden state of the latest forward (an error before the first)."""
+        if self.value is None:
+            raise RuntimeError("no hidden state captured: run the model forward before reading its final norm's output")
+        return self.value
 
 
 def _tensors(batch, device: torch.device) -> dict[str, Tensor]:
@@ -93,7 +99,7 @@ class MadTask:
         capture = self._capture(model)
         inputs = torch.cat([p["inputs"] for p in parts])
         logits = model(inputs).float()
-        hidden = capture.value
+        hidden = capture.last()
         losses, start = [], 0
         for name, part in zip(self.tasks, parts):
             n = len(part["inputs"])
@@ -119,7 +125,7 @@ class MadTask:
                 part = {k: v[start : start + eval_batch] for k, v in data.items()}
                 logits = model(part["inputs"])
                 if name == "compression":
-                    hidden = capture.value
+                    hidden = capture.last()
                     at = part["recon_at"][:, None, None].expand(-1, 1, hidden.shape[-1])
                     predicted = decoder(hidden.gather(1, at)[:, 0]).argmax(-1)
                     targets = part["recon_targets"]

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from lfm2.errors import UserError
-from lfm2.model import build_model, count_parameters
+from lfm2.model import LFM2, build_model, count_parameters
 from lfm2.spec import ArchSpec
 from nas.quality.proxy import proxy_spec
 from nas.quality.settings import QualitySettings
-from nas.quality.training import train_sweep
+from nas.quality.training import Task, train_sweep
 
 KINDS = ("layout", "mad", "lm")
 #: Bumped whenever a change to this package changes what a score means (invalidates caches).
@@ -102,7 +102,7 @@ def _device_name(dev: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
-def _maybe_compiled(model: nn.Module, compile: bool) -> nn.Module:
+def _maybe_compiled(model: LFM2, compile: bool) -> LFM2:
     # Blocks, not the whole model: the final norm keeps its forward hook (the MAD
     # compression decoder reads the hidden state through it) outside the compiled graphs,
     # and blocks of one kind and shape share one compiled graph.
@@ -157,6 +157,7 @@ def score(
         return QualityResult(score=free["score"], kind=kind, key=cache_key(spec, kind), detail=free["detail"])
     dev = _device(device)
     started = time.perf_counter()
+    task: Task
 
     if kind == "mad":
         from nas.quality.mad import CompressionDecoder, MadTask
