@@ -329,12 +329,10 @@ def _number(value: Any) -> float | int | None:
 
 
 def _count(value: Any) -> int | None:
-    """A stored count (bytes, parameters, a trial number): an int, or a whole float (JSON may
-    write one); anything else reads as None."""
+    """A stored count (bytes, parameters, a trial number) as an int: a float one (written by
+    hand, or by an older writer) rounded, not dropped; anything else but a number reads as None."""
     number = _number(value)
-    if isinstance(number, float):
-        return int(number) if number.is_integer() else None
-    return number
+    return round(number) if isinstance(number, float) else number
 
 
 def _dict(value: Any) -> dict[str, Any] | None:
