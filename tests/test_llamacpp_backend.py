@@ -182,6 +182,25 @@ def test_an_all_attention_stack_with_wide_heads_runs_as_qwen3_and_matches_eager(
     assert artifact.manifest["llamacpp"]["architecture"] == "qwen3"
 
 
+@needs_llama_cpp
+def test_an_all_attention_stack_whose_heads_tile_d_model_is_measured_not_aborted(cache, tmp_path):
+    """LFM2-350M's all-attention twin as llama.cpp's lfm2 passed its check and then aborted the
+    measuring child (its hybrid memory had no recurrent buffer): written as qwen3, the whole
+    measurement (memory pass, prefills, decode at depth) completes."""
+    from devices.backends.llamacpp_gguf import architecture
+    from devices.measure import measure
+    from devices.protocol import Protocol
+
+    twin = TINY.replace(layers=("attn",) * 4, qk_norm=True)
+    assert architecture(twin) == "qwen3"
+    artifact = compile(twin, "llamacpp", "q4_0", MAX_CONTEXT, PROMPTS, cache_dir=cache)
+    assert artifact.manifest["verification"]["passed"]
+    protocol = Protocol(prompt_lengths=PROMPTS, decode_depths=(24,), decode_tokens=2, warmup_runs=1, min_runs=1, max_runs=1, max_seconds_per_point=0.2, measure_memory=True, threads=1)
+    result = measure(artifact, protocol)
+    assert result.status == "ok", result.error
+    assert set(result.prefill) == set(PROMPTS) and result.memory["footprint_bytes"] > 0
+
+
 def test_without_llama_cpp_python_the_backend_names_the_install_command(monkeypatch):
     from devices.backends import backend_module
 

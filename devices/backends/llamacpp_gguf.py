@@ -49,12 +49,14 @@ def _types():
 
 def architecture(spec: ArchSpec) -> str:
     """The llama.cpp architecture `spec` is written as: `lfm2`, except for an all-attention
-    stack with q/k RMSNorm whose heads do not tile d_model (Qwen3-0.6B's shape: 16 heads of
-    128 on d_model 1024), which llama.cpp's lfm2 cannot size but its `qwen3` runs as is: the
-    same block (RMSNorm, GQA with per-head q/k RMSNorm and NEOX rope, SwiGLU), with the head
-    size given by `attention.key_length` instead of d_model / n_heads."""
+    stack with q/k RMSNorm, written as `qwen3`: the same block (RMSNorm, GQA with per-head q/k
+    RMSNorm and NEOX rope, SwiGLU), with the head size given by `attention.key_length` instead
+    of d_model / n_heads. Two reasons: llama.cpp's lfm2 cannot size heads that do not tile
+    d_model (Qwen3-0.6B's shape: 16 heads of 128 on d_model 1024), and with no conv layer its
+    hybrid memory has no recurrent buffer, which aborts llama_decode (GGML_ASSERT(buffer) in
+    llm_graph_input_mem_hybrid::set_input; seen measuring LFM2-350M's all-attention twin)."""
     all_attention = all(op == "attn" for op in spec.layers)
-    if all_attention and spec.qk_norm and spec.n_heads * spec.head_dim != spec.d_model:
+    if all_attention and spec.qk_norm:
         return "qwen3"
     return "lfm2"
 
