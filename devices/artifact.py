@@ -33,7 +33,9 @@ MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, Ex
 #: GroupQueryAttention (was a growing, concatenated cache), the embedding table in
 #: embedding.bin, looked up by the runner (was a Gather in the graph).
 #: onnx 5: an int8 artifact's full-attention K/V cache (and its GroupQueryAttention) in fp16.
-BACKEND_FORMATS = {"eager": 1, "onnx": 5, "executorch": 1, "llamacpp": 2}
+#: llamacpp 3: every all-attention stack with q/k norm written as qwen3 (as lfm2 with no conv
+#: layer, llama_decode aborted).
+BACKEND_FORMATS = {"eager": 1, "onnx": 5, "executorch": 1, "llamacpp": 3}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.
