@@ -201,6 +201,14 @@ def test_an_all_attention_stack_whose_heads_tile_d_model_is_measured_not_aborted
     assert set(result.prefill) == set(PROMPTS) and result.memory["footprint_bytes"] > 0
 
 
+def test_a_stack_without_attention_is_refused_before_llama_cpp_aborts_on_it(tmp_path):
+    """llama.cpp's lfm2 with no attention layer has no K/V buffer and aborts the process in
+    llama_decode (seen on a 4-conv stack): refused with the reason and the way out instead."""
+    with pytest.raises(CompileError, match="no attention layer.*onnx or executorch") as caught:
+        compile(TINY.replace(layers=("conv",) * 4), "llamacpp", "q4_0", MAX_CONTEXT, PROMPTS, cache_dir=tmp_path)
+    assert caught.value.stage == "inputs"
+
+
 def test_without_llama_cpp_python_the_backend_names_the_install_command(monkeypatch):
     from devices.backends import backend_module
 

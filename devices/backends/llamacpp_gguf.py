@@ -65,6 +65,12 @@ def unsupported_reason(spec: ArchSpec) -> str | None:
     """Why llama.cpp cannot run `spec` (None when it can), with the way out."""
     if architecture(spec) == "qwen3":
         return None
+    if all(op == "conv" for op in spec.layers):
+        return (
+            f"layout {spec.layout} has no attention layer; llama.cpp's lfm2 architecture then allocates no K/V buffer and "
+            "llama_decode aborts (GGML_ASSERT(buffer) in its hybrid memory): measure this layout with the onnx or "
+            "executorch backend"
+        )
     if "swa" in spec.layers and "attn" in spec.layers:
         return (
             f"layout {spec.layout} mixes full ('attn') and sliding-window ('swa') attention layers; llama.cpp's lfm2 "
