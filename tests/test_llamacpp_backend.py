@@ -201,6 +201,16 @@ def test_an_all_attention_stack_whose_heads_tile_d_model_is_measured_not_aborted
     assert set(result.prefill) == set(PROMPTS) and result.memory["footprint_bytes"] > 0
 
 
+def test_a_stack_without_attention_has_a_reason_without_the_runtime_installed():
+    """The refusal is a fact about the layout: it needs no llama-cpp-python to be said."""
+    from devices.backends.llamacpp_gguf import unsupported_reason
+
+    reason = unsupported_reason(TINY.replace(layers=("conv",) * 4))
+    assert reason is not None and "no attention layer" in reason and "onnx or executorch" in reason
+    assert unsupported_reason(TINY) is None
+
+
+@needs_llama_cpp
 def test_a_stack_without_attention_is_refused_before_llama_cpp_aborts_on_it(tmp_path):
     """llama.cpp's lfm2 with no attention layer has no K/V buffer and aborts the process in
     llama_decode (seen on a 4-conv stack): refused with the reason and the way out instead."""
