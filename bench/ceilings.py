@@ -21,7 +21,7 @@ from bench.stats import median
 def _time_best(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> tuple[float, float]:
     """(best, median) wall seconds of `fn` over `repeats` calls after one warm-up."""
     fn()
-    times = []
+    times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()

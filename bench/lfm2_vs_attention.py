@@ -100,6 +100,12 @@ def throughput(result: dict, kind: str, point: int, tokens: int) -> float | None
     return tokens / (ms / 1e3) if ms else None
 
 
+def _backend_quant(pair: str) -> tuple[str, str]:
+    """`backend:quant` (a --backends entry) as its two parts."""
+    backend, quant = pair.split(":")
+    return backend, quant
+
+
 def main(argv=None) -> int:
     from devices.protocol import Protocol
 
@@ -107,6 +113,8 @@ def main(argv=None) -> int:
     run = BenchRun(NAME, "LFM2 against all-attention models of its size: prefill and decode on this CPU", args)
     if args.merge_only:
         run.load_before = []  # nothing measured now: the block lists each measuring run's own load
+    pairs: dict[str, tuple[str, ...]]
+    backends: tuple[str, ...]
     if args.quick:
         models = quick_models()
         pairs = {"tiny-LFM2": ("tiny-LFM2-attn",)}
@@ -120,10 +128,10 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
         models = {name: MODELS[name] for p, others in pairs.items() for name in (p, *others)}
-        backends, prefill, decode = (() if args.merge_only else args.backends), args.prefill, args.decode
+        backends, prefill, decode = (() if args.merge_only else tuple(args.backends)), args.prefill, args.decode
     protocol = Protocol(prompt_lengths=prefill, decode_depths=decode, decode_tokens=8 if not args.quick else QUICK_DECODE_TOKENS, warmup_runs=1, min_runs=args.min_runs, max_runs=5, max_seconds_per_point=20.0 if not args.quick else 2.0, measure_memory=True, threads=args.threads)
 
-    jobs = [(spec, *pair.split(":")) for pair in backends for spec in models.values()]
+    jobs = [(spec, *_backend_quant(pair)) for pair in backends for spec in models.values()]
     compiled = {(spec.key, backend, quant): row for (spec, backend, quant), row in zip(jobs, precompile(jobs, protocol, cache_dir=args.cache_dir))}
     measured: dict[str, dict[str, dict]] = {}  # backend -> model -> {"prefill": {T: tok/s}, "decode": {C: tok/s}, "footprint": bytes}
     raw: dict[str, dict[str, dict]] = {}
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
         merged = merge_results([load_json(path) for path in args.merge] + this_run)
         models, pairs, measured, runs, raw_runs = merged["models"], merged["pairs"], merged["measured"], merged["runs"], merged["raw_runs"]
         backends, prefill, decode = merged["backends"], merged["prefill"], merged["decode"]
-    arith = {pair: {name: arithmetic(spec, prefill, decode, WEIGHT_PRECISION[tuple(pair.split(":"))]) for name, spec in models.items()} for pair in backends}
+    arith = {pair: {name: arithmetic(spec, prefill, decode, WEIGHT_PRECISION[_backend_quant(pair)]) for name, spec in models.items()} for pair in backends}
     ratios = {}
     for pair in backends:
         for lfm2, others in pairs.items():

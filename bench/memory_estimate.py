@@ -184,8 +184,8 @@ def main(argv=None) -> int:
         for number, spec in enumerate(specs):
             log(f"[{NAME}] {number + 1}/{len(specs)}: {spec.layout} d={spec.d_model}")
             result = compile_and_measure(spec, backend, quant, protocol, cache_dir=args.cache_dir, threads=args.threads)
-            if footprint_bytes(result):
-                rows.append(estimate_row(spec, backend, quant, protocol.max_context, prefill, [footprint_bytes(result)]))
+            if footprint := footprint_bytes(result):
+                rows.append(estimate_row(spec, backend, quant, protocol.max_context, prefill, [footprint]))
             else:
                 log(f"[{NAME}]   no footprint: {result.get('error', '')[:300]}")
     summary = error_distribution([r["relative_error"] for r in rows]) if rows else None
@@ -202,7 +202,7 @@ def render(rows: list[dict], summary: dict | None, source: str | None, backend: 
         "measuring process's peak RSS over its baseline before the model was loaded (`footprint_bytes`). "
         "Error = (estimate - measured) / measured; positive means the estimate is too high (safe for a budget)."
     )
-    if not rows:
+    if not rows or summary is None:  # no summary exactly when no rows
         return how + "\n\nNo footprint was measured: nothing to compare."
     s = summary
     summary_table = markdown_table(

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     protocol = protocol_for(prefill, depth, args.threads, args.quick)
 
     compiled = precompile([(spec, args.backend, args.quant) for spec in specs], protocol, cache_dir=args.cache_dir)
-    passes: list[list[dict]] = [[None] * len(specs), [None] * len(specs)]
+    results: dict[tuple[int, int], dict] = {}  # (pass, architecture number) -> its result
     order = [(index, number) for index in range(2) for number in range(len(specs))]
     if args.order == "interleaved":
         order = [(index, number) for number in range(len(specs)) for index in range(2)]
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
             log(f"[{NAME}]   failed at {result.get('stage')}: {result.get('error', '')[:300]}")
         elif (result.get("measurement") or {}).get("wall_time_s"):
             point_seconds.append(result["measurement"]["wall_time_s"] / 2)  # a measurement is two points (prefill, decode)
-        passes[index][number] = result
+        results[index, number] = result
+    passes = [[results[index, number] for number in range(len(specs))] for index in range(2)]
 
     metrics = {}
     for kind, point in (("prefill", prefill), ("decode", depth)):

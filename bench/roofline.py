@@ -28,7 +28,7 @@ from bench.report import fmt, markdown_table, pct
 from search_space import costs
 
 NAME = "roofline"
-BACKENDS = (("executorch", "fp32"), ("executorch", "8da4w"), ("onnx", "fp32"), ("onnx", "int8"))
+BACKENDS: tuple[tuple[str, str], ...] = (("executorch", "fp32"), ("executorch", "8da4w"), ("onnx", "fp32"), ("onnx", "int8"))
 if importlib.util.find_spec("llama_cpp") is not None:  # the optional extra: pip install -e ".[llamacpp]"
     BACKENDS += (("llamacpp", "q4_0"),)
 

@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.harness import BenchRun, base_parser, log
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def reference_point(fronts: list[list[list[float]]], directions: list[str]) -> list[float] | None:
+def reference_point(fronts: list[list[list[float]]], directions: Sequence[str]) -> list[float] | None:
     """One reference point for every study: per objective, the worst feasible value over
     all of them pushed REFERENCE_MARGIN of the observed range further out."""
     values = [v for front in fronts for v in front]
@@ -72,7 +73,7 @@ def final_hypervolume(study, reference: list[float]) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         figure = optuna.visualization.plot_hypervolume_history(study, reference_point=reference)
-    ys = figure.data[0].y if figure.data else ()
+    ys = figure.data[0].y if figure.data else None
     return float(ys[-1]) if ys is not None and len(ys) else 0.0
 
 

@@ -134,6 +134,8 @@ def replay(table: Table, sampler: str, seed: int, *, max_trials: int, max_measur
             study.tell(trial, state=TrialState.PRUNED)
             skips["prefiltered"] += 1
         elif screen is not None and spec.key not in measured and (verdict := screen.judge(spec, quality=quality)).skip:
+            if verdict.rule is None or verdict.prediction is None:
+                raise AssertionError(f"a skip verdict without its rule or prediction: {verdict}")
             if verdict.rule == "over_budget":
                 trial.set_constraint(MEMORY_CONSTRAINT, float(verdict.prediction.intervals["footprint_bytes"][0] - table.budget_bytes))
             study.tell(trial, state=TrialState.PRUNED)
@@ -248,7 +250,7 @@ def predictor_accuracy(table: Table) -> dict:
 
 def summarise(results: list[dict], samplers: list[str], trials: int, seeds: int) -> dict:
     rng = np.random.default_rng(0)
-    by = {(r["sampler"], r["prescreen"]): [] for r in results}
+    by: dict[tuple[str, bool], list[dict]] = {(r["sampler"], r["prescreen"]): [] for r in results}
     for r in results:
         by[(r["sampler"], r["prescreen"])].append(r)
     checkpoints = [c for c in CHECKPOINTS if c <= trials]

@@ -221,9 +221,9 @@ def render(rounds: dict[str, list[dict]], sizes: dict[str, int], prefill: tuple[
             if not ours or not theirs:
                 rows.append([unit.format(point), "-", "-", "-"])
                 continue
-            per_token = (lambda ms, tokens=point: tokens / ms * 1e3) if kind == "prefill" else (lambda ms: 1e3 / ms)
+            tokens = point if kind == "prefill" else 1  # a prefill point processes `point` tokens, a decode step one
             ours_m, theirs_m = median(ours), median(theirs)
-            rows.append([unit.format(point), f"{per_token(ours_m):.1f}", f"{per_token(theirs_m):.1f}", f"{theirs_m / ours_m:.2f}x"])
+            rows.append([unit.format(point), f"{tokens / ours_m * 1e3:.1f}", f"{tokens / theirs_m * 1e3:.1f}", f"{theirs_m / ours_m:.2f}x"])
     per_round = []
     for name, results in rounds.items():
         for number, r in enumerate(results):

@@ -22,6 +22,7 @@ performance is reported.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -128,8 +129,8 @@ def signals(rows: list[dict]) -> dict[str, dict[str, float]]:
             if stage in MAD_STAGES:  # a MAD score is bimodal over seeds (recall learned or not): the best of them is a signal of its own
                 out[f"{stage}, best of seeds"] = {arch: float(max(_proxy_value(r) for r in seeds.values())) for arch, seeds in several.items()}
         if stage in MAD_STAGES:
-            aucs = {arch: recall_auc(seeds[0].get("curve", [])) for arch, seeds in by_arch.items() if 0 in seeds}
-            aucs = {arch: value for arch, value in aucs.items() if value is not None}
+            raw_aucs = {arch: recall_auc(seeds[0].get("curve", [])) for arch, seeds in by_arch.items() if 0 in seeds}
+            aucs = {arch: value for arch, value in raw_aucs.items() if value is not None}
             if aucs:
                 out[f"{stage} recall AUC (seed 0)"] = aucs
     return out
@@ -227,7 +228,7 @@ def judge(candidates: dict[str, dict[str, float]], reference_bpb: dict[str, floa
             continue
         x, y = [values[a] for a in archs], [-reference_bpb[a] for a in archs]
         idx = bootstrap_indices(len(archs), draws, seed)
-        entry = {"n": len(archs), "spearman": spearman(x, y), "ci95": interval(bootstrap_spearman(x, y, idx))}
+        entry: dict[str, Any] = {"n": len(archs), "spearman": spearman(x, y), "ci95": interval(bootstrap_spearman(x, y, idx))}
         hybrids = [a for a in archs if is_hybrid(layouts[a])]
         if len(hybrids) >= 3:
             hx, hy = [values[a] for a in hybrids], [-reference_bpb[a] for a in hybrids]

@@ -56,6 +56,7 @@ import platform
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -310,7 +311,7 @@ def summarise(rows: list[dict]) -> dict:
             "lm_long_bpb": stages["lm_long"]["bpb"] if "lm_long" in stages else None,
             "params": some["proxy_parameters"],
         })
-    out = {"pairs": pairs}
+    out: dict[str, Any] = {"pairs": pairs}
     for proxy in ("mad", "lm_bpb"):
         usable = [p for p in pairs if p[proxy] is not None and p["long_bpb"] is not None]
         if len(usable) >= 3:
@@ -593,14 +594,14 @@ def main(argv: list[str] | None = None) -> int:
               "compile": args.compile, "start_before": start_before}
     # architecture by architecture: a run cut short leaves whole architectures, not a stage of each;
     # the seed repeats come last (they measure noise, the ranking needs seed 0 first)
-    def job(name: str, spec: ArchSpec, stage: str, seed: int) -> dict:
+    def make_job(name: str, spec: ArchSpec, stage: str, seed: int) -> dict:
         return {"arch": name, "stage": stage, "seed": seed, "spec": spec.to_dict(), **common,
                 **({"start_before": long_start_before} if stage == "long" else {"proxy_settings": proxy_settings[stage].to_dict()})}
 
-    jobs = [job(name, spec, stage, 0) for name, spec in archs for stage in stages]
+    jobs = [make_job(name, spec, stage, 0) for name, spec in archs for stage in stages]
     repeat_stages = [stage for stage in (args.repeat_stages or args.stages).split(",") if stage in stages and stage != "long"]
     repeated = archs[: int(args.repeat_archs)] if args.repeat_archs.isdigit() else [(n, s) for n, s in archs if n in args.repeat_archs.split(",")]
-    jobs += [job(name, spec, stage, seed) for seed in range(1, args.seed_repeats + 1) for name, spec in repeated for stage in repeat_stages]
+    jobs += [make_job(name, spec, stage, seed) for seed in range(1, args.seed_repeats + 1) for name, spec in repeated for stage in repeat_stages]
     rows: list[dict] = []
     log_path = out / "fidelity.jsonl"
     if args.resume and log_path.exists():
