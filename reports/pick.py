@@ -140,7 +140,8 @@ def pick(data: StudyData, limits: Limits) -> PickResult:
         # Each limit alone is met by some architecture, but none meets them all: name the
         # one that misses by the least (largest relative excess over a bound, minimised).
         def excess(trial: TrialRow) -> float:
-            return max((_figure(trial, attr) or float("inf")) / bound for _name, bound, attr in checks)
+            # an unknown figure is as far off as can be; a measured 0 is not unknown
+            return max(float("inf") if (value := _figure(trial, attr)) is None else value / bound for _name, bound, attr in checks)
 
         closest = min(candidates, key=excess)
         misses = ", ".join(f"{_FIGURE_NAMES[attr]} {_describe(attr, _figure(closest, attr))} > {_bound(attr, bound)}" for _n, bound, attr in checks if not _meets(closest, bound, attr))

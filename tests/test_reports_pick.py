@@ -101,6 +101,19 @@ def test_limits_met_apart_but_not_together(tmp_path):
     assert pick(data, Limits(max_memory_bytes=200 * 2**20)).trial.number == 1
 
 
+def test_a_measured_zero_is_a_figure_when_naming_the_closest(tmp_path):
+    """A figure of 0 is met, not unknown: trial 0 misses only the budget, by 25%, trial 1 the
+    decode limit by 50%, so trial 0 is the closest (a 0 once counted as infinitely far off)."""
+    url = f"sqlite:///{tmp_path / 'zero.db'}"
+    study = create_schema_study(url, "zero")
+    spec_a, spec_b = presets["LFM2-350M"], handmade_candidates()[6][0]
+    add_measured_trial(study, spec_a, decode_ms=0.0, prefill_ms=900.0, footprint_bytes=250 * 2**20)
+    add_measured_trial(study, spec_b, decode_ms=9.0, prefill_ms=700.0, footprint_bytes=100 * 2**20, seed=1)
+    result = pick(load_study_data("zero", url), Limits(max_decode_ms=6, max_memory_bytes=200 * 2**20))
+    assert not result.ok and result.unmet == ["all-together"]
+    assert "the closest is trial 0 (memory" in result.message, result.message
+
+
 def test_quality_none_picks_the_lowest_decode_latency(tmp_path):
     url = f"sqlite:///{tmp_path / 'noq.db'}"
     study = create_schema_study(url, "noq", quality="none")
