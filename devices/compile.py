@@ -47,6 +47,15 @@ FP32_REL_TOL = 1e-4
 #: cosine 1 - 1e-14, top-1 1.00 (against fp32: cosine 0.964, top-1 0.78).
 QUANT_MIN_COSINE = 0.999
 QUANT_MIN_TOP1 = 0.95
+#: The top-1 bound counts only the steps where the reference's choice is decisive: its best
+#: logit leads the runner-up by more than DECISIVE_MARGIN times the step's RMS difference
+#: between reference and artifact. Random weights give nearly flat logits, so on a near-tie
+#: the runtime's own rounding picks either token: seen on llama.cpp Q4_0 (its 8-bit activations),
+#: the Qwen3-shaped model and LFM2-350M's all-attention twin at cosine 0.9998 / 0.9992 with one
+#: of 9 steps flipped (top-1 0.89). A flip on a decisive step needs two logits each off by
+#: several RMS in opposite directions, which the runtime's rounding does not do; a broken
+#: artifact is caught by the cosine bound, which every step counts.
+DECISIVE_MARGIN = 6.0
 #: ... unless the quantised reference cannot meet that bound against itself. Its int8 dynamic
 #: activations round to a grid, so an fp32-rounding-sized change of its input flips some
 #: roundings, and a deep model of random weights amplifies the flips: LFM2-350M's 8da4w
@@ -332,12 +341,18 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
     got = candidate.astype(np.float64)
     cosine = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-30)
     top1 = ref.argmax(-1) == got.argmax(-1)
+    ordered = np.sort(ref, axis=-1)
+    margin = ordered[:, -1] - ordered[:, -2] if ref.shape[-1] > 1 else np.full(ref.shape[0], np.inf)
+    decisive = margin > DECISIVE_MARGIN * np.sqrt(((ref - got) ** 2).mean(-1))
     return {
         "max_abs_diff": float(np.abs(ref - got).max()),
         "max_abs_logit": float(np.abs(ref).max()),
         "min_cosine": float(cosine.min()),
         "mean_cosine": float(cosine.mean()),
         "top1_agreement": float(top1.mean()),
+        # over the decisive steps only (DECISIVE_MARGIN); 1.0 when no step is decisive
+        "top1_agreement_decisive": float(top1[decisive].mean()) if decisive.any() else 1.0,
+        "decisive_steps": int(decisive.sum()),
         "steps": int(ref.shape[0]),
     }
 
@@ -354,6 +369,18 @@ def _reference_floor(model, max_context: int, tokens: np.ndarray, prompt_length:
     return {"perturbation": QUANT_FLOOR_PERTURBATION, "min_cosine": floor["min_cosine"], "top1_agreement": floor["top1_agreement"]}
 
 
+def _top1(report: dict[str, Any]) -> float:
+    """The top-1 agreement a bound is checked on: over the decisive steps (a report made
+    before they were counted: over every step)."""
+    return report.get("top1_agreement_decisive", report["top1_agreement"])
+
+
+def _top1_text(report: dict[str, Any]) -> str:
+    if "decisive_steps" not in report:
+        return f"top-1 agreement {report['top1_agreement']:.2f}"
+    return f"top-1 agreement {_top1(report):.2f} on {report['decisive_steps']} decisive step(s) of {report['steps']} ({report['top1_agreement']:.2f} on all)"
+
+
 def _tolerance(quant: str, own: dict[str, float] | None, report: dict[str, Any]) -> tuple[dict[str, float], bool, str]:
     """(the bounds, whether the report is within them, the reason if not). A backend module
     may state its own per precision (`VERIFY_TOLERANCES[quant]`: `min_cosine`,
@@ -362,9 +389,9 @@ def _tolerance(quant: str, own: dict[str, float] | None, report: dict[str, Any])
     import numpy as np  # here, not at the top: `import devices` (every CLI start) must not pay for numpy
     if own:
         bound = own.get("max_abs_diff_rel", np.inf) * max(1.0, report["max_abs_logit"])
-        ok = report["max_abs_diff"] <= bound and report["min_cosine"] >= own.get("min_cosine", -1.0) and report["top1_agreement"] >= own.get("top1_agreement", 0.0)
+        ok = report["max_abs_diff"] <= bound and report["min_cosine"] >= own.get("min_cosine", -1.0) and _top1(report) >= own.get("top1_agreement", 0.0)
         diff = f"max |logit diff| {report['max_abs_diff']:.3g} (bound {bound:.3g}), " if np.isfinite(bound) else ""
-        why = f"{diff}min cosine {report['min_cosine']:.5f}, top-1 agreement {report['top1_agreement']:.2f}, against {own}"
+        why = f"{diff}min cosine {report['min_cosine']:.5f}, {_top1_text(report)}, against {own}"
         return dict(own), ok, why
     if quant == "fp32":
         bound = FP32_REL_TOL * max(1.0, report["max_abs_logit"])
@@ -373,8 +400,8 @@ def _tolerance(quant: str, own: dict[str, float] | None, report: dict[str, Any])
     floor = report.get("reference_floor")
     if floor is not None:  # the reference's own noise floor is the coarser bound
         cosine = min(cosine, 1.0 - QUANT_FLOOR_FACTOR * (1.0 - floor["min_cosine"]))
-    ok = report["min_cosine"] >= cosine and report["top1_agreement"] >= top1
-    why = f"min cosine {report['min_cosine']:.4f} (needs {cosine:.4g}), top-1 agreement {report['top1_agreement']:.2f} (needs {top1})"
+    ok = report["min_cosine"] >= cosine and _top1(report) >= top1
+    why = f"min cosine {report['min_cosine']:.4f} (needs {cosine:.4g}), {_top1_text(report)} (needs {top1})"
     if floor is not None:
         why += f"; the reference against itself, input x (1 + {floor['perturbation']:g}): min cosine {floor['min_cosine']:.4f}"
     return {"min_cosine": cosine, "top1_agreement": top1}, ok, why

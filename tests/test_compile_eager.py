@@ -12,7 +12,7 @@ import pytest
 
 from devices.artifact import Artifact, ArtifactError
 from devices.backends import BACKEND_MODULES, open_runner
-from devices.compile import CompileError, VerificationError, compare_logits, compile
+from devices.compile import CompileError, VerificationError, _tolerance, compare_logits, compile
 from lfm2.errors import UserError
 from lfm2.spec import ArchSpec
 
@@ -159,6 +159,27 @@ def test_compare_logits_measures_what_it_says():
     assert same["max_abs_diff"] == 0 and same["top1_agreement"] == 1 and same["min_cosine"] == pytest.approx(1)
     flipped = compare_logits(reference, reference[:, ::-1].copy())
     assert flipped["top1_agreement"] == 0.5 and flipped["min_cosine"] < 0.8
+    assert flipped["decisive_steps"] == 0  # the differences dwarf every margin: the cosine judges
+
+
+def test_top1_is_judged_on_decisive_steps_only():
+    """A near-tie flipped by rounding is not a disagreement; a flip of a clear choice is."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(9, 4096))
+    reference[:8, 7] = reference[:8].max(-1) + 1.0  # eight steps with a clear winner
+    reference[8, 1], reference[8, 2] = 5.0, 4.9999  # one near-tie
+    noisy = reference + rng.normal(scale=1e-3, size=reference.shape)
+    noisy[8, 2] = 5.001  # the rounding flips the near-tie
+    report = compare_logits(reference, noisy)
+    assert report["top1_agreement"] == pytest.approx(8 / 9) and report["decisive_steps"] == 8 and report["top1_agreement_decisive"] == 1.0
+    _bounds, ok, _why = _tolerance("q4_0", {"min_cosine": 0.995, "top1_agreement": 0.95}, report)
+    assert ok
+    clear_flip = noisy.copy()
+    clear_flip[0, 3] = reference[0, 7] + 0.5  # a decisive step's choice changed
+    report = compare_logits(reference, clear_flip)
+    assert report["top1_agreement_decisive"] == pytest.approx(7 / 8)
+    _bounds, ok, why = _tolerance("q4_0", {"min_cosine": 0.9, "top1_agreement": 0.95}, report)
+    assert not ok and "top-1 agreement 0.88 on 8 decisive step(s) of 9" in why
 
 
 def test_eager_compile_does_not_import_executorch(tmp_path):
