@@ -159,7 +159,8 @@ def test_compare_logits_measures_what_it_says():
     assert same["max_abs_diff"] == 0 and same["top1_agreement"] == 1 and same["min_cosine"] == pytest.approx(1)
     flipped = compare_logits(reference, reference[:, ::-1].copy())
     assert flipped["top1_agreement"] == 0.5 and flipped["min_cosine"] < 0.8
-    assert flipped["decisive_steps"] == 0  # the differences dwarf every margin: the cosine judges
+    # the reversed row's differences dwarf its margin, so only the cosine judges it (and fails it)
+    assert flipped["decisive_steps"] == 1 and flipped["top1_agreement_decisive"] == 1.0
 
 
 def test_top1_is_judged_on_decisive_steps_only():
