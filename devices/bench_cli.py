@@ -98,6 +98,23 @@ def bench_rows(measurement) -> list[dict[str, Any]]:
     return rows
 
 
+def verification_line(verification: dict | None) -> str:
+    """What the compile's check found, in one line (a compile that fails it raises instead)."""
+    if not verification:
+        return "not verified (the artifact was compiled without its check)"
+    top1 = f"top-1 {verification['top1_agreement']:.2f}"
+    if "decisive_steps" in verification:
+        top1 += f" ({verification.get('top1_agreement_decisive', 1.0):.2f} on {verification['decisive_steps']} decisive of {verification['steps']} steps)"
+    line = (
+        f"verified against {verification.get('reference', 'the eager model')}: {'passed' if verification.get('passed') else 'FAILED'}, "
+        f"max |logit diff| {verification['max_abs_diff']:.3g}, min cosine {verification['min_cosine']:.5f}, {top1}"
+    )
+    distance = verification.get("fp32_distance")
+    if distance:
+        line += f"; against fp32: min cosine {distance['min_cosine']:.4f} (quantisation error, for information)"
+    return line
+
+
 def print_table(name: str, spec: ArchSpec, artifact, measurement) -> None:
     from lfm2.model import build_model, count_parameters
 
@@ -188,6 +205,7 @@ def bench(
     console = Console(stderr=True)
     console.print(f"compiling {name} ({spec.key}) for {backend}/{quant}, max_context {protocol.max_context} ...", highlight=False)
     artifact = compile(spec, backend, quant, protocol.max_context, protocol.prompt_lengths, cache_dir=cache_dir)
+    console.print(verification_line(artifact.manifest.get("verification")), highlight=False)
     console.print(f"measuring {artifact.path} ...", highlight=False)
     measurement = measure(artifact, protocol, limits)
     if as_json:

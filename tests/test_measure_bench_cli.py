@@ -37,6 +37,7 @@ def test_bench_prints_json_with_rows(spec_file, tmp_path):
     assert all(row["tokens_per_s"] > 0 and row["llama_bench_tokens_per_s"] > 0 and row["llama_bench_tokens_per_s_std"] >= 0 for row in payload["rows"])
     assert all(row["ci_low_ms"] <= row["median_ms"] <= row["ci_high_ms"] for row in payload["rows"])
     assert payload["measurement"]["status"] == "ok" and payload["artifact"]["verification"]["passed"]
+    assert "verified against fp32 eager: passed, max |logit diff| 0," in done.stderr, done.stderr  # said before measuring
 
 
 def _main(*args: str, capsys) -> tuple[int, str, str]:
