@@ -15,11 +15,12 @@ from search_space import SearchSpace, costs
 
 MIB = 1 << 20
 #: LFM2-350M int8 at prefill 2,048 + decode at 2,048, 128-token steps, K/V in fp16 updated in
-#: place by GroupQueryAttention, the table read by the runner, measured by the harness's child
-#: (BENCHMARKS.md "ONNX int8 fourth pass"): 466.4 MiB with the calibration arrays made after the
-#: baseline, 454.5 MiB with them made before it (as the child does now); was 516.5 and 487.8
-#: MiB with fp32 K/V
-ONNX_INT8_2048_MIB = (466.4, 454.5)
+#: place by GroupQueryAttention, the table read by the runner, ONNX Runtime's memory pattern off,
+#: measured by the harness's child (BENCHMARKS.md "ONNX int8 fifth pass"): 432.4 MiB through
+#: `lfm2-nas bench` (bench/results/memory_full/lfm2_350m_onnx_int8_2048_format5_nopattern.json),
+#: 431.6-431.7 MiB in three runs of the measuring child alone; was 454.5 with the pattern on
+#: (fourth pass), 516.5 and 487.8 MiB with fp32 K/V
+ONNX_INT8_2048_MIB = (432.4, 431.7)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
