@@ -148,6 +148,8 @@ MEASUREMENT_BYTES = 12 * MIB
 #: 433.4 (+0.2%); the test model of tests/test_space_costs.py (d 512, 8 layers, 2
 #: of them attention, int8, prefill 1,000): load 42.8 / run 22.4 / 65.2 MiB (was 70.7), estimated
 #: 48.3 / 22.5 / 70.9 (+8.7%: loading a model this small adds ~13 MiB, not 19).
+#: Checked on fp32: the first small-space model of `python -m bench.memory_estimate` (ASSCACA,
+#: 29.8M parameters) 152.6 MiB measured, 157.5 estimated (+3.2%), lower bound 107.3.
 #: Loading also has a transient of the largest weight (read while its packed copy is built:
 #: the head, 64 MiB for LFM2-350M int8), below the running peak from a prompt of a few
 #: hundred tokens on.
