@@ -150,6 +150,7 @@ MEASUREMENT_BYTES = 12 * MIB
 #: 48.3 / 22.5 / 70.9 (+8.7%: loading a model this small adds ~13 MiB, not 19).
 #: Checked on fp32: the first small-space model of `python -m bench.memory_estimate` (ASSCACA,
 #: 29.8M parameters) 152.6 MiB measured, 157.5 estimated (+3.2%), lower bound 107.3.
+#: LFM2-350M int8 at prefill 8,192 (context 8,192): 557.8 MiB measured, 591.4 estimated (+6.0%).
 #: Loading also has a transient of the largest weight (read while its packed copy is built:
 #: the head, 64 MiB for LFM2-350M int8), below the running peak from a prompt of a few
 #: hundred tokens on.
