@@ -1,7 +1,8 @@
 """Results that are never computed twice: measurements and quality scores, on disk.
 
 A measurement is keyed by (spec.key, backend, quant, protocol, device fingerprint,
-toolchain versions, and the backend's artifact format and runner revision where revised), a quality score by the proxy's own key (DESIGN.md, "The loop").
+toolchain versions, and the backend's artifact format and runner revision where revised),
+a quality score by the proxy's own key (DESIGN.md, "The loop").
 The cache is one SQLite file beside the compiled artifacts, shared by every study on
 this machine; only the search driver writes it.
 """

@@ -45,8 +45,8 @@ PREPACKING = True
 #: shapes it saw, and keeps it per input shape beside the arena's own blocks. It only pays
 #: for inputs of a fixed shape (ONNX Runtime's docs); the step graph sees 128-token chunks,
 #: a shorter last chunk and 1-token decode steps. LFM2-350M int8, prefill 2,048 + decode at
-#: 2,048 (BENCHMARKS.md, "ONNX Runtime int8 at context 2,048"): footprint 453.3-453.5 MiB
-#: with the pattern, 431.6-431.7 MiB without it (3 runs each); prefill +3.5% (median of 7
+#: 2,048 (BENCHMARKS.md, "ONNX int8 fifth pass"): footprint 453.3-453.5 MiB with the
+#: pattern, 431.6-431.7 MiB without it, in every run of the measuring child; prefill +3.5% (median of 7
 #: interleaved pairs, within this host's drift of -13%..+32%), decode the same (22.0 vs
 #: 22.1 ms). Turning off the CPU arena instead gave 438-466 MiB, run to run: not used.
 MEMORY_PATTERN = False
