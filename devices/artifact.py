@@ -36,6 +36,14 @@ MANIFEST_VERSION = 2  # 2: one computing graph per artifact (ONNX step graph, Ex
 #: llamacpp 3: every all-attention stack with q/k norm written as qwen3 (as lfm2 with no conv
 #: layer, llama_decode aborted).
 BACKEND_FORMATS = {"eager": 1, "onnx": 5, "executorch": 1, "llamacpp": 3}
+#: Each backend's runner revision, part of a cached measurement's key (`measurement_revision`,
+#: `nas.cache.measurement_key`): bump a backend's number when its runner changes what a
+#: measurement of the same artifact gives (a session option, how state is held) without the
+#: artifact or a toolchain version changing, so that no measurement the old runner took is
+#: reused as the new one's. A backend absent here was never revised: its keys stay as they were.
+#: onnx 2: ONNX Runtime's memory pattern off (`devices.backends.onnx_runner.MEMORY_PATTERN`;
+#: LFM2-350M int8 at 2,048 tokens: footprint 453.5 -> 431.7 MiB).
+RUNNER_REVISIONS = {"onnx": 2}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names
 #: files and facts; compile writes a few KiB to tens of KiB). A larger one is refused, so
 #: that a hostile manifest cannot make every reader hold hundreds of MiB of parsed JSON.
@@ -133,6 +141,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def measurement_revision(backend: str) -> dict[str, int]:
+    """What besides the toolchain decides a measurement of `backend`'s artifact: its artifact
+    format and its runner revision. Empty for a backend whose runner was never revised, so
+    that its measurements cached before revisions existed keep their keys."""
+    if backend not in RUNNER_REVISIONS:
+        return {}
+    return {"backend_format": BACKEND_FORMATS.get(backend, 1), "runner": RUNNER_REVISIONS[backend]}
 
 
 def artifact_key(spec: ArchSpec, backend: str, quant: str, max_context: int, prompt_lengths: tuple[int, ...], toolchain: dict[str, str] | None = None) -> str:

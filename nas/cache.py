@@ -1,7 +1,8 @@
 """Results that are never computed twice: measurements and quality scores, on disk.
 
 A measurement is keyed by (spec.key, backend, quant, protocol, device fingerprint,
-toolchain versions), a quality score by the proxy's own key (DESIGN.md, "The loop").
+toolchain versions, and the backend's artifact format and runner revision where revised),
+a quality score by the proxy's own key (DESIGN.md, "The loop").
 The cache is one SQLite file beside the compiled artifacts, shared by every study on
 this machine; only the search driver writes it.
 """
@@ -24,8 +25,14 @@ def cache_root() -> Path:
     return default_cache_dir().expanduser()
 
 
-def measurement_key(spec_key: str, backend: str, quant: str, protocol_key: str, device_fingerprint: str, toolchain: dict[str, str]) -> str:
-    payload = [spec_key, backend, quant, protocol_key, device_fingerprint, sorted(toolchain.items())]
+def measurement_key(spec_key: str, backend: str, quant: str, protocol_key: str, device_fingerprint: str, toolchain: dict[str, str], revision: dict[str, int] | None = None) -> str:
+    """`revision`: the backend's artifact format and runner revision
+    (`devices.artifact.measurement_revision`), so that a runner change that alters what a
+    measurement gives misses the old results; empty or None leaves the key as it was before
+    revisions were keyed."""
+    payload: list = [spec_key, backend, quant, protocol_key, device_fingerprint, sorted(toolchain.items())]
+    if revision:
+        payload.append(sorted(revision.items()))
     return "measure-" + hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 

@@ -434,10 +434,10 @@ class Search:
         self._start_quality(candidate)
 
     def _measurement_key(self, spec: ArchSpec, device: str) -> str:
-        from devices.artifact import toolchain_versions
+        from devices.artifact import measurement_revision, toolchain_versions
 
         c = self.config
-        return measurement_key(spec.key, c.backend, c.quant, c.protocol.key, self.devices[device].fingerprint, toolchain_versions())
+        return measurement_key(spec.key, c.backend, c.quant, c.protocol.key, self.devices[device].fingerprint, toolchain_versions(), measurement_revision(c.backend))
 
     def _start_measurement_path(self, candidate: Candidate) -> None:
         from nas.workers import compile_candidate

@@ -250,8 +250,12 @@ def test_an_int8_artifact_with_an_fp16_kv_cache_passes_against_a_reference_that_
 def test_runner_reports_its_stack(fp32_artifact):
     import onnxruntime
 
+    from devices.backends.onnx_runner import MEMORY_PATTERN
+
     with open_runner(fp32_artifact, threads=1) as runner:
         facts = runner.stack()
+        # the session runs with the memory pattern the stack facts record (MEMORY_PATTERN)
+        assert runner.session.get_session_options().enable_mem_pattern == MEMORY_PATTERN == facts["memory_pattern"]
     assert facts["onnxruntime"] == onnxruntime.__version__ and facts["providers"] == ["CPUExecutionProvider"]
     assert facts["threads"] == 1 and facts["prefill_chunk"] == CHUNK
 

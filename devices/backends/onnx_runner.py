@@ -41,6 +41,15 @@ PREFILL_CHUNK = 128
 #: session the packed copy replaces the stored one (ONNX Runtime drops an initializer its
 #: kernels packed), so packing costs no memory and keeps the fast kernels.
 PREPACKING = True
+#: ONNX Runtime's memory pattern plans one block for a run's intermediate tensors from the
+#: shapes it saw, and keeps it per input shape beside the arena's own blocks. It only pays
+#: for inputs of a fixed shape (ONNX Runtime's docs); the step graph sees 128-token chunks,
+#: a shorter last chunk and 1-token decode steps. LFM2-350M int8, prefill 2,048 + decode at
+#: 2,048 (BENCHMARKS.md, "ONNX int8 fifth pass"): footprint 453.3-453.5 MiB with the
+#: pattern, 431.6-431.7 MiB without it, in every run of the measuring child; prefill +3.5% (median of 7
+#: interleaved pairs, within this host's drift of -13%..+32%), decode the same (22.0 vs
+#: 22.1 ms). Turning off the CPU arena instead gave 438-466 MiB, run to run: not used.
+MEMORY_PATTERN = False
 
 
 class EmbeddingRows:
@@ -145,6 +154,7 @@ class OnnxRunner(Runner):
         options.log_severity_level = 3
         if not PREPACKING:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_mem_pattern = MEMORY_PATTERN
         return options
 
     # -- running ------------------------------------------------------------------------
@@ -214,6 +224,8 @@ class OnnxRunner(Runner):
             "execution_mode": "sequential",
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "weights": "one session for prefill and decode; weights.bin loaded by ONNX Runtime" + (", MatMul weights pre-packed once" if PREPACKING else ", pre-packing disabled"),
+            "memory_pattern": MEMORY_PATTERN,
+            "activations": "ONNX Runtime's CPU arena" + (" with its memory pattern (one planned block per input shape)" if MEMORY_PATTERN else ", memory pattern off (no planned block per input shape)"),
             "prefill_chunk": self.chunk,
             "kv_cache": "one buffer of max_context positions per full-attention K and V, bound as GroupQueryAttention's input and output (updated in place)",
             "embedding": "rows read from embedding.bin per step (os.pread), not mapped",
