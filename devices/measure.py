@@ -279,6 +279,25 @@ def _check_request(artifact: Artifact, protocol: Protocol, limits: Limits) -> tu
     return cpus, threads
 
 
+def _check_anchor(anchor: Artifact | str | Path, artifact: Artifact, protocol: Protocol, limits: Limits) -> Artifact:
+    """The anchor, loaded and verified: it must run the same runtime at the same precision
+    (else the ratio mixes two runtimes' drift) and hold every point of the protocol."""
+    if not isinstance(anchor, Artifact):
+        anchor = Artifact.load(anchor)
+    else:
+        anchor.verify()
+    if (anchor.backend, anchor.quant) != (artifact.backend, artifact.quant):
+        raise UserError(
+            f"the anchor is a {anchor.backend} {anchor.quant} artifact and the candidate a {artifact.backend} {artifact.quant} one: "
+            "an anchor tracks drift only for the same runtime and precision; compile the anchor spec for this backend and quant"
+        )
+    try:
+        _check_request(anchor, protocol, limits)
+    except UserError as exc:
+        raise UserError(f"the anchor cannot run this protocol: {exc}") from exc
+    return anchor
+
+
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -351,6 +370,7 @@ def measure(
     *,
     seed: int = 0,
     scratch_dir: str | Path | None = None,
+    anchor: Artifact | str | Path | None = None,
 ) -> Measurement:
     """Measure `artifact` under `protocol` in a fresh child process, within `limits`.
 
@@ -359,15 +379,24 @@ def measure(
     Measurement with status oom, timeout or error. The wait for the cores counts against
     `limits.timeout_s`: cores held elsewhere for all of it give status `timeout`. The
     child's files go to a folder under `scratch_dir` (default: the system temp folder);
-    an agent gives its workdir, so that it can clean up after being killed."""
+    an agent gives its workdir, so that it can clean up after being killed.
+
+    `anchor`: an artifact of the same backend and precision timed side by side with this one
+    (loaded after the memory pass; each sample a pair): every point then also carries the
+    ratio of the two, which the host's drift between measurements does not move
+    (`devices.sampling.measure_anchored_point`). The anchor's memory counts against
+    `limits.memory_bytes` (it is loaded in the same process), never in the footprint."""
     start = time.monotonic()
     protocol = protocol or Protocol()
     limits = limits or Limits()
+    if protocol.anchor_sha256 is not None and anchor is None:
+        raise UserError("the protocol names an anchor artifact (anchor_sha256) but none was given: pass anchor= (an agent finds it among its uploaded artifacts)")
     if not isinstance(artifact, Artifact):
         artifact = Artifact.load(artifact)  # verifies every file's size and sha256
     else:
         artifact.verify()
     cpus, threads = _check_request(artifact, protocol, limits)
+    anchor_artifact = None if anchor is None else _check_anchor(anchor, artifact, protocol, limits)
     cap = limits.memory_bytes
     data_limit = int(cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM) if cap else None
     job = {
@@ -377,6 +406,7 @@ def measure(
         "threads": threads,
         "seed": seed,
         "data_limit_bytes": data_limit,
+        "anchor": None if anchor_artifact is None else str(Path(anchor_artifact.path).resolve()),
     }
     facts = dict(machine_facts())
     device_facts = dict(device or {})

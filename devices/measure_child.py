@@ -23,6 +23,12 @@ The order of work (see DESIGN.md, "Measurement protocol"):
    cores) or whose CV is high is measured again (bounded); it is flagged `disturbed` or
    `noisy` if that does not help.
 
+With an anchor (job "anchor": a second artifact of the same backend and precision), the
+anchor is loaded after the memory pass (the footprint stays the candidate's own) and every
+timed sample is a pair: the candidate's run and the anchor's run at the same point, back to
+back; the sampling targets their ratio (`devices.sampling.measure_anchored_point`), which
+drift of the host between measurements does not move (DESIGN.md, "Measurement protocol").
+
 Decode at depth C, per run: `reset()`, one untimed decode at position C-1 (it gives the
 state of a C-token context; decode latency does not depend on the state's values), then
 `decode_tokens` timed decodes at positions C .. C+decode_tokens-1. A sample is the mean
@@ -92,7 +98,7 @@ class Child:
         from devices.artifact import Artifact
         from devices.backends import backend_module, open_runner
         from devices.protocol import Protocol
-        from devices.sampling import Calibration, measure_point
+        from devices.sampling import Calibration, measure_anchored_point, measure_point
 
         job = self.job
         protocol = Protocol.from_dict(job["protocol"])
@@ -122,23 +128,7 @@ class Child:
         self.result["stack"] = self.stack_facts(runner, artifact)
         self.checkpoint()
 
-        rng = __import__("numpy").random.default_rng(job.get("seed", 0))
-        vocab = artifact.spec.vocab_size
-        prompts = {n: rng.integers(0, vocab, size=(1, n), dtype="int64") for n in protocol.prompt_lengths}
-        decode_tokens = rng.integers(0, vocab, size=(1, protocol.decode_tokens + 1), dtype="int64")
-
-        def prefill_once(n: int) -> float:
-            start = time.perf_counter_ns()
-            runner.prefill(prompts[n])
-            return (time.perf_counter_ns() - start) / 1e6
-
-        def decode_once(depth: int) -> float:
-            runner.reset()
-            runner.decode(decode_tokens[:, :1], depth - 1)  # untimed: the state of a depth-token context
-            start = time.perf_counter_ns()
-            for i in range(protocol.decode_tokens):
-                runner.decode(decode_tokens[:, i + 1 : i + 2], depth + i)
-            return (time.perf_counter_ns() - start) / 1e6 / protocol.decode_tokens
+        prefill_once, decode_once = timers(runner, artifact.spec.vocab_size, protocol, job.get("seed", 0))
 
         if calibration is not None:
             self.progress("calibrate")
@@ -164,19 +154,37 @@ class Child:
             )
             self.checkpoint()
 
+        anchor_runner = None
+        if job.get("anchor"):
+            self.progress("load_anchor")
+            anchor = Artifact.load(job["anchor"], verify=False)  # the parent checked it too
+            anchor_runner = open_runner(anchor, job["threads"])
+            pin_threads(self.cpus)
+            anchor_prefill, anchor_decode = timers(anchor_runner, anchor.spec.vocab_size, protocol, job.get("seed", 0) + 1)
+            self.result["stack"]["anchor"] = {"artifact_key": anchor.key, "spec_key": anchor.spec.key, "backend": anchor.backend, "quant": anchor.quant}
+
+        def sample(kind: str, point: int, tokens: int) -> dict[str, Any]:
+            own = functools.partial(prefill_once if kind == "prefill" else decode_once, point)
+            if anchor_runner is None:
+                return measure_point(own, protocol, tokens, calibration).to_dict()
+            theirs = functools.partial(anchor_prefill if kind == "prefill" else anchor_decode, point)
+            return measure_anchored_point(own, theirs, protocol, tokens, calibration).to_dict()
+
         for n in protocol.prompt_lengths:
             self.progress("prefill", length=n)
-            self.result["prefill"][str(n)] = measure_point(functools.partial(prefill_once, n), protocol, n, calibration).to_dict()
+            self.result["prefill"][str(n)] = sample("prefill", n, n)
             self.checkpoint()
         for depth in protocol.decode_depths:
             self.progress("decode", depth=depth)
-            self.result["decode"][str(depth)] = measure_point(functools.partial(decode_once, depth), protocol, 1, calibration).to_dict()
+            self.result["decode"][str(depth)] = sample("decode", depth, 1)
             self.checkpoint()
 
         memory["peak_rss_end_bytes"] = stack.peak_rss_bytes()[0]
         self.result["thermal"]["after"] = stack.thermal_snapshot(self.cpus)
         self.result["stack"]["loadavg_after"] = self.result["thermal"]["after"].get("loadavg")
         runner.close()
+        if anchor_runner is not None:
+            anchor_runner.close()
 
     def stack_facts(self, runner, artifact) -> dict[str, Any]:
         from devices import stack
@@ -198,6 +206,31 @@ class Child:
             "loadavg_before": self.result["thermal"]["before"].get("loadavg"),
         }
         return facts
+
+
+def timers(runner, vocab_size: int, protocol, seed: int):
+    """(prefill_once(n), decode_once(depth)) of `runner`: one timed run each, in ms (decode:
+    per token). Random tokens from `seed`: tokenisation and sampling are not part of it."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompts = {n: rng.integers(0, vocab_size, size=(1, n), dtype="int64") for n in protocol.prompt_lengths}
+    decode_tokens = rng.integers(0, vocab_size, size=(1, protocol.decode_tokens + 1), dtype="int64")
+
+    def prefill_once(n: int) -> float:
+        start = time.perf_counter_ns()
+        runner.prefill(prompts[n])
+        return (time.perf_counter_ns() - start) / 1e6
+
+    def decode_once(depth: int) -> float:
+        runner.reset()
+        runner.decode(decode_tokens[:, :1], depth - 1)  # untimed: the state of a depth-token context
+        start = time.perf_counter_ns()
+        for i in range(protocol.decode_tokens):
+            runner.decode(decode_tokens[:, i + 1 : i + 2], depth + i)
+        return (time.perf_counter_ns() - start) / 1e6 / protocol.decode_tokens
+
+    return prefill_once, decode_once
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

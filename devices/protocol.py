@@ -37,6 +37,10 @@ class Protocol:
     measure_memory: bool = True
     threads: int | None = None  # None: the device's recommended thread count
     cpus: tuple[int, ...] | None = None  # CPU affinity; None: the device's recommended cores
+    # the anchor artifact (its bundle's sha256, as an agent stores it) timed side by side with
+    # the candidate, sample by sample (devices.sampling.measure_anchored_point): part of the key,
+    # since an anchored point stops on the ratio's interval; None: no anchor
+    anchor_sha256: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_lengths", "decode_depths"):
@@ -63,6 +67,8 @@ class Protocol:
             raise UserError(f"protocol max_runs ({self.max_runs}) must be >= min_runs ({self.min_runs})")
         if not 0 <= self.trim_fraction < 0.5:
             raise UserError(f"protocol trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.anchor_sha256 is not None and not (isinstance(self.anchor_sha256, str) and len(self.anchor_sha256) == 64 and all(c in "0123456789abcdef" for c in self.anchor_sha256)):
+            raise UserError(f"protocol anchor_sha256 must be an artifact bundle's sha256 (64 lower-case hex digits), got {self.anchor_sha256!r}")
 
     @property
     def max_context(self) -> int:
@@ -74,6 +80,10 @@ class Protocol:
         data["prompt_lengths"] = list(self.prompt_lengths)
         data["decode_depths"] = list(self.decode_depths)
         data["cpus"] = list(self.cpus) if self.cpus is not None else None
+        if data["anchor_sha256"] is None:
+            # absent rather than null: a protocol without an anchor keeps the dict, the key and
+            # the wire form it had before anchors existed (cached results, stored jobs, agents)
+            del data["anchor_sha256"]
         return data
 
     @classmethod
@@ -133,6 +143,21 @@ class Stats:
     calibration_slowdown: float | None = None  # the calibration kernel around the kept attempt, over its reference
     disturbed: bool = False  # every attempt ran while the cores were busy with something else
     disturbances: list[float] = field(default_factory=list)  # slowdowns of the attempts found disturbed
+    # with an anchor (devices.sampling.measure_anchored_point): the candidate/anchor ratio's
+    # median and interval, its samples, the anchor's median and samples; None without one
+    anchor: dict[str, Any] | None = None
+
+    @property
+    def anchor_ratio(self) -> float | None:
+        """The candidate's time over the anchor's, sampled side by side; None without an anchor."""
+        return None if self.anchor is None else float(self.anchor["ratio"])
+
+    @property
+    def anchor_ratio_half_width_rel(self) -> float | None:
+        """+-x of the anchor ratio (relative) at its interval's confidence."""
+        if self.anchor is None or self.anchor.get("ratio_ci_low") is None or not self.anchor["ratio"]:
+            return None
+        return (self.anchor["ratio_ci_high"] - self.anchor["ratio_ci_low"]) / 2 / self.anchor["ratio"]
 
     @property
     def ci_half_width_rel(self) -> float | None:

@@ -15,6 +15,14 @@ ready, and again around every point; a point around which the kernel ran more th
 `disturbance_threshold` slower is re-measured (up to `max_remeasures` times) and, if it
 stays disturbed, flagged `disturbed` rather than silently reported slower.
 
+The host under a VM drifts over minutes (neighbouring machines on the same host: the same
+architecture 1.2-1.9x slower an hour later, with nothing else running in the VM; BENCHMARKS.md,
+"Measurement noise"), and the calibration kernel does not track that drift. `AnchoredRun`
+times a fixed anchor artifact of the same runtime back to back with the candidate, sample by
+sample, and `measure_anchored_point` samples their ratio: drift that slows both cancels, so
+two measurements of a candidate minutes or hours apart agree on the ratio when they disagree
+on milliseconds.
+
 Nothing here knows about models or runtimes: `run_once` is any callable returning one
 sample in milliseconds.
 """
@@ -36,6 +44,29 @@ from devices.protocol import Protocol, Stats
 CI_LEVEL = 0.95
 #: Warm-up ends when two consecutive runs differ by less than this (relative).
 STEADY_TOLERANCE = 0.05
+
+
+@lru_cache(maxsize=1024)
+def _quantile_ranks(n: int, q: float, level: float) -> tuple[int, int, float]:
+    """0-based ranks (lo, hi) of the sorted samples that bound the q-quantile with at least
+    `level` confidence (equal tails), and the exact coverage. The number of samples below the
+    true quantile is Binomial(n, q); [x_(lo), x_(hi)] covers it with probability
+    P(lo < B <= hi). With too few samples for `level`, [min, max] at its own coverage."""
+    from scipy.stats import binom
+
+    tail = (1 - level) / 2
+    lo = int(binom.ppf(tail, n, q)) - 1  # P(B <= lo) <= tail
+    hi = int(binom.ppf(1 - tail, n, q))  # P(B <= hi) >= 1 - tail
+    lo, hi = max(lo, 0), min(hi, n - 1)
+    coverage = float(binom.cdf(hi, n, q) - binom.cdf(lo, n, q)) if n > 1 else 0.0
+    return lo, hi, max(coverage, 0.0)
+
+
+def quantile_interval(samples_ms: list[float] | np.ndarray, q: float, level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(low, high, coverage) of a distribution-free confidence interval for the q-quantile."""
+    values = np.sort(np.asarray(samples_ms, dtype=np.float64))
+    lo, hi, coverage = _quantile_ranks(len(values), q, level)
+    return float(values[lo]), float(values[hi]), coverage
 
 
 @lru_cache(maxsize=256)
@@ -188,9 +219,10 @@ def warm_up(run_once: Callable[[], float], protocol: Protocol) -> int:
     return runs
 
 
-def timed_runs(run_once: Callable[[], float], protocol: Protocol) -> list[float]:
-    """At least `min_runs`; then stop as soon as the median's interval is within
-    `ci_target`, or at `max_runs`, or once the point has used `max_seconds_per_point`."""
+def timed_runs(run_once: Callable[[], float], protocol: Protocol, precision: Callable[[list[float]], float] = relative_half_width) -> list[float]:
+    """At least `min_runs`; then stop as soon as `precision` of the samples (default: the
+    median's relative interval) is within `ci_target`, or at `max_runs`, or once the point
+    has used `max_seconds_per_point`."""
     samples: list[float] = []
     start = time.perf_counter()
     gc.collect()
@@ -202,17 +234,11 @@ def timed_runs(run_once: Callable[[], float], protocol: Protocol) -> list[float]
                 continue
             if time.perf_counter() - start >= protocol.max_seconds_per_point:
                 break
-            if len(samples) >= 2 and relative_half_width(samples) <= protocol.ci_target:
+            if len(samples) >= 2 and precision(samples) <= protocol.ci_target:
                 break
     finally:
         gc.enable()
     return samples
-
-
-def _interval_width(stats: Stats) -> float:
-    if stats.ci_low_ms is None or stats.ci_high_ms is None:
-        raise ValueError("a sampled point without its median's interval; `summarize` gives every point one")
-    return stats.ci_high_ms - stats.ci_low_ms
 
 
 def _slowdown(stats: Stats) -> float:
@@ -222,20 +248,22 @@ def _slowdown(stats: Stats) -> float:
     return stats.calibration_slowdown
 
 
-def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int, calibration: SlowdownProbe | None = None) -> Stats:
+def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int, calibration: SlowdownProbe | None = None,
+                  precision: Callable[[list[float]], float] = relative_half_width) -> Stats:
     """Warm up, then sample the point; re-measure (at most `max_remeasures` times) while it
     was disturbed (the calibration kernel ran more than `disturbance_threshold` slower around
     it than at the reference) or its CV is over `cv_threshold`. Keeps the best attempt (an
-    undisturbed one first, then the tightest interval); flags `disturbed` if every attempt
-    was, and `noisy` if the kept interval is still wider than `ci_target`."""
+    undisturbed one first, then the tightest by `precision`: by default the median's relative
+    interval); flags `disturbed` if every attempt was, and `noisy` if the kept attempt's
+    precision is still worse than `ci_target`."""
     warmups = warm_up(run_once, protocol)
     attempts: list[Stats] = []
     for _ in range(1 + protocol.max_remeasures):
         if calibration is None:
-            stats = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
+            stats = summarize(timed_runs(run_once, protocol, precision), tokens, protocol.trim_fraction)
         else:
             before = calibration.slowdown()
-            stats = summarize(timed_runs(run_once, protocol), tokens, protocol.trim_fraction)
+            stats = summarize(timed_runs(run_once, protocol, precision), tokens, protocol.trim_fraction)
             slowdown = round(max(before, calibration.slowdown()), 4)
             stats.calibration_slowdown = slowdown
             stats.disturbed = protocol.disturbance_threshold > 0 and slowdown > 1 + protocol.disturbance_threshold
@@ -244,14 +272,101 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
             break
     clean = [s for s in attempts if not s.disturbed]
     if clean:  # the tightest undisturbed attempt
-        best = min(clean, key=_interval_width)
+        best = min(clean, key=lambda attempt: precision(attempt.samples_ms))
     else:  # every attempt disturbed: the least disturbed one
         best = min(attempts, key=_slowdown)
     best.remeasured = len(attempts) - 1
     best.warmup_runs = warmups
     best.disturbances = [_slowdown(s) for s in attempts if s.disturbed]
-    best.noisy = relative_half_width(best.samples_ms) > protocol.ci_target
+    best.noisy = precision(best.samples_ms) > protocol.ci_target
     return best
 
 
-__all__ = ["CI_LEVEL", "Calibration", "median_interval", "relative_half_width", "summarize", "timed_runs", "warm_up", "measure_point"]
+#: The quantile an anchored point ranks by: the host's interference only ever adds time, in
+#: bursts, so the lower quartile of a point's samples is the candidate's uninterfered time
+#: pinned down with far fewer samples than the median under a noisy host, and the ratio of
+#: the two lower quartiles is what drift between measurements does not move (BENCHMARKS.md,
+#: "Measurement noise": 20 architectures on a noisy host, spread between passes 8% -> 3%
+#: prefill and 15% -> 5% decode against the medians of the raw milliseconds).
+ANCHOR_QUANTILE = 0.25
+
+
+class AnchoredRun:
+    """A `run_once` of pairs: one run of the candidate and one of the anchor back to back
+    (which goes first alternates, so that neither always runs on caches the other warmed),
+    returning the candidate's time. Every pair is kept, in order, so that the pairs behind an
+    attempt can be found again (`pairs_of`) and their ratio judged (`precision`)."""
+
+    def __init__(self, candidate: Callable[[], float], anchor: Callable[[], float], quantile: float = ANCHOR_QUANTILE) -> None:
+        self.candidate = candidate
+        self.anchor = anchor
+        self.quantile = quantile
+        self.pairs: list[tuple[float, float]] = []
+
+    def __call__(self) -> float:
+        if len(self.pairs) % 2 == 0:
+            candidate_ms = self.candidate()
+            anchor_ms = self.anchor()
+        else:
+            anchor_ms = self.anchor()
+            candidate_ms = self.candidate()
+        if anchor_ms <= 0:
+            raise ValueError(f"the anchor ran in {anchor_ms} ms: a timer without resolution cannot normalise anything")
+        self.pairs.append((candidate_ms, anchor_ms))
+        return candidate_ms
+
+    def pairs_of(self, samples: list[float]) -> list[tuple[float, float]]:
+        """The pairs whose candidate times are `samples`, a run of consecutive samples (one attempt's)."""
+        n = len(samples)
+        mine = [c for c, _ in self.pairs]
+        for start in range(len(mine) - n, -1, -1):  # the attempt asked about is usually the last
+            if mine[start : start + n] == samples:
+                return self.pairs[start : start + n]
+        raise ValueError("these samples were not taken by this run")
+
+    def ratio(self, pairs: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+        """(ratio, low, high, coverage): the candidate's `quantile` over the anchor's, and an
+        interval for it (each quantile's distribution-free interval, relative half-widths
+        combined in quadrature: the two are sampled apart, so their errors add so)."""
+        mine, theirs = [c for c, _ in pairs], [a for _, a in pairs]
+        q_mine, q_theirs = float(np.quantile(mine, self.quantile)), float(np.quantile(theirs, self.quantile))
+        lo_m, hi_m, cov_m = quantile_interval(mine, self.quantile)
+        lo_t, hi_t, cov_t = quantile_interval(theirs, self.quantile)
+        half = math.hypot((hi_m - lo_m) / 2 / q_mine, (hi_t - lo_t) / 2 / q_theirs)
+        ratio = q_mine / q_theirs
+        return ratio, ratio * (1 - half), ratio * (1 + half), min(cov_m, cov_t)
+
+    def precision(self, samples: list[float]) -> float:
+        """The ratio's relative half-width over the pairs behind `samples` (the stopping rule)."""
+        ratio, low, high, _ = self.ratio(self.pairs_of(samples))
+        return (high - low) / 2 / ratio
+
+
+def measure_anchored_point(candidate: Callable[[], float], anchor: Callable[[], float], protocol: Protocol, tokens: int, calibration: SlowdownProbe | None = None,
+                           quantile: float = ANCHOR_QUANTILE) -> Stats:
+    """`measure_point` on pairs of the candidate and the anchor: warm-up, sampling until the
+    ratio of their `quantile`s is pinned down (within `ci_target`), the calibration check and
+    re-measures as for a plain point. Returns the candidate's own `Stats` (milliseconds,
+    median and interval of the kept attempt) and, under `anchor`, the ratio with its interval
+    and both quantiles and medians: the figure to rank by is the ratio (times a fixed
+    reference of the anchor, the same for every candidate compared)."""
+    run = AnchoredRun(candidate, anchor, quantile)
+    stats = measure_point(run, protocol, tokens, calibration, precision=run.precision)
+    pairs = run.pairs_of(stats.samples_ms)
+    ratio, low, high, coverage = run.ratio(pairs)
+    theirs = [a for _, a in pairs]
+    stats.anchor = {
+        "quantile": quantile,
+        "ratio": ratio,
+        "ratio_ci_low": low,
+        "ratio_ci_high": high,
+        "ratio_ci_level": round(coverage, 4),
+        "candidate_quantile_ms": float(np.quantile(stats.samples_ms, quantile)),
+        "anchor_quantile_ms": float(np.quantile(theirs, quantile)),
+        "anchor_median_ms": float(np.median(theirs)),
+        "anchor_samples_ms": theirs,
+    }
+    return stats
+
+
+__all__ = ["ANCHOR_QUANTILE", "CI_LEVEL", "AnchoredRun", "quantile_interval", "Calibration", "median_interval", "measure_anchored_point", "relative_half_width", "summarize", "timed_runs", "warm_up", "measure_point"]

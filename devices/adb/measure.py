@@ -158,9 +158,15 @@ class Phone:
             raise UserError(f"cores {unknown} do not exist on phone {self.transport.serial} (it has {cores}); pick cores from that list (--cpus, or the profile's affinity)")
         return chosen
 
-    def measure(self, artifact: Artifact | str | Path, protocol: Protocol | None = None, limits: Limits | None = None, device: dict[str, Any] | None = None, *, seed: int = 0, **_: Any) -> Measurement:
+    def measure(self, artifact: Artifact | str | Path, protocol: Protocol | None = None, limits: Limits | None = None, device: dict[str, Any] | None = None, *, seed: int = 0,
+                anchor: Artifact | str | Path | None = None, **_: Any) -> Measurement:
         start = time.monotonic()
         protocol, limits = protocol or Protocol(), limits or Limits()
+        if anchor is not None or protocol.anchor_sha256 is not None:
+            raise UserError(
+                f"phone {self.transport.serial}: anchored measurements (an anchor artifact timed beside each candidate) are not supported by the phone's runner yet; "
+                "measure without an anchor (lfm2-nas search --no-anchor)"
+            )
         if isinstance(artifact, Artifact):
             artifact.verify()
         else:

@@ -11,6 +11,7 @@ middle of a job does not lose the result.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -253,12 +254,16 @@ class AgentClient:
             time.sleep(min(delay, remaining) if remaining is not None else delay)
             delay = min(delay * 2, 5.0)
 
-    def measure(self, artifact: Artifact | str | Path, protocol: Protocol, job_id: str | None = None, timeout: float | None = None) -> Measurement:
+    def measure(self, artifact: Artifact | str | Path, protocol: Protocol, job_id: str | None = None, timeout: float | None = None, anchor: Artifact | str | Path | None = None) -> Measurement:
         """Upload (if needed), submit, wait: the Measurement of `artifact` on this agent.
         If the agent comes back without the job (a wiped workdir), it is sent again under
-        the same id; the earlier run's result no longer exists, so nothing is measured twice."""
+        the same id; the earlier run's result no longer exists, so nothing is measured twice.
+        `anchor`: an artifact to time side by side with this one (uploaded too, and named in
+        the protocol by its bundle's sha256)."""
         job_id = job_id or uuid.uuid4().hex
         for attempt in range(3):
+            if anchor is not None:
+                protocol = dataclasses.replace(protocol, anchor_sha256=self.upload(anchor))
             sha = self.upload(artifact)
             try:
                 self.submit(sha, protocol, job_id)

@@ -483,9 +483,15 @@ class Worker:
         if path is None:
             return Measurement.failure("error", public_error("artifact_missing", f"artifact {job.artifact_sha256} is no longer on the agent; upload it again and submit a new job"))
         protocol = Protocol.from_dict(job.protocol)
-        if self.scratch_dir is None:
-            return self._measure(path, protocol, limits=self.limits, device=dict(self.device))
-        return self._measure(path, protocol, limits=self.limits, device=dict(self.device), scratch_dir=self.scratch_dir)
+        extra: dict[str, Any] = {}
+        if protocol.anchor_sha256 is not None:
+            anchor = self.artifact_path(protocol.anchor_sha256)
+            if anchor is None:
+                return Measurement.failure("error", public_error("artifact_missing", f"the anchor artifact {protocol.anchor_sha256} is no longer on the agent; upload it again and submit a new job"))
+            extra["anchor"] = anchor
+        if self.scratch_dir is not None:
+            extra["scratch_dir"] = self.scratch_dir
+        return self._measure(path, protocol, limits=self.limits, device=dict(self.device), **extra)
 
 
 __all__ = ["JobStore", "Job", "Worker", "JobConflict", "StoreUnavailable", "QueueFull", "request_sha256", "public_error", "is_resource_error", "STATES", "MAX_ATTEMPTS", "MAX_RESOURCE_ATTEMPTS"]

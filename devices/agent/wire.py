@@ -65,6 +65,7 @@ class ProtocolBody(BaseModel):
     measure_memory: StrictBool = _DEFAULT.measure_memory
     threads: Annotated[int, Field(ge=1, le=1024), _JSON_NUMBER] | None = _DEFAULT.threads
     cpus: list[Annotated[int, Field(ge=0, le=4095), _JSON_NUMBER]] | None = Field(default=None, min_length=1, max_length=4096)
+    anchor_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN, description="an uploaded artifact timed side by side with this one (same backend and precision)")
 
     def to_protocol(self) -> Protocol:
         return Protocol.from_dict(self.model_dump())
