@@ -33,7 +33,7 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from devices.protocol import Measurement, Protocol
+from devices.protocol import Measurement, Protocol, Stats
 from lfm2.backends import DEFAULT_BACKEND, DEFAULT_QUANT
 from lfm2.errors import EnvironmentFailure, UserError
 from lfm2.spec import ArchSpec
@@ -44,7 +44,7 @@ from nas.results import CompileOutcome, MeasureOutcome, QualityOutcome
 from nas.objectives import MEMORY_CONSTRAINT, QUALITY_KINDS, SAMPLERS, memory_constraint, objective_names, objective_values
 from nas.storage import DEFAULT_STORAGE, missing_sqlite_file, open_storage
 from nas.study import create_or_resume, enqueue_presets, fail_stale_trials, finished_trials, spec_attrs
-from nas.study_schema import DeviceRecord, StudyMetadata, TrialStatus, write_estimate_error_summary, write_trial_attrs
+from nas.study_schema import ANCHOR_REFERENCE_ATTR, DeviceRecord, StudyMetadata, TrialStatus, write_estimate_error_summary, write_trial_attrs
 
 if TYPE_CHECKING:
     from nas.prescreen import Prescreen
@@ -79,6 +79,9 @@ class SearchConfig:
     measure_timeout_s: float = 900.0
     compile_resource: str | None = None  # a custom Ray resource each compile asks for one unit of (ray start --resources)
     prescreen: bool = True  # skip candidates the predictor says are over budget or dominated (nas/prescreen.py); one device only
+    # time the space's anchor architecture beside every candidate and rank by the ratio of their
+    # lower quartiles (times the study's anchor reference): the host's drift cancels (issue 21)
+    anchor: bool = True
     budgets: dict[str, int] = field(default_factory=dict)  # per-device budgets (--budget pixel8=500MB,rpi5=1GB)
 
     def __post_init__(self) -> None:
@@ -251,6 +254,8 @@ class Search:
         self.discards: list[Any] = []  # received artifact copies being removed (DeviceActor.discard)
         self.prescreen: Prescreen | None = None  # once the study is open (config.prescreen)
         self.study: optuna.Study | None = None  # once run() opened it
+        self.anchor: tuple[dict[str, Any], list] | None = None  # the anchor's (compile summary, [bundle ref]) with config.anchor
+        self.anchor_reference: dict[str, dict[str, Any]] = {}  # device -> the anchor's ms the study scales ratios by
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -287,6 +292,7 @@ class Search:
             "quality_signal": self._quality_signal(),
             "sampler": c.sampler,
             "seed": c.seed,
+            "anchor": self.space.anchor_spec().to_dict() if c.anchor else None,
             "versions": toolchain_versions(),
         }
 
@@ -324,6 +330,8 @@ class Search:
                     self.console.print(f"resumed: trials {stale} were left running by a stopped driver; failed and re-enqueued")
             else:
                 enqueue_presets(study, self.space)
+            if c.anchor:
+                self._prepare_anchor(study)
             self.quality_on_gpu = c.quality not in ("none", "layout") and cluster_has_gpu()
             if c.prescreen and not c.multi_device:  # the predictor learns one device's figures
                 from nas.prescreen import for_search
@@ -433,11 +441,46 @@ class Search:
         self._start_measurement_path(candidate)
         self._start_quality(candidate)
 
+    def _prepare_anchor(self, study: optuna.Study) -> None:
+        """Compile the space's anchor architecture once, as every candidate is compiled (it
+        then travels to each device actor the same way), and read the study's anchor
+        references of a resumed study."""
+        from nas.workers import compile_candidate
+
+        c = self.config
+        remote = [name for name, run in self.devices.items() if (run.facts.get("info") or {}).get("transport", {}).get("transport", "local") != "local"]
+        if remote:
+            raise UserError(f"device(s) {', '.join(remote)} measure over adb, whose runner has no anchored measurement yet: add --no-anchor")
+        spec = self.space.anchor_spec()
+        if self.console:
+            self.console.print(f"anchor: {spec.layout} d={spec.d_model} compiled for {c.backend} {c.quant}, timed beside every candidate (--no-anchor: without)")
+        ref, bundle = compile_candidate.options(num_cpus=1).remote(spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.worker_cpus, self.home_node)
+        outcome = CompileOutcome.from_dict(ray.get(ref))
+        if not outcome.ok:
+            raise UserError(f"the anchor architecture ({spec.layout}, d {spec.d_model}) did not compile for {c.backend} {c.quant}: {outcome.error}; search with --no-anchor")
+        self.anchor = (outcome.to_dict(), [bundle])
+        self.anchor_reference = dict(study.user_attrs.get(ANCHOR_REFERENCE_ATTR) or {})
+
+    def _anchored_ms(self, device: str, trial_number: int, prefill: Stats, decode: Stats) -> tuple[float, float]:
+        """The objectives of an anchored measurement: each ratio to the anchor times the
+        study's reference for the anchor on this device (the anchor's milliseconds in the
+        study's first anchored measurement there, stored in the study: every trial, resumed
+        or not, is scaled by the same number, so its ranking is the ratios')."""
+        if prefill.anchor is None or decode.anchor is None:
+            raise AssertionError(f"trial {trial_number}: an anchored search got a measurement without its anchor ratios")
+        reference = self.anchor_reference.get(device)
+        if reference is None:
+            reference = {"prefill_ms": prefill.anchor["anchor_quantile_ms"], "decode_ms": decode.anchor["anchor_quantile_ms"], "trial": trial_number}
+            self.anchor_reference[device] = reference
+            self._open_study().set_user_attr(ANCHOR_REFERENCE_ATTR, self.anchor_reference)
+        return prefill.anchor["ratio"] * reference["prefill_ms"], decode.anchor["ratio"] * reference["decode_ms"]
+
     def _measurement_key(self, spec: ArchSpec, device: str) -> str:
         from devices.artifact import measurement_revision, toolchain_versions
 
         c = self.config
-        return measurement_key(spec.key, c.backend, c.quant, c.protocol.key, self.devices[device].fingerprint, toolchain_versions(), measurement_revision(c.backend))
+        protocol = c.protocol.key + (f"+anchor:{self.space.anchor_spec().key}" if c.anchor else "")
+        return measurement_key(spec.key, c.backend, c.quant, protocol, self.devices[device].fingerprint, toolchain_versions(), measurement_revision(c.backend))
 
     def _start_measurement_path(self, candidate: Candidate) -> None:
         from nas.workers import compile_candidate
@@ -560,7 +603,7 @@ class Search:
         # rather than fetching the bytes, and the actor fetches them only if it needs them.
         for device in [d for d in candidate.targets if d not in candidate.measurements]:
             candidate.measure_refs[device] = self.devices[device].actor.measure.remote(
-                outcome.to_dict(), [candidate.bundle_ref], c.protocol.to_dict(), self._measurement_key(candidate.spec, device), c.measure_timeout_s
+                outcome.to_dict(), [candidate.bundle_ref], c.protocol.to_dict(), self._measurement_key(candidate.spec, device), c.measure_timeout_s, self.anchor
             )
 
     def _on_measure(self, candidate: Candidate, outcome: MeasureOutcome, device: str) -> None:
@@ -655,7 +698,10 @@ class Search:
         prefill, decode = measurement.prefill[c.context], measurement.decode[c.context]
         footprint = measurement.memory.get("footprint_bytes")
         record.measurement = m
-        record.prefill_ms, record.decode_ms = prefill.median_ms, decode.median_ms
+        if c.anchor:
+            record.prefill_ms, record.decode_ms = self._anchored_ms(device, candidate.trial.number, prefill, decode)
+        else:
+            record.prefill_ms, record.decode_ms = prefill.median_ms, decode.median_ms
         record.prefill_stats, record.decode_stats = prefill.to_dict(), decode.to_dict()
         record.footprint_bytes, record.peak_rss_bytes = footprint, measurement.memory.get("peak_rss_bytes")
         if footprint:

@@ -38,6 +38,7 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
     prescreen: bool = typer.Option(True, "--prescreen/--no-prescreen", help="Once 10 candidates are measured, skip (as 'skipped', not compiled) those the latency/memory predictor says are surely over budget or dominated."),
+    anchor: bool = typer.Option(True, "--anchor/--no-anchor", help="Time the space's anchor architecture beside every candidate, sample by sample, and rank by the ratio (x the study's anchor reference): the machine's drift between measurements cancels. Doubles the time a point takes; not on phones over adb."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
     from lfm2.sizes import format_size
@@ -50,7 +51,7 @@ def search(
         device=device, budget_bytes=budget_bytes, budgets=budgets, trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant or default_quant(backend), context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
-        prescreen=prescreen,
+        prescreen=prescreen, anchor=anchor,
         measure_timeout_s=measure_timeout,
     )
     import warnings

@@ -31,6 +31,12 @@ def create_or_resume(name: str, storage: optuna.storages.BaseStorage, storage_ur
                     f"study {name!r} was run with {field}={previous[field]!r}, not {metadata[field]!r}; "
                     "resume it with the same settings, or start a new --study"
                 )
+        if previous.get("anchor") != metadata.get("anchor"):
+            # anchored objectives are ratios times the study's reference, plain ones milliseconds
+            # as measured: one study must not mix them
+            was = "with the anchor " + ArchSpec.from_dict(previous["anchor"]).layout if previous.get("anchor") else "without an anchor"
+            hint = "--no-anchor" if not previous.get("anchor") else "the anchor (drop --no-anchor)"
+            raise UserError(f"study {name!r} was measured {was}; resume it with {hint}, or start a new --study")
         return study, True
     if resume:
         raise UserError(f"--resume: there is no study {name!r} in {storage_url} to resume; drop --resume to start it")

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 #: The study user attr that holds `StudyMetadata`.
 METADATA_KEY = "lfm2_nas"
+#: The study user attr of an anchored search: device -> {prefill_ms, decode_ms, trial}, the
+#: anchor's own milliseconds that every trial's ratios are multiplied by (nas.search)
+ANCHOR_REFERENCE_ATTR = "anchor_reference"
 #: The trial constraint (footprint - budget, bytes; feasible when <= 0), set with `set_constraint`.
 MEMORY_CONSTRAINT = "memory_over_budget_bytes"
 #: Where a study lives unless `--storage` says otherwise.
@@ -92,6 +95,8 @@ class StudyMetadata:
     #: a multi-device study: name -> the facts `device` holds for one device, and name -> budget
     devices: dict[str, Any] | None = None
     budgets_bytes: dict[str, int] | None = None
+    #: the anchor architecture (a spec dict) timed beside every candidate; None: not anchored
+    anchor: dict[str, Any] | None = None
     #: keys this version does not know (a newer writer's): kept, never dropped on a rewrite
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +129,8 @@ class StudyMetadata:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         if not values["device"]:  # a multi-device study records `devices` instead
             del values["device"]
+        if values["anchor"] is None:  # not anchored: the metadata of before anchors existed
+            del values["anchor"]
         for name in ("devices", "budgets_bytes"):  # a single-device study has neither
             if values[name] is None:
                 del values[name]
@@ -603,6 +610,7 @@ def load_study(name: str, storage_url: str | None = None, storage: optuna.storag
 
 
 __all__ = [
+    "ANCHOR_REFERENCE_ATTR",
     "METADATA_KEY",
     "MEMORY_CONSTRAINT",
     "DEFAULT_STORAGE",

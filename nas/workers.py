@@ -185,19 +185,21 @@ class _DeviceActor:
     def info(self) -> dict[str, Any]:
         return self.client.info()
 
-    def measure(self, compiled: dict[str, Any], bundle: list, protocol: dict, job_id: str, timeout_s: float) -> dict[str, Any]:
+    def measure(self, compiled: dict[str, Any], bundle: list, protocol: dict, job_id: str, timeout_s: float, anchor: tuple[dict[str, Any], list] | None = None) -> dict[str, Any]:
         """Measure the artifact `compiled` describes (a compile_candidate summary; `bundle`
         is [its bundle's ObjectRef or None]). The agent keeps artifacts by sha256, so the
-        client sends the bundle only if the agent does not have it yet. A `MeasureOutcome`
-        as a dict."""
+        client sends the bundle only if the agent does not have it yet. `anchor`: the
+        anchor's (compile summary, [bundle ref]), timed side by side with the candidate
+        (sent once: the agent keeps it too). A `MeasureOutcome` as a dict."""
         started = time.perf_counter()
         try:
             from devices.artifact import Artifact
             from devices.protocol import Protocol
 
             path = materialise(compiled, bundle, timeout_s=timeout_s)
+            anchor_path = None if anchor is None else materialise(anchor[0], anchor[1], timeout_s=timeout_s)
             received_s = time.perf_counter() - started
-            measurement = self.client.measure(Artifact.load(path), Protocol.from_dict(protocol), job_id=job_id, timeout=timeout_s)
+            measurement = self.client.measure(Artifact.load(path), Protocol.from_dict(protocol), job_id=job_id, timeout=timeout_s, anchor=anchor_path)
             return MeasureOutcome(ok=True, measurement=measurement.to_dict(), local_path=str(path), received_s=received_s, wall_s=time.perf_counter() - started).to_dict()
         except Exception as exc:
             return MeasureOutcome.from_exception(exc, time.perf_counter() - started).to_dict()

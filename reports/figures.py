@@ -95,11 +95,19 @@ def _hover(trial: TrialRow) -> str:
 
 def _interval(trial: TrialRow, metric: str) -> tuple[float, float] | None:
     """(below, above) the plotted median: the measured 95% interval of a latency objective,
-    when the trial stored one (`ci_low_ms`/`ci_high_ms` in its stats)."""
+    when the trial stored one (`ci_low_ms`/`ci_high_ms` in its stats; in an anchored study,
+    the objective is the ratio to the anchor times a reference, so the ratio's interval,
+    scaled alike)."""
     stats = {"prefill_ms": trial.prefill_stats, "decode_ms": trial.decode_stats}.get(metric)
-    if not stats or stats.get("ci_low_ms") is None or stats.get("ci_high_ms") is None or metric not in trial.values:
+    if not stats or metric not in trial.values:
         return None
     value = trial.values[metric]
+    anchor = stats.get("anchor")
+    if isinstance(anchor, dict) and anchor.get("ratio") and anchor.get("ratio_ci_low") is not None and anchor.get("ratio_ci_high") is not None:
+        scale = value / anchor["ratio"]
+        return max(0.0, value - anchor["ratio_ci_low"] * scale), max(0.0, anchor["ratio_ci_high"] * scale - value)
+    if stats.get("ci_low_ms") is None or stats.get("ci_high_ms") is None:
+        return None
     return max(0.0, value - stats["ci_low_ms"]), max(0.0, stats["ci_high_ms"] - value)
 
 

@@ -19,6 +19,8 @@ from typing import Any, Collection, Iterable
 import plotly.io
 import plotly.offline
 
+from lfm2.errors import UserError
+from lfm2.spec import ArchSpec
 from reports.devices import device_names, device_view, on_every_front
 from reports.figures import OUTCOME_COLOURS, OUTCOME_LABELS, multi_device_figures, report_figures
 from reports.pareto import REFERENCE_MARGIN
@@ -295,6 +297,20 @@ def _facts_table(facts: dict[str, Any], depth: int = 0) -> str:
     return f'<table class="facts">{"".join(rows)}</table>'
 
 
+def _latency_basis(facts: dict) -> str:
+    """How the study's latency objectives were taken: anchored (a ratio to the anchor
+    architecture times the study's reference) or the medians as measured."""
+    anchor = facts.get("anchor")
+    if not isinstance(anchor, dict):
+        return "medians as measured"
+    try:
+        spec = ArchSpec.from_dict(anchor)
+    except (UserError, ValueError, TypeError, KeyError):  # a damaged attr: say so rather than fail the report
+        return "anchored (the anchor's spec is unreadable)"
+    return (f"anchored: the candidate's lower quartile over the anchor's ({spec.layout}, d {spec.d_model}), timed side by side, "
+            "times the anchor's own lower quartile in the study's first measurement (study attr anchor_reference)")
+
+
 def facts_section(data: StudyData) -> str:
     facts = data.facts
     if not facts:
@@ -309,6 +325,7 @@ def facts_section(data: StudyData) -> str:
         "quality signal version": facts.get("quality_signal"),  # absent from studies before it was recorded
         "sampler": facts.get("sampler"),
         "seed": facts.get("seed"),
+        "latency figures": _latency_basis(facts),
         "lfm2-nas version": facts.get("version"),
     }
     devices = recorded if isinstance(recorded := facts.get("devices"), dict) else {}
@@ -324,7 +341,7 @@ def facts_section(data: StudyData) -> str:
     space = facts.get("space")
     if isinstance(space, dict):
         boxes.append(("Search space", space))
-    known = {"device", "devices", "budgets_bytes", "backend", "quant", "context", "budget_bytes", "quality", "quality_signal", "sampler", "seed", "version", "protocol", "versions", "space"}
+    known = {"device", "devices", "budgets_bytes", "backend", "quant", "context", "budget_bytes", "quality", "quality_signal", "sampler", "seed", "version", "protocol", "versions", "space", "anchor"}
     others = {k: v for k, v in facts.items() if k not in known}
     if others:
         boxes.append(("Other facts", others))

@@ -179,6 +179,30 @@ class SearchSpace:
             qk_norm=pick("qk_norm"),
         )
 
+    def anchor_spec(self) -> ArchSpec:
+        """The space's anchor: one fixed architecture timed beside every candidate of an
+        anchored measurement (`devices.measure`'s anchor), so that every candidate's ratio has
+        the same denominator. A typical member, so that drift slows it as it slows the
+        candidates: the middle value of every choice (the upper of two middles), and LFM2's
+        own choices where the space offers them: its operator pattern (convolutions, attention
+        at the third and sixth layers) and its convolution kernel of 3.
+        Small space: CCACCA, d 512, FFN 1792, 2 K/V heads, 26M parameters."""
+        operators = self.values("operators")
+        base = "conv" if "conv" in operators else operators[0]
+        mixer = "attn" if "attn" in operators else base
+        params: dict[str, Any] = {}
+        for name, dist in self._distributions.items():
+            if name.startswith("layer_"):
+                params[name] = mixer if int(name.removeprefix("layer_")) in (2, 5) else base
+            elif name == "conv_kernel" and _allowed(dist, 3):
+                params[name] = 3
+            elif isinstance(dist, IntDistribution):
+                steps = (dist.high - dist.low) // dist.step
+                params[name] = dist.low + ((steps + 1) // 2) * dist.step
+            else:
+                params[name] = dist.choices[len(dist.choices) // 2]
+        return self.spec_from_params(params)
+
     # -- membership ------------------------------------------------------------------------
 
     def ffn_widths(self, d_model: int) -> dict[int, float]:

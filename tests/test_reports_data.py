@@ -219,3 +219,22 @@ def test_latency_axes_carry_the_measured_intervals_as_error_bars(tmp_path, study
     assert checked > 0
     quality = front_figure(data, "prefill_ms", "quality")
     assert all(t.error_y.array is None for t in quality.data)  # no interval for the proxy score
+
+
+def test_an_anchored_latency_gets_the_ratios_interval_scaled_to_the_objective_and_the_facts_say_so():
+    """In an anchored study the objective is the ratio to the anchor times a reference: its
+    error bar is the ratio's interval on that scale, not the raw milliseconds' interval."""
+    from types import SimpleNamespace
+
+    from reports.figures import _interval
+    from reports.html import _latency_basis
+    from search_space import SearchSpace
+
+    stats = {"median_ms": 50.0, "ci_low_ms": 40.0, "ci_high_ms": 70.0, "anchor": {"ratio": 2.0, "ratio_ci_low": 1.9, "ratio_ci_high": 2.2}}
+    trial = SimpleNamespace(prefill_stats=stats, decode_stats=None, values={"prefill_ms": 30.0})  # reference 15 ms
+    below, above = _interval(trial, "prefill_ms")
+    assert (30.0 - below, 30.0 + above) == (pytest.approx(28.5), pytest.approx(33.0))
+    plain = SimpleNamespace(prefill_stats={k: v for k, v in stats.items() if k != "anchor"}, decode_stats=None, values={"prefill_ms": 50.0})
+    assert _interval(plain, "prefill_ms") == (pytest.approx(10.0), pytest.approx(20.0))
+    assert "anchored" in _latency_basis({"anchor": SearchSpace.load("small").anchor_spec().to_dict()}) and "CCACCA" in _latency_basis({"anchor": SearchSpace.load("small").anchor_spec().to_dict()})
+    assert _latency_basis({}) == "medians as measured"

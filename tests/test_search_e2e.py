@@ -50,6 +50,15 @@ def test_search_over_the_small_space_on_the_local_device(lfm2_nas, tmp_path, env
         assert trial.user_attrs["prefill_stats"]["samples_ms"]
         stats = trial.user_attrs["decode_stats"]
         assert stats["ci_low_ms"] <= stats["median_ms"] <= stats["ci_high_ms"]  # the interval is stored with every figure
+    # anchored by default: every objective is the ratio to the space's anchor times the study's
+    # reference (the anchor's ms in its first measurement), and says so in the study
+    assert meta["anchor"]["layers"] == ["conv", "conv", "attn", "conv", "conv", "attn"]
+    (reference,) = study.user_attrs["anchor_reference"].values()
+    for trial in complete:
+        for metric, value in zip(("prefill", "decode"), trial.values):
+            anchor = trial.user_attrs[f"{metric}_stats"]["anchor"]
+            assert anchor["ratio_ci_low"] <= anchor["ratio"] <= anchor["ratio_ci_high"]
+            assert value == pytest.approx(anchor["ratio"] * reference[f"{metric}_ms"])
     assert study.best_trials
     assert len([t for t in study.trials if t.state.is_finished()]) == 4
 
@@ -91,6 +100,11 @@ def test_resume_after_the_driver_is_killed_repeats_no_completed_trial(lfm2_nas, 
     # a candidate measured before the kill is not measured again after it
     keys_after = [t.user_attrs.get("spec_key") for t in study.trials if t.number not in before and t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("cached")]
     assert not set(keys_after) & {key for _, key in before.values()}
+    # one anchor reference for the whole study, across the kill
+    assert len(study.user_attrs["anchor_reference"]) == 1
+    # resuming the anchored study without its anchor would mix ratios and milliseconds: refused
+    refused = lfm2_nas("search", *BASE, "--trials", "4", "--study", "crash", "--resume", "--no-anchor", cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "measured with the anchor CCACCA" in refused.stderr and "drop --no-anchor" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_failures_are_recorded_with_their_reasons(lfm2_nas, tmp_path, env):

@@ -187,3 +187,18 @@ def test_describe_reports_size_ranges_and_presets():
     assert 5_000_000 <= small["parameters_min"] and small["parameters_max"] <= 70_000_000
     for spec in (s for _, s in random_specs(SearchSpace.load("small"), 50, seed=5)):
         assert small["parameters_min"] <= costs.parameters(spec) <= small["parameters_max"]
+
+
+@pytest.mark.parametrize("name", BUILTIN_SPACES)
+def test_every_space_has_a_fixed_anchor_inside_it(name):
+    """The anchor an anchored search times beside every candidate: a point of the space, the
+    same every time, in LFM2's pattern (attention at layers 2 and 5 where the space has it)."""
+    space = SearchSpace.load(name)
+    anchor = space.anchor_spec()
+    assert space.contains(anchor) and SearchSpace.load(name).anchor_spec() == anchor
+    if "attn" in space.values("operators") and "conv" in space.values("operators"):
+        assert [i for i, op in enumerate(anchor.layers) if op == "attn"] == [2, 5]
+    low, high = space.parameter_range()
+    assert low <= costs.parameters(anchor) <= high
+    if name == "small":
+        assert (anchor.layout, anchor.d_model, anchor.ffn_dim, anchor.n_kv_heads, anchor.conv_kernel) == ("CCACCA", 512, 1792, 2, 3)
