@@ -148,7 +148,7 @@ def _check_worker(path: str) -> dict[str, Any]:
 
 
 def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: Path | None = None, threads: int | None = None, timeout_s: float | None = 900.0,
-                        precompiled: dict[str, Any] | None = None) -> dict[str, Any]:
+                        precompiled: dict[str, Any] | None = None, anchor: Any = None) -> dict[str, Any]:
     """Compile `spec` (cached; normally already done by `precompile`), check it against
     eager (recorded, see `check_against_eager`) and measure it in a fresh child process
     (`devices.measure`).
@@ -158,6 +158,9 @@ def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: 
     process, and a compile that was killed for memory in its own process would take the
     whole benchmark with it (an fp32 0.6B ExecuTorch export with four prefill lengths needs
     more than this machine's 24 GB).
+
+    `anchor`: an artifact (or its path) timed side by side with this one, sample by sample
+    (`devices.measure`'s anchor): each point then carries the ratio to it.
 
     Returns plain data: `ok`, `compile_wall_s`, `artifact` facts with `verification`, the
     `measurement` dict, or `error` with the stage. A failure is data, not an exception:
@@ -189,7 +192,7 @@ def compile_and_measure(spec, backend: str, quant: str, protocol, *, cache_dir: 
         "verification": check_against_eager(artifact),
     }
     try:
-        measurement = measure(artifact, protocol, Limits(threads=threads, timeout_s=timeout_s))
+        measurement = measure(artifact, protocol, Limits(threads=threads, timeout_s=timeout_s), anchor=anchor)
     except Exception as exc:
         result.update(ok=False, stage="measure", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"[:2000])
         return result
@@ -289,10 +292,16 @@ def measured_ms(result: dict[str, Any], kind: str, point: int) -> float | None:
     return None if stats is None else stats["median_ms"]
 
 
+def anchor_ratio(result: dict[str, Any], kind: str, point: int) -> float | None:
+    """The candidate/anchor ratio of `kind` at `point` (an anchored measurement), or None."""
+    stats = ((result.get("measurement") or {}).get(kind) or {}).get(str(point))
+    return None if not stats or not stats.get("anchor") else float(stats["anchor"]["ratio"])
+
+
 def footprint_bytes(result: dict[str, Any]) -> int | None:
     if not result.get("ok"):
         return None
     return (result["measurement"].get("memory") or {}).get("footprint_bytes")
 
 
-__all__ = ["base_parser", "BenchRun", "compile_and_measure", "check_against_eager", "verified", "precompile", "measured_ms", "footprint_bytes", "usable_cores", "log"]
+__all__ = ["base_parser", "BenchRun", "compile_and_measure", "check_against_eager", "verified", "precompile", "measured_ms", "anchor_ratio", "footprint_bytes", "usable_cores", "log"]

@@ -145,6 +145,13 @@ def arithmetic(spec: ArchSpec, prefill_lengths: tuple[int, ...], decode_depths: 
     }
 
 
+def anchor_spec(space: str = "small") -> ArchSpec:
+    """The space's anchor architecture (`SearchSpace.anchor_spec`), as a search measures beside every candidate."""
+    from search_space import SearchSpace
+
+    return SearchSpace.load(space).anchor_spec()
+
+
 def sample_space(n: int, seed: int = 0, space: str = "small") -> list[ArchSpec]:
     """`n` distinct architectures drawn uniformly from a search space (Optuna's random
     sampler with `seed`, through the space's own trial encoding): the same list every time."""

@@ -21,8 +21,8 @@ reads.
 
 from __future__ import annotations
 
-from bench.harness import BenchRun, base_parser, compile_and_measure, footprint_bytes, log, measured_ms, precompile
-from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, quick_models, sample_space
+from bench.harness import BenchRun, anchor_ratio, base_parser, compile_and_measure, footprint_bytes, log, measured_ms, precompile
+from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, anchor_spec, quick_models, sample_space
 from bench.report import fmt, markdown_table, pct
 from bench.stats import repeatability
 from search_space import costs
@@ -38,6 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--quant", default="fp32", help="precision (default fp32)")
     parser.add_argument("--prefill", type=int, default=512, help="prefill length in tokens (default 512)")
     parser.add_argument("--depth", type=int, default=512, help="decode context depth (default 512)")
+    parser.add_argument("--anchor", action="store_true",
+                        help="time every point side by side with a fixed anchor architecture (bench.models.anchor_spec) and report the candidate/anchor ratio's repeatability beside the milliseconds'")
     parser.add_argument("--order", choices=("sequential", "interleaved"), default="sequential",
                         help="sequential: pass 1 over all, then pass 2 (drift + process noise); interleaved: each architecture's passes back to back (process noise only)")
     return parser.parse_args(argv)
@@ -51,18 +53,25 @@ def variant_flags(args) -> list[str]:
         flags += ["--backend", args.backend, "--quant", args.quant]
     if args.order != "sequential":
         flags += ["--order", args.order]
+    if args.anchor:
+        flags += ["--anchor"]
     return flags
 
 
-def block_name(args) -> str:
+def variant_words(args) -> list[str]:
+    """The variant's words: the values of its flags, and `anchored` for --anchor."""
     flags = variant_flags(args)
-    return NAME if not flags else "_".join([NAME] + [f for f in flags if not f.startswith("--")])
+    return [f for f in flags if not f.startswith("--")] + (["anchored"] if "--anchor" in flags else [])
+
+
+def block_name(args) -> str:
+    return "_".join([NAME, *variant_words(args)])
 
 
 def title(args) -> str:
-    flags = variant_flags(args)
     what = "Repeatability: the same architectures measured twice in separate processes"
-    return what if not flags else f"{what} ({' '.join(f for f in flags if not f.startswith('--'))})"
+    words = variant_words(args)
+    return what if not words else f"{what} ({' '.join(words)})"
 
 
 def protocol_for(prefill: int, depth: int, threads: int, quick: bool):
@@ -97,6 +106,12 @@ def within_process(results: list[dict], kind: str, point: int) -> dict | None:
     }
 
 
+def anchor_ms(result: dict, kind: str, point: int) -> float | None:
+    """The anchor's own lower quartile in this measurement: how far the host drifted between passes."""
+    stats = point_stats(result, kind, point)
+    return None if not stats or not stats.get("anchor") else float(stats["anchor"]["anchor_quantile_ms"])
+
+
 def pair_metrics(first: list[float | None], second: list[float | None]) -> dict | None:
     """`bench.stats.repeatability` over the items measured in both passes (None: failed)."""
     pairs = [(a, b) for a, b in zip(first, second) if a is not None and b is not None]
@@ -115,7 +130,15 @@ def main(argv=None) -> int:
         specs, prefill, depth = sample_space(args.archs, seed=args.seed), args.prefill, args.depth
     protocol = protocol_for(prefill, depth, args.threads, args.quick)
 
-    compiled = precompile([(spec, args.backend, args.quant) for spec in specs], protocol, cache_dir=args.cache_dir)
+    anchor = None if not args.anchor else anchor_spec()
+    jobs = [(spec, args.backend, args.quant) for spec in specs] + ([(anchor, args.backend, args.quant)] if anchor else [])
+    compiled = precompile(jobs, protocol, cache_dir=args.cache_dir)
+    anchor_artifact = None
+    if anchor is not None:
+        if not compiled[-1].get("ok"):
+            log(f"[{NAME}] the anchor {anchor.layout} did not compile: {compiled[-1].get('error')}")
+            return 1
+        anchor_artifact = compiled[-1]["path"]
     results: dict[tuple[int, int], dict] = {}  # (pass, architecture number) -> its result
     order = [(index, number) for index in range(2) for number in range(len(specs))]
     if args.order == "interleaved":
@@ -124,7 +147,7 @@ def main(argv=None) -> int:
     for index, number in order:
         spec = specs[number]
         log(f"[{NAME}] pass {index + 1}, {number + 1}/{len(specs)}: {spec.layout} d={spec.d_model} ({costs.parameters(spec) / 1e6:.1f}M)")
-        result = compile_and_measure(spec, args.backend, args.quant, protocol, cache_dir=args.cache_dir, threads=args.threads, precompiled=compiled[number])
+        result = compile_and_measure(spec, args.backend, args.quant, protocol, cache_dir=args.cache_dir, threads=args.threads, precompiled=compiled[number], anchor=anchor_artifact)
         if not result["ok"]:
             log(f"[{NAME}]   failed at {result.get('stage')}: {result.get('error', '')[:300]}")
         elif (result.get("measurement") or {}).get("wall_time_s"):
@@ -137,6 +160,9 @@ def main(argv=None) -> int:
         first = [measured_ms(r, kind, point) for r in passes[0]]
         second = [measured_ms(r, kind, point) for r in passes[1]]
         metrics[kind] = pair_metrics(first, second)
+        if anchor is not None:
+            metrics[f"{kind}_anchored"] = pair_metrics([anchor_ratio(r, kind, point) for r in passes[0]], [anchor_ratio(r, kind, point) for r in passes[1]])
+            metrics[f"{kind}_anchor_itself"] = pair_metrics([anchor_ms(r, kind, point) for r in passes[0]], [anchor_ms(r, kind, point) for r in passes[1]])
     footprints = [(footprint_bytes(a), footprint_bytes(b)) for a, b in zip(*passes)]
     fp_pairs = [(a, b) for a, b in footprints if a and b]
     metrics["footprint"] = pair_metrics([a for a, _ in fp_pairs], [b for _, b in fp_pairs]) if len(fp_pairs) >= 2 else None
@@ -155,13 +181,21 @@ def main(argv=None) -> int:
                 "prefill_ms": [measured_ms(a, "prefill", prefill), measured_ms(b, "prefill", prefill)],
                 "decode_ms": [measured_ms(a, "decode", depth), measured_ms(b, "decode", depth)],
                 "footprint_bytes": [footprint_bytes(a), footprint_bytes(b)],
+                "prefill_anchor_ratio": [anchor_ratio(a, "prefill", prefill), anchor_ratio(b, "prefill", prefill)],
+                "decode_anchor_ratio": [anchor_ratio(a, "decode", depth), anchor_ratio(b, "decode", depth)],
                 "errors": [r.get("error") for r in (a, b) if not r["ok"]],
             }
         )
-    run.save({"backend": args.backend, "quant": args.quant, "prefill_tokens": prefill, "decode_depth": depth, "protocol": protocol.to_dict(), "metrics": metrics, "rows": rows, "raw": passes})
+    run.save({"backend": args.backend, "quant": args.quant, "prefill_tokens": prefill, "decode_depth": depth, "protocol": protocol.to_dict(), "anchor": None if anchor is None else anchor.to_dict(),
+              "metrics": metrics, "rows": rows, "raw": passes})
     command = ["python -m bench.repeatability"] + (["--quick"] if args.quick else []) + ([f"--archs {args.archs}"] if not args.quick and args.archs != 10 else []) + variant_flags(args)
     run.finish(render(metrics, rows, args, prefill, depth), " ".join(command))
     return 0
+
+
+def anchor_layout(args) -> str:
+    spec = anchor_spec()
+    return f"{spec.layout}, d {spec.d_model}, {costs.parameters(spec) / 1e6:.0f}M parameters"
 
 
 def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> str:
@@ -173,6 +207,11 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         else:
             summary.append([label, m["n"], pct(m["median_relative_spread"], 1), pct(m["p90_relative_spread"], 1), pct(m["max_relative_spread"], 1), f"{m['tau']:.3f}", f"{m['p_value']:.2g}"])
     for kind, label in (("prefill", f"prefill {prefill} tokens"), ("decode", f"decode per token at depth {depth}")):
+        for suffix, what in (("_anchored", "relative to the anchor (candidate / anchor lower quartiles, sampled side by side)"), ("_anchor_itself", "the anchor's own ms beside each candidate (the drift)")):
+            m = metrics.get(kind + suffix)
+            if m is not None:
+                summary.append([f"{label}: {what}", m["n"], pct(m["median_relative_spread"], 1), pct(m["p90_relative_spread"], 1), pct(m["max_relative_spread"], 1), f"{m['tau']:.3f}", f"{m['p_value']:.2g}"])
+    for kind, label in (("prefill", f"prefill {prefill} tokens"), ("decode", f"decode per token at depth {depth}")):
         w = (metrics.get("within_process") or {}).get(kind)
         if w:
             summary.append([f"{label}: inside one process (median's 95% CI, +-)", w["n"], pct(w["median_ci_half_width"], 1), "-", pct(w["max_ci_half_width"], 1), "-",
@@ -180,7 +219,9 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
     detail = []
     for r in rows:
         p, d, f = r["prefill_ms"], r["decode_ms"], r["footprint_bytes"]
-        detail.append([r["layout"], fmt(r["parameters"]), f"{fmt(p[0])} / {fmt(p[1])}", f"{fmt(d[0])} / {fmt(d[1])}", " / ".join("-" if x is None else f"{x / 2**20:.0f}" for x in f), "; ".join(e[:80] for e in r["errors"]) or ""])
+        ratios = [" / ".join("-" if x is None else f"{x:.3f}" for x in r.get(name) or (None, None)) for name in ("prefill_anchor_ratio", "decode_anchor_ratio")]
+        detail.append([r["layout"], fmt(r["parameters"]), f"{fmt(p[0])} / {fmt(p[1])}", f"{fmt(d[0])} / {fmt(d[1])}", *(ratios if args.anchor else []),
+                       " / ".join("-" if x is None else f"{x / 2**20:.0f}" for x in f), "; ".join(e[:80] for e in r["errors"]) or ""])
     failed = sum(1 for r in rows if r["errors"])
     how = (
         ("How: the quick run's tiny LFM2 and its all-attention twin, " if args.quick else f"How: {len(rows)} architectures drawn uniformly from the small search space (Optuna random sampler, seed {args.seed}), ")
@@ -188,6 +229,13 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         + ("back to back (interleaved: A A B B ..., process-to-process noise only)" if metrics.get("order") == "interleaved" else "in two passes over all of them (sequential: drift between passes included)")
         + f", every measurement in a fresh child process (`devices.measure`; {args.threads} threads; warm-up until steady, then timed runs until the median's 95% interval "
         f"is within +-2% or the point's time cap; a point disturbed per the calibration kernel is re-measured). "
+        + (
+            f"Anchored: every timed sample is a pair, the candidate's run and the anchor's ({anchor_layout(args)}, compiled for the same backend and precision) back to back, "
+            "and sampling stops when the ratio of their lower quartiles is pinned down (devices.sampling.ANCHOR_QUANTILE: interference only adds time, in bursts); "
+            "the ratio is what drift of the host between the passes should not move. "
+            if args.anchor
+            else ""
+        )
         + (f"Median wall time per measured point: {metrics['seconds_per_point']:.1f} s. " if metrics.get("seconds_per_point") else "")
         + "Relative spread = |pass 1 - pass 2| / mean; Kendall's tau-b (scipy) between the two passes' orderings "
         f"(1 = identical ranking). {failed} architecture(s) failed in at least one pass."
@@ -203,7 +251,7 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
             how,
             markdown_table(["what", "architectures", "median spread", "p90 spread", "max spread", "Kendall tau", "p-value"], summary),
             "<details><summary>Per architecture (pass 1 / pass 2)</summary>\n\n"
-            + markdown_table(["layout", "params", "prefill ms", "decode ms/token", "footprint MiB", "error"], detail)
+            + markdown_table(["layout", "params", "prefill ms", "decode ms/token", *(["prefill / anchor", "decode / anchor"] if args.anchor else []), "footprint MiB", "error"], detail)
             + "\n\n</details>",
         ]
     )

@@ -80,7 +80,9 @@ class _Hog:
     sooner (a context manager: they never outlive the test)."""
 
     def __init__(self, core: int, processes: int = 3):
-        code = f"import os, time; os.sched_setaffinity(0, [{core}]); end = time.time() + 60\nwhile time.time() < end: pass"
+        # monotonic: a wall clock stepped forward (a VM's clock resynchronised) must not end
+        # the hogs in the middle of the test
+        code = f"import os, time; os.sched_setaffinity(0, [{core}]); end = time.monotonic() + 60\nwhile time.monotonic() < end: pass"
         self.processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(processes)]
 
     def stop(self) -> None:

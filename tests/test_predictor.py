@@ -107,3 +107,31 @@ def test_executed_attention_follows_each_backends_kernel():
     assert rows["eager"] > rows["onnx"] > rows["executorch"] > 0
     decode = {b: FeatureSet(512, 100, b, "fp32", 528).row(full_only, "decode_ms")[1] for b in ("eager", "onnx")}
     assert decode["eager"] > decode["onnx"]  # the static buffer (528 slots) against 101 keys
+
+
+def test_an_anchored_repeatability_file_is_fitted_as_a_search_stores_it():
+    """bench.predictor on an anchored run: each pass's ratio times the reference the search
+    would take (the anchor's ms in the first measurement of pass 1), not the drifting ms."""
+    from bench.predictor import anchor_reference, anchored_observations
+
+    space = SearchSpace.load("small")
+    specs = [space.anchor_spec()] * 2
+
+    def measured(ratio: float, anchor_ms: float) -> dict:
+        point = {"median_ms": ratio * anchor_ms, "anchor": {"ratio": ratio, "anchor_quantile_ms": anchor_ms}}
+        return {"measurement": {"prefill": {"64": point}, "decode": {"32": point}}}
+
+    # the host drifted 1.5x between the passes: the ms disagree, the ratios do not
+    data = {
+        "anchor": specs[0].to_dict(), "prefill_tokens": 64, "decode_depth": 32,
+        "raw": [[measured(2.0, 10.0), measured(3.0, 10.0)], [measured(2.0, 15.0), measured(3.0, 15.0)]],
+        "rows": [
+            {"spec": spec.to_dict(), "prefill_ms": [20.0 * k, 30.0 * k], "decode_ms": [20.0 * k, 30.0 * k], "prefill_anchor_ratio": [r, r], "decode_anchor_ratio": [r, r], "footprint_bytes": [1 << 20, 1 << 20]}
+            for spec, k, r in zip(specs, (1.0, 1.5), (2.0, 3.0))
+        ],
+    }
+    reference = anchor_reference(data)
+    assert reference == {"prefill": 10.0, "decode": 10.0}
+    observations = anchored_observations(data, reference)
+    assert [o.prefill_ms for o in observations] == [20.0, 30.0] and [o.decode_ms for o in observations] == [20.0, 30.0]
+    assert anchor_reference({**data, "anchor": None}) is None  # a plain file is fitted on its ms
