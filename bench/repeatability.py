@@ -21,6 +21,8 @@ reads.
 
 from __future__ import annotations
 
+import argparse
+
 from bench.harness import BenchRun, anchor_ratio, base_parser, compile_and_measure, footprint_bytes, log, measured_ms, precompile
 from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, anchor_spec, quick_models, sample_space
 from bench.report import fmt, markdown_table, pct
@@ -38,8 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--quant", default="fp32", help="precision (default fp32)")
     parser.add_argument("--prefill", type=int, default=512, help="prefill length in tokens (default 512)")
     parser.add_argument("--depth", type=int, default=512, help="decode context depth (default 512)")
-    parser.add_argument("--anchor", action="store_true",
-                        help="time every point side by side with a fixed anchor architecture (bench.models.anchor_spec) and report the candidate/anchor ratio's repeatability beside the milliseconds'")
+    parser.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
+                        help="time every point side by side with the space's anchor architecture (as a search does) and report the repeatability of the ratio of "
+                             "lower quartiles beside the milliseconds' (default); --no-anchor: the milliseconds alone, the protocol of before")
     parser.add_argument("--order", choices=("sequential", "interleaved"), default="sequential",
                         help="sequential: pass 1 over all, then pass 2 (drift + process noise); interleaved: each architecture's passes back to back (process noise only)")
     return parser.parse_args(argv)
@@ -53,15 +56,15 @@ def variant_flags(args) -> list[str]:
         flags += ["--backend", args.backend, "--quant", args.quant]
     if args.order != "sequential":
         flags += ["--order", args.order]
-    if args.anchor:
-        flags += ["--anchor"]
+    if not args.anchor:
+        flags += ["--no-anchor"]
     return flags
 
 
 def variant_words(args) -> list[str]:
-    """The variant's words: the values of its flags, and `anchored` for --anchor."""
+    """The variant's words: the values of its flags, and `plain` for --no-anchor."""
     flags = variant_flags(args)
-    return [f for f in flags if not f.startswith("--")] + (["anchored"] if "--anchor" in flags else [])
+    return [f for f in flags if not f.startswith("--")] + (["plain"] if "--no-anchor" in flags else [])
 
 
 def block_name(args) -> str:

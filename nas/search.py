@@ -80,8 +80,9 @@ class SearchConfig:
     compile_resource: str | None = None  # a custom Ray resource each compile asks for one unit of (ray start --resources)
     prescreen: bool = True  # skip candidates the predictor says are over budget or dominated (nas/prescreen.py); one device only
     # time the space's anchor architecture beside every candidate and rank by the ratio of their
-    # lower quartiles (times the study's anchor reference): the host's drift cancels (issue 21)
-    anchor: bool = True
+    # lower quartiles (times the study's anchor reference): the host's drift cancels (issue 21).
+    # None: on where every device can (not a phone over adb), or as the resumed study was
+    anchor: bool | None = None
     budgets: dict[str, int] = field(default_factory=dict)  # per-device budgets (--budget pixel8=500MB,rpi5=1GB)
 
     def __post_init__(self) -> None:
@@ -254,7 +255,8 @@ class Search:
         self.discards: list[Any] = []  # received artifact copies being removed (DeviceActor.discard)
         self.prescreen: Prescreen | None = None  # once the study is open (config.prescreen)
         self.study: optuna.Study | None = None  # once run() opened it
-        self.anchor: tuple[dict[str, Any], list] | None = None  # the anchor's (compile summary, [bundle ref]) with config.anchor
+        self.anchored = False  # decided once the devices are up (`_decide_anchor`)
+        self.anchor: tuple[dict[str, Any], list] | None = None  # the anchor's (compile summary, [bundle ref]) when anchored
         self.anchor_reference: dict[str, dict[str, Any]] = {}  # device -> the anchor's ms the study scales ratios by
 
     # -- set-up ---------------------------------------------------------------------------
@@ -292,7 +294,7 @@ class Search:
             "quality_signal": self._quality_signal(),
             "sampler": c.sampler,
             "seed": c.seed,
-            "anchor": self.space.anchor_spec().to_dict() if c.anchor else None,
+            "anchor": self.space.anchor_spec().to_dict() if self.anchored else None,
             "versions": toolchain_versions(),
         }
 
@@ -321,6 +323,7 @@ class Search:
             for run, info in zip(self.devices.values(), infos):
                 run.facts = describe(run.session, info)
                 run.fingerprint = _fingerprint(info, run.session)
+            self.anchored = self._decide_anchor()
             study, resumed = create_or_resume(c.study_name, self.storage, self.storage_url, c.quality, c.sampler, c.seed, c.trials, c.resume, self._metadata(), devices=c.devices if c.multi_device else None)
             self.study = study
             _check_same_devices(study, c)
@@ -330,7 +333,7 @@ class Search:
                     self.console.print(f"resumed: trials {stale} were left running by a stopped driver; failed and re-enqueued")
             else:
                 enqueue_presets(study, self.space)
-            if c.anchor:
+            if self.anchored:
                 self._prepare_anchor(study)
             self.quality_on_gpu = c.quality not in ("none", "layout") and cluster_has_gpu()
             if c.prescreen and not c.multi_device:  # the predictor learns one device's figures
@@ -441,6 +444,22 @@ class Search:
         self._start_measurement_path(candidate)
         self._start_quality(candidate)
 
+    def _decide_anchor(self) -> bool:
+        """Whether this search is anchored: as asked (--anchor/--no-anchor); by default, as the
+        resumed study was, else wherever every device can (a phone over adb cannot yet)."""
+        c = self.config
+        over_adb = [name for name, run in self.devices.items() if (run.facts.get("info") or {}).get("transport", {}).get("transport", "local") != "local"]
+        wanted = c.anchor
+        if wanted is None and c.resume:
+            wanted = _previous_anchor(self.storage, c.study_name) is not None
+        if wanted is None:
+            if over_adb and self.console:
+                self.console.print(f"no anchor: {', '.join(over_adb)} measure(s) over adb, whose runner has no anchored measurement yet (latencies are the medians as measured)")
+            return not over_adb
+        if wanted and over_adb:
+            raise UserError(f"device(s) {', '.join(over_adb)} measure over adb, whose runner has no anchored measurement yet: search with --no-anchor")
+        return wanted
+
     def _prepare_anchor(self, study: optuna.Study) -> None:
         """Compile the space's anchor architecture once, as every candidate is compiled (it
         then travels to each device actor the same way), and read the study's anchor
@@ -448,9 +467,6 @@ class Search:
         from nas.workers import compile_candidate
 
         c = self.config
-        remote = [name for name, run in self.devices.items() if (run.facts.get("info") or {}).get("transport", {}).get("transport", "local") != "local"]
-        if remote:
-            raise UserError(f"device(s) {', '.join(remote)} measure over adb, whose runner has no anchored measurement yet: add --no-anchor")
         spec = self.space.anchor_spec()
         if self.console:
             self.console.print(f"anchor: {spec.layout} d={spec.d_model} compiled for {c.backend} {c.quant}, timed beside every candidate (--no-anchor: without)")
@@ -479,7 +495,7 @@ class Search:
         from devices.artifact import measurement_revision, toolchain_versions
 
         c = self.config
-        protocol = c.protocol.key + (f"+anchor:{self.space.anchor_spec().key}" if c.anchor else "")
+        protocol = c.protocol.key + (f"+anchor:{self.space.anchor_spec().key}" if self.anchored else "")
         return measurement_key(spec.key, c.backend, c.quant, protocol, self.devices[device].fingerprint, toolchain_versions(), measurement_revision(c.backend))
 
     def _start_measurement_path(self, candidate: Candidate) -> None:
@@ -698,7 +714,7 @@ class Search:
         prefill, decode = measurement.prefill[c.context], measurement.decode[c.context]
         footprint = measurement.memory.get("footprint_bytes")
         record.measurement = m
-        if c.anchor:
+        if self.anchored:
             record.prefill_ms, record.decode_ms = self._anchored_ms(device, candidate.trial.number, prefill, decode)
         else:
             record.prefill_ms, record.decode_ms = prefill.median_ms, decode.median_ms
@@ -858,6 +874,15 @@ def _check_same_devices(study: optuna.Study, config: SearchConfig) -> None:
     budgets = {name: config.budget_for(name) for name in config.devices}
     if config.multi_device and previous is not None and previous != budgets:
         raise UserError(f"study {study.study_name!r} was run with budgets {previous}, not {budgets}; resume it with the same --budget, or start a new --study")
+
+
+def _previous_anchor(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any] | None:
+    """The anchor a stored study was measured with (None: none, or no such study)."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    return StudyMetadata.read(study).anchor
 
 
 def run_search(config: SearchConfig, console=None) -> optuna.Study:

@@ -38,7 +38,7 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="Continue an existing study after a stop or crash."),
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
     prescreen: bool = typer.Option(True, "--prescreen/--no-prescreen", help="Once 10 candidates are measured, skip (as 'skipped', not compiled) those the latency/memory predictor says are surely over budget or dominated."),
-    anchor: bool = typer.Option(True, "--anchor/--no-anchor", help="Time the space's anchor architecture beside every candidate, sample by sample, and rank by the ratio (x the study's anchor reference): the machine's drift between measurements cancels. Doubles the time a point takes; not on phones over adb."),
+    anchor: Optional[bool] = typer.Option(None, "--anchor/--no-anchor", help="Time the space's anchor architecture beside every candidate, sample by sample, and rank by the ratio of their lower quartiles (x the study's anchor reference): the machine's drift between measurements cancels. About doubles the time a point takes. Default: on, except on phones over adb (not supported yet) and as a resumed study was."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
     from lfm2.sizes import format_size

@@ -367,10 +367,13 @@ def test_search_with_device_pixel8_measures_every_trial_on_the_phone_over_adb(ph
                 "--quality", "none", "--sampler", "random", "--seed", "5", "--in-flight", "2", "--trials", "6", "--study", "phone"]  # fmt: skip
         result = subprocess.run([*cli, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # the phone's runner has no anchored measurement: the search says so and measures medians
+        assert "no anchor: pixel8 measure(s) over adb" in result.stdout, result.stdout[-3000:]
     finally:
         process.terminate()
         process.wait(30)
     study = optuna.load_study(study_name="phone", storage=open_storage(f"sqlite:///{tmp_path}/lfm2-nas.db"))
+    assert "anchor" not in study.user_attrs["lfm2_nas"] and "anchor_reference" not in study.user_attrs
     measured = [t for t in study.trials if "measurement" in t.user_attrs and t.user_attrs["measurement"].get("status") == "ok"]
     assert measured, [(t.number, t.state, (t.user_attrs.get("reason") or "")[:200]) for t in study.trials]
     for trial in measured:

@@ -86,3 +86,7 @@ def test_repeatability_variants_get_their_own_block_and_reproduce_command():
     assert block_name(et) == "repeatability_executorch_8da4w" and "(executorch 8da4w)" in title(et)
     assert variant_flags(et) == ["--backend", "executorch", "--quant", "8da4w"]
     assert block_name(parse_args(["--order", "interleaved"])) == "repeatability_interleaved"
+    # anchored is the default, as in a search: the plain protocol of before is a variant
+    assert parse_args([]).anchor and variant_flags(parse_args(["--no-anchor"])) == ["--no-anchor"]
+    assert block_name(parse_args(["--order", "interleaved", "--no-anchor"])) == "repeatability_interleaved_plain"
+    assert "(plain)" in title(parse_args(["--no-anchor"]))
