@@ -57,6 +57,12 @@ if TYPE_CHECKING:  # psutil is imported where it is used: `import devices` must 
 
 #: How often the parent samples the child's RSS when a memory cap is set.
 POLL_S = 0.025
+#: An anchored measurement loads the anchor beside the candidate once the memory pass is done:
+#: the watchdog's cap is raised by this allowance for it (twice the anchor's files, plus the
+#: runtime's buffers), and the candidate is judged against the cap by its memory pass's peak,
+#: so that a candidate that fits is never failed for the anchor's memory.
+ANCHOR_ALLOWANCE_FACTOR = 2
+ANCHOR_ALLOWANCE_FIXED = 64 << 20
 #: RLIMIT_DATA backstop = cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM (see module doc).
 DATA_LIMIT_FACTOR = 1.25
 DATA_LIMIT_HEADROOM = 256 << 20
@@ -319,15 +325,22 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
     error = data.pop("error", None)
     where = f" during {outcome.last_phase}" if outcome.last_phase else ""
     stderr_tail = outcome.stderr[-STDERR_TAIL:]
+    # with an anchor, the candidate's own peak is its memory pass's (the anchor loads after it)
+    own_peak = (data.get("memory") or {}).get("peak_rss_bytes") if facts.get("anchored") else outcome.peak_rss_bytes
     if outcome.killed_for == "timeout":
         status, error = "timeout", f"the measurement ran past its {limits.timeout_s:g} s wall-clock limit{where}; it was killed"
+    elif outcome.killed_for == "oom" and facts.get("anchored") and own_peak is not None and cap is not None and own_peak <= cap:
+        status, error = "error", (
+            f"the child went over the cap with the anchor loaded{where} (peak {_fmt_bytes(outcome.peak_rss_bytes)}), while the candidate's own peak "
+            f"({_fmt_bytes(own_peak)}) was within the {_fmt_bytes(cap)} cap: measure without the anchor, or with a larger cap"
+        )
     elif outcome.killed_for == "oom":
         peak = outcome.peak_rss_bytes
         status, error = "oom", f"the child's RSS went over the {_fmt_bytes(cap)} cap{where} (peak {_fmt_bytes(peak)}): the candidate does not fit; it was killed"
     elif outcome.result is not None:
         status = outcome.result.get("status", "error")
-        if status == "ok" and cap is not None and outcome.peak_rss_bytes > cap:
-            status, error = "oom", f"the child's peak RSS was {_fmt_bytes(outcome.peak_rss_bytes)}, over the {_fmt_bytes(cap)} cap (a spike between two watchdog polls): the candidate does not fit"
+        if status == "ok" and cap is not None and own_peak is not None and own_peak > cap:
+            status, error = "oom", f"the child's peak RSS was {_fmt_bytes(own_peak)}, over the {_fmt_bytes(cap)} cap (a spike between two watchdog polls): the candidate does not fit"
         elif status != "ok":
             status = "oom" if status == "oom" else "error"
             # The first line is ours (what and where); the exception's own text, which an
@@ -398,7 +411,9 @@ def measure(
     cpus, threads = _check_request(artifact, protocol, limits)
     anchor_artifact = None if anchor is None else _check_anchor(anchor, artifact, protocol, limits)
     cap = limits.memory_bytes
-    data_limit = int(cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM) if cap else None
+    allowance = ANCHOR_ALLOWANCE_FACTOR * anchor_artifact.size_bytes + ANCHOR_ALLOWANCE_FIXED if anchor_artifact is not None and cap else 0
+    watched = cap + allowance if cap else None  # the candidate's own peak is held to `cap` (_to_measurement)
+    data_limit = int(watched * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM) if watched else None
     job = {
         "artifact": str(Path(artifact.path).resolve()),
         "protocol": protocol.to_dict(),
@@ -419,7 +434,7 @@ def measure(
             (workdir / "job.json").write_text(json.dumps(job))
             command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
             left_s = None if limits.timeout_s is None else max(0.001, limits.timeout_s - lock_wait_s)
-            outcome = supervise(command, workdir, memory_bytes=cap, timeout_s=left_s, env=_child_env(threads))
+            outcome = supervise(command, workdir, memory_bytes=watched, timeout_s=left_s, env=_child_env(threads))
     except CoresBusy as busy:
         return Measurement.failure(
             "timeout",
@@ -435,7 +450,10 @@ def measure(
     cap_method = (
         f"RSS watchdog every {POLL_S * 1000:.0f} ms + the child's own peak RSS (VmHWM, else wait4) + RLIMIT_DATA backstop at {_fmt_bytes(data_limit)}" if cap else "no cap"
     )
-    measurement = _to_measurement(outcome, limits, {"cap_method": cap_method, "lock_wait_s": round(lock_wait_s, 3), "device": device_facts, "wall_time_s": round(time.monotonic() - start, 3)})
+    if allowance:
+        cap_method += f"; anchored: the watchdog at the cap + {_fmt_bytes(allowance)} for the anchor, the candidate held to the cap by its memory pass's peak"
+    measurement = _to_measurement(outcome, limits, {"cap_method": cap_method, "lock_wait_s": round(lock_wait_s, 3), "device": device_facts, "wall_time_s": round(time.monotonic() - start, 3),
+                                                    "anchored": allowance > 0})
     if not measurement.spec_key:
         measurement.spec_key, measurement.backend, measurement.quant = artifact.spec.key, artifact.backend, artifact.quant
         measurement.protocol = measurement.protocol or protocol.to_dict()

@@ -349,6 +349,9 @@ class Search:
                     fail_stale_trials(study, list(self.pending), reason="the search was interrupted while this trial ran; re-enqueued for --resume")
                     raise
             write_estimate_error_summary(study)
+            anchor_sha = self.anchor[0].get("bundle_sha256") if self.anchor is not None else None
+            if anchor_sha:  # the anchor travelled from another node: every actor's copy goes
+                self.discards.extend(run.actor.discard_bundle.remote(anchor_sha) for run in self.devices.values())
             if self.discards:
                 with contextlib.suppress(ray.exceptions.RayError):
                     # the actors end with this driver: let them finish removing the received copies
@@ -444,6 +447,14 @@ class Search:
         self._start_measurement_path(candidate)
         self._start_quality(candidate)
 
+    def _compile_options(self) -> dict[str, Any]:
+        """Ray options of a compile task, a candidate's or the anchor's: one CPU, and the
+        custom compile resource when the search names one (compiles run only where it is)."""
+        options: dict[str, Any] = {"num_cpus": 1}
+        if self.config.compile_resource:
+            options["resources"] = {self.config.compile_resource: 1}
+        return options
+
     def _decide_anchor(self) -> bool:
         """Whether this search is anchored: as asked (--anchor/--no-anchor); by default, as the
         resumed study was, else wherever every device can (a phone over adb cannot yet)."""
@@ -470,7 +481,7 @@ class Search:
         spec = self.space.anchor_spec()
         if self.console:
             self.console.print(f"anchor: {spec.layout} d={spec.d_model} compiled for {c.backend} {c.quant}, timed beside every candidate (--no-anchor: without)")
-        ref, bundle = compile_candidate.options(num_cpus=1).remote(spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.worker_cpus, self.home_node)
+        ref, bundle = compile_candidate.options(**self._compile_options()).remote(spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.worker_cpus, self.home_node)
         outcome = CompileOutcome.from_dict(ray.get(ref))
         if not outcome.ok:
             raise UserError(f"the anchor architecture ({spec.layout}, d {spec.d_model}) did not compile for {c.backend} {c.quant}: {outcome.error}; search with --no-anchor")
@@ -514,10 +525,7 @@ class Search:
         if all(device in candidate.measurements for device in candidate.targets):
             return  # every device's measurement came from the cache: nothing to compile
         c = self.config
-        options: dict[str, Any] = {"num_cpus": 1}
-        if c.compile_resource:
-            options["resources"] = {c.compile_resource: 1}
-        candidate.compile_ref, candidate.bundle_ref = compile_candidate.options(**options).remote(
+        candidate.compile_ref, candidate.bundle_ref = compile_candidate.options(**self._compile_options()).remote(
             candidate.spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.worker_cpus, self.home_node
         )
 

@@ -213,6 +213,13 @@ class _DeviceActor:
         """Remove a received artifact copy on this actor's node (see `discard_received`)."""
         return discard_received(path)
 
+    def discard_bundle(self, sha256: str) -> bool:
+        """Remove this node's received copy of the bundle `sha256`, if there is one (the
+        anchor's, once the search is done: its path is this node's, not the driver's)."""
+        from devices.compile import default_cache_dir
+
+        return discard_received(str(default_cache_dir() / RECEIVED_DIR / sha256))
+
 
 # `ray.remote` called, not applied as a class decorator, so that type checkers see the actor
 # class it returns (mypy keeps a decorated class's own type). max_concurrency=1 is given where

@@ -178,3 +178,26 @@ def test_a_phone_over_adb_refuses_an_anchored_measurement_with_the_flag_to_use()
     phone.transport = type("Transport", (), {"serial": "emulator-5554"})()
     with pytest.raises(UserError, match="--no-anchor"):
         phone.measure(__file__, Protocol(anchor_sha256="cd" * 32))
+
+
+def test_the_cap_holds_the_candidate_to_its_own_peak_and_the_anchors_memory_fails_no_candidate():
+    """The anchor loads after the memory pass: the candidate is held to the cap by that pass's
+    peak, and the child going over the cap only once the anchor is loaded is not an oom."""
+    from devices.measure import ChildOutcome, _to_measurement
+
+    def outcome(killed_for, own_peak, child_peak, phase):
+        memory = {"peak_rss_bytes": own_peak, "peak_rss_end_bytes": child_peak}
+        data = {"status": "ok", "memory": memory, "prefill": {}, "decode": {}} if killed_for is None else None
+        return ChildOutcome(returncode=0 if killed_for is None else None, signal=None, killed_for=killed_for, max_rss_bytes=child_peak, watched_rss_bytes=child_peak,
+                            watched_hwm_bytes=child_peak, wall_s=1.0, stdout=f'{{"phase": "{phase}"}}\n', stderr="", result=data, partial={"memory": memory})
+
+    cap = 500 << 20
+    facts = {"cap_method": "test", "lock_wait_s": 0.0, "device": {}, "wall_time_s": 1.0, "anchored": True}
+    fits = _to_measurement(outcome(None, 450 << 20, 640 << 20, "decode"), Limits(memory_bytes=cap), facts)
+    assert fits.status == "ok", fits.error  # 640 MiB with the anchor loaded; the candidate's own 450
+    over = _to_measurement(outcome(None, 520 << 20, 700 << 20, "decode"), Limits(memory_bytes=cap), facts)
+    assert over.status == "oom" and "520 MiB" in over.error  # its own memory pass went over the cap
+    blamed = _to_measurement(outcome("oom", 450 << 20, 800 << 20, "load_anchor"), Limits(memory_bytes=cap), facts)
+    assert blamed.status == "error" and "with the anchor loaded during load_anchor" in blamed.error and "measure without the anchor" in blamed.error
+    plain = _to_measurement(outcome(None, 450 << 20, 640 << 20, "decode"), Limits(memory_bytes=cap), {**facts, "anchored": False})
+    assert plain.status == "oom"  # without an anchor the child's whole peak is the candidate's
