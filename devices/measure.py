@@ -58,9 +58,10 @@ if TYPE_CHECKING:  # psutil is imported where it is used: `import devices` must 
 #: How often the parent samples the child's RSS when a memory cap is set.
 POLL_S = 0.025
 #: An anchored measurement loads the anchor beside the candidate once the memory pass is done:
-#: the watchdog's cap is raised by this allowance for it (twice the anchor's files, plus the
-#: runtime's buffers), and the candidate is judged against the cap by its memory pass's peak,
-#: so that a candidate that fits is never failed for the anchor's memory.
+#: the watchdog's cap is raised by this allowance for it (twice the larger of its files and its
+#: fp32 weights, since an eager artifact builds its weights when loaded, plus the runtime's
+#: buffers), and the candidate is judged against the cap by its memory pass's peak, so that a
+#: candidate that fits is never failed for the anchor's memory.
 ANCHOR_ALLOWANCE_FACTOR = 2
 ANCHOR_ALLOWANCE_FIXED = 64 << 20
 #: RLIMIT_DATA backstop = cap * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM (see module doc).
@@ -411,7 +412,11 @@ def measure(
     cpus, threads = _check_request(artifact, protocol, limits)
     anchor_artifact = None if anchor is None else _check_anchor(anchor, artifact, protocol, limits)
     cap = limits.memory_bytes
-    allowance = ANCHOR_ALLOWANCE_FACTOR * anchor_artifact.size_bytes + ANCHOR_ALLOWANCE_FIXED if anchor_artifact is not None and cap else 0
+    allowance = 0
+    if anchor_artifact is not None and cap:
+        from lfm2.flops import parameters
+
+        allowance = ANCHOR_ALLOWANCE_FACTOR * max(anchor_artifact.size_bytes, 4 * parameters(anchor_artifact.spec)) + ANCHOR_ALLOWANCE_FIXED
     watched = cap + allowance if cap else None  # the candidate's own peak is held to `cap` (_to_measurement)
     data_limit = int(watched * DATA_LIMIT_FACTOR + DATA_LIMIT_HEADROOM) if watched else None
     job = {
