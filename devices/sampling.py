@@ -69,31 +69,9 @@ def quantile_interval(samples_ms: list[float] | np.ndarray, q: float, level: flo
     return float(values[lo]), float(values[hi]), coverage
 
 
-@lru_cache(maxsize=256)
-def _order_statistic_ranks(n: int, level: float) -> tuple[int, int, float]:
-    """0-based ranks (lo, hi) of the sorted samples that bound the median with at least
-    `level` confidence, and the exact coverage. The number B of samples below the true
-    median is Binomial(n, 1/2), and the k-th smallest sample (0-based) lies above the median
-    when B <= k, so [x_(k), x_(n-1-k)] covers it with probability 1 - 2 P(B <= k). With too
-    few samples for `level` (n < 6 at 95%) it is [min, max] at its own, lower, coverage."""
-    if n < 1:
-        raise ValueError("no samples")
-    cdf = 0.0
-    k_best = 0
-    for k in range((n - 1) // 2 + 1):
-        cdf += math.comb(n, k) / 2**n
-        if 1 - 2 * cdf < level:
-            break
-        k_best = k
-    coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k_best + 1)) / 2**n
-    return k_best, n - 1 - k_best, max(coverage, 0.0)
-
-
 def median_interval(samples_ms: list[float] | np.ndarray, level: float = CI_LEVEL) -> tuple[float, float, float]:
     """(low, high, coverage) of a distribution-free confidence interval for the median."""
-    values = np.sort(np.asarray(samples_ms, dtype=np.float64))
-    lo, hi, coverage = _order_statistic_ranks(len(values), level)
-    return float(values[lo]), float(values[hi]), coverage
+    return quantile_interval(samples_ms, 0.5, level)
 
 
 def relative_half_width(samples_ms: list[float]) -> float:

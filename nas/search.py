@@ -256,6 +256,7 @@ class Search:
         self.prescreen: Prescreen | None = None  # once the study is open (config.prescreen)
         self.study: optuna.Study | None = None  # once run() opened it
         self.anchored = False  # decided once the devices are up (`_decide_anchor`)
+        self.anchor_spec = self.space.anchor_spec()  # the space's anchor architecture, when anchored
         self.anchor: tuple[dict[str, Any], list] | None = None  # the anchor's (compile summary, [bundle ref]) when anchored
         self.anchor_reference: dict[str, dict[str, Any]] = {}  # device -> the anchor's ms the study scales ratios by
 
@@ -294,7 +295,7 @@ class Search:
             "quality_signal": self._quality_signal(),
             "sampler": c.sampler,
             "seed": c.seed,
-            "anchor": self.space.anchor_spec().to_dict() if self.anchored else None,
+            "anchor": self.anchor_spec.to_dict() if self.anchored else None,
             "versions": toolchain_versions(),
         }
 
@@ -478,7 +479,7 @@ class Search:
         from nas.workers import compile_candidate
 
         c = self.config
-        spec = self.space.anchor_spec()
+        spec = self.anchor_spec
         if self.console:
             self.console.print(f"anchor: {spec.layout} d={spec.d_model} compiled for {c.backend} {c.quant}, timed beside every candidate (--no-anchor: without)")
         ref, bundle = compile_candidate.options(**self._compile_options()).remote(spec.to_dict(), c.backend, c.quant, c.context + c.decode_tokens, [c.context], self.worker_cpus, self.home_node)
@@ -506,7 +507,7 @@ class Search:
         from devices.artifact import measurement_revision, toolchain_versions
 
         c = self.config
-        protocol = c.protocol.key + (f"+anchor:{self.space.anchor_spec().key}" if self.anchored else "")
+        protocol = c.protocol.key + (f"+anchor:{self.anchor_spec.key}" if self.anchored else "")
         return measurement_key(spec.key, c.backend, c.quant, protocol, self.devices[device].fingerprint, toolchain_versions(), measurement_revision(c.backend))
 
     def _start_measurement_path(self, candidate: Candidate) -> None:
