@@ -48,6 +48,29 @@ def measurement_children(workdir: Path) -> list[psutil.Process]:
     return found
 
 
+#: How long the agent waits for killed measurements to be gone. SIGKILL is delivered at
+#: once, but a child with a model loaded takes a while to give its memory back (its exit
+#: unmaps every page); until then it still holds a core and memory the re-run needs.
+KILL_WAIT_S = 10.0
+
+
+def _wait_until_gone(processes: list[psutil.Process], timeout_s: float) -> None:
+    """Wait until every process has exited (a zombie has: it holds nothing but its pid;
+    an orphan's zombie is reaped by whoever adopted it, not by us)."""
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        while time.monotonic() < deadline:
+            try:
+                if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.Error:
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("measurement process %d was killed but is still exiting after %.0f s", process.pid, timeout_s)
+            return
+
+
 class Agent:
     """The agent's state: its stores and its worker. One per workdir (a file lock)."""
 
@@ -84,14 +107,14 @@ class Agent:
         """End measurements started from this workdir: at start, the orphans of an agent
         that was killed (they would compete for the cores with the re-run of their job);
         at stop, our own (a measurement must not outlive its agent)."""
-        killed = 0
-        for process in measurement_children(self.config.workdir):
+        found = measurement_children(self.config.workdir)
+        for process in found:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)  # the child leads its own session
-                killed += 1
             with contextlib.suppress(psutil.Error):
                 process.kill()
-        return killed
+        _wait_until_gone(found, KILL_WAIT_S)
+        return len(found)
 
     def start(self) -> None:
         orphans = self.kill_measurement_children()
