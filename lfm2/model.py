@@ -50,7 +50,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     shape = x.shape
     x4 = x.reshape(-1, 1, 1, shape[-1])
     variance = (x4 * x4).mean(dim=(-2, -1), keepdim=True)
-    return (x4 * torch.rsqrt(variance + eps)).reshape(shape) * weight
+    # Back to x's shape with its one dynamic dimension (a SymInt under torch.export) inferred:
+    # XNNPACK takes a reshape with one -1, not one with a symbolic size (BENCHMARKS.md).
+    target = [d if isinstance(d, int) else -1 for d in shape]
+    return (x4 * torch.rsqrt(variance + eps)).reshape(target if target.count(-1) <= 1 else shape) * weight
 
 
 class RMSNorm(nn.Module):

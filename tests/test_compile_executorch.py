@@ -47,6 +47,14 @@ def test_fp32_artifact_matches_eager_and_records_the_facts(fp32_artifact):
     assert check["top1_agreement"] == 1.0
 
 
+def test_the_dynamic_token_dimension_leaves_no_reshape_outside_xnnpack(fp32_artifact):
+    # A reshape whose target names the token count's symbolic size is refused by XNNPACK and
+    # cut the forward graph into a partition per layer piece (48 in one small-space
+    # candidate, 12 once no reshape was left out); every reshape infers that dimension (-1).
+    outside = fp32_artifact.manifest["not_delegated_by_method"]["forward"]
+    assert not [op for op in outside if "view" in op], outside
+
+
 def test_runner_prefill_in_chunks_decode_reset_and_stack(fp32_artifact):
     tokens = np.random.default_rng(7).integers(0, SPEC.vocab_size, size=(1, LONG_PROMPT + 4), dtype=np.int64)
     with open_runner(fp32_artifact, threads=1) as runner:

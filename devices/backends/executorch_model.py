@@ -158,10 +158,12 @@ class ExecuTorchLFM2(nn.Module):
         return op.out_proj(c * conv.transpose(1, 2))
 
     def _project(self, att, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        t = h.shape[1]
-        q = att.q_proj(h).reshape(1, t, att.n_heads, att.head_dim)
-        k = att.k_proj(h).reshape(1, t, att.n_kv_heads, att.head_dim)
-        v = att.v_proj(h).reshape(1, t, att.n_kv_heads, att.head_dim)
+        # Reshapes name the token dimension -1, never its symbolic size: XNNPACK takes a
+        # reshape with one inferred dimension, and a symbolic one would cut the graph into
+        # another partition (48 instead of a handful in one candidate: BENCHMARKS.md).
+        q = att.q_proj(h).reshape(1, -1, att.n_heads, att.head_dim)
+        k = att.k_proj(h).reshape(1, -1, att.n_kv_heads, att.head_dim)
+        v = att.v_proj(h).reshape(1, -1, att.n_kv_heads, att.head_dim)
         if att.q_layernorm is not None:
             q, k = att.q_layernorm(q), att.k_layernorm(k)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
@@ -173,7 +175,7 @@ class ExecuTorchLFM2(nn.Module):
         torch.ops.llama.update_cache(v, v_cache, start)
         # Attends over positions [0, start + T) only, causally; groups of query heads share a KV head.
         out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, 1.0 / math.sqrt(att.head_dim))
-        return att.out_proj(out.reshape(1, h.shape[1], att.n_heads * att.head_dim))
+        return att.out_proj(out.reshape(1, -1, att.n_heads * att.head_dim))
 
     def _window_attention(self, i: int, att, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, sources: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self._project(att, h, cos, sin)
@@ -189,19 +191,21 @@ class ExecuTorchLFM2(nn.Module):
 
     @staticmethod
     def _attend(att, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        # `AttentionCore._attend` with the mask precomputed: query groups folded into rows.
-        _, t, n_heads, d = q.shape
+        # `AttentionCore._attend` with the mask precomputed: query groups folded into rows
+        # (row g*T + i is query i of group g). Reshapes infer the token dimension (-1), as in
+        # `_project` (a permuted tensor is made contiguous first: `reshape` of it would copy
+        # and view with the computed, symbolic size); the mask is repeated per group instead
+        # of viewing the scores [.., T, S] (two symbolic dimensions, which XNNPACK cannot reshape).
+        n_heads, d = q.shape[2], q.shape[3]
         n_kv = att.n_kv_heads
         groups = n_heads // n_kv
-        s = keys.shape[2]
-        qf = q.reshape(t, n_kv, groups, d).permute(1, 2, 0, 3).reshape(n_kv, groups * t, d)
-        kf = keys.reshape(n_kv, s, d)
-        vf = values.reshape(n_kv, s, d)
+        qf = q.reshape(-1, n_kv, groups, d).permute(1, 2, 0, 3).contiguous().view(n_kv, -1, d)
+        kf = keys.reshape(n_kv, -1, d)
+        vf = values.reshape(n_kv, -1, d)
         scores = torch.bmm(qf, kf.transpose(1, 2)) * (1.0 / math.sqrt(d))
-        scores = scores.reshape(n_kv, groups, t, s) + mask
-        probs = torch.softmax(scores.reshape(n_kv, groups * t, s), dim=-1)
+        probs = torch.softmax(scores + mask.repeat(groups, 1), dim=-1)
         out = torch.bmm(probs, vf)
-        return out.reshape(n_kv, groups, t, d).permute(2, 0, 1, 3).reshape(1, t, n_heads * d)
+        return out.reshape(n_kv, groups, -1, d).permute(2, 0, 1, 3).contiguous().view(1, -1, n_heads * d)
 
     def _reset(self, tokens: Tensor) -> Tensor:
         for name, buffer in self.named_buffers():
