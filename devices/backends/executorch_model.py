@@ -98,14 +98,17 @@ class ExecuTorchLFM2(nn.Module):
     # -- sliding-window geometry (the arithmetic of `AttentionCore`) ------------------------
 
     def _window_mask(self, positions: Tensor, first: Tensor) -> Tensor:
-        """The additive mask [T, W + T] over [ring ; new keys]."""
+        """The additive mask [G*T, W + T] over [ring ; new keys], repeated for the G query
+        heads that share a KV head (row g*T + i is query i of group g: `_attend`'s rows).
+        Made once a step: every sliding-window layer has the same geometry."""
         window = self.window
         slots = torch.arange(window)
         # Operands of `remainder` kept >= 0: ExecuTorch's integer kernel takes C's sign rule.
         held = (first - 1) - torch.remainder(first - 1 - slots + window, window)
         key_positions = torch.cat((held, positions))
         visible = (key_positions[None, :] >= 0) & (key_positions[None, :] <= positions[:, None]) & (key_positions[None, :] > positions[:, None] - window)
-        return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
+        groups = self.model.spec.n_heads // self.model.spec.n_kv_heads
+        return torch.where(visible, 0.0, float("-inf")).to(torch.float32).repeat(groups, 1)
 
     def _ring_sources(self, first: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """For each ring slot s: the chunk index of the newest new key that goes there (the
@@ -194,8 +197,9 @@ class ExecuTorchLFM2(nn.Module):
         # `AttentionCore._attend` with the mask precomputed: query groups folded into rows
         # (row g*T + i is query i of group g). Reshapes infer the token dimension (-1), as in
         # `_project` (a permuted tensor is made contiguous first: `reshape` of it would copy
-        # and view with the computed, symbolic size); the mask is repeated per group instead
-        # of viewing the scores [.., T, S] (two symbolic dimensions, which XNNPACK cannot reshape).
+        # and view with the computed, symbolic size); the mask comes repeated per group
+        # (`_window_mask`) instead of viewing the scores [.., T, S] (two symbolic dimensions,
+        # which XNNPACK cannot reshape).
         n_heads, d = q.shape[2], q.shape[3]
         n_kv = att.n_kv_heads
         groups = n_heads // n_kv
@@ -203,7 +207,7 @@ class ExecuTorchLFM2(nn.Module):
         kf = keys.reshape(n_kv, -1, d)
         vf = values.reshape(n_kv, -1, d)
         scores = torch.bmm(qf, kf.transpose(1, 2)) * (1.0 / math.sqrt(d))
-        probs = torch.softmax(scores + mask.repeat(groups, 1), dim=-1)
+        probs = torch.softmax(scores + mask, dim=-1)
         out = torch.bmm(probs, vf)
         return out.reshape(n_kv, groups, -1, d).permute(2, 0, 1, 3).contiguous().view(1, -1, n_heads * d)
 
