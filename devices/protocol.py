@@ -143,6 +143,7 @@ class Stats:
     calibration_slowdown: float | None = None  # the calibration kernel around the kept attempt, over its reference
     disturbed: bool = False  # every attempt ran while the cores were busy with something else
     disturbances: list[float] = field(default_factory=list)  # slowdowns of the attempts found disturbed
+    pooled_attempts: int = 1  # attempts whose samples these are (an anchored point pools its undisturbed attempts)
     # with an anchor (devices.sampling.measure_anchored_point): the candidate/anchor ratio's
     # median and interval, its samples, the anchor's median and samples; None without one
     anchor: dict[str, Any] | None = None

@@ -29,6 +29,7 @@ sample in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import time
@@ -227,29 +228,47 @@ def _slowdown(stats: Stats) -> float:
 
 
 def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int, calibration: SlowdownProbe | None = None,
-                  precision: Callable[[list[float]], float] = relative_half_width) -> Stats:
+                  precision: Callable[[list[float]], float] = relative_half_width, pool: bool = False) -> Stats:
     """Warm up, then sample the point; re-measure (at most `max_remeasures` times) while it
     was disturbed (the calibration kernel ran more than `disturbance_threshold` slower around
     it than at the reference) or its CV is over `cv_threshold`. Keeps the best attempt (an
     undisturbed one first, then the tightest by `precision`: by default the median's relative
     interval); flags `disturbed` if every attempt was, and `noisy` if the kept attempt's
-    precision is still worse than `ci_target`."""
+    precision is still worse than `ci_target`.
+
+    With `pool` (an anchored point, whose ratio the host's drift between attempts does not
+    move), the undisturbed attempts' samples are pooled instead of all but one thrown away,
+    and a re-measure is asked for by the pooled `precision` (the figure ranked), not by the
+    CV of the raw milliseconds: on a noisy host the CV of drifting milliseconds triggered a
+    re-measure at nearly every point, and the second attempt's samples were then dropped."""
     warmups = warm_up(run_once, protocol)
     attempts: list[Stats] = []
     for _ in range(1 + protocol.max_remeasures):
+        earlier = (_pooled(attempts) or []) if pool else []
+        # a pooled re-measure stops once the pool is tight, not once it alone would be
+        judged = functools.partial(_precision_after, precision, earlier) if earlier else precision
         if calibration is None:
-            stats = summarize(timed_runs(run_once, protocol, precision), tokens, protocol.trim_fraction)
+            stats = summarize(timed_runs(run_once, protocol, judged), tokens, protocol.trim_fraction)
         else:
             before = calibration.slowdown()
-            stats = summarize(timed_runs(run_once, protocol, precision), tokens, protocol.trim_fraction)
+            stats = summarize(timed_runs(run_once, protocol, judged), tokens, protocol.trim_fraction)
             slowdown = round(max(before, calibration.slowdown()), 4)
             stats.calibration_slowdown = slowdown
             stats.disturbed = protocol.disturbance_threshold > 0 and slowdown > 1 + protocol.disturbance_threshold
         attempts.append(stats)
-        if not stats.disturbed and stats.cv <= protocol.cv_threshold:
+        if pool:
+            pooled = _pooled(attempts)
+            if pooled is not None and precision(pooled) <= protocol.ci_target:
+                break
+        elif not stats.disturbed and stats.cv <= protocol.cv_threshold:
             break
     clean = [s for s in attempts if not s.disturbed]
-    if clean:  # the tightest undisturbed attempt
+    if pool and len(clean) > 1:  # the undisturbed attempts together
+        best = summarize(_pooled(attempts) or [], tokens, protocol.trim_fraction)
+        slowdowns = [s.calibration_slowdown for s in clean if s.calibration_slowdown is not None]
+        best.calibration_slowdown = max(slowdowns) if slowdowns else None
+        best.pooled_attempts = len(clean)
+    elif clean:  # the tightest undisturbed attempt
         best = min(clean, key=lambda attempt: precision(attempt.samples_ms))
     else:  # every attempt disturbed: the least disturbed one
         best = min(attempts, key=_slowdown)
@@ -258,6 +277,16 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
     best.disturbances = [_slowdown(s) for s in attempts if s.disturbed]
     best.noisy = precision(best.samples_ms) > protocol.ci_target
     return best
+
+
+def _precision_after(precision: Callable[[list[float]], float], earlier: list[float], samples: list[float]) -> float:
+    return precision(earlier + samples)
+
+
+def _pooled(attempts: list[Stats]) -> list[float] | None:
+    """The samples of the undisturbed attempts, in the order taken; None if every one was disturbed."""
+    clean = [s for s in attempts if not s.disturbed]
+    return [x for s in clean for x in s.samples_ms] if clean else None
 
 
 #: The quantile an anchored point ranks by: the host's interference only ever adds time, in
@@ -294,13 +323,28 @@ class AnchoredRun:
         return candidate_ms
 
     def pairs_of(self, samples: list[float]) -> list[tuple[float, float]]:
-        """The pairs whose candidate times are `samples`, a run of consecutive samples (one attempt's)."""
-        n = len(samples)
+        """The pairs whose candidate times are `samples`: one attempt's run of consecutive
+        samples, or several attempts' runs one after another (a pooled point)."""
         mine = [c for c, _ in self.pairs]
-        for start in range(len(mine) - n, -1, -1):  # the attempt asked about is usually the last
-            if mine[start : start + n] == samples:
-                return self.pairs[start : start + n]
-        raise ValueError("these samples were not taken by this run")
+        found: list[tuple[float, float]] = []
+        done = 0
+        while done < len(samples):
+            # the longest run of consecutive pairs that continues `samples` from `done`; the
+            # attempt asked about is usually the last, so the search starts from the end
+            best_start, best_length = -1, 0
+            for start in range(len(mine) - 1, -1, -1):
+                length = 0
+                while done + length < len(samples) and start + length < len(mine) and mine[start + length] == samples[done + length]:
+                    length += 1
+                if length > best_length:
+                    best_start, best_length = start, length
+                    if done + length == len(samples):
+                        break
+            if best_length == 0:
+                raise ValueError("these samples were not taken by this run")
+            found.extend(self.pairs[best_start : best_start + best_length])
+            done += best_length
+        return found
 
     def ratio(self, pairs: list[tuple[float, float]]) -> tuple[float, float, float, float]:
         """(ratio, low, high, coverage): the candidate's `quantile` over the anchor's, and an
@@ -329,7 +373,7 @@ def measure_anchored_point(candidate: Callable[[], float], anchor: Callable[[], 
     and both quantiles and medians: the figure to rank by is the ratio (times a fixed
     reference of the anchor, the same for every candidate compared)."""
     run = AnchoredRun(candidate, anchor, quantile)
-    stats = measure_point(run, protocol, tokens, calibration, precision=run.precision)
+    stats = measure_point(run, protocol, tokens, calibration, precision=run.precision, pool=True)
     pairs = run.pairs_of(stats.samples_ms)
     ratio, low, high, coverage = run.ratio(pairs)
     theirs = [a for _, a in pairs]

@@ -29,14 +29,17 @@ pytestmark = pytest.mark.usefixtures("private_core_locks")
 class BurstyHost:
     """A clock for two workloads on a host whose neighbours burst: each run is, with
     probability `burst`, slowed by a random 1.3-3x (interference only ever adds time). The
-    candidate costs `ratio` x the anchor; `speed` scales both (the host's drift)."""
+    candidate costs `ratio` x the anchor; `speed` scales both (the host's drift); `jitter` adds
+    up to that much (relative) to every run."""
 
-    def __init__(self, ratio: float, burst: float, seed: int, speed: float = 1.0):
-        self.ratio, self.burst, self.speed = ratio, burst, speed
+    def __init__(self, ratio: float, burst: float, seed: int, speed: float = 1.0, jitter: float = 0.0):
+        self.ratio, self.burst, self.speed, self.jitter = ratio, burst, speed, jitter
         self.rng = np.random.default_rng(seed)
 
     def _run(self, clean_ms: float) -> float:
         slowdown = self.rng.uniform(1.3, 3.0) if self.rng.random() < self.burst else 1.0
+        if self.jitter:  # the runs the bursts missed are not all equal either
+            slowdown *= 1 + self.jitter * self.rng.random()
         return clean_ms * self.speed * slowdown
 
     def candidate(self) -> float:
@@ -99,6 +102,54 @@ def test_two_measurements_an_hour_of_drift_apart_agree_on_the_ratio():
     quiet, slow = measured_at(1.0), measured_at(1.6)
     assert slow.anchor["candidate_quantile_ms"] == pytest.approx(1.6 * quiet.anchor["candidate_quantile_ms"])
     assert slow.anchor_ratio == pytest.approx(quiet.anchor_ratio) == pytest.approx(1.4)
+
+
+class ScriptedSlowdowns:
+    """A calibration whose kernel reads the given slowdowns in turn (two per attempt: before, after)."""
+
+    def __init__(self, *slowdowns: float):
+        self.values = iter(slowdowns)
+
+    def slowdown(self) -> float:
+        return next(self.values)
+
+
+def test_an_anchored_re_measure_extends_the_pool_and_a_disturbed_attempt_is_left_out():
+    """A point whose ratio is not pinned down by one attempt's `max_runs` pairs is re-measured
+    and the two attempts' pairs pooled (the ratio the host's drift does not move), judged by the
+    pooled ratio, not the CV of the milliseconds; an attempt the calibration found disturbed
+    is not pooled."""
+    few = Protocol(warmup_runs=1, max_warmup_runs=2, min_runs=6, max_runs=12, max_seconds_per_point=60, ci_target=0.02, max_remeasures=2, disturbance_threshold=0.15, cv_threshold=100)
+    host = BurstyHost(ratio=2.0, burst=0.4, seed=4, jitter=0.1)
+    run = AnchoredRun(host.candidate, host.anchor)
+    pooled = measure_point(run, few, tokens=1, calibration=ScriptedSlowdowns(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), precision=run.precision, pool=True)
+    assert pooled.remeasured == 2 and pooled.pooled_attempts == 3 and len(pooled.samples_ms) == 36  # 12 pairs an attempt were never enough
+    assert run.pairs_of(pooled.samples_ms) == run.pairs[-36:]
+    pooled_precision = run.precision(pooled.samples_ms)
+    # the same draws without pooling keep one attempt's 12 pairs
+    host = BurstyHost(ratio=2.0, burst=0.4, seed=4, jitter=0.1)
+    run = AnchoredRun(host.candidate, host.anchor)
+    single = measure_point(run, few, tokens=1, calibration=ScriptedSlowdowns(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), precision=run.precision)
+    assert single.pooled_attempts == 1 and len(single.samples_ms) == 12
+    assert pooled_precision < run.precision(single.samples_ms)
+
+    # the middle attempt ran beside a hog (kernel 1.6x slower after it): left out of the pool
+    host = BurstyHost(ratio=2.0, burst=0.4, seed=4, jitter=0.1)
+    run = AnchoredRun(host.candidate, host.anchor)
+    stats = measure_point(run, few, tokens=1, calibration=ScriptedSlowdowns(1.0, 1.0, 1.0, 1.6, 1.0, 1.0), precision=run.precision, pool=True)
+    assert stats.pooled_attempts == 2 and stats.disturbances == [1.6] and not stats.disturbed
+    kept = run.pairs_of(stats.samples_ms)
+    warmup = len(run.pairs) - 36
+    assert kept == run.pairs[warmup : warmup + 12] + run.pairs[warmup + 24 :]
+    assert Stats.from_dict(stats.to_dict()).pooled_attempts == 2
+
+
+def test_an_anchored_point_tight_after_its_first_attempt_is_not_re_measured_whatever_its_cv():
+    host = BurstyHost(ratio=3.0, burst=0.55, seed=1)
+    noisy_ms = Protocol(warmup_runs=1, max_warmup_runs=2, min_runs=6, max_runs=200, max_seconds_per_point=60, ci_target=0.02, max_remeasures=1, disturbance_threshold=0, cv_threshold=0.05)
+    stats = measure_anchored_point(host.candidate, host.anchor, noisy_ms, tokens=1)
+    assert stats.cv > noisy_ms.cv_threshold  # the bursts' milliseconds: a plain point would be re-measured
+    assert stats.remeasured == 0 and not stats.noisy and stats.anchor_ratio == pytest.approx(3.0)
 
 
 @pytest.fixture(scope="module")
