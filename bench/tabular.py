@@ -24,7 +24,13 @@ bound by Python overhead per layer (it follows depth and layer types, not bytes 
 the table is a real device/stack, just not the deployed one. The replay's conclusions are
 about samplers and pre-screening on a real measured landscape.
 
-    nice -n 5 python -m bench.tabular            # all 112 (33 minutes at a load average of ~20 on 2 cores)
+As the search measures by default, each architecture is timed beside the table space's
+anchor (`SearchSpace.anchor_spec`, compiled for eager too): the rows keep the raw medians
+and each point's ratio of lower quartiles to the anchor, which the replay ranks by (times
+the anchor's median quartile over the table), so that the host's drift during the run is
+not part of the landscape. `--no-anchor` measures the plain medians (the 2026-12-01 table).
+
+    python -m bench.tabular                      # all 112, anchored (16 minutes on an idle VM; plain, 33 at a load average of ~20)
     python -m bench.tabular --quick              # 6 architectures, to a temporary file
     python -m bench.tabular --resume             # measure only what the table lacks
 """
@@ -89,23 +95,32 @@ def enumerate_specs() -> list:
     return specs
 
 
-def protocol():
+def protocol(anchored: bool = False):
     from devices.protocol import Protocol
 
-    # The protocol's sampling, with a tighter time cap per point (1 s) and at most 3 warm-up
-    # runs, so that the table fits in well under an hour.
-    return Protocol(prompt_lengths=(PROMPT_TOKENS,), decode_depths=(DECODE_DEPTH,), decode_tokens=DECODE_TOKENS, max_seconds_per_point=1.0, max_warmup_runs=3,
-                    max_runs=30, max_remeasures=0, measure_memory=True, threads=1)
+    # The protocol's sampling, with a tighter time cap per point (1 s; 2 s when every sample
+    # is a pair with the anchor) and at most 3 warm-up runs, so that the table fits in well
+    # under an hour.
+    return Protocol(prompt_lengths=(PROMPT_TOKENS,), decode_depths=(DECODE_DEPTH,), decode_tokens=DECODE_TOKENS, max_seconds_per_point=2.0 if anchored else 1.0,
+                    max_warmup_runs=3, max_runs=30, max_remeasures=0, measure_memory=True, threads=1)
 
 
-def measure_one(spec, proto, cpu: int, cache_dir: Path) -> dict:
+def compile_eager(spec, proto, cache_dir: Path):
     from devices.compile import compile as compile_artifact
+
+    return compile_artifact(spec, "eager", "fp32", proto.max_context, proto.prompt_lengths, cache_dir=cache_dir, verify=False)
+
+
+def measure_one(spec, proto, cpu: int, cache_dir: Path, anchor=None) -> dict:
+    """One architecture's row; with `anchor` (the table space's anchor, compiled), measured
+    as an anchored search measures: every sample a pair with the anchor, and the row also
+    holds each point's ratio of lower quartiles (`prefill_anchor_ratio`, ...)."""
     from devices.measure import measure
     from devices.protocol import Limits, Measurement
 
     started = time.perf_counter()
-    artifact = compile_artifact(spec, "eager", "fp32", proto.max_context, proto.prompt_lengths, cache_dir=cache_dir, verify=False)
-    m: Measurement = measure(artifact, proto, Limits(cpus=(cpu,), threads=1, timeout_s=600))
+    artifact = compile_eager(spec, proto, cache_dir)
+    m: Measurement = measure(artifact, proto, Limits(cpus=(cpu,), threads=1, timeout_s=600), anchor=anchor)
     row = {"key": spec.key, "layout": spec.layout, "spec": spec.to_dict(), "status": m.status, "error": m.error, "wall_s": round(time.perf_counter() - started, 2)}
     if m.ok:
         prefill, decode = m.prefill[PROMPT_TOKENS], m.decode[DECODE_DEPTH]
@@ -120,6 +135,11 @@ def measure_one(spec, proto, cpu: int, cache_dir: Path) -> dict:
             peak_rss_bytes=m.memory.get("peak_rss_bytes"),
             device_fingerprint=(m.device or {}).get("fingerprint"),
         )
+        for name, stats in (("prefill", prefill), ("decode", decode)):
+            if stats.anchor is not None:
+                row[f"{name}_anchor_ratio"] = stats.anchor["ratio"]
+                row[f"{name}_anchor_ratio_ci_rel"] = (stats.anchor["ratio_ci_high"] - stats.anchor["ratio_ci_low"]) / 2 / stats.anchor["ratio"]
+                row[f"{name}_anchor_quantile_ms"] = stats.anchor["anchor_quantile_ms"]
         row["stack"] = m.stack
     return row
 
@@ -131,6 +151,7 @@ def load_table(path: Path = TABLE_PATH) -> dict:
 def main(argv=None) -> int:
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--resume", action="store_true", help="keep the rows the table has and measure the rest")
+    parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="measure the plain medians, without the table space's anchor timed beside each architecture")
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)), help="the core measurements are pinned to (default: the last usable one)")
     args = parser.parse_args(argv)
     specs = enumerate_specs()
@@ -141,10 +162,14 @@ def main(argv=None) -> int:
     data_started = None
     if args.resume and path.is_file():
         previous = load_table(path)
+        if bool(previous.get("anchor")) != args.anchor:
+            raise SystemExit(f"{path} was measured {'with' if previous.get('anchor') else 'without'} the anchor; resume it "
+                             f"{'without --no-anchor' if previous.get('anchor') else 'with --no-anchor'}, or measure a new table (--results FILE)")
         rows = {r["key"]: r for r in previous["rows"] if r.get("status") == "ok"}
         data_started = previous.get("started")
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="lfm2-nas-tabular-"))
-    proto = protocol()
+    proto = protocol(anchored=args.anchor)
+    anchor = compile_eager(table_space().anchor_spec(), proto, cache_dir) if args.anchor else None
     data = {
         "benchmark": NAME,
         "space": TABLE_SPACE.strip(),
@@ -156,6 +181,7 @@ def main(argv=None) -> int:
         "nice": os.nice(0),
         "started": data_started or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "architectures": len(specs),
+        "anchor": table_space().anchor_spec().to_dict() if anchor is not None else None,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     # A seeded shuffled order: the machine's load drifts during the run (other engineers'
@@ -166,7 +192,7 @@ def main(argv=None) -> int:
         spec = specs[index]
         if spec.key in rows:
             continue
-        row = measure_one(spec, proto, args.cpu, cache_dir)
+        row = measure_one(spec, proto, args.cpu, cache_dir, anchor)
         row["load_1min"] = load_average()[0]
         rows[spec.key] = row
         log(f"[{NAME}] {done + 1}/{len(specs)} {spec.layout} d={spec.d_model}: {row['status']} prefill {row.get('prefill_ms', 0):.1f} ms decode {row.get('decode_ms', 0):.2f} ms "

@@ -61,7 +61,16 @@ class Table:
     def load(cls, path: Path, budget_bytes: int, calibrated: bool = True) -> Table:
         data = json.loads(Path(path).read_text())
         rows = {r["key"]: dict(r) for r in data["rows"] if r.get("status") == "ok"}
-        if calibrated:
+        if calibrated and data.get("anchor"):
+            # As an anchored search stores its latencies: each point's ratio of lower quartiles
+            # to the anchor timed beside it, times one reference for the anchor (its median
+            # quartile over the table), so that the host's drift during the run is out.
+            for name in ("prefill", "decode"):
+                reference = float(np.median([r[f"{name}_anchor_quantile_ms"] for r in rows.values()]))
+                for row in rows.values():
+                    row[f"raw_{name}_ms"] = row[f"{name}_ms"]
+                    row[f"{name}_ms"] = row[f"{name}_anchor_ratio"] * reference
+        elif calibrated:
             # Latency relative to the machine's speed at the time: each measurement's own
             # calibration kernel (devices.sampling.Calibration, timed on the measuring core when
             # the process was ready) over its median across the table. The machine's load
@@ -191,11 +200,11 @@ def bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -
 def parse_args(argv=None):
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, default=None, help="the table (default bench/results/tabular/table.json)")
-    parser.add_argument("--budget-mib", type=float, default=110.0, help="memory budget in MiB (default 110: about a third of the table is over it)")
+    parser.add_argument("--budget-mib", type=float, default=96.0, help="memory budget in MiB (default 96: about a third of the table is over it)")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=100, help="trials of a search without pre-screening (default 100)")
     parser.add_argument("--samplers", default="random,nsga2,tpe", help=f"comma-separated, of {', '.join(SAMPLERS)} (default random,nsga2,tpe: GP takes ~15 s a proposal)")
-    parser.add_argument("--raw", action="store_true", help="use the table's latencies as measured, not calibrated to the machine's speed at the time")
+    parser.add_argument("--raw", action="store_true", help="use the table's latencies as measured, not anchored (or calibrated, for a table without the anchor) to the machine's speed at the time")
     parser.add_argument("--without-prescreen-only", action="store_true", help="replay only searches without pre-screening (e.g. for the slow GP sampler)")
     return parser.parse_args(argv)
 
@@ -288,15 +297,25 @@ def summarise(results: list[dict], samplers: list[str], trials: int, seeds: int)
     return out
 
 
+def _latency_note(data: dict, raw: bool) -> str:
+    if raw:
+        return "Latencies as measured (--raw). "
+    if data.get("anchor"):
+        layout = "".join({"conv": "C", "attn": "A", "swa": "S"}.get(op, "?") for op in data["anchor"]["layers"])
+        return (f"Latencies are anchored, as a search stores them: every sample a pair with the table space's anchor ({layout}, d {data['anchor']['d_model']}) in the same process, "
+                "each point the ratio of the two lower quartiles times the anchor's median quartile over the table, which takes the host's drift during the run out. ")
+    return ("Latencies are calibrated: each multiplied by the table's median calibration-kernel time over its own measurement's (the kernel timed on the measuring core "
+            "when the process was ready), which takes out most of the machine's load drift during the run. ")
+
+
 def render(summary: dict, table: Table, data: dict, feasible: int, seeds: int, trials: int, seconds: dict, args) -> str:
     machine = data.get("machine", {})
     how = (
         f"How: the table `bench/results/tabular/table.json` ({len(table.rows)} architectures of the table's space, every one measured once by `devices.measure` "
         f"on the {data['backend']} backend, prefill {table.prompt_tokens} tokens and decode at depth {table.decode_depth}, one thread on one pinned core, "
-        f"measured {data.get('started')} to {data.get('finished', '?')} on {machine.get('cpu_model', machine.get('cpu', '?'))} under `nice` while other engineers' jobs ran: "
+        f"measured {data.get('started')} to {data.get('finished', '?')} on {machine.get('cpu_model', machine.get('cpu', '?'))} at nice {data.get('nice', '?')}, "
         f"load average {data.get('load_before')} at the start; see `bench/tabular.py`). "
-        + ("Latencies are calibrated: each multiplied by the table's median calibration-kernel time over its own measurement's (the kernel timed on the measuring core "
-           "when the process was ready), which takes out most of the machine's load drift during the run. " if not args.raw else "Latencies as measured (--raw). ")
+        + _latency_note(data, args.raw)
         + f"Budget {args.budget_mib:g} MiB: {feasible} of {len(table.rows)} architectures fit. "
         f"Objectives: attention-layer count (maximise; the free quality signal of issue 26), prefill and decode (minimise). Each search: an Optuna study with the search's "
         f"sampler settings (`make_sampler`), the space's encoding, the analytic pre-filter and the memory constraint; {seeds} seeds per sampler. "

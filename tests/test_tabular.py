@@ -69,3 +69,29 @@ def test_the_replay_command_writes_its_results(synthetic_table, tmp_path):
     data = json.loads(out.read_text())
     assert set(data["summary"]["ratio_to_random"]) == {"random", "tpe"}
     assert data["summary"]["ratio_to_random"]["random"]["25"]["ratio"] == pytest.approx(1.0)
+
+
+def test_an_anchored_table_ranks_by_the_ratio_to_its_anchor_not_by_the_drifting_milliseconds(synthetic_table, tmp_path):
+    """A table measured beside the anchor: rows whose raw milliseconds a slow host inflated
+    (anchor slowed alike) load at their ratio times one anchor reference, so two rows of the
+    same ratio load equal whatever the drift; `--raw` (calibrated=False) keeps the milliseconds."""
+    data = json.loads(synthetic_table.read_text())
+    data["anchor"] = table_space().anchor_spec().to_dict()
+    for i, row in enumerate(data["rows"]):
+        drift = 1.5 if i % 2 else 1.0  # every other architecture measured while the host was 1.5x slower
+        for name, anchor_ms in (("prefill", 100.0), ("decode", 10.0)):
+            row[f"{name}_anchor_ratio"] = row[f"{name}_ms"] / anchor_ms
+            row[f"{name}_anchor_quantile_ms"] = anchor_ms * drift
+            row[f"{name}_ms"] *= drift
+    path = tmp_path / "anchored.json"
+    path.write_text(json.dumps(data))
+    plain = Table.load(synthetic_table, budget_bytes=90 * 2**20)
+    anchored = Table.load(path, budget_bytes=90 * 2**20)
+    raw = Table.load(path, budget_bytes=90 * 2**20, calibrated=False)
+    reference = {"prefill": np.median([100.0, 150.0] * 56), "decode": np.median([10.0, 15.0] * 56)}
+    for key, row in anchored.rows.items():
+        for name in ("prefill", "decode"):
+            assert row[f"{name}_ms"] == pytest.approx(plain.rows[key][f"{name}_ms"] * reference[name] / (100.0 if name == "prefill" else 10.0))
+            assert raw.rows[key][f"{name}_ms"] == pytest.approx(row[f"raw_{name}_ms"])
+    slowed = [key for i, key in enumerate(r["key"] for r in data["rows"]) if i % 2]
+    assert any(raw.rows[k]["prefill_ms"] > 1.4 * plain.rows[k]["prefill_ms"] for k in slowed)
