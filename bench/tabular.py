@@ -138,7 +138,7 @@ def measure_one(spec, proto, cpu: int, cache_dir: Path, anchor=None) -> dict:
         for name, stats in (("prefill", prefill), ("decode", decode)):
             if stats.anchor is not None:
                 row[f"{name}_anchor_ratio"] = stats.anchor["ratio"]
-                row[f"{name}_anchor_ratio_ci_rel"] = (stats.anchor["ratio_ci_high"] - stats.anchor["ratio_ci_low"]) / 2 / stats.anchor["ratio"]
+                row[f"{name}_anchor_ratio_ci_rel"] = stats.anchor_ratio_half_width_rel
                 row[f"{name}_anchor_quantile_ms"] = stats.anchor["anchor_quantile_ms"]
         row["stack"] = m.stack
     return row
@@ -169,7 +169,8 @@ def main(argv=None) -> int:
         data_started = previous.get("started")
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="lfm2-nas-tabular-"))
     proto = protocol(anchored=args.anchor)
-    anchor = compile_eager(table_space().anchor_spec(), proto, cache_dir) if args.anchor else None
+    anchor_spec = table_space().anchor_spec() if args.anchor else None
+    anchor = compile_eager(anchor_spec, proto, cache_dir) if anchor_spec is not None else None
     data = {
         "benchmark": NAME,
         "space": TABLE_SPACE.strip(),
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         "nice": os.nice(0),
         "started": data_started or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "architectures": len(specs),
-        "anchor": table_space().anchor_spec().to_dict() if anchor is not None else None,
+        "anchor": anchor_spec.to_dict() if anchor_spec is not None else None,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     # A seeded shuffled order: the machine's load drifts during the run (other engineers'

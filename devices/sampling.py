@@ -264,7 +264,7 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
             break
     clean = [s for s in attempts if not s.disturbed]
     if pool and len(clean) > 1:  # the undisturbed attempts together
-        best = summarize(_pooled(attempts) or [], tokens, protocol.trim_fraction)
+        best = summarize([x for s in clean for x in s.samples_ms], tokens, protocol.trim_fraction)
         slowdowns = [s.calibration_slowdown for s in clean if s.calibration_slowdown is not None]
         best.calibration_slowdown = max(slowdowns) if slowdowns else None
         best.pooled_attempts = len(clean)
