@@ -124,9 +124,12 @@ class Calibration:
     spin-waiting workers, XNNPACK's pool) and make a quiet machine look disturbed."""
 
     #: The kernel: multiply-adds over arrays of this size (larger than L2, so it reads L3 or
-    #: memory as a decode step does), this many passes.
+    #: memory as a decode step does), this many passes: ~10 ms a run, longer than the
+    #: scheduler's slices, so that a hog sharing the core cannot fall between runs. At 6
+    #: passes (~1.7 ms) the median of five runs read 1.25x with three hogs on the core
+    #: (the tests' hog check failed in a README test run) while the model's runs took ~4x.
     ARRAY_BYTES = 4 << 20
-    PASSES = 6
+    PASSES = 36
     REPEATS = 5
 
     def __init__(self, take_reference: bool = True) -> None:
