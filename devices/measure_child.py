@@ -9,7 +9,8 @@ The order of work (see DESIGN.md, "Measurement protocol"):
 
 1. pin every thread to the job's cores; cap the data segment if asked (a backstop; the
    parent's RSS watchdog is the cap that counts);
-2. import the backend's runtime, allocate the calibration kernel's arrays (the harness's,
+2. import the backend's runtime (and, where it would give each loaded model its own thread
+   pool, make one pool for the process: `share_threads`), allocate the calibration kernel's arrays (the harness's,
    not the model's) and record the baseline RSS: what the process holds before the model
    (`import executorch` alone is ~355 MiB; a C++ runner would not pay it);
 3. load the artifact (the load time is reported apart);
@@ -110,6 +111,8 @@ class Child:
         module = backend_module(artifact.backend)
         if hasattr(module, "import_runtime"):  # a backend whose runtime is imported lazily
             module.import_runtime()
+        if hasattr(module, "share_threads"):  # one pool for the candidate and the anchor, before either loads
+            module.share_threads(job["threads"])
         # the calibration kernel's arrays are the harness's, not the model's: made before the
         # baseline (its reference is timed once the model is loaded, below)
         calibration = Calibration(take_reference=False) if protocol.disturbance_threshold > 0 else None

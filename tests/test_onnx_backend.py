@@ -260,11 +260,44 @@ def test_runner_reports_its_stack(fp32_artifact):
     assert facts["threads"] == 1 and facts["prefill_chunk"] == CHUNK
 
 
+#: Opens two sessions of one artifact in a fresh process (ONNX Runtime makes its global
+#: pools with its environment, at the first session) and prints the threads the second added.
+TWO_SESSIONS = """
+import os, sys
+from devices.artifact import Artifact
+from devices.backends import backend_module, open_runner
+if sys.argv[2] == "shared":
+    backend_module("onnx").share_threads(2)
+artifact = Artifact.load(sys.argv[1], verify=False)
+first = open_runner(artifact, 2)
+before = len(os.listdir("/proc/self/task"))
+second = open_runner(artifact, 2)
+print(len(os.listdir("/proc/self/task")) - before, second.stack()["thread_pool"])
+"""
+
+
+@pytest.mark.parametrize("pool", ["shared", "per-session"])
+def test_a_process_that_shares_its_pool_runs_a_second_session_on_it(fp32_artifact, pool):
+    """What the measuring child does before it loads a candidate and its anchor: with the pool
+    shared, the anchor's session starts no threads of its own (its own pool's threads, idle or
+    spinning, slowed each run right after the other session's by 20-40%)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TWO_SESSIONS, str(fp32_artifact.path), pool], capture_output=True, text=True, timeout=120, check=True)
+    added, what = done.stdout.split(" ", 1)
+    if pool == "shared":
+        assert int(added) == 0 and what.startswith("the process's")
+    else:  # the control: a second pool of its own (one worker beside the calling thread)
+        assert int(added) >= 1 and what.startswith("the session's own")
+
+
 def test_measuring_an_onnx_artifact(fp32_artifact):
     protocol = Protocol(prompt_lengths=(4, 16), decode_depths=(4, 16), decode_tokens=4, min_runs=2, max_runs=4, max_seconds_per_point=0.3)
     m = measure(fp32_artifact, protocol, Limits(threads=1, timeout_s=300))
     assert m.status == "ok", m.error
     assert m.stack["runtime"].startswith("onnxruntime") and m.stack["threads"] == 1
+    assert m.stack["thread_pool"].startswith("the process's")  # the child shared it before loading (share_threads)
     assert "onnxruntime" in m.memory["modules_in_baseline"]
     assert m.memory["footprint_bytes"] > 0 and m.artifact_bytes == fp32_artifact.size_bytes
     assert all(s > 0 for stats in m.decode.values() for s in stats.samples_ms)

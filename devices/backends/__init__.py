@@ -15,7 +15,12 @@ and may expose
   deploys (weights rounded or quantised as the artifact stores them), which the check
   against eager compares with instead of the fp32 model;
 * `VERIFY_TOLERANCES`: `{quant: {"min_cosine", "top1_agreement", "max_abs_diff_rel"}}`,
-  the check's bounds for that precision where they differ from `devices.compile`'s.
+  the check's bounds for that precision where they differ from `devices.compile`'s;
+* `share_threads(threads)`: make the runtime run every model this process loads afterwards
+  on one pool of `threads` compute threads, where by default each loaded model would get
+  its own (ONNX Runtime: a pool per session). The measuring child calls it before it loads
+  anything, so that the anchor timed beside a candidate does not leave its pool's threads
+  competing with the candidate's.
 
 Modules are imported only when their backend is used: `import executorch` alone costs
 ~355 MiB and ~7 s, which a process that only runs ONNX Runtime or eager must not pay.

@@ -50,6 +50,28 @@ PREPACKING = True
 #: interleaved pairs, within this host's drift of -13%..+32%), decode the same (22.0 vs
 #: 22.1 ms). Turning off the CPU arena instead gave 438-466 MiB, run to run: not used.
 MEMORY_PATTERN = False
+#: The size of this process's one ONNX Runtime thread pool, once `share_thread_pool` made it
+#: (None: every session makes its own). Why one pool: a measurement times the candidate and
+#: the anchor side by side in one process, and with a pool per session, a run right after
+#: the other session's ran 20-40% slower (prefill 512 and decode at 512 of a 2-thread
+#: small-space pair: the "cold" runs of an alternating pair, against the runs that followed
+#: their own session), which a pool per process removes (0-8%) at the same latency for one
+#: session alone (BENCHMARKS.md, "One ONNX Runtime thread pool per process").
+_SHARED_POOL_THREADS: int | None = None
+
+
+def share_thread_pool(threads: int | None) -> bool:
+    """Make one intra-op pool of `threads` (None or 0: ONNX Runtime's default, the physical
+    cores) that every session this process opens afterwards with the same thread count runs
+    on. ONNX Runtime builds its environment, and with it the global pools, at the first
+    session: call this before any. Returns whether the pool is this process's (False if it
+    already shared one of another size)."""
+    global _SHARED_POOL_THREADS
+    size = threads or 0
+    if _SHARED_POOL_THREADS is None:
+        ort.set_global_thread_pool_sizes(size, 1)  # intra-op threads, inter-op threads (sequential execution)
+        _SHARED_POOL_THREADS = size
+    return _SHARED_POOL_THREADS == size
 
 
 class EmbeddingRows:
@@ -132,6 +154,7 @@ class OnnxRunner(Runner):
         self.layout = facts["state"]
         self.state_names = [entry["name"] for entry in self.layout]
         self.chunk = int(facts.get("prefill_chunk", PREFILL_CHUNK))
+        self.shares_pool = _SHARED_POOL_THREADS is not None and _SHARED_POOL_THREADS == (self.threads or 0)
         self.session = ort.InferenceSession(str(artifact.file(facts["step"])), sess_options=self._options(), providers=[PROVIDER])
         self.output_names = [o.name for o in self.session.get_outputs()]
         if not isinstance(facts.get("embedding"), dict):
@@ -147,8 +170,11 @@ class OnnxRunner(Runner):
 
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or 0  # 0: ONNX Runtime's default (physical cores)
-        options.inter_op_num_threads = 1
+        if self.shares_pool:
+            options.use_per_session_threads = False  # the process's pool (`share_thread_pool`) sets the threads
+        else:
+            options.intra_op_num_threads = self.threads or 0  # 0: ONNX Runtime's default (physical cores)
+            options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -221,6 +247,7 @@ class OnnxRunner(Runner):
             "threads": self.threads,
             "intra_op_threads": self.threads or "onnxruntime default (physical cores)",
             "inter_op_threads": 1,
+            "thread_pool": "the process's (shared with every other session it runs, e.g. the anchor)" if self.shares_pool else "the session's own",
             "execution_mode": "sequential",
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "weights": "one session for prefill and decode; weights.bin loaded by ONNX Runtime" + (", MatMul weights pre-packed once" if PREPACKING else ", pre-packing disabled"),
