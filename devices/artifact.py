@@ -46,7 +46,7 @@ BACKEND_FORMATS = {"eager": 1, "onnx": 5, "executorch": 2, "llamacpp": 3}
 #: onnx 2: ONNX Runtime's memory pattern off (`devices.backends.onnx_runner.MEMORY_PATTERN`;
 #: LFM2-350M int8 at 2,048 tokens: footprint 453.5 -> 431.7 MiB).
 #: onnx 3: one thread pool per measuring process, shared by the candidate's and the anchor's
-#: sessions (`devices.backends.onnx_runner.share_thread_pool`): with a pool per session, each
+#: sessions (`devices.backends.onnx_runner.share_threads`): with a pool per session, each
 #: run right after the other session's was 20-40% slower, which moved the anchored ratio.
 RUNNER_REVISIONS = {"onnx": 3}
 #: The largest manifest read: it is checked before the file is parsed (a manifest names

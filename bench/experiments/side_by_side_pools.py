@@ -44,6 +44,7 @@ def pairs_in_this_process(mode: str, candidate: str, anchor: str, threads: int, 
     from devices.backends import backend_module, open_runner
     from devices.measure_child import pin_threads, timers
     from devices.protocol import Protocol
+    from devices.sampling import AnchoredRun
 
     cpus = list(range(threads))
     pin_threads(cpus)
@@ -73,11 +74,10 @@ def pairs_in_this_process(mode: str, candidate: str, anchor: str, threads: int, 
         mine, theirs = (functools.partial(clock[0] if kind == "prefill" else clock[1], point) for clock in clocks)
         for _ in range(3):  # warm-up, both
             mine(), theirs()
-        timed = []
-        for k in range(count + 1):
-            first, second = (mine, theirs) if k % 2 == 0 else (theirs, mine)
-            a, b = first(), second()
-            timed.append((a, b) if k % 2 == 0 else (b, a))  # (candidate ms, anchor ms)
+        run = AnchoredRun(mine, theirs)  # the pairs exactly as an anchored point takes them
+        for _ in range(count + 1):
+            run()
+        timed = run.pairs  # (candidate ms, anchor ms); pair k even: the candidate first
         # pair k > 0 even: the candidate runs after itself (the previous pair ended with it), the anchor after it
         warm_c = [c for k, (c, _) in enumerate(timed) if k % 2 == 0 and k]
         cold_c = [c for k, (c, _) in enumerate(timed) if k % 2 == 1]

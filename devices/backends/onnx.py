@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from devices.backends.onnx_runner import OnnxRunner, share_thread_pool
+from devices.backends.onnx_runner import OnnxRunner, share_threads
 from lfm2.spec import ArchSpec
 
 QUANTS = ("fp32", "int8")
@@ -59,8 +59,5 @@ def reference_model(artifact, seed: int):
 
 
 RUNNER = OnnxRunner
-#: The measuring child's hook (`devices.backends`): one thread pool for the candidate's and
-#: the anchor's sessions.
-share_threads = share_thread_pool
 
 __all__ = ["export", "reference_model", "OnnxRunner", "RUNNER", "QUANTS", "share_threads"]

@@ -50,7 +50,7 @@ PREPACKING = True
 #: interleaved pairs, within this host's drift of -13%..+32%), decode the same (22.0 vs
 #: 22.1 ms). Turning off the CPU arena instead gave 438-466 MiB, run to run: not used.
 MEMORY_PATTERN = False
-#: The size of this process's one ONNX Runtime thread pool, once `share_thread_pool` made it
+#: The size of this process's one ONNX Runtime thread pool, once `share_threads` made it
 #: (None: every session makes its own). Why one pool: a measurement times the candidate and
 #: the anchor side by side in one process, and with a pool per session, a run right after
 #: the other session's ran 20-40% slower (prefill 512 and decode at 512 of a 2-thread
@@ -60,18 +60,16 @@ MEMORY_PATTERN = False
 _SHARED_POOL_THREADS: int | None = None
 
 
-def share_thread_pool(threads: int | None) -> bool:
-    """Make one intra-op pool of `threads` (None or 0: ONNX Runtime's default, the physical
-    cores) that every session this process opens afterwards with the same thread count runs
-    on. ONNX Runtime builds its environment, and with it the global pools, at the first
-    session: call this before any. Returns whether the pool is this process's (False if it
-    already shared one of another size)."""
+def share_threads(threads: int | None) -> None:
+    """The backend's `share_threads` hook (`devices.backends`): make one intra-op pool of
+    `threads` (None or 0: ONNX Runtime's default, the physical cores) that every session
+    this process opens afterwards with the same thread count runs on (a session of another
+    count keeps a pool of its own). ONNX Runtime builds its environment, and with it the
+    global pools, at the first session: call this before any; a second call changes nothing."""
     global _SHARED_POOL_THREADS
-    size = threads or 0
     if _SHARED_POOL_THREADS is None:
-        ort.set_global_thread_pool_sizes(size, 1)  # intra-op threads, inter-op threads (sequential execution)
-        _SHARED_POOL_THREADS = size
-    return _SHARED_POOL_THREADS == size
+        ort.set_global_thread_pool_sizes(threads or 0, 1)  # intra-op threads, inter-op threads (sequential execution)
+        _SHARED_POOL_THREADS = threads or 0
 
 
 class EmbeddingRows:
@@ -171,7 +169,7 @@ class OnnxRunner(Runner):
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         if self.shares_pool:
-            options.use_per_session_threads = False  # the process's pool (`share_thread_pool`) sets the threads
+            options.use_per_session_threads = False  # the process's pool (`share_threads`) sets the threads
         else:
             options.intra_op_num_threads = self.threads or 0  # 0: ONNX Runtime's default (physical cores)
             options.inter_op_num_threads = 1
