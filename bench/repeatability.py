@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
                         help="time every point side by side with the space's anchor architecture (as a search does) and report the repeatability of the ratio of "
                              "lower quartiles beside the milliseconds' (default); --no-anchor: the milliseconds alone, the protocol of before")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes a point may use (devices.processes: the points still unsure after one are measured again in another, the figures combined; "
+                             "default 3, each with 3 s per point; 1: one process with 6 s per point and a re-measure, the protocol of before)")
     parser.add_argument("--order", choices=("sequential", "interleaved"), default="sequential",
                         help="sequential: pass 1 over all, then pass 2 (drift + process noise); interleaved: each architecture's passes back to back (process noise only)")
     return parser.parse_args(argv)
@@ -56,6 +59,8 @@ def variant_flags(args) -> list[str]:
         flags += ["--backend", args.backend, "--quant", args.quant]
     if args.order != "sequential":
         flags += ["--order", args.order]
+    if not args.quick and args.processes != 3:
+        flags += ["--processes", str(args.processes)]
     if not args.anchor:
         flags += ["--no-anchor"]
     return flags
@@ -64,7 +69,11 @@ def variant_flags(args) -> list[str]:
 def variant_words(args) -> list[str]:
     """The variant's words: the values of its flags, and `plain` for --no-anchor."""
     flags = variant_flags(args)
-    return [f for f in flags if not f.startswith("--")] + (["plain"] if "--no-anchor" in flags else [])
+    words = [f for f in flags if not f.startswith("--")]
+    if "--processes" in flags:  # a bare number says nothing: "1 process"
+        at = words.index(flags[flags.index("--processes") + 1])
+        words[at] = f"{words[at]}_process" + ("es" if words[at] != "1" else "")
+    return words + (["plain"] if "--no-anchor" in flags else [])
 
 
 def block_name(args) -> str:
@@ -77,12 +86,16 @@ def title(args) -> str:
     return what if not words else f"{what} ({' '.join(words)})"
 
 
-def protocol_for(prefill: int, depth: int, threads: int, quick: bool):
+def protocol_for(prefill: int, depth: int, threads: int, quick: bool, processes: int = 1):
     from devices.protocol import Protocol
 
     # The protocol's defaults otherwise: sampling until the median's interval is within +-2%,
-    # warm-up until steady, the calibration check around every point.
-    return Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if quick else 16, max_seconds_per_point=2.0 if quick else 6.0, measure_memory=True, threads=threads)
+    # warm-up until steady, the calibration check around every point. Several processes: a
+    # shorter time in each (past ~2-3 s a process's own samples no longer move the spread
+    # between measurements of a decode ratio: BENCHMARKS.md, "A point in several processes").
+    seconds = 2.0 if quick else (3.0 if processes > 1 else 6.0)
+    return Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if quick else 16, max_seconds_per_point=seconds, measure_memory=True, threads=threads,
+                    processes=processes)
 
 
 def point_stats(result: dict, kind: str, point: int) -> dict | None:
@@ -109,6 +122,26 @@ def within_process(results: list[dict], kind: str, point: int) -> dict | None:
     }
 
 
+def processes_used(results: list[dict], kind: str, point: int) -> dict | None:
+    """How many fresh processes the points took (1 where a point was sure after one)."""
+    counts = sorted(len(s.get("processes") or [None]) for s in (point_stats(r, kind, point) for r in results) if s)
+    return None if not counts else {"median": counts[len(counts) // 2], "min": counts[0], "max": counts[-1]}
+
+
+def first_processes_ratio(result: dict, kind: str, point: int, count: int) -> float | None:
+    """The anchored ratio had the point stopped after its first `count` processes: the same
+    combination (devices.processes) over fewer of the stored per-process figures, so that one
+    run says what each extra process bought."""
+    from devices.processes import random_effects
+
+    stats = point_stats(result, kind, point)
+    taken = [p for p in (stats or {}).get("processes") or [] if p.get("ratio") is not None][:count]
+    if len(taken) < count:
+        return None
+    kept = [p for p in taken if not p.get("disturbed")] or taken
+    return random_effects([p["ratio"] for p in kept], [p["ratio_ci_low"] for p in kept], [p["ratio_ci_high"] for p in kept])["estimate"]
+
+
 def anchor_ms(result: dict, kind: str, point: int) -> float | None:
     """The anchor's own lower quartile in this measurement: how far the host drifted between passes."""
     stats = point_stats(result, kind, point)
@@ -131,7 +164,7 @@ def main(argv=None) -> int:
         args.backend, args.quant = QUICK_BACKEND
     else:
         specs, prefill, depth = sample_space(args.archs, seed=args.seed), args.prefill, args.depth
-    protocol = protocol_for(prefill, depth, args.threads, args.quick)
+    protocol = protocol_for(prefill, depth, args.threads, args.quick, 2 if args.quick else args.processes)
 
     anchor = None if not args.anchor else anchor_spec()
     jobs = [(spec, args.backend, args.quant) for spec in specs] + ([(anchor, args.backend, args.quant)] if anchor else [])
@@ -166,10 +199,15 @@ def main(argv=None) -> int:
         if anchor is not None:
             metrics[f"{kind}_anchored"] = pair_metrics([anchor_ratio(r, kind, point) for r in passes[0]], [anchor_ratio(r, kind, point) for r in passes[1]])
             metrics[f"{kind}_anchor_itself"] = pair_metrics([anchor_ms(r, kind, point) for r in passes[0]], [anchor_ms(r, kind, point) for r in passes[1]])
+            for count in range(1, protocol.processes):
+                metrics[f"{kind}_anchored_first_{count}"] = pair_metrics([first_processes_ratio(r, kind, point, count) for r in passes[0]],
+                                                                          [first_processes_ratio(r, kind, point, count) for r in passes[1]])
     footprints = [(footprint_bytes(a), footprint_bytes(b)) for a, b in zip(*passes)]
     fp_pairs = [(a, b) for a, b in footprints if a and b]
     metrics["footprint"] = pair_metrics([a for a, _ in fp_pairs], [b for _, b in fp_pairs]) if len(fp_pairs) >= 2 else None
     metrics["within_process"] = {kind: within_process(passes[0] + passes[1], kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
+    metrics["processes_allowed"] = protocol.processes
+    metrics["processes"] = {kind: processes_used(passes[0] + passes[1], kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
     metrics["seconds_per_point"] = sorted(point_seconds)[len(point_seconds) // 2] if point_seconds else None
     metrics["order"] = args.order
 
@@ -210,7 +248,8 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         else:
             summary.append([label, m["n"], pct(m["median_relative_spread"], 1), pct(m["p90_relative_spread"], 1), pct(m["max_relative_spread"], 1), f"{m['tau']:.3f}", f"{m['p_value']:.2g}"])
     for kind, label in (("prefill", f"prefill {prefill} tokens"), ("decode", f"decode per token at depth {depth}")):
-        for suffix, what in (("_anchored", "relative to the anchor (candidate / anchor lower quartiles, sampled side by side)"), ("_anchor_itself", "the anchor's own ms beside each candidate (the drift)")):
+        stages = [(f"_anchored_first_{count}", f"relative to the anchor, had the point stopped after its first {count} process{'es' if count > 1 else ''}") for count in range(1, args.processes)]
+        for suffix, what in (*stages, ("_anchored", "relative to the anchor (candidate / anchor lower quartiles, sampled side by side)"), ("_anchor_itself", "the anchor's own ms beside each candidate (the drift)")):
             m = metrics.get(kind + suffix)
             if m is not None:
                 summary.append([f"{label}: {what}", m["n"], pct(m["median_relative_spread"], 1), pct(m["p90_relative_spread"], 1), pct(m["max_relative_spread"], 1), f"{m['tau']:.3f}", f"{m['p_value']:.2g}"])
@@ -219,6 +258,9 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         if w:
             summary.append([f"{label}: inside one process (median's 95% CI, +-)", w["n"], pct(w["median_ci_half_width"], 1), "-", pct(w["max_ci_half_width"], 1), "-",
                             f"{w['median_runs']} runs (median); {w['noisy']} noisy, {w['disturbed']} disturbed, {w['remeasured']} re-measures"])
+        used = (metrics.get("processes") or {}).get(kind)
+        if used and used["max"] > 1:
+            summary.append([f"{label}: fresh processes per point", "-", str(used["median"]), "-", str(used["max"]), "-", f"min {used['min']}"])
     detail = []
     for r in rows:
         p, d, f = r["prefill_ms"], r["decode_ms"], r["footprint_bytes"]
@@ -232,6 +274,12 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         + ("back to back (interleaved: A A B B ..., process-to-process noise only)" if metrics.get("order") == "interleaved" else "in two passes over all of them (sequential: drift between passes included)")
         + f", every measurement in a fresh child process (`devices.measure`; {args.threads} threads; warm-up until steady, then timed runs until the median's 95% interval "
         f"is within +-2% or the point's time cap; a point disturbed per the calibration kernel is re-measured). "
+        + (
+            f"A point may take up to {metrics['processes_allowed']} fresh processes: after the first, the points whose figure is still less sure than +-2% are measured again "
+            "in another, and the processes' figures combined (random effects, devices.processes); a process then re-measures a point only when disturbed. "
+            if (metrics.get("processes_allowed") or 1) > 1
+            else ""
+        )
         + (
             f"Anchored: every timed sample is a pair, the candidate's run and the anchor's ({anchor_layout(args)}, compiled for the same backend and precision) back to back, "
             "and sampling stops when the ratio of their lower quartiles is pinned down (devices.sampling.ANCHOR_QUANTILE: interference only adds time, in bursts); "

@@ -171,6 +171,8 @@ def bench(
     memory_cap: str = typer.Option(None, "--memory-limit", "--memory-cap", help="Kill the measurement over this RSS, e.g. 2GiB (status oom); the name `agent serve` uses (--memory-cap still works)."),
     timeout: float = typer.Option(1800.0, "--timeout", help="Wall-clock limit of the measurement in seconds."),
     max_seconds: float = typer.Option(10.0, "--max-seconds", help="Time budget of each point after its minimum runs."),
+    processes: int = typer.Option(1, "--processes", help="Fresh processes a point may use: the points still less sure than +-2% after one are measured again in another, "
+                                  "and the figures combined (worth it where process-to-process differences dominate, as for decode on a shared host: BENCHMARKS.md)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Artifact cache (default: $LFM2_NAS_CACHE or ~/.cache/lfm2-nas)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (artifact facts + the Measurement)."),
 ) -> None:
@@ -190,10 +192,13 @@ def bench(
         raise UserError(f"--tokens must be >= 1, got {tokens}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
+    if processes < 1:
+        raise UserError(f"--processes must be >= 1 (1: one process per measurement), got {processes}")
     if timeout <= 0 or max_seconds <= 0:
         raise UserError("--timeout and --max-seconds must be positive seconds")
     name, spec = load_target(target)
-    protocol = Protocol(prompt_lengths=parse_lengths(prompt, "--prompt"), decode_depths=parse_lengths(depth, "--depth"), decode_tokens=tokens, max_seconds_per_point=max_seconds)
+    protocol = Protocol(prompt_lengths=parse_lengths(prompt, "--prompt"), decode_depths=parse_lengths(depth, "--depth"), decode_tokens=tokens, max_seconds_per_point=max_seconds,
+                        processes=processes)
     if protocol.max_context > spec.max_seq_len:
         raise UserError(f"the benchmark needs {protocol.max_context} tokens of context, the spec allows {spec.max_seq_len}: use shorter --prompt/--depth")
     limits = Limits(

@@ -14,6 +14,13 @@ limits, watches it, and turns whatever happens into a `Measurement`:
 * `timeout`: it ran past `limits.timeout_s` (wall clock, import and load included).
 * `error`: anything else (a crash, an exception), with the tail of its stderr.
 
+With `Protocol.processes` > 1 the parent starts another fresh child for the points whose
+figure (the anchored ratio, else the median) is still less sure than `ci_target`, at most
+`processes` children in all, under the same core locks and the same overall timeout; the
+later children skip the memory pass, and each point's figures are combined
+(`devices.processes`). A later child that fails gives the measurement its status, with the
+points the earlier ones measured kept.
+
 How the memory cap is enforced, and why. RLIMIT_AS caps address space, and runtimes
 reserve far more of it than they touch (thread stacks, allocator arenas, mapped files):
 a cap on it refuses models that fit. A cgroup memory limit is the right tool where one
@@ -47,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from devices.artifact import Artifact, ArtifactError
 from devices.measure_child import mentions_out_of_memory
-from devices.protocol import Limits, Measurement, Protocol
+from devices.protocol import Limits, Measurement, Protocol, Stats
 from devices.stack import device_fingerprint, machine_facts, status_kib, usable_cpus
 from lfm2.errors import UserError
 from lfm2.sizes import format_size
@@ -376,6 +383,73 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
     return Measurement.from_dict({k: v for k, v in data.items() if k in known})
 
 
+def _run_one_child(job: dict[str, Any], limits: Limits, threads: int, left_s: float | None, watched: int | None, scratch_dir: str | Path | None) -> ChildOutcome:
+    with tempfile.TemporaryDirectory(prefix="lfm2-measure-", dir=scratch_dir) as tmp:
+        workdir = Path(tmp)
+        (workdir / "job.json").write_text(json.dumps(job))
+        command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
+        return supervise(command, workdir, memory_bytes=watched, timeout_s=left_s, env=_child_env(threads))
+
+
+def _unsure_points(outcomes: list[ChildOutcome], protocol: Protocol) -> tuple[list[int], list[int]]:
+    """(prefill lengths, decode depths) whose figure, combined over the processes so far, is
+    still less sure than `protocol.ci_target`: what the next process measures."""
+    from devices.processes import combine_point, needs_another_process
+
+    unsure: tuple[list[int], list[int]] = ([], [])
+    for kind, points, out in (("prefill", protocol.prompt_lengths, unsure[0]), ("decode", protocol.decode_depths, unsure[1])):
+        for point in points:
+            taken = [Stats.from_dict(stats) for o in outcomes if (stats := ((o.result or {}).get(kind) or {}).get(str(point)))]
+            if not taken or needs_another_process(combine_point(taken, protocol.ci_target, protocol.trim_fraction), protocol.ci_target):
+                out.append(point)
+    return unsure
+
+
+def _run_processes(job: dict[str, Any], protocol: Protocol, limits: Limits, threads: int, lock_wait_s: float, scratch_dir: str | Path | None) -> list[ChildOutcome]:
+    """Run the measurement child once, then (`protocol.processes` > 1) again in fresh processes
+    for the points still unsure (`devices.processes`), at most `processes` in all and within
+    the measurement's timeout; stops at the first process that does not finish ok."""
+    watched = job.pop("watched_bytes")
+    deadline = None if limits.timeout_s is None else time.monotonic() + max(0.001, limits.timeout_s - lock_wait_s)
+    outcomes: list[ChildOutcome] = []
+    this_job = job
+    for _ in range(protocol.processes):
+        left_s = None if deadline is None else max(0.001, deadline - time.monotonic())
+        outcome = _run_one_child(this_job, limits, threads, left_s, watched, scratch_dir)
+        outcomes.append(outcome)
+        if outcome.killed_for or (outcome.result or {}).get("status") != "ok":
+            break
+        prefill, decode = _unsure_points(outcomes, protocol)
+        if not prefill and not decode:
+            break
+        this_job = {**job, "measure_memory": False, "prefill_points": prefill, "decode_points": decode}
+    return outcomes
+
+
+def _combine_processes(measurement: Measurement, later: list[Measurement], protocol: Protocol) -> None:
+    """Fold the later processes' measurements into the first's: each point's figures combined
+    (`devices.processes.combine_point`), the processes' walls and statuses in `stack`; a later
+    process that failed makes the measurement's status its own (what it finished is kept)."""
+    from devices.processes import combine_point
+
+    everyone = [measurement, *later]
+    for kind in ("prefill", "decode"):
+        table = getattr(measurement, kind)
+        for point in list(table):
+            table[point] = combine_point([getattr(m, kind)[point] for m in everyone if point in getattr(m, kind)], protocol.ci_target, protocol.trim_fraction)
+    measurement.stack["processes"] = [
+        {"status": m.status, "child_wall_s": m.stack.get("child_wall_s"), "pid": m.stack.get("pid"), "prefill_points": sorted(m.prefill), "decode_points": sorted(m.decode),
+         "calibration_reference_ms": (m.stack.get("calibration") or {}).get("reference_ms")}
+        for m in everyone
+    ]
+    measurement.stack["child_wall_s"] = round(sum(m.stack.get("child_wall_s") or 0 for m in everyone), 3)
+    failed = next((m for m in later if m.status != "ok"), None)
+    if failed is not None and measurement.status == "ok":
+        measurement.status = failed.status
+        measurement.error = f"in fresh process {everyone.index(failed) + 1} of up to {protocol.processes} (the points measured before it are kept): {failed.error}"
+
+
+
 def measure(
     artifact: Artifact | str | Path,
     protocol: Protocol | None = None,
@@ -427,6 +501,7 @@ def measure(
         "seed": seed,
         "data_limit_bytes": data_limit,
         "anchor": None if anchor_artifact is None else str(Path(anchor_artifact.path).resolve()),
+        "watched_bytes": watched,
     }
     facts = dict(machine_facts())
     device_facts = dict(device or {})
@@ -434,12 +509,8 @@ def measure(
     if scratch_dir is not None:
         Path(scratch_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        with tempfile.TemporaryDirectory(prefix="lfm2-measure-", dir=scratch_dir) as tmp, own_cores(cpus, limits.timeout_s) as lock_wait_s:
-            workdir = Path(tmp)
-            (workdir / "job.json").write_text(json.dumps(job))
-            command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
-            left_s = None if limits.timeout_s is None else max(0.001, limits.timeout_s - lock_wait_s)
-            outcome = supervise(command, workdir, memory_bytes=watched, timeout_s=left_s, env=_child_env(threads))
+        with own_cores(cpus, limits.timeout_s) as lock_wait_s:
+            outcomes = _run_processes(job, protocol, limits, threads, lock_wait_s, scratch_dir)
     except CoresBusy as busy:
         return Measurement.failure(
             "timeout",
@@ -457,8 +528,10 @@ def measure(
     )
     if allowance:
         cap_method += f"; anchored: the watchdog at the cap + {_fmt_bytes(allowance)} for the anchor, the candidate held to the cap by its memory pass's peak"
-    measurement = _to_measurement(outcome, limits, {"cap_method": cap_method, "lock_wait_s": round(lock_wait_s, 3), "device": device_facts, "wall_time_s": round(time.monotonic() - start, 3),
-                                                    "anchored": allowance > 0})
+    facts = {"cap_method": cap_method, "lock_wait_s": round(lock_wait_s, 3), "device": device_facts, "wall_time_s": round(time.monotonic() - start, 3), "anchored": allowance > 0}
+    measurement = _to_measurement(outcomes[0], limits, facts)
+    if len(outcomes) > 1:
+        _combine_processes(measurement, [_to_measurement(outcome, limits, facts) for outcome in outcomes[1:]], protocol)
     if not measurement.spec_key:
         measurement.spec_key, measurement.backend, measurement.quant = artifact.spec.key, artifact.backend, artifact.quant
         measurement.protocol = measurement.protocol or protocol.to_dict()

@@ -36,6 +36,10 @@ state of a C-token context; decode latency does not depend on the state's values
 latency per token of the run, so `Stats.tokens` is 1 for decode and `tokens_per_s` is the
 decode rate. Prefill: random tokens (tokenisation and sampling are not part of it).
 
+A later process of a point measured in several (`Protocol.processes`, `devices.processes`)
+gets `measure_memory: false` and the points still unsure (`prefill_points`,
+`decode_points`) in its job: it times those only.
+
 A progress line (JSON) goes to stdout at each phase, and the measurement so far to
 PARTIAL.json after each point, so the parent can say where a timeout or kill struck.
 """
@@ -137,7 +141,9 @@ class Child:
             self.progress("calibrate")
             calibration.take_reference()
             self.result["stack"]["calibration"] = calibration.describe()
-        if protocol.measure_memory:
+        # a later process of a point measured in several (devices.processes) times only the
+        # points still unsure, and leaves the memory pass to the first
+        if job.get("measure_memory", protocol.measure_memory):
             self.progress("memory")
             for n in protocol.prompt_lengths:
                 prefill_once(n)
@@ -173,11 +179,11 @@ class Child:
             theirs = functools.partial(anchor_prefill if kind == "prefill" else anchor_decode, point)
             return measure_anchored_point(own, theirs, protocol, tokens, calibration).to_dict()
 
-        for n in protocol.prompt_lengths:
+        for n in job.get("prefill_points", protocol.prompt_lengths):
             self.progress("prefill", length=n)
             self.result["prefill"][str(n)] = sample("prefill", n, n)
             self.checkpoint()
-        for depth in protocol.decode_depths:
+        for depth in job.get("decode_points", protocol.decode_depths):
             self.progress("decode", depth=depth)
             self.result["decode"][str(depth)] = sample("decode", depth, 1)
             self.checkpoint()

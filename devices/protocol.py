@@ -41,6 +41,12 @@ class Protocol:
     # the candidate, sample by sample (devices.sampling.measure_anchored_point): part of the key,
     # since an anchored point stops on the ratio's interval; None: no anchor
     anchor_sha256: str | None = None
+    # at most this many fresh processes per point (devices.processes): after the first, another
+    # process measures the points whose figure (the anchored ratio, else the median) is still less
+    # sure than ci_target, and the processes' figures are combined; within a process a point is
+    # then re-measured only when disturbed, not for precision (that time is better spent in a new
+    # process, since process-to-process differences are what is left). 1: one process, as before
+    processes: int = 1
 
     def __post_init__(self) -> None:
         for name in ("prompt_lengths", "decode_depths"):
@@ -53,7 +59,9 @@ class Protocol:
             object.__setattr__(self, name, values)
         if self.cpus is not None:
             object.__setattr__(self, "cpus", tuple(self.cpus))
-        for name in ("decode_tokens", "min_runs", "max_runs"):
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int):
+            raise UserError(f"protocol processes must be a whole number of processes >= 1, got {self.processes!r}")
+        for name in ("decode_tokens", "min_runs", "max_runs", "processes"):
             if getattr(self, name) < 1:
                 raise UserError(f"protocol {name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_runs", "max_warmup_runs", "max_remeasures"):
@@ -84,6 +92,8 @@ class Protocol:
             # absent rather than null: a protocol without an anchor keeps the dict, the key and
             # the wire form it had before anchors existed (cached results, stored jobs, agents)
             del data["anchor_sha256"]
+        if data["processes"] == 1:
+            del data["processes"]  # the same for one process: keys and wire form as before
         return data
 
     @classmethod
@@ -147,6 +157,10 @@ class Stats:
     # with an anchor (devices.sampling.measure_anchored_point): the candidate/anchor ratio's
     # median and interval, its samples, the anchor's median and samples; None without one
     anchor: dict[str, Any] | None = None
+    # with Protocol.processes > 1 (devices.processes): each fresh process's own figures for this
+    # point (median and interval; the ratio and its interval when anchored), in the order run;
+    # the figures above are their combination. None: measured in one process
+    processes: list[dict[str, Any]] | None = None
 
     @property
     def anchor_ratio(self) -> float | None:

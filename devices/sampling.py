@@ -243,7 +243,10 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
     move), the undisturbed attempts' samples are pooled instead of all but one thrown away,
     and a re-measure is asked for by the pooled `precision` (the figure ranked), not by the
     CV of the raw milliseconds: on a noisy host the CV of drifting milliseconds triggered a
-    re-measure at nearly every point, and the second attempt's samples were then dropped."""
+    re-measure at nearly every point, and the second attempt's samples were then dropped.
+
+    With `protocol.processes` > 1 the point is re-measured only when disturbed: its precision
+    is then sought in further fresh processes (`devices.measure`, `devices.processes`)."""
     warmups = warm_up(run_once, protocol)
     attempts: list[Stats] = []
     for _ in range(1 + protocol.max_remeasures):
@@ -259,7 +262,12 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
             stats.calibration_slowdown = slowdown
             stats.disturbed = protocol.disturbance_threshold > 0 and slowdown > 1 + protocol.disturbance_threshold
         attempts.append(stats)
-        if pool:
+        if protocol.processes > 1:
+            # what is left after a process's own samples is process to process
+            # (devices.processes): a re-measure here only for a disturbance
+            if not stats.disturbed:
+                break
+        elif pool:
             pooled = _pooled(attempts)
             if pooled is not None and precision(pooled) <= protocol.ci_target:
                 break

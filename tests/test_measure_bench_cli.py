@@ -30,9 +30,11 @@ def spec_file(tmp_path):
 
 
 def test_bench_prints_json_with_rows(spec_file, tmp_path):
-    done = _bench(str(spec_file), "--backend", "eager", "--prompt", "8,12", "--depth", "4", "--tokens", "2", "--max-seconds", "0.1", "--threads", "1", "--json", tmp_path=tmp_path)
+    done = _bench(str(spec_file), "--backend", "eager", "--prompt", "8,12", "--depth", "4", "--tokens", "2", "--max-seconds", "0.1", "--threads", "1", "--processes", "2", "--json",
+                  tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
+    assert payload["measurement"]["protocol"]["processes"] == 2 and len(payload["measurement"]["stack"].get("processes") or [None]) <= 2
     assert [row["test"] for row in payload["rows"]] == ["pp8", "pp12", "tg@4"]
     assert all(row["tokens_per_s"] > 0 and row["llama_bench_tokens_per_s"] > 0 and row["llama_bench_tokens_per_s_std"] >= 0 for row in payload["rows"])
     assert all(row["ci_low_ms"] <= row["median_ms"] <= row["ci_high_ms"] for row in payload["rows"])
@@ -72,6 +74,7 @@ def test_bench_prints_a_table(spec_file, tmp_path, capsys, monkeypatch):
         (["{spec}", "--memory-cap", "lots"], "--memory-limit"),  # the old name still accepted, the message uses the one name
         (["{spec}", "--memory-limit", "500"], "no unit"),
         (["{spec}", "--threads", "0"], "--threads must be >= 1"),
+        (["{spec}", "--processes", "0"], "--processes must be >= 1"),
     ],
 )
 def test_bad_input_exits_2_with_the_fix(spec_file, capsys, args, message):
