@@ -184,3 +184,29 @@ def test_a_later_process_that_fails_is_reported_and_the_earlier_points_are_kept(
     assert result.status == "error" and "in fresh process 2 of up to 3" in result.error
     assert set(result.prefill) == {8} and set(result.decode) == {6}  # the first process's points
     assert result.footprint_bytes and result.footprint_bytes > 0
+
+
+def test_an_agent_measures_in_several_processes_over_a_real_socket_and_bounds_the_count(artifacts, tmp_path):
+    import httpx
+
+    from devices.agent import start_local_agent
+    from devices.agent.service import API_VERSION
+
+    protocol = Protocol(**{**QUICK.to_dict(), "processes": 2, "ci_target": 0.0})
+    with start_local_agent(name="processes", workdir=tmp_path / "agent", job_timeout_s=300) as handle, handle.client() as client:
+        measurement = client.measure(artifacts["larger"], protocol, timeout=300, anchor=artifacts["small"])
+        sha = next(job["artifact_sha256"] for job in client.jobs())
+        too_many = httpx.post(f"{handle.url}/{API_VERSION}/jobs", json={"artifact_sha256": sha, "protocol": {**protocol.to_dict(), "processes": 17}}, headers={"Authorization": f"Bearer {handle.token}"}, timeout=30)
+    assert measurement.ok, measurement.error
+    assert measurement.protocol["processes"] == 2 and len(measurement.stack["processes"]) == 2
+    assert all(len(stats.processes) == 2 for stats in [*measurement.prefill.values(), *measurement.decode.values()])
+    assert too_many.status_code == 422 and "processes" in too_many.text
+
+
+def test_a_phone_over_adb_refuses_several_processes_with_the_setting_to_use():
+    from devices.adb.measure import Phone
+
+    phone = Phone.__new__(Phone)  # the refusal comes before the phone is touched
+    phone.transport = type("Transport", (), {"serial": "emulator-5554"})()
+    with pytest.raises(UserError, match="processes 1"):
+        phone.measure(__file__, Protocol(processes=2))

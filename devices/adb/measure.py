@@ -167,6 +167,11 @@ class Phone:
                 f"phone {self.transport.serial}: anchored measurements (an anchor artifact timed beside each candidate) are not supported by the phone's runner yet; "
                 "measure without an anchor (lfm2-nas search --no-anchor)"
             )
+        if protocol.processes > 1:
+            raise UserError(
+                f"phone {self.transport.serial}: a point in several fresh processes (protocol processes {protocol.processes}) is not supported by the phone's runner yet; "
+                "measure with processes 1 (lfm2-nas bench --processes 1)"
+            )
         if isinstance(artifact, Artifact):
             artifact.verify()
         else:

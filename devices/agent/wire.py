@@ -66,6 +66,7 @@ class ProtocolBody(BaseModel):
     threads: Annotated[int, Field(ge=1, le=1024), _JSON_NUMBER] | None = _DEFAULT.threads
     cpus: list[Annotated[int, Field(ge=0, le=4095), _JSON_NUMBER]] | None = Field(default=None, min_length=1, max_length=4096)
     anchor_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN, description="an uploaded artifact timed side by side with this one (same backend and precision)")
+    processes: Annotated[int, Field(ge=1, le=16, description="fresh processes a point may use (devices.processes)"), _JSON_NUMBER] = _DEFAULT.processes
 
     def to_protocol(self) -> Protocol:
         return Protocol.from_dict(self.model_dump())
@@ -157,9 +158,10 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 def protocol_budget_s(protocol: Protocol) -> float:
     """The timed seconds a protocol may ask for: every point (prompt lengths and decode
     depths) timed for up to `max_seconds_per_point`, once and then up to `max_remeasures`
-    times again. (Runs stop at `max_runs` or once the time is used after `min_runs`.)"""
+    times again, in each of up to `processes` fresh processes. (Runs stop at `max_runs` or once
+    the time is used after `min_runs`.)"""
     points = len(set(protocol.prompt_lengths)) + len(set(protocol.decode_depths))
-    return points * (1 + protocol.max_remeasures) * protocol.max_seconds_per_point
+    return points * (1 + protocol.max_remeasures) * protocol.max_seconds_per_point * protocol.processes
 
 
 def check_protocol_fits(protocol: Protocol, job_timeout_s: float | None) -> None:
@@ -172,8 +174,8 @@ def check_protocol_fits(protocol: Protocol, job_timeout_s: float | None) -> None
         points = len(set(protocol.prompt_lengths)) + len(set(protocol.decode_depths))
         raise UserError(
             f"the protocol asks for up to {budget:g} s of timed runs ({points} points x {1 + protocol.max_remeasures} attempts x "
-            f"max_seconds_per_point {protocol.max_seconds_per_point:g} s), more than this agent's job timeout of {job_timeout_s:g} s; "
-            "measure fewer lengths, lower max_seconds_per_point or max_remeasures, or start the agent with a larger --job-timeout"
+            f"max_seconds_per_point {protocol.max_seconds_per_point:g} s x {protocol.processes} process(es)), more than this agent's job timeout of {job_timeout_s:g} s; "
+            "measure fewer lengths, lower max_seconds_per_point, max_remeasures or processes, or start the agent with a larger --job-timeout"
         )
 
 
