@@ -83,6 +83,9 @@ class SearchConfig:
     # lower quartiles (times the study's anchor reference): the host's drift cancels (issue 21).
     # None: on where every device can (not a phone over adb), or as the resumed study was
     anchor: bool | None = None
+    # fresh processes a measured point may use (devices.processes): the points still unsure after
+    # one are measured again in another, the figures combined; 1: one process per measurement
+    processes: int = 1
     budgets: dict[str, int] = field(default_factory=dict)  # per-device budgets (--budget pixel8=500MB,rpi5=1GB)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,8 @@ class SearchConfig:
             raise UserError(f"--context must be >= 1, got {self.context}")
         if self.in_flight < 1:
             raise UserError(f"--in-flight must be >= 1, got {self.in_flight}")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 1 <= self.processes <= 16:
+            raise UserError(f"--processes must be a whole number from 1 to 16, got {self.processes!r}")
         if not self.measure_timeout_s > 0:
             raise UserError(f"--measure-timeout must be a positive number of seconds, got {self.measure_timeout_s}")
         devices = parse_devices(self.device)
@@ -132,12 +137,15 @@ class SearchConfig:
     @property
     def protocol(self) -> Protocol:
         # Prefill of `context` tokens, decode at depth `context`: the two headline figures,
-        # each sampled until its median's interval is tight (Protocol's defaults), at most 5 s.
+        # each sampled until its median's interval is tight (Protocol's defaults), at most 5 s;
+        # in several processes, at most 3 s in each (past ~2-3 s a process's own samples no
+        # longer move a decode ratio's spread: BENCHMARKS.md, "A point in several processes").
         return Protocol(
             prompt_lengths=(self.context,),
             decode_depths=(self.context,),
             decode_tokens=self.decode_tokens,
-            max_seconds_per_point=5.0,
+            max_seconds_per_point=5.0 if self.processes == 1 else 3.0,
+            processes=self.processes,
         )
 
 
@@ -470,6 +478,8 @@ class Search:
             return not over_adb
         if wanted and over_adb:
             raise UserError(f"device(s) {', '.join(over_adb)} measure over adb, whose runner has no anchored measurement yet: search with --no-anchor")
+        if c.processes > 1 and over_adb:
+            raise UserError(f"device(s) {', '.join(over_adb)} measure over adb, whose runner cannot measure a point in several processes yet: search with --processes 1")
         return wanted
 
     def _prepare_anchor(self, study: optuna.Study) -> None:

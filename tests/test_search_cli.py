@@ -40,6 +40,7 @@ def lfm2_nas(lfm2_nas):
         (["--device", "local,nosuchboard", "--budget", "500MB", "--emulate"], ["profile", "nosuchboard"]),
         # found before any agent, Ray or storage starts (it used to fail the first trial)
         (["--device", "local", "--budget", "500MB", "--quality", "mad", "--quality-settings", "gpu_big"], ["--quality-settings 'gpu_big'", "default, cpu_small"]),
+        (["--device", "local", "--budget", "500MB", "--processes", "0"], ["--processes must be a whole number from 1 to 16"]),
     ],
 )
 def test_bad_search_input_exits_2_with_the_fix(lfm2_nas, tmp_path, args, expected):

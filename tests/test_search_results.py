@@ -114,3 +114,10 @@ def test_a_device_that_failed_fails_a_multi_device_trial_with_every_record_kept(
     assert record.reason == "local: over the 400 MiB cap; pixel8: AgentUnreachable: pixel8 went away"
     assert {name: r.status for name, r in record.devices.items()} == {"local": TrialStatus.OOM, "pixel8": TrialStatus.LOST}
     assert record.devices["local"].budget_bytes == 400 * 2**20 and record.prefill_ms is None  # no headline: not every device measured it
+
+
+def test_a_search_in_several_processes_measures_with_them_and_a_shorter_time_in_each(tmp_path):
+    one = SearchConfig(device="local", budget_bytes=400 * 2**20, storage=f"sqlite:///{tmp_path}/p.db", quality="none")
+    three = SearchConfig(device="local", budget_bytes=400 * 2**20, storage=f"sqlite:///{tmp_path}/p.db", quality="none", processes=3)
+    assert one.protocol.processes == 1 and "processes" not in one.protocol.to_dict()  # the measurement keys of before
+    assert three.protocol.processes == 3 and three.protocol.max_seconds_per_point < one.protocol.max_seconds_per_point
