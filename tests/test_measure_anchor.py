@@ -6,7 +6,6 @@ the child end to end on real tiny artifacts. No test asserts a timing of this ma
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -16,11 +15,8 @@ from devices.measure import measure
 from devices.protocol import Limits, Protocol, Stats
 from devices.sampling import AnchoredRun, measure_anchored_point, measure_point
 from lfm2.errors import UserError
-from lfm2.spec import ArchSpec
+from testkit.anchored import QUICK, SMALL, compile_pair, one_core_limits
 
-SMALL = ArchSpec(vocab_size=256, d_model=32, layers=("conv", "attn", "conv"), n_heads=2, n_kv_heads=1, ffn_dim=64)
-LARGER = ArchSpec(vocab_size=256, d_model=64, layers=("conv", "attn", "conv", "conv", "attn", "conv"), n_heads=2, n_kv_heads=1, ffn_dim=192)
-QUICK = Protocol(prompt_lengths=(8,), decode_depths=(6,), decode_tokens=2, warmup_runs=1, min_runs=3, max_runs=6, max_seconds_per_point=0.5, max_remeasures=0)
 SYNTHETIC = Protocol(warmup_runs=1, max_warmup_runs=2, min_runs=6, max_runs=200, max_seconds_per_point=60, ci_target=0.02, max_remeasures=0, disturbance_threshold=0, cv_threshold=100)
 
 pytestmark = pytest.mark.usefixtures("private_core_locks")
@@ -154,17 +150,12 @@ def test_an_anchored_point_tight_after_its_first_attempt_is_not_re_measured_what
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {name: compile(spec, "eager", "fp32", QUICK.max_context, QUICK.prompt_lengths, cache_dir=cache) for name, spec in (("small", SMALL), ("larger", LARGER))}
-
-
-def _limits() -> Limits:
-    return Limits(cpus=(sorted(os.sched_getaffinity(0))[-1],), threads=1, timeout_s=300)
+    return compile_pair(tmp_path_factory.mktemp("cache"))
 
 
 def test_an_anchored_measurement_carries_the_ratio_at_every_point_and_keeps_its_own_footprint(artifacts):
-    plain = measure(artifacts["larger"], QUICK, _limits())
-    anchored = measure(artifacts["larger"], QUICK, _limits(), anchor=artifacts["small"])
+    plain = measure(artifacts["larger"], QUICK, one_core_limits())
+    anchored = measure(artifacts["larger"], QUICK, one_core_limits(), anchor=artifacts["small"])
     assert plain.ok and anchored.ok, (plain.error, anchored.error)
     assert anchored.stack["anchor"] == {"artifact_key": artifacts["small"].key, "spec_key": SMALL.key, "backend": "eager", "quant": "fp32"}
     assert "anchor" not in plain.stack
@@ -186,10 +177,10 @@ def test_an_anchor_of_another_runtime_or_too_short_a_context_is_refused_before_a
     onnx_like = compile(SMALL, "eager", "fp32", QUICK.max_context + 1, QUICK.prompt_lengths, cache_dir=tmp_path)
     onnx_like.manifest["backend"] = "onnx"  # a different runtime, as far as the check can tell
     with pytest.raises(UserError, match="same runtime and precision"):
-        measure(artifacts["larger"], QUICK, _limits(), anchor=onnx_like)
+        measure(artifacts["larger"], QUICK, one_core_limits(), anchor=onnx_like)
     short = compile(SMALL, "eager", "fp32", 4, (4,), cache_dir=tmp_path)
     with pytest.raises(UserError, match="the anchor cannot run this protocol.*max_context >= "):
-        measure(artifacts["larger"], QUICK, _limits(), anchor=short)
+        measure(artifacts["larger"], QUICK, one_core_limits(), anchor=short)
 
 
 # -- the anchor's identity in the protocol, and an agent measuring with it ----------------------

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import numpy as np
 import pytest
 
-from devices.compile import compile
 from devices.measure import measure
 from devices.processes import combine_point, random_effects
-from devices.protocol import Limits, Protocol, Stats
+from devices.protocol import Protocol, Stats
 from devices.sampling import measure_point, summarize
 from lfm2.errors import UserError
-from lfm2.spec import ArchSpec
+from testkit.anchored import QUICK, compile_pair, one_core_limits
 
-SMALL = ArchSpec(vocab_size=256, d_model=32, layers=("conv", "attn", "conv"), n_heads=2, n_kv_heads=1, ffn_dim=64)
-LARGER = ArchSpec(vocab_size=256, d_model=64, layers=("conv", "attn", "conv", "conv", "attn", "conv"), n_heads=2, n_kv_heads=1, ffn_dim=192)
-QUICK = Protocol(prompt_lengths=(8,), decode_depths=(6,), decode_tokens=2, warmup_runs=1, min_runs=3, max_runs=6, max_seconds_per_point=0.5, max_remeasures=0)
 
 pytestmark = pytest.mark.usefixtures("private_core_locks")
 measure_module = importlib.import_module("devices.measure")  # the module: `devices` exports the function under the same name
@@ -134,17 +129,12 @@ def test_with_several_processes_a_point_is_re_measured_only_when_disturbed():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {name: compile(spec, "eager", "fp32", QUICK.max_context, QUICK.prompt_lengths, cache_dir=cache) for name, spec in (("small", SMALL), ("larger", LARGER))}
-
-
-def _limits() -> Limits:
-    return Limits(cpus=(sorted(os.sched_getaffinity(0))[-1],), threads=1, timeout_s=300)
+    return compile_pair(tmp_path_factory.mktemp("cache"))
 
 
 def test_an_unsure_point_is_measured_in_fresh_processes_and_their_ratios_combined(artifacts):
     protocol = Protocol(**{**QUICK.to_dict(), "processes": 3, "ci_target": 0.0})  # never sure: every process runs
-    result = measure(artifacts["larger"], protocol, _limits(), anchor=artifacts["small"])
+    result = measure(artifacts["larger"], protocol, one_core_limits(), anchor=artifacts["small"])
     assert result.ok, result.error
     runs = result.stack["processes"]
     assert len(runs) == 3 and len({r["pid"] for r in runs}) == 3 and all(r["status"] == "ok" for r in runs)
@@ -160,7 +150,7 @@ def test_an_unsure_point_is_measured_in_fresh_processes_and_their_ratios_combine
 
 def test_a_point_sure_after_one_process_takes_no_other(artifacts):
     protocol = Protocol(**{**QUICK.to_dict(), "processes": 3, "ci_target": 10.0})  # any interval is sure enough
-    result = measure(artifacts["larger"], protocol, _limits(), anchor=artifacts["small"])
+    result = measure(artifacts["larger"], protocol, one_core_limits(), anchor=artifacts["small"])
     assert result.ok, result.error
     assert "processes" not in result.stack
     assert all(stats.processes is None for stats in [*result.prefill.values(), *result.decode.values()])
@@ -178,7 +168,7 @@ def test_a_later_process_that_fails_is_reported_and_the_earlier_points_are_kept(
 
     monkeypatch.setattr(measure_module, "_run_one_child", second_one_breaks)
     protocol = Protocol(**{**QUICK.to_dict(), "processes": 3, "ci_target": 0.0})
-    result = measure(artifacts["larger"], protocol, _limits())
+    result = measure(artifacts["larger"], protocol, one_core_limits())
     assert len(calls) == 2  # no third process after a failure
     assert calls[1]["measure_memory"] is False and calls[1]["prefill_points"] == [8] and calls[1]["decode_points"] == [6]
     assert result.status == "error" and "in fresh process 2 of up to 3" in result.error

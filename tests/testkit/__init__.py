@@ -1,6 +1,8 @@
 """Plain helpers and constants that several test modules share; no tests, no fixtures.
 
 One module per area: `agent` (small artifacts, hostile bundles, the agent tests' protocol),
+`anchored` (a tiny candidate and anchor, a quick protocol, one core: the anchored and
+several-processes measurement tests),
 `adb` (a stand-in `adb` and phone), `export_study` (the study the export tests read),
 `reports` (the study the report tests read, headless Chromium), `reliability` (a cuttable
 proxy, RSS sampling, isolated CLI environments). Shared fixtures live in tests/conftest.py.
