@@ -90,3 +90,20 @@ def test_repeatability_variants_get_their_own_block_and_reproduce_command():
     assert parse_args([]).anchor and variant_flags(parse_args(["--no-anchor"])) == ["--no-anchor"]
     assert block_name(parse_args(["--order", "interleaved", "--no-anchor"])) == "repeatability_interleaved_plain"
     assert "(plain)" in title(parse_args(["--no-anchor"]))
+
+
+def test_repeatability_in_one_process_is_a_variant_and_a_run_says_what_each_process_bought():
+    from bench.repeatability import block_name, first_processes_ratio, parse_args, processes_used, protocol_for
+
+    assert block_name(parse_args(["--processes", "1"])) == "repeatability_1_process"
+    assert block_name(parse_args(["--processes", "2", "--no-anchor"])) == "repeatability_2_processes_plain"
+    assert protocol_for(512, 512, 2, False, 3).processes == 3 and protocol_for(512, 512, 2, False, 3).max_seconds_per_point < protocol_for(512, 512, 2, False).max_seconds_per_point
+    per_process = [{"ratio": 1.0, "ratio_ci_low": 0.97, "ratio_ci_high": 1.03, "disturbed": False},
+                   {"ratio": 1.6, "ratio_ci_low": 1.55, "ratio_ci_high": 1.65, "disturbed": True},
+                   {"ratio": 1.1, "ratio_ci_low": 1.07, "ratio_ci_high": 1.13, "disturbed": False}]
+    result = {"measurement": {"decode": {"512": {"processes": per_process, "anchor": {"ratio": 1.05}}}}}
+    assert first_processes_ratio(result, "decode", 512, 1) == pytest.approx(1.0)
+    assert first_processes_ratio(result, "decode", 512, 2) == pytest.approx(1.0)  # the disturbed second left out
+    assert 1.0 < first_processes_ratio(result, "decode", 512, 3) < 1.1
+    assert first_processes_ratio({"measurement": {"decode": {"512": {"anchor": {"ratio": 1.0}}}}}, "decode", 512, 2) is None  # one process only
+    assert processes_used([result, {"measurement": {"decode": {"512": {"samples_ms": [1.0]}}}}], "decode", 512) == {"median": 3, "min": 1, "max": 3}
