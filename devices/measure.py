@@ -383,12 +383,11 @@ def _to_measurement(outcome: ChildOutcome, limits: Limits, facts: dict[str, Any]
     return Measurement.from_dict({k: v for k, v in data.items() if k in known})
 
 
-def _run_one_child(job: dict[str, Any], limits: Limits, threads: int, left_s: float | None, watched: int | None, scratch_dir: str | Path | None) -> ChildOutcome:
-    with tempfile.TemporaryDirectory(prefix="lfm2-measure-", dir=scratch_dir) as tmp:
-        workdir = Path(tmp)
-        (workdir / "job.json").write_text(json.dumps(job))
-        command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
-        return supervise(command, workdir, memory_bytes=watched, timeout_s=left_s, env=_child_env(threads))
+def _run_one_child(job: dict[str, Any], limits: Limits, threads: int, left_s: float | None, watched: int | None, workdir: Path) -> ChildOutcome:
+    workdir.mkdir()
+    (workdir / "job.json").write_text(json.dumps(job))
+    command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
+    return supervise(command, workdir, memory_bytes=watched, timeout_s=left_s, env=_child_env(threads))
 
 
 def _unsure_points(outcomes: list[ChildOutcome], protocol: Protocol) -> tuple[list[int], list[int]]:
@@ -405,17 +404,18 @@ def _unsure_points(outcomes: list[ChildOutcome], protocol: Protocol) -> tuple[li
     return unsure
 
 
-def _run_processes(job: dict[str, Any], protocol: Protocol, limits: Limits, threads: int, lock_wait_s: float, scratch_dir: str | Path | None) -> list[ChildOutcome]:
+def _run_processes(job: dict[str, Any], protocol: Protocol, limits: Limits, threads: int, lock_wait_s: float, scratch: Path) -> list[ChildOutcome]:
     """Run the measurement child once, then (`protocol.processes` > 1) again in fresh processes
     for the points still unsure (`devices.processes`), at most `processes` in all and within
-    the measurement's timeout; stops at the first process that does not finish ok."""
+    the measurement's timeout; stops at the first process that does not finish ok. Each child's
+    files go to its own folder under `scratch`."""
     watched = job.pop("watched_bytes")
     deadline = None if limits.timeout_s is None else time.monotonic() + max(0.001, limits.timeout_s - lock_wait_s)
     outcomes: list[ChildOutcome] = []
     this_job = job
-    for _ in range(protocol.processes):
+    for index in range(protocol.processes):
         left_s = None if deadline is None else max(0.001, deadline - time.monotonic())
-        outcome = _run_one_child(this_job, limits, threads, left_s, watched, scratch_dir)
+        outcome = _run_one_child(this_job, limits, threads, left_s, watched, scratch / f"process{index + 1}")
         outcomes.append(outcome)
         if outcome.killed_for or (outcome.result or {}).get("status") != "ok":
             break
@@ -509,8 +509,10 @@ def measure(
     if scratch_dir is not None:
         Path(scratch_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        with own_cores(cpus, limits.timeout_s) as lock_wait_s:
-            outcomes = _run_processes(job, protocol, limits, threads, lock_wait_s, scratch_dir)
+        # the scratch folder first: an agent killed while this waits for the cores leaves it in its
+        # workdir, where the agent's next start cleans it up
+        with tempfile.TemporaryDirectory(prefix="lfm2-measure-", dir=scratch_dir) as tmp, own_cores(cpus, limits.timeout_s) as lock_wait_s:
+            outcomes = _run_processes(job, protocol, limits, threads, lock_wait_s, Path(tmp))
     except CoresBusy as busy:
         return Measurement.failure(
             "timeout",
