@@ -393,23 +393,22 @@ def _run_one_child(job: dict[str, Any], limits: Limits, threads: int, left_s: fl
 def _unsure_points(outcomes: list[ChildOutcome], protocol: Protocol) -> tuple[list[int], list[int]]:
     """(prefill lengths, decode depths) whose figure, combined over the processes so far, is
     still less sure than `protocol.ci_target`: what the next process measures."""
-    from devices.processes import combine_point, needs_another_process
+    from devices.processes import combine_point
 
     unsure: tuple[list[int], list[int]] = ([], [])
     for kind, points, out in (("prefill", protocol.prompt_lengths, unsure[0]), ("decode", protocol.decode_depths, unsure[1])):
         for point in points:
             taken = [Stats.from_dict(stats) for o in outcomes if (stats := ((o.result or {}).get(kind) or {}).get(str(point)))]
-            if not taken or needs_another_process(combine_point(taken, protocol.ci_target, protocol.trim_fraction), protocol.ci_target):
+            if not taken or combine_point(taken, protocol.ci_target, protocol.trim_fraction).noisy:
                 out.append(point)
     return unsure
 
 
-def _run_processes(job: dict[str, Any], protocol: Protocol, limits: Limits, threads: int, lock_wait_s: float, scratch: Path) -> list[ChildOutcome]:
+def _run_processes(job: dict[str, Any], protocol: Protocol, limits: Limits, threads: int, watched: int | None, lock_wait_s: float, scratch: Path) -> list[ChildOutcome]:
     """Run the measurement child once, then (`protocol.processes` > 1) again in fresh processes
     for the points still unsure (`devices.processes`), at most `processes` in all and within
     the measurement's timeout; stops at the first process that does not finish ok. Each child's
     files go to its own folder under `scratch`."""
-    watched = job.pop("watched_bytes")
     deadline = None if limits.timeout_s is None else time.monotonic() + max(0.001, limits.timeout_s - lock_wait_s)
     outcomes: list[ChildOutcome] = []
     this_job = job
@@ -447,7 +446,6 @@ def _combine_processes(measurement: Measurement, later: list[Measurement], proto
     if failed is not None and measurement.status == "ok":
         measurement.status = failed.status
         measurement.error = f"in fresh process {everyone.index(failed) + 1} of up to {protocol.processes} (the points measured before it are kept): {failed.error}"
-
 
 
 def measure(
@@ -501,7 +499,6 @@ def measure(
         "seed": seed,
         "data_limit_bytes": data_limit,
         "anchor": None if anchor_artifact is None else str(Path(anchor_artifact.path).resolve()),
-        "watched_bytes": watched,
     }
     facts = dict(machine_facts())
     device_facts = dict(device or {})
@@ -512,7 +509,7 @@ def measure(
         # the scratch folder first: an agent killed while this waits for the cores leaves it in its
         # workdir, where the agent's next start cleans it up
         with tempfile.TemporaryDirectory(prefix="lfm2-measure-", dir=scratch_dir) as tmp, own_cores(cpus, limits.timeout_s) as lock_wait_s:
-            outcomes = _run_processes(job, protocol, limits, threads, lock_wait_s, Path(tmp))
+            outcomes = _run_processes(job, protocol, limits, threads, watched, lock_wait_s, Path(tmp))
     except CoresBusy as busy:
         return Measurement.failure(
             "timeout",

@@ -99,10 +99,10 @@ def combine_point(per_process: Sequence[Stats], ci_target: float, trim_fraction:
     """One `Stats` for a point measured in each of `per_process`'s processes (in order).
 
     The median milliseconds and (anchored) the ratio are the random-effects combination of the
-    kept processes' (see the module doc), with its interval; p10/p90, the trimmed mean (`trim_fraction` cut from each end) and the
-    CV are of all the kept samples together; `processes` keeps each process's own figures;
-    `noisy` says the combined interval (the ratio's, when anchored) is still wider than
-    `ci_target`. One process: its `Stats`, unchanged but for `processes`."""
+    kept processes' (see the module doc), with its interval; p10/p90, the trimmed mean
+    (`trim_fraction` cut from each end) and the CV are of all the kept samples together;
+    `processes` keeps each process's own figures; `noisy` says the combined interval (the
+    ratio's, when anchored) is still wider than `ci_target`: the point wants another process. One process: its `Stats`, unchanged but for `processes`."""
     if not per_process:
         raise ValueError("combine_point needs at least one process's Stats")
     if len(per_process) == 1:
@@ -145,10 +145,4 @@ def combine_point(per_process: Sequence[Stats], ci_target: float, trim_fraction:
     return combined
 
 
-def needs_another_process(stats: Stats, ci_target: float) -> bool:
-    """True while the point's figure (the ratio when anchored) is less sure than `ci_target`."""
-    half = stats.anchor_ratio_half_width_rel if stats.anchor is not None else stats.ci_half_width_rel
-    return half is None or half > ci_target
-
-
-__all__ = ["LEVEL", "combine_point", "needs_another_process", "process_summary", "random_effects"]
+__all__ = ["LEVEL", "combine_point", "process_summary", "random_effects"]
