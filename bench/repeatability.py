@@ -43,9 +43,16 @@ def parse_args(argv=None):
     parser.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
                         help="time every point side by side with the space's anchor architecture (as a search does) and report the repeatability of the ratio of "
                              "lower quartiles beside the milliseconds' (default); --no-anchor: the milliseconds alone, the protocol of before")
-    parser.add_argument("--processes", type=int, default=3,
+    parser.add_argument("--processes", type=int, default=1,
                         help="fresh processes a point may use (devices.processes: the points still unsure after one are measured again in another, the figures combined; "
-                             "default 3, each with 3 s per point; 1: one process with 6 s per point and a re-measure, the protocol of before)")
+                             "default 1: several loads in one process buy the same for less, BENCHMARKS.md \"Load to load\"; with several processes, 3 s per point in each)")
+    parser.add_argument("--loads", type=int, default=3,
+                        help="loads of the model (and the anchor) inside each process, every point timed after each and the loads' figures combined "
+                             "(devices.processes; where the weights land in memory moves a decode ratio from load to load); default 3, as a search, with 1.5 s per point in each")
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                        help="the measuring processes' allocations in transparent huge pages (Protocol.huge_pages), as a search; --no-huge-pages: 4 KiB pages")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="the time cap of a point in each process (and each load); default 6 s for one process and one load, 3 s for several processes, 1.5 s for several loads")
     parser.add_argument("--order", choices=("sequential", "interleaved"), default="sequential",
                         help="sequential: pass 1 over all, then pass 2 (drift + process noise); interleaved: each architecture's passes back to back (process noise only)")
     return parser.parse_args(argv)
@@ -59,8 +66,14 @@ def variant_flags(args) -> list[str]:
         flags += ["--backend", args.backend, "--quant", args.quant]
     if args.order != "sequential":
         flags += ["--order", args.order]
-    if not args.quick and args.processes != 3:
+    if not args.quick and args.processes != 1:
         flags += ["--processes", str(args.processes)]
+    if args.loads != 3:
+        flags += ["--loads", str(args.loads)]
+    if not args.huge_pages:
+        flags += ["--no-huge-pages"]
+    if not args.quick and args.seconds is not None:
+        flags += ["--seconds", f"{args.seconds:g}"]
     if not args.anchor:
         flags += ["--no-anchor"]
     return flags
@@ -70,10 +83,11 @@ def variant_words(args) -> list[str]:
     """The variant's words: the values of its flags, and `plain` for --no-anchor."""
     flags = variant_flags(args)
     words = [f for f in flags if not f.startswith("--")]
-    if "--processes" in flags:  # a bare number says nothing: "1 process"
-        at = words.index(flags[flags.index("--processes") + 1])
-        words[at] = f"{words[at]}_process" + ("es" if words[at] != "1" else "")
-    return words + (["plain"] if "--no-anchor" in flags else [])
+    for flag, unit in (("--processes", "process"), ("--loads", "load"), ("--seconds", "s")):  # a bare number says nothing: "1 process"
+        if flag in flags:
+            at = flags.index(flag) + 1
+            words[words.index(flags[at])] = f"{flags[at]}_{unit}" + ("" if unit == "s" or flags[at] == "1" else ("es" if unit == "process" else "s"))
+    return words + (["4k_pages"] if "--no-huge-pages" in flags else []) + (["plain"] if "--no-anchor" in flags else [])
 
 
 def block_name(args) -> str:
@@ -86,16 +100,18 @@ def title(args) -> str:
     return what if not words else f"{what} ({' '.join(words)})"
 
 
-def protocol_for(prefill: int, depth: int, threads: int, quick: bool, processes: int = 1):
+def protocol_for(prefill: int, depth: int, threads: int, quick: bool, processes: int = 1, loads: int = 1, huge_pages: bool = False, seconds: float | None = None):
     from devices.protocol import Protocol
 
     # The protocol's defaults otherwise: sampling until the median's interval is within +-2%,
     # warm-up until steady, the calibration check around every point. Several processes: a
     # shorter time in each (past ~2-3 s a process's own samples no longer move the spread
     # between measurements of a decode ratio: BENCHMARKS.md, "A point in several processes").
-    seconds = 2.0 if quick else (3.0 if processes > 1 else 6.0)
+    # Several loads: 1.5 s in each (BENCHMARKS.md, "Load to load").
+    if seconds is None:
+        seconds = 2.0 if quick else (1.5 if loads > 1 else 3.0 if processes > 1 else 6.0)
     return Protocol(prompt_lengths=(prefill,), decode_depths=(depth,), decode_tokens=QUICK_DECODE_TOKENS if quick else 16, max_seconds_per_point=seconds, measure_memory=True, threads=threads,
-                    processes=processes)
+                    processes=processes, loads=loads, huge_pages=huge_pages)
 
 
 def point_stats(result: dict, kind: str, point: int) -> dict | None:
@@ -122,20 +138,24 @@ def within_process(results: list[dict], kind: str, point: int) -> dict | None:
     }
 
 
-def processes_used(results: list[dict], kind: str, point: int) -> dict | None:
-    """How many fresh processes the points took (1 where a point was sure after one)."""
-    counts = sorted(len(s.get("processes") or [None]) for s in (point_stats(r, kind, point) for r in results) if s)
+def processes_used(results: list[dict], kind: str, point: int, over: str = "processes") -> dict | None:
+    """How many fresh processes (or loads of the first process) the points took (1 where a point was sure after one)."""
+    def count(stats: dict) -> int:
+        entries = stats.get(over) or (((stats.get("processes") or [{}])[0].get("loads")) if over == "loads" else None) or [None]
+        return len(entries)
+
+    counts = sorted(count(s) for s in (point_stats(r, kind, point) for r in results) if s)
     return None if not counts else {"median": counts[len(counts) // 2], "min": counts[0], "max": counts[-1]}
 
 
-def first_processes_ratio(result: dict, kind: str, point: int, count: int) -> float | None:
-    """The anchored ratio had the point stopped after its first `count` processes: the same
-    combination (devices.processes) over fewer of the stored per-process figures, so that one
-    run says what each extra process bought."""
+def first_processes_ratio(result: dict, kind: str, point: int, count: int, over: str = "processes") -> float | None:
+    """The anchored ratio had the point stopped after its first `count` processes (or loads):
+    the same combination (devices.processes) over fewer of the stored per-process (per-load)
+    figures, so that one run says what each extra process or load bought."""
     from devices.processes import random_effects
 
     stats = point_stats(result, kind, point)
-    taken = [p for p in (stats or {}).get("processes") or [] if p.get("ratio") is not None][:count]
+    taken = [p for p in (stats or {}).get(over) or [] if p.get("ratio") is not None][:count]
     if len(taken) < count:
         return None
     kept = [p for p in taken if not p.get("disturbed")] or taken
@@ -164,7 +184,7 @@ def main(argv=None) -> int:
         args.backend, args.quant = QUICK_BACKEND
     else:
         specs, prefill, depth = sample_space(args.archs, seed=args.seed), args.prefill, args.depth
-    protocol = protocol_for(prefill, depth, args.threads, args.quick, 2 if args.quick else args.processes)
+    protocol = protocol_for(prefill, depth, args.threads, args.quick, 2 if args.quick else args.processes, args.loads, args.huge_pages, args.seconds)
 
     anchor = None if not args.anchor else anchor_spec()
     jobs = [(spec, args.backend, args.quant) for spec in specs] + ([(anchor, args.backend, args.quant)] if anchor else [])
@@ -202,12 +222,20 @@ def main(argv=None) -> int:
             for count in range(1, protocol.processes):
                 metrics[f"{kind}_anchored_first_{count}"] = pair_metrics([first_processes_ratio(r, kind, point, count) for r in passes[0]],
                                                                           [first_processes_ratio(r, kind, point, count) for r in passes[1]])
+            if protocol.processes == 1:
+                for count in range(1, protocol.loads):
+                    metrics[f"{kind}_anchored_first_{count}_loads"] = pair_metrics([first_processes_ratio(r, kind, point, count, "loads") for r in passes[0]],
+                                                                                   [first_processes_ratio(r, kind, point, count, "loads") for r in passes[1]])
     footprints = [(footprint_bytes(a), footprint_bytes(b)) for a, b in zip(*passes)]
     fp_pairs = [(a, b) for a, b in footprints if a and b]
     metrics["footprint"] = pair_metrics([a for a, _ in fp_pairs], [b for _, b in fp_pairs]) if len(fp_pairs) >= 2 else None
     metrics["within_process"] = {kind: within_process(passes[0] + passes[1], kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
     metrics["processes_allowed"] = protocol.processes
     metrics["processes"] = {kind: processes_used(passes[0] + passes[1], kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
+    metrics["loads_allowed"] = protocol.loads
+    metrics["seconds_cap"] = protocol.max_seconds_per_point
+    metrics["huge_pages"] = protocol.huge_pages
+    metrics["loads"] = {kind: processes_used(passes[0] + passes[1], kind, point, "loads") for kind, point in (("prefill", prefill), ("decode", depth))}
     metrics["seconds_per_point"] = sorted(point_seconds)[len(point_seconds) // 2] if point_seconds else None
     metrics["order"] = args.order
 
@@ -249,6 +277,7 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
             summary.append([label, m["n"], pct(m["median_relative_spread"], 1), pct(m["p90_relative_spread"], 1), pct(m["max_relative_spread"], 1), f"{m['tau']:.3f}", f"{m['p_value']:.2g}"])
     for kind, label in (("prefill", f"prefill {prefill} tokens"), ("decode", f"decode per token at depth {depth}")):
         stages = [(f"_anchored_first_{count}", f"relative to the anchor, had the point stopped after its first {count} process{'es' if count > 1 else ''}") for count in range(1, args.processes)]
+        stages += [(f"_anchored_first_{count}_loads", f"relative to the anchor, had the point stopped after its first {count} load{'s' if count > 1 else ''}") for count in range(1, args.loads)]
         for suffix, what in (*stages, ("_anchored", "relative to the anchor (candidate / anchor lower quartiles, sampled side by side)"), ("_anchor_itself", "the anchor's own ms beside each candidate (the drift)")):
             m = metrics.get(kind + suffix)
             if m is not None:
@@ -261,6 +290,9 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         used = (metrics.get("processes") or {}).get(kind)
         if used and used["max"] > 1:
             summary.append([f"{label}: fresh processes per point", "-", str(used["median"]), "-", str(used["max"]), "-", f"min {used['min']}"])
+        loads = (metrics.get("loads") or {}).get(kind)
+        if loads and loads["max"] > 1:
+            summary.append([f"{label}: loads per point (first process)", "-", str(loads["median"]), "-", str(loads["max"]), "-", f"min {loads['min']}"])
     detail = []
     for r in rows:
         p, d, f = r["prefill_ms"], r["decode_ms"], r["footprint_bytes"]
@@ -280,6 +312,13 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
             if (metrics.get("processes_allowed") or 1) > 1
             else ""
         )
+        + (
+            f"Inside each process the candidate and the anchor are loaded up to {metrics['loads_allowed']} times, every point timed after each load ({metrics['seconds_cap']:g} s "
+            "at most each), the loads' figures combined as processes' are; from the second load on, a point whose combined figure is within +-2% is not timed again. "
+            if (metrics.get("loads_allowed") or 1) > 1
+            else ""
+        )
+        + ("The measuring processes' allocations are in transparent huge pages (glibc.malloc.hugetlb=1). " if metrics.get("huge_pages") else "")
         + (
             f"Anchored: every timed sample is a pair, the candidate's run and the anchor's ({anchor_layout(args)}, compiled for the same backend and precision) back to back, "
             "and sampling stops when the ratio of their lower quartiles is pinned down (devices.sampling.ANCHOR_QUANTILE: interference only adds time, in bursts); "

@@ -173,6 +173,10 @@ def bench(
     max_seconds: float = typer.Option(10.0, "--max-seconds", help="Time budget of each point after its minimum runs."),
     processes: int = typer.Option(1, "--processes", help="Fresh processes a point may use: the points still less sure than +-2% after one are measured again in another, "
                                   "and the figures combined (worth it where process-to-process differences dominate, as for decode on a shared host: BENCHMARKS.md)."),
+    loads: int = typer.Option(1, "--loads", help="Loads of the model inside each process: every point is timed after each, and the figures combined (where the weights land "
+                              "in memory moves a decode figure from load to load: BENCHMARKS.md, \"Load to load\"); from the second load on, a point within +-2% is not timed again."),
+    huge_pages: bool = typer.Option(False, "--huge-pages/--no-huge-pages", help="Allocate the measuring process's memory in transparent huge pages (glibc.malloc.hugetlb=1): "
+                                    "fewer TLB misses and less page-placement noise; the footprint then counts 2 MiB pages."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Artifact cache (default: $LFM2_NAS_CACHE or ~/.cache/lfm2-nas)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (artifact facts + the Measurement)."),
 ) -> None:
@@ -194,11 +198,13 @@ def bench(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if processes < 1:
         raise UserError(f"--processes must be >= 1 (1: one process per measurement), got {processes}")
+    if not 1 <= loads <= 16:
+        raise UserError(f"--loads must be a whole number from 1 to 16 (1: one load per process), got {loads}")
     if timeout <= 0 or max_seconds <= 0:
         raise UserError("--timeout and --max-seconds must be positive seconds")
     name, spec = load_target(target)
     protocol = Protocol(prompt_lengths=parse_lengths(prompt, "--prompt"), decode_depths=parse_lengths(depth, "--depth"), decode_tokens=tokens, max_seconds_per_point=max_seconds,
-                        processes=processes)
+                        processes=processes, loads=loads, huge_pages=huge_pages)
     if protocol.max_context > spec.max_seq_len:
         raise UserError(f"the benchmark needs {protocol.max_context} tokens of context, the spec allows {spec.max_seq_len}: use shorter --prompt/--depth")
     limits = Limits(

@@ -312,12 +312,21 @@ def _check_anchor(anchor: Artifact | str | Path, artifact: Artifact, protocol: P
     return anchor
 
 
-def _child_env(threads: int) -> dict[str, str]:
+#: glibc's tunable that madvise(MADV_HUGEPAGE)s malloc's large mappings (glibc >= 2.35; an older
+#: glibc ignores it, and the child's `stack.anon_huge_pages_bytes` then says 0).
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def child_env(threads: int, huge_pages: bool = False) -> dict[str, str]:
+    """The environment of a measuring child: this one's, with the runtimes' thread counts, the
+    project on the path, and glibc's huge-pages tunable when asked (Protocol.huge_pages)."""
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("PYTHONHASHSEED", "0")
+    if huge_pages:  # read by glibc when the child starts: it cannot be asked for later
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), HUGE_PAGES_TUNABLE) if t)
     return env
 
 
@@ -387,7 +396,8 @@ def _run_one_child(job: dict[str, Any], limits: Limits, threads: int, left_s: fl
     workdir.mkdir()
     (workdir / "job.json").write_text(json.dumps(job))
     command = [sys.executable, "-m", "devices.measure_child", str(workdir / "job.json"), str(workdir / "result.json"), str(workdir / "partial.json")]
-    return supervise(command, workdir, memory_bytes=watched, timeout_s=left_s, env=_child_env(threads))
+    huge_pages = bool(job["protocol"].get("huge_pages"))
+    return supervise(command, workdir, memory_bytes=watched, timeout_s=left_s, env=child_env(threads, huge_pages))
 
 
 def _unsure_points(outcomes: list[ChildOutcome], protocol: Protocol) -> tuple[list[int], list[int]]:
@@ -539,4 +549,4 @@ def measure(
     return measurement
 
 
-__all__ = ["measure", "machine_facts", "device_fingerprint", "supervise", "own_cores", "CoresBusy", "ChildOutcome", "ArtifactError"]
+__all__ = ["measure", "machine_facts", "device_fingerprint", "supervise", "child_env", "HUGE_PAGES_TUNABLE", "own_cores", "CoresBusy", "ChildOutcome", "ArtifactError"]

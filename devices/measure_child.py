@@ -36,6 +36,12 @@ state of a C-token context; decode latency does not depend on the state's values
 latency per token of the run, so `Stats.tokens` is 1 for decode and `tokens_per_s` is the
 decode rate. Prefill: random tokens (tokenisation and sampling are not part of it).
 
+With `Protocol.loads` > 1, after every point has been timed the model (and the anchor) is
+closed and loaded again, and every point timed again, at most `loads` times: a point's
+figure combines its loads' (`devices.processes.combine_point`), and from the second load on
+a point whose combined figure is within `ci_target` is left out. Where the weights land in
+memory moves a decode ratio from load to load as much as from process to process.
+
 A later process of a point measured in several (`Protocol.processes`, `devices.processes`)
 gets `measure_memory: false` and the points still unsure (`prefill_points`,
 `decode_points`) in its job: it times those only.
@@ -102,7 +108,8 @@ class Child:
         from devices import stack
         from devices.artifact import Artifact
         from devices.backends import backend_module, open_runner
-        from devices.protocol import Protocol
+        from devices.processes import combine_point
+        from devices.protocol import Protocol, Stats
         from devices.sampling import Calibration, measure_anchored_point, measure_point
 
         job = self.job
@@ -111,6 +118,12 @@ class Child:
         self.result.update(backend=artifact.backend, quant=artifact.quant, spec_key=artifact.spec.key, protocol=protocol.to_dict(), artifact_bytes=artifact.size_bytes)
         self.result["thermal"]["before"] = stack.thermal_snapshot(self.cpus)
 
+        measure_memory = job.get("measure_memory", protocol.measure_memory)
+        # with huge pages (Protocol.huge_pages), the memory pass still counts the 4 KiB pages a
+        # deployment without them would hold (2 MiB pages round the baseline and the peak up,
+        # each by a varying amount): they are kept off from here, before the runtime's import,
+        # until the pass is done, and the model is then loaded again
+        held_back = protocol.huge_pages and measure_memory and stack.allow_huge_pages(False)
         self.progress("import_runtime")
         module = backend_module(artifact.backend)
         if hasattr(module, "import_runtime"):  # a backend whose runtime is imported lazily
@@ -143,7 +156,7 @@ class Child:
             self.result["stack"]["calibration"] = calibration.describe()
         # a later process of a point measured in several (devices.processes) times only the
         # points still unsure, and leaves the memory pass to the first
-        if job.get("measure_memory", protocol.measure_memory):
+        if measure_memory:
             self.progress("memory")
             for n in protocol.prompt_lengths:
                 prefill_once(n)
@@ -162,31 +175,59 @@ class Child:
                 ),
             )
             self.checkpoint()
+        if held_back and stack.allow_huge_pages(True):
+            self.progress("reload_in_huge_pages")
+            runner.close()
+            runner = open_runner(artifact, job["threads"])
+            pin_threads(self.cpus)
+            prefill_once, decode_once = timers(runner, artifact.spec.vocab_size, protocol, job.get("seed", 0))
 
+        anchor = Artifact.load(job["anchor"], verify=False) if job.get("anchor") else None  # the parent checked it too
         anchor_runner = None
-        if job.get("anchor"):
+        if anchor is not None:
             self.progress("load_anchor")
-            anchor = Artifact.load(job["anchor"], verify=False)  # the parent checked it too
             anchor_runner = open_runner(anchor, job["threads"])
             pin_threads(self.cpus)
             anchor_prefill, anchor_decode = timers(anchor_runner, anchor.spec.vocab_size, protocol, job.get("seed", 0) + 1)
             self.result["stack"]["anchor"] = {"artifact_key": anchor.key, "spec_key": anchor.spec.key, "backend": anchor.backend, "quant": anchor.quant}
+        self.result["stack"]["huge_pages"] = {"asked": protocol.huge_pages, "anon_huge_pages_bytes_after_load": stack.anon_huge_pages_bytes(),
+                                              "off_for_the_memory_pass": bool(held_back)}
 
-        def sample(kind: str, point: int, tokens: int) -> dict[str, Any]:
+        def sample(kind: str, point: int, tokens: int) -> Stats:
             own = functools.partial(prefill_once if kind == "prefill" else decode_once, point)
             if anchor_runner is None:
-                return measure_point(own, protocol, tokens, calibration).to_dict()
+                return measure_point(own, protocol, tokens, calibration)
             theirs = functools.partial(anchor_prefill if kind == "prefill" else anchor_decode, point)
-            return measure_anchored_point(own, theirs, protocol, tokens, calibration).to_dict()
+            return measure_anchored_point(own, theirs, protocol, tokens, calibration)
 
-        for n in job.get("prefill_points", protocol.prompt_lengths):
-            self.progress("prefill", length=n)
-            self.result["prefill"][str(n)] = sample("prefill", n, n)
-            self.checkpoint()
-        for depth in job.get("decode_points", protocol.decode_depths):
-            self.progress("decode", depth=depth)
-            self.result["decode"][str(depth)] = sample("decode", depth, 1)
-            self.checkpoint()
+        # every point after each load (devices.protocol.Protocol.loads): a point's figure is
+        # its loads' combination, and from the second load on a point already sure is not
+        # timed again
+        points = [("prefill", n, n) for n in job.get("prefill_points", protocol.prompt_lengths)] + [("decode", d, 1) for d in job.get("decode_points", protocol.decode_depths)]
+        per_load: dict[tuple[str, int], list[Stats]] = {}
+        for load in range(protocol.loads):
+            if load > 0:
+                self.progress("reload", load=load + 1)
+                runner.close()
+                runner = open_runner(artifact, job["threads"])
+                prefill_once, decode_once = timers(runner, artifact.spec.vocab_size, protocol, job.get("seed", 0))
+                if anchor is not None and anchor_runner is not None:
+                    anchor_runner.close()
+                    anchor_runner = open_runner(anchor, job["threads"])
+                    anchor_prefill, anchor_decode = timers(anchor_runner, anchor.spec.vocab_size, protocol, job.get("seed", 0) + 1)
+                pin_threads(self.cpus)
+            for kind, point, tokens in points:
+                self.progress(kind, **({"length": point} if kind == "prefill" else {"depth": point}), load=load + 1)
+                taken = per_load.setdefault((kind, point), [])
+                taken.append(sample(kind, point, tokens))
+                figure = taken[0] if protocol.loads == 1 else combine_point(taken, protocol.ci_target, protocol.trim_fraction, over="loads")
+                self.result[kind][str(point)] = figure.to_dict()
+                self.checkpoint()
+            self.result["stack"]["loads"] = load + 1
+            if load >= 1:  # two loads or more: the combined interval has seen the load effect
+                points = [(kind, point, tokens) for kind, point, tokens in points if self.result[kind][str(point)]["noisy"]]
+            if not points:
+                break
 
         memory["peak_rss_end_bytes"] = stack.peak_rss_bytes()[0]
         self.result["thermal"]["after"] = stack.thermal_snapshot(self.cpus)

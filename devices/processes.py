@@ -92,22 +92,28 @@ def process_summary(stats: Stats) -> dict[str, Any]:
                              "calibration_slowdown": stats.calibration_slowdown}
     if stats.anchor is not None:
         entry.update(ratio=stats.anchor["ratio"], ratio_ci_low=stats.anchor["ratio_ci_low"], ratio_ci_high=stats.anchor["ratio_ci_high"])
+    if stats.loads:  # a process's figure that combines its loads: theirs stay with it
+        entry["loads"] = stats.loads
     return entry
 
 
-def combine_point(per_process: Sequence[Stats], ci_target: float, trim_fraction: float) -> Stats:
-    """One `Stats` for a point measured in each of `per_process`'s processes (in order).
+def combine_point(per_process: Sequence[Stats], ci_target: float, trim_fraction: float, over: str = "processes") -> Stats:
+    """One `Stats` for a point measured in each of `per_process`'s processes (in order), or,
+    with `over="loads"`, after each of the loads of the model inside one process (the same
+    arithmetic: each load lands the weights somewhere else, as each process does).
 
     The median milliseconds and (anchored) the ratio are the random-effects combination of the
     kept processes' (see the module doc), with its interval; p10/p90, the trimmed mean
     (`trim_fraction` cut from each end) and the CV are of all the kept samples together;
-    `processes` keeps each process's own figures; `noisy` says the combined interval (the
+    `processes` (or `loads`) keeps each one's own figures; `noisy` says the combined interval (the
     ratio's, when anchored) is still wider than `ci_target`: the point wants another process. One process: its `Stats`, unchanged but for `processes`."""
+    if over not in ("processes", "loads"):
+        raise ValueError(f"combine_point combines over processes or loads, not {over!r}")
     if not per_process:
-        raise ValueError("combine_point needs at least one process's Stats")
+        raise ValueError(f"combine_point needs at least one Stats to combine over {over}")
     if len(per_process) == 1:
         only = Stats.from_dict(per_process[0].to_dict())
-        only.processes = [process_summary(only)]
+        setattr(only, over, [process_summary(only)])
         return only
     kept = _kept(per_process)
     samples = [x for s in kept for x in s.samples_ms]
@@ -121,7 +127,7 @@ def combine_point(per_process: Sequence[Stats], ci_target: float, trim_fraction:
     combined.disturbed = all(s.disturbed for s in per_process)
     slowdowns = [s.calibration_slowdown for s in kept if s.calibration_slowdown is not None]
     combined.calibration_slowdown = max(slowdowns) if slowdowns else None
-    combined.processes = [process_summary(s) for s in per_process]
+    setattr(combined, over, [process_summary(s) for s in per_process])
     half = (ms["high"] - ms["low"]) / 2 / ms["estimate"]
     if all(s.anchor is not None for s in kept):
         ratio = random_effects([s.anchor["ratio"] for s in kept], [s.anchor["ratio_ci_low"] for s in kept], [s.anchor["ratio_ci_high"] for s in kept])  # type: ignore[index]
@@ -134,7 +140,7 @@ def combine_point(per_process: Sequence[Stats], ci_target: float, trim_fraction:
             "ratio_ci_high": ratio["high"],
             "ratio_ci_level": LEVEL,
             "ratio_tau": ratio["tau"],
-            "combined": "random effects (DerSimonian-Laird, log scale) over the processes' ratios",
+            "combined": f"random effects (DerSimonian-Laird, log scale) over the {over}' ratios",
             "candidate_quantile_ms": float(np.quantile(samples, quantile)),
             "anchor_quantile_ms": float(np.quantile(theirs, quantile)),
             "anchor_median_ms": float(np.median(theirs)),

@@ -47,6 +47,17 @@ class Protocol:
     # then re-measured only when disturbed, not for precision (that time is better spent in a new
     # process, since process-to-process differences are what is left). 1: one process, as before
     processes: int = 1
+    # at most this many loads of the model (and the anchor) inside each measuring process, every
+    # point timed after each load and the loads' figures combined as processes' are
+    # (devices.processes): where the weights and buffers land in memory moves a decode ratio by
+    # ~5% from one load to the next, as much as a fresh process does, while a reload costs
+    # ~0.1 s against a process's ~3-10 s (BENCHMARKS.md, "Load to load"). From the second load
+    # on, a point whose combined figure is within ci_target is not timed again. 1: one load
+    loads: int = 1
+    # give the measuring process transparent huge pages for what it allocates (glibc's
+    # malloc.hugetlb=1 tunable: large allocations are madvise(MADV_HUGEPAGE)d): the weights then
+    # sit in 2 MiB pages, so fewer TLB misses and page-placement effects differ from load to load
+    huge_pages: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompt_lengths", "decode_depths"):
@@ -59,9 +70,13 @@ class Protocol:
             object.__setattr__(self, name, values)
         if self.cpus is not None:
             object.__setattr__(self, "cpus", tuple(self.cpus))
-        if isinstance(self.processes, bool) or not isinstance(self.processes, int):
-            raise UserError(f"protocol processes must be a whole number of processes >= 1, got {self.processes!r}")
-        for name in ("decode_tokens", "min_runs", "max_runs", "processes"):
+        for name in ("processes", "loads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"protocol {name} must be a whole number of {name} >= 1, got {value!r}")
+        if not isinstance(self.huge_pages, bool):
+            raise UserError(f"protocol huge_pages must be true or false, got {self.huge_pages!r}")
+        for name in ("decode_tokens", "min_runs", "max_runs", "processes", "loads"):
             if getattr(self, name) < 1:
                 raise UserError(f"protocol {name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_runs", "max_warmup_runs", "max_remeasures"):
@@ -92,8 +107,10 @@ class Protocol:
             # absent rather than null: a protocol without an anchor keeps the dict, the key and
             # the wire form it had before anchors existed (cached results, stored jobs, agents)
             del data["anchor_sha256"]
-        if data["processes"] == 1:
-            del data["processes"]  # the same for one process: keys and wire form as before
+        # the same for one process, one load, no huge pages: keys and wire form as before
+        for name, default in (("processes", 1), ("loads", 1), ("huge_pages", False)):
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod
@@ -161,6 +178,9 @@ class Stats:
     # point (median and interval; the ratio and its interval when anchored), in the order run;
     # the figures above are their combination. None: measured in one process
     processes: list[dict[str, Any]] | None = None
+    # with Protocol.loads > 1: the same, for each load of the model inside one process (the
+    # figures above then combine the loads; `processes`, if any, the processes' combinations)
+    loads: list[dict[str, Any]] | None = None
 
     @property
     def anchor_ratio(self) -> float | None:

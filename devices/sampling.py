@@ -245,8 +245,9 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
     CV of the raw milliseconds: on a noisy host the CV of drifting milliseconds triggered a
     re-measure at nearly every point, and the second attempt's samples were then dropped.
 
-    With `protocol.processes` > 1 the point is re-measured only when disturbed: its precision
-    is then sought in further fresh processes (`devices.measure`, `devices.processes`)."""
+    With `protocol.processes` or `protocol.loads` > 1 the point is re-measured only when
+    disturbed: its precision is then sought in further loads of the model or fresh processes
+    (`devices.measure_child`, `devices.measure`, `devices.processes`)."""
     warmups = warm_up(run_once, protocol)
     attempts: list[Stats] = []
     for _ in range(1 + protocol.max_remeasures):
@@ -262,8 +263,8 @@ def measure_point(run_once: Callable[[], float], protocol: Protocol, tokens: int
             stats.calibration_slowdown = slowdown
             stats.disturbed = protocol.disturbance_threshold > 0 and slowdown > 1 + protocol.disturbance_threshold
         attempts.append(stats)
-        if protocol.processes > 1:
-            # what is left after a process's own samples is process to process
+        if protocol.processes > 1 or protocol.loads > 1:
+            # what is left after a load's own samples is load to load and process to process
             # (devices.processes): a re-measure here only for a disturbance
             if not stats.disturbed:
                 break

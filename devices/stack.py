@@ -184,18 +184,52 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def pss_bytes() -> int | None:
-    """Proportional set size (shared pages split among their users), where /proc gives it."""
+def _smaps_rollup_bytes(field: str) -> int | None:
+    """A field of /proc/self/smaps_rollup (kB there), in bytes; None where /proc lacks it."""
     try:
         for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def pss_bytes() -> int | None:
+    """Proportional set size (shared pages split among their users), where /proc gives it."""
+    return _smaps_rollup_bytes("Pss")
+
+
+#: prctl(2) options: a per-process switch that keeps the kernel from giving it transparent huge
+#: pages (even where memory was madvise(MADV_HUGEPAGE)d), and its reading.
+_PR_SET_THP_DISABLE, _PR_GET_THP_DISABLE = 41, 42
+
+
+def allow_huge_pages(allowed: bool) -> bool:
+    """Let the kernel give this process transparent huge pages for memory it faults in from now
+    on, or not (prctl PR_SET_THP_DISABLE; pages already faulted stay as they are). True if the
+    switch took (Linux >= 3.15); False where there is no such switch."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(name, use_errno=True)
+    if libc.prctl(_PR_SET_THP_DISABLE, 0 if allowed else 1, 0, 0, 0) != 0:
+        return False
+    return bool(libc.prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0)) == (not allowed)
+
+
+def anon_huge_pages_bytes() -> int | None:
+    """Anonymous memory this process holds in transparent huge pages (0 where the kernel gave
+    none: THP off, or nothing asked for them), where /proc gives it."""
+    return _smaps_rollup_bytes("AnonHugePages")
+
+
 __all__ = [
+    "allow_huge_pages",
+    "anon_huge_pages_bytes",
     "machine_facts",
     "device_fingerprint",
     "FINGERPRINT_FIELDS",

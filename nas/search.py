@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 #: the outcome of one stage of a candidate (what its Ray ref returns)
 _O = TypeVar("_O", CompileOutcome, MeasureOutcome, QualityOutcome)
 
+#: loads of the model per measuring process where the search decides (3 loads of 1.5 s: decode
+#: ratios repeat within ~3% on a shared host, BENCHMARKS.md "Load to load")
+DEFAULT_LOADS = 3
 RAY_TEMP_DIR = "/tmp/lfm2-nas-ray"  # short: Ray's unix sockets live under it (108-byte path limit)
 log = logging.getLogger("lfm2_nas.search")
 
@@ -86,6 +89,12 @@ class SearchConfig:
     # fresh processes a measured point may use (devices.processes): the points still unsure after
     # one are measured again in another, the figures combined; 1: one process per measurement
     processes: int = 1
+    # loads of the model inside each measuring process, every point timed after each and the
+    # figures combined (Protocol.loads); huge pages for the measuring processes (Protocol.huge_pages).
+    # None: 3 loads in huge pages where every device can (not a phone over adb), or as the resumed
+    # study was (`Search._decide_measurement`)
+    loads: int | None = None
+    huge_pages: bool | None = None
     budgets: dict[str, int] = field(default_factory=dict)  # per-device budgets (--budget pixel8=500MB,rpi5=1GB)
 
     def __post_init__(self) -> None:
@@ -106,6 +115,8 @@ class SearchConfig:
             raise UserError(f"--in-flight must be >= 1, got {self.in_flight}")
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 1 <= self.processes <= 16:
             raise UserError(f"--processes must be a whole number from 1 to 16, got {self.processes!r}")
+        if self.loads is not None and (isinstance(self.loads, bool) or not isinstance(self.loads, int) or not 1 <= self.loads <= 16):
+            raise UserError(f"--loads must be a whole number from 1 to 16, got {self.loads!r}")
         if not self.measure_timeout_s > 0:
             raise UserError(f"--measure-timeout must be a positive number of seconds, got {self.measure_timeout_s}")
         devices = parse_devices(self.device)
@@ -139,13 +150,17 @@ class SearchConfig:
         # Prefill of `context` tokens, decode at depth `context`: the two headline figures,
         # each sampled until its median's interval is tight (Protocol's defaults), at most 5 s;
         # in several processes, at most 3 s in each (past ~2-3 s a process's own samples no
-        # longer move a decode ratio's spread: BENCHMARKS.md, "A point in several processes").
+        # longer move a decode ratio's spread: BENCHMARKS.md, "A point in several processes");
+        # after each of several loads, at most 1.5 s (BENCHMARKS.md, "Load to load").
+        loads = self.loads or 1  # None until the search has decided (Search._decide_measurement)
         return Protocol(
             prompt_lengths=(self.context,),
             decode_depths=(self.context,),
             decode_tokens=self.decode_tokens,
-            max_seconds_per_point=5.0 if self.processes == 1 else 3.0,
+            max_seconds_per_point=5.0 if self.processes == 1 and loads == 1 else 3.0 if loads == 1 else 1.5,
             processes=self.processes,
+            loads=loads,
+            huge_pages=bool(self.huge_pages),
         )
 
 
@@ -332,6 +347,7 @@ class Search:
             for run, info in zip(self.devices.values(), infos):
                 run.facts = describe(run.session, info)
                 run.fingerprint = _fingerprint(info, run.session)
+            self._decide_measurement()
             self.anchored = self._decide_anchor()
             study, resumed = create_or_resume(c.study_name, self.storage, self.storage_url, c.quality, c.sampler, c.seed, c.trials, c.resume, self._metadata(), devices=c.devices if c.multi_device else None)
             self.study = study
@@ -464,6 +480,25 @@ class Search:
             options["resources"] = {self.config.compile_resource: 1}
         return options
 
+    def _decide_measurement(self) -> None:
+        """Loads per process and huge pages, where not asked for: as the resumed study was
+        measured, else 3 loads in huge pages wherever every device can (a phone over adb
+        cannot yet: one load, no huge pages there). Settles `config.protocol`."""
+        c = self.config
+        over_adb = [name for name, run in self.devices.items() if (run.facts.get("info") or {}).get("transport", {}).get("transport", "local") != "local"]
+        if c.loads is None or c.huge_pages is None:
+            before = _previous_protocol(self.storage, c.study_name) if c.resume else None
+            if before is not None:
+                loads, huge_pages = int(before.get("loads", 1)), bool(before.get("huge_pages", False))
+            else:
+                loads, huge_pages = (1, False) if over_adb else (DEFAULT_LOADS, True)
+            c.loads = loads if c.loads is None else c.loads
+            c.huge_pages = huge_pages if c.huge_pages is None else c.huge_pages
+        if over_adb and (c.processes > 1 or (c.loads or 1) > 1 or c.huge_pages):
+            raise UserError(f"device(s) {', '.join(over_adb)} measure over adb, whose runner cannot measure a point in several processes, reload the model between "
+                            f"timings or ask glibc for huge pages yet: search with --processes 1 --loads 1 --no-huge-pages (asked: processes {c.processes}, loads {c.loads}, "
+                            f"huge pages {'on' if c.huge_pages else 'off'})")
+
     def _decide_anchor(self) -> bool:
         """Whether this search is anchored: as asked (--anchor/--no-anchor); by default, as the
         resumed study was, else wherever every device can (a phone over adb cannot yet)."""
@@ -478,8 +513,6 @@ class Search:
             return not over_adb
         if wanted and over_adb:
             raise UserError(f"device(s) {', '.join(over_adb)} measure over adb, whose runner has no anchored measurement yet: search with --no-anchor")
-        if c.processes > 1 and over_adb:
-            raise UserError(f"device(s) {', '.join(over_adb)} measure over adb, whose runner cannot measure a point in several processes yet: search with --processes 1")
         return wanted
 
     def _prepare_anchor(self, study: optuna.Study) -> None:
@@ -895,13 +928,23 @@ def _check_same_devices(study: optuna.Study, config: SearchConfig) -> None:
         raise UserError(f"study {study.study_name!r} was run with budgets {previous}, not {budgets}; resume it with the same --budget, or start a new --study")
 
 
-def _previous_anchor(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any] | None:
-    """The anchor a stored study was measured with (None: none, or no such study)."""
+def _stored_metadata(storage: optuna.storages.BaseStorage, name: str) -> StudyMetadata | None:
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
+        return StudyMetadata.read(optuna.load_study(study_name=name, storage=storage))
     except KeyError:
         return None
-    return StudyMetadata.read(study).anchor
+
+
+def _previous_anchor(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any] | None:
+    """The anchor a stored study was measured with (None: none, or no such study)."""
+    stored = _stored_metadata(storage, name)
+    return None if stored is None else stored.anchor
+
+
+def _previous_protocol(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any] | None:
+    """The measurement protocol a stored study was measured with (None: none, or no such study)."""
+    stored = _stored_metadata(storage, name)
+    return None if stored is None else stored.protocol
 
 
 def run_search(config: SearchConfig, console=None) -> optuna.Study:

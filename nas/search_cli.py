@@ -39,6 +39,8 @@ def search(
     emulate: bool = typer.Option(False, "--emulate", help="Emulate DEVICE's profile (threads, memory cap) on this machine."),
     prescreen: bool = typer.Option(True, "--prescreen/--no-prescreen", help="Once 10 candidates are measured, skip (as 'skipped', not compiled) those the latency/memory predictor says are surely over budget or dominated."),
     processes: int = typer.Option(1, "--processes", help="Fresh processes a measured point may use: the points still less sure than +-2% after one are measured again in another and the figures combined (a decode ratio's spread between measurements is process to process on a shared host: BENCHMARKS.md, \"A point in several processes\"). Each then takes at most 3 s a point instead of 5."),
+    loads: Optional[int] = typer.Option(None, "--loads", help="Loads of the model inside each measuring process: every point is timed after each (1.5 s at most each) and the figures combined; where the weights land in memory moves a decode figure from load to load (BENCHMARKS.md, \"Load to load\"). Default: 3, except on phones over adb (1: not supported yet) and as a resumed study was."),
+    huge_pages: Optional[bool] = typer.Option(None, "--huge-pages/--no-huge-pages", help="Allocate the measuring processes' memory in transparent huge pages (glibc.malloc.hugetlb=1; the memory pass still counts 4 KiB pages): fewer TLB misses and less page-placement noise. Default: on, except on phones over adb and as a resumed study was."),
     anchor: Optional[bool] = typer.Option(None, "--anchor/--no-anchor", help="Time the space's anchor architecture beside every candidate, sample by sample, and rank by the ratio of their lower quartiles (x the study's anchor reference): the machine's drift between measurements cancels. About doubles the time a point takes. Default: on, except on phones over adb (not supported yet) and as a resumed study was."),
 ) -> None:
     """Search LFM2-style layouts for the fastest, best models that fit DEVICE's memory budget."""
@@ -52,7 +54,7 @@ def search(
         device=device, budget_bytes=budget_bytes, budgets=budgets, trials=trials, study=study, storage=storage, space=space,
         backend=backend, quant=quant or default_quant(backend), context=context, quality=quality, quality_settings=quality_settings, sampler=sampler,
         seed=seed, in_flight=in_flight, ray_address=ray_address, resume=resume, emulate=emulate, compile_resource=compile_resource,
-        prescreen=prescreen, anchor=anchor, processes=processes,
+        prescreen=prescreen, anchor=anchor, processes=processes, loads=loads, huge_pages=huge_pages,
         measure_timeout_s=measure_timeout,
     )
     import warnings

@@ -92,11 +92,18 @@ def test_repeatability_variants_get_their_own_block_and_reproduce_command():
     assert "(plain)" in title(parse_args(["--no-anchor"]))
 
 
-def test_repeatability_in_one_process_is_a_variant_and_a_run_says_what_each_process_bought():
-    from bench.repeatability import block_name, first_processes_ratio, parse_args, processes_used, protocol_for
+def test_repeatability_in_several_processes_is_a_variant_and_a_run_says_what_each_process_bought():
+    from bench.repeatability import block_name, first_processes_ratio, parse_args, processes_used, protocol_for, variant_flags
 
-    assert block_name(parse_args(["--processes", "1"])) == "repeatability_1_process"
+    assert block_name(parse_args(["--processes", "3"])) == "repeatability_3_processes"
     assert block_name(parse_args(["--processes", "2", "--no-anchor"])) == "repeatability_2_processes_plain"
+    # several loads in huge pages, as a search measures, is the default; the protocols of before are variants
+    default = parse_args([])
+    assert (default.processes, default.loads, default.huge_pages) == (1, 3, True)
+    assert block_name(parse_args(["--loads", "1", "--no-huge-pages", "--processes", "3"])) == "repeatability_3_processes_1_load_4k_pages"
+    assert variant_flags(parse_args(["--loads", "2", "--seconds", "2.5"])) == ["--loads", "2", "--seconds", "2.5"]
+    several = protocol_for(512, 512, 2, False, 1, 3, True)
+    assert several.loads == 3 and several.huge_pages and several.max_seconds_per_point == 1.5
     assert protocol_for(512, 512, 2, False, 3).processes == 3 and protocol_for(512, 512, 2, False, 3).max_seconds_per_point < protocol_for(512, 512, 2, False).max_seconds_per_point
     per_process = [{"ratio": 1.0, "ratio_ci_low": 0.97, "ratio_ci_high": 1.03, "disturbed": False},
                    {"ratio": 1.6, "ratio_ci_low": 1.55, "ratio_ci_high": 1.65, "disturbed": True},
@@ -107,3 +114,8 @@ def test_repeatability_in_one_process_is_a_variant_and_a_run_says_what_each_proc
     assert 1.0 < first_processes_ratio(result, "decode", 512, 3) < 1.1
     assert first_processes_ratio({"measurement": {"decode": {"512": {"anchor": {"ratio": 1.0}}}}}, "decode", 512, 2) is None  # one process only
     assert processes_used([result, {"measurement": {"decode": {"512": {"samples_ms": [1.0]}}}}], "decode", 512) == {"median": 3, "min": 1, "max": 3}
+    # the same for the loads of one process, and for those of a process among several
+    loads = {"measurement": {"decode": {"512": {"loads": per_process, "anchor": {"ratio": 1.05}}}}}
+    assert first_processes_ratio(loads, "decode", 512, 2, "loads") == pytest.approx(1.0)
+    nested = {"measurement": {"decode": {"512": {"processes": [{"ratio": 1.0, "loads": per_process[:2]}]}}}}
+    assert processes_used([loads, nested], "decode", 512, "loads") == {"median": 3, "min": 2, "max": 3}

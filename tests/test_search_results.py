@@ -121,3 +121,35 @@ def test_a_search_in_several_processes_measures_with_them_and_a_shorter_time_in_
     three = SearchConfig(device="local", budget_bytes=400 * 2**20, storage=f"sqlite:///{tmp_path}/p.db", quality="none", processes=3)
     assert one.protocol.processes == 1 and "processes" not in one.protocol.to_dict()  # the measurement keys of before
     assert three.protocol.processes == 3 and three.protocol.max_seconds_per_point < one.protocol.max_seconds_per_point
+
+
+def test_a_search_decides_loads_and_huge_pages_by_its_devices_and_a_resumed_study_keeps_its_own(tmp_path):
+    from lfm2.errors import UserError
+    from nas.search import DEFAULT_LOADS
+    from nas.study_schema import StudyMetadata
+
+    def decided(facts: dict, storage: str, **asked) -> SearchConfig:
+        config = SearchConfig(device="local", budget_bytes=400 * 2**20, storage=storage, quality="none", study="decide", **asked)
+        driver = Search(config)
+        driver.devices = {"local": DeviceRun(name="local", budget_bytes=config.budget_bytes, session=None, facts=facts)}
+        driver._decide_measurement()
+        return config
+
+    local, adb = {"info": {"transport": {"transport": "local"}}}, {"info": {"transport": {"transport": "adb"}}}
+    fresh = decided(local, f"sqlite:///{tmp_path}/fresh.db")
+    assert (fresh.loads, fresh.huge_pages) == (DEFAULT_LOADS, True)
+    assert fresh.protocol.loads == DEFAULT_LOADS and fresh.protocol.huge_pages and fresh.protocol.max_seconds_per_point == 1.5
+    phone = decided(adb, f"sqlite:///{tmp_path}/phone.db")
+    assert (phone.loads, phone.huge_pages) == (1, False)  # the phone's runner cannot: as before, not an error
+    assert "loads" not in phone.protocol.to_dict() and "huge_pages" not in phone.protocol.to_dict()
+    for refused in ({"loads": 3}, {"huge_pages": True}, {"processes": 2}):  # asked for on a phone: refused before anything runs, with the flags to use
+        with pytest.raises(UserError, match="--processes 1 --loads 1 --no-huge-pages"):
+            decided(adb, f"sqlite:///{tmp_path}/phone.db", **refused)
+    asked = decided(local, f"sqlite:///{tmp_path}/asked.db", loads=2, huge_pages=False)
+    assert (asked.loads, asked.huge_pages) == (2, False)
+    # a study measured before loads existed resumes with its own protocol: its measurement keys stay
+    storage = f"sqlite:///{tmp_path}/old.db"
+    old = optuna.create_study(study_name="decide", storage=storage, directions=["minimize"])
+    StudyMetadata(protocol={"prompt_lengths": [512], "decode_depths": [512]}).write(old)
+    resumed = decided(local, storage, resume=True)
+    assert (resumed.loads, resumed.huge_pages) == (1, False)

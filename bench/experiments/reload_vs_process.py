@@ -15,6 +15,7 @@ ratio between the loads of one process, between the processes (their first loads
 sampling noise the ratio's own interval implies.
 
     python -m bench.experiments.reload_vs_process                  # onnx fp32, 6 candidates x 3 processes x 3 loads
+    python -m bench.experiments.reload_vs_process --huge-pages     # the same with the children's memory in huge pages
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--depth", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--huge-pages", action="store_true", help="the children's allocations in transparent huge pages (glibc.malloc.hugetlb=1, as Protocol.huge_pages)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=None, help="raw results (default bench/results/reload_vs_process.json)")
     parser.add_argument("--child", metavar="CANDIDATE", help=argparse.SUPPRESS)
@@ -112,7 +114,11 @@ def main(argv=None) -> int:
     from bench.models import anchor_spec, sample_space
     from bench.repeatability import protocol_for
 
-    results = args.results or Path("bench/results") / ("reload_vs_process.json" if (args.backend, args.quant) == ("onnx", "fp32") else f"reload_vs_process_{args.backend}_{args.quant}.json")
+    variant = ("" if (args.backend, args.quant) == ("onnx", "fp32") else f"_{args.backend}_{args.quant}") + ("_huge_pages" if args.huge_pages else "")
+    results = args.results or Path("bench/results") / f"reload_vs_process{variant}.json"
+    from devices.measure import child_env
+
+    env = child_env(args.threads, args.huge_pages)
     specs = sample_space(args.archs, seed=0) + [anchor_spec()]
     compiled = precompile([(spec, args.backend, args.quant) for spec in specs], protocol_for(args.prefill, args.depth, args.threads, False), cache_dir=args.cache_dir)
     if not all(c.get("ok") for c in compiled):
@@ -124,7 +130,7 @@ def main(argv=None) -> int:
         for spec, artifact in zip(specs[:-1], compiled[:-1]):
             command = [sys.executable, "-m", "bench.experiments.reload_vs_process", "--child", artifact["path"], "--anchor", anchor, "--threads", str(args.threads),
                        "--prefill", str(args.prefill), "--depth", str(args.depth), "--loads", str(args.loads), "--seconds", str(args.seconds)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs.append({"layout": spec.layout, "d_model": spec.d_model, "process": process, **result})
             print(f"process {process + 1} {spec.layout} d{spec.d_model}: decode ratios " + ", ".join(f"{load['ratio']:.3f}" for load in result["decode"])
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
     rows = [[kind, s["candidates"], s["processes"], f"{100 * s['between_loads_sd']:.1f}%", f"{100 * s['between_processes_sd']:.1f}%", f"{100 * s['sampling_sd']:.1f}%"] for kind, s in summary.items()]
     print(markdown_table(["point", "candidates", "processes", "sd between loads of one process", "sd between processes (first loads)", "sd the intervals imply"], rows))
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"backend": args.backend, "quant": args.quant, "prefill": args.prefill, "depth": args.depth, "threads": args.threads, "loads": args.loads,
+    results.write_text(json.dumps({"backend": args.backend, "quant": args.quant, "huge_pages": args.huge_pages, "prefill": args.prefill, "depth": args.depth, "threads": args.threads, "loads": args.loads,
                                    "seconds": args.seconds, "summary": summary, "runs": runs}, indent=1))
     print(f"raw: {results}")
     return 0

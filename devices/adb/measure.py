@@ -172,6 +172,11 @@ class Phone:
                 f"phone {self.transport.serial}: a point in several fresh processes (protocol processes {protocol.processes}) is not supported by the phone's runner yet; "
                 "measure with processes 1 (lfm2-nas bench --processes 1)"
             )
+        if protocol.loads > 1 or protocol.huge_pages:
+            raise UserError(
+                f"phone {self.transport.serial}: reloading the model between timings (protocol loads {protocol.loads}) and glibc's huge pages (protocol huge_pages "
+                f"{str(protocol.huge_pages).lower()}) are not supported by the phone's runner yet; measure with loads 1 and huge_pages false (lfm2-nas search --loads 1 --no-huge-pages)"
+            )
         if isinstance(artifact, Artifact):
             artifact.verify()
         else:

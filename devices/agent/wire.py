@@ -67,6 +67,8 @@ class ProtocolBody(BaseModel):
     cpus: list[Annotated[int, Field(ge=0, le=4095), _JSON_NUMBER]] | None = Field(default=None, min_length=1, max_length=4096)
     anchor_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN, description="an uploaded artifact timed side by side with this one (same backend and precision)")
     processes: Annotated[int, Field(ge=1, le=16, description="fresh processes a point may use (devices.processes)"), _JSON_NUMBER] = _DEFAULT.processes
+    loads: Annotated[int, Field(ge=1, le=16, description="loads of the model inside each process, every point timed after each (devices.processes)"), _JSON_NUMBER] = _DEFAULT.loads
+    huge_pages: StrictBool = _DEFAULT.huge_pages
 
     def to_protocol(self) -> Protocol:
         return Protocol.from_dict(self.model_dump())
