@@ -176,7 +176,7 @@ def bench(
     loads: int = typer.Option(1, "--loads", help="Loads of the model inside each process: every point is timed after each, and the figures combined (where the weights land "
                               "in memory moves a decode figure from load to load: BENCHMARKS.md, \"Load to load\"); from the second load on, a point within +-2% is not timed again."),
     huge_pages: bool = typer.Option(False, "--huge-pages/--no-huge-pages", help="Allocate the measuring process's memory in transparent huge pages (glibc.malloc.hugetlb=1): "
-                                    "fewer TLB misses and less page-placement noise; the footprint then counts 2 MiB pages."),
+                                    "meant to cut TLB misses and page-placement noise; the memory pass still counts 4 KiB pages (its effect on the spread is not shown yet: BENCHMARKS.md, \"Load to load\")."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Artifact cache (default: $LFM2_NAS_CACHE or ~/.cache/lfm2-nas)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (artifact facts + the Measurement)."),
 ) -> None:

@@ -55,8 +55,10 @@ class Protocol:
     # on, a point whose combined figure is within ci_target is not timed again. 1: one load
     loads: int = 1
     # give the measuring process transparent huge pages for what it allocates (glibc's
-    # malloc.hugetlb=1 tunable: large allocations are madvise(MADV_HUGEPAGE)d): the weights then
-    # sit in 2 MiB pages, so fewer TLB misses and page-placement effects differ from load to load
+    # malloc.hugetlb=1 tunable: large allocations are madvise(MADV_HUGEPAGE)d), the memory pass
+    # excepted (devices.measure_child): the weights in 2 MiB pages, meant to take TLB misses and
+    # part of the page placement out of a decode step (its own effect on the spread is not shown
+    # yet: BENCHMARKS.md, "Load to load")
     huge_pages: bool = False
 
     def __post_init__(self) -> None:

@@ -112,15 +112,6 @@ def test_an_agent_times_several_loads_over_a_real_socket_and_bounds_the_count(ar
     assert not_a_switch.status_code == 422 and "huge_pages" in not_a_switch.text
 
 
-def test_a_phone_over_adb_refuses_several_loads_with_the_setting_to_use():
-    from devices.adb.measure import Phone
-
-    phone = Phone.__new__(Phone)  # the refusal comes before the phone is touched
-    phone.transport = type("Transport", (), {"serial": "emulator-5554"})()
-    with pytest.raises(UserError, match="loads 1"):
-        phone.measure(__file__, Protocol(loads=2))
-
-
 def _thp_mode() -> str | None:
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()

@@ -193,10 +193,11 @@ def test_an_agent_measures_in_several_processes_over_a_real_socket_and_bounds_th
     assert too_many.status_code == 422 and "processes" in too_many.text
 
 
-def test_a_phone_over_adb_refuses_several_processes_with_the_setting_to_use():
+@pytest.mark.parametrize("asked, setting", [({"processes": 2}, "processes 1"), ({"loads": 2}, "loads 1 and huge_pages false"), ({"huge_pages": True}, "loads 1 and huge_pages false")])
+def test_a_phone_over_adb_refuses_several_processes_or_loads_and_huge_pages_with_the_setting_to_use(asked, setting):
     from devices.adb.measure import Phone
 
     phone = Phone.__new__(Phone)  # the refusal comes before the phone is touched
     phone.transport = type("Transport", (), {"serial": "emulator-5554"})()
-    with pytest.raises(UserError, match="processes 1"):
-        phone.measure(__file__, Protocol(processes=2))
+    with pytest.raises(UserError, match=setting):
+        phone.measure(__file__, Protocol(**asked))
