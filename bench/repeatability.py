@@ -79,14 +79,19 @@ def variant_flags(args) -> list[str]:
     return flags
 
 
+#: flags whose value is a count, and its unit (singular, plural) in a variant's words
+COUNTED_FLAGS = {"--processes": ("process", "processes"), "--loads": ("load", "loads"), "--seconds": ("s", "s")}
+
+
 def variant_words(args) -> list[str]:
     """The variant's words: the values of its flags, and `plain` for --no-anchor."""
     flags = variant_flags(args)
-    words = [f for f in flags if not f.startswith("--")]
-    for flag, unit in (("--processes", "process"), ("--loads", "load"), ("--seconds", "s")):  # a bare number says nothing: "1 process"
-        if flag in flags:
-            at = flags.index(flag) + 1
-            words[words.index(flags[at])] = f"{flags[at]}_{unit}" + ("" if unit == "s" or flags[at] == "1" else ("es" if unit == "process" else "s"))
+    words = []
+    for at, item in enumerate(flags):
+        if item.startswith("--"):
+            continue
+        unit = COUNTED_FLAGS.get(flags[at - 1])  # a bare number says nothing: "1_process", "3_loads"
+        words.append(item if unit is None else f"{item}_{unit[item != '1']}")
     return words + (["4k_pages"] if "--no-huge-pages" in flags else []) + (["plain"] if "--no-anchor" in flags else [])
 
 
@@ -141,8 +146,10 @@ def within_process(results: list[dict], kind: str, point: int) -> dict | None:
 def processes_used(results: list[dict], kind: str, point: int, over: str = "processes") -> dict | None:
     """How many fresh processes (or loads of the first process) the points took (1 where a point was sure after one)."""
     def count(stats: dict) -> int:
-        entries = stats.get(over) or (((stats.get("processes") or [{}])[0].get("loads")) if over == "loads" else None) or [None]
-        return len(entries)
+        entries = stats.get(over)
+        if entries is None and over == "loads":  # a point of several processes keeps the first one's loads in its summary
+            entries = (stats.get("processes") or [{}])[0].get("loads")
+        return len(entries or [None])
 
     counts = sorted(count(s) for s in (point_stats(r, kind, point) for r in results) if s)
     return None if not counts else {"median": counts[len(counts) // 2], "min": counts[0], "max": counts[-1]}

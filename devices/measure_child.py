@@ -139,6 +139,13 @@ class Child:
         memory = self.result["memory"]
         memory.update(baseline_rss_bytes=baseline, modules_in_baseline=heavy)
 
+        def opened(which: Artifact, seed: int):
+            """`which` loaded, the threads it made pinned, and its (prefill, decode) timers."""
+            loaded = open_runner(which, job["threads"])
+            pin_threads(self.cpus)
+            return loaded, *timers(loaded, which.spec.vocab_size, protocol, seed)
+
+        seed = job.get("seed", 0)
         self.progress("load")
         start = time.perf_counter()
         runner = open_runner(artifact, job["threads"])
@@ -148,7 +155,7 @@ class Child:
         self.result["stack"] = self.stack_facts(runner, artifact)
         self.checkpoint()
 
-        prefill_once, decode_once = timers(runner, artifact.spec.vocab_size, protocol, job.get("seed", 0))
+        prefill_once, decode_once = timers(runner, artifact.spec.vocab_size, protocol, seed)
 
         if calibration is not None:
             self.progress("calibrate")
@@ -178,17 +185,13 @@ class Child:
         if held_back and stack.allow_huge_pages(True):
             self.progress("reload_in_huge_pages")
             runner.close()
-            runner = open_runner(artifact, job["threads"])
-            pin_threads(self.cpus)
-            prefill_once, decode_once = timers(runner, artifact.spec.vocab_size, protocol, job.get("seed", 0))
+            runner, prefill_once, decode_once = opened(artifact, seed)
 
         anchor = Artifact.load(job["anchor"], verify=False) if job.get("anchor") else None  # the parent checked it too
         anchor_runner = None
         if anchor is not None:
             self.progress("load_anchor")
-            anchor_runner = open_runner(anchor, job["threads"])
-            pin_threads(self.cpus)
-            anchor_prefill, anchor_decode = timers(anchor_runner, anchor.spec.vocab_size, protocol, job.get("seed", 0) + 1)
+            anchor_runner, anchor_prefill, anchor_decode = opened(anchor, seed + 1)
             self.result["stack"]["anchor"] = {"artifact_key": anchor.key, "spec_key": anchor.spec.key, "backend": anchor.backend, "quant": anchor.quant}
         self.result["stack"]["huge_pages"] = {"asked": protocol.huge_pages, "anon_huge_pages_bytes_after_load": stack.anon_huge_pages_bytes(),
                                               "off_for_the_memory_pass": bool(held_back)}
@@ -209,13 +212,10 @@ class Child:
             if load > 0:
                 self.progress("reload", load=load + 1)
                 runner.close()
-                runner = open_runner(artifact, job["threads"])
-                prefill_once, decode_once = timers(runner, artifact.spec.vocab_size, protocol, job.get("seed", 0))
+                runner, prefill_once, decode_once = opened(artifact, seed)
                 if anchor is not None and anchor_runner is not None:
                     anchor_runner.close()
-                    anchor_runner = open_runner(anchor, job["threads"])
-                    anchor_prefill, anchor_decode = timers(anchor_runner, anchor.spec.vocab_size, protocol, job.get("seed", 0) + 1)
-                pin_threads(self.cpus)
+                    anchor_runner, anchor_prefill, anchor_decode = opened(anchor, seed + 1)
             for kind, point, tokens in points:
                 self.progress(kind, **({"length": point} if kind == "prefill" else {"depth": point}), load=load + 1)
                 taken = per_load.setdefault((kind, point), [])

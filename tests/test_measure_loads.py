@@ -21,18 +21,11 @@ import pytest
 
 from devices.measure import child_env, measure
 from devices.processes import combine_point
-from devices.protocol import Protocol, Stats
+from devices.protocol import Protocol
 from lfm2.errors import UserError
-from testkit.anchored import QUICK, compile_pair, one_core_limits
+from testkit.anchored import QUICK, anchored_stats, compile_pair, one_core_limits
 
 pytestmark = pytest.mark.usefixtures("private_core_locks")
-
-
-def _anchored_stats(ratio: float, half: float) -> Stats:
-    stats = Stats(median_ms=10 * ratio, trimmed_mean_ms=10 * ratio, p10_ms=9 * ratio, p90_ms=11 * ratio, cv=0.05, samples_ms=[10 * ratio] * 5, tokens=1,
-                  ci_low_ms=10 * ratio * (1 - half), ci_high_ms=10 * ratio * (1 + half), ci_level=0.95)
-    stats.anchor = {"quantile": 0.25, "ratio": ratio, "ratio_ci_low": ratio * (1 - half), "ratio_ci_high": ratio * (1 + half), "anchor_samples_ms": [10.0] * 5}
-    return stats
 
 
 def test_the_protocol_keeps_one_load_and_no_huge_pages_out_of_its_key_and_refuses_bad_values():
@@ -49,13 +42,13 @@ def test_the_protocol_keeps_one_load_and_no_huge_pages_out_of_its_key_and_refuse
 
 
 def test_loads_combine_as_processes_do_and_say_which_they_were():
-    loads = [_anchored_stats(1.10, 0.03), _anchored_stats(1.20, 0.03), _anchored_stats(1.15, 0.03)]
+    loads = [anchored_stats(1.10, 0.03), anchored_stats(1.20, 0.03), anchored_stats(1.15, 0.03)]
     combined = combine_point(loads, ci_target=0.02, trim_fraction=0.2, over="loads")
     assert combined.processes is None and [entry["ratio"] for entry in combined.loads] == [1.10, 1.20, 1.15]
     assert 1.10 < combined.anchor_ratio < 1.20 and "loads' ratios" in combined.anchor["combined"]
     assert combined.anchor["ratio_tau"] > 0  # they disagree beyond their own intervals: the load effect
     # a process whose figure combines loads keeps them in its summary when processes are combined
-    over_processes = combine_point([combined, _anchored_stats(1.12, 0.03)], ci_target=0.02, trim_fraction=0.2)
+    over_processes = combine_point([combined, anchored_stats(1.12, 0.03)], ci_target=0.02, trim_fraction=0.2)
     assert over_processes.processes[0]["loads"] == combined.loads and "loads" not in over_processes.processes[1]
     with pytest.raises(ValueError, match="processes or loads"):
         combine_point(loads, ci_target=0.02, trim_fraction=0.2, over="threads")

@@ -14,10 +14,10 @@ import pytest
 
 from devices.measure import measure
 from devices.processes import combine_point, random_effects
-from devices.protocol import Protocol, Stats
-from devices.sampling import measure_point, summarize
+from devices.protocol import Protocol
+from devices.sampling import measure_point
 from lfm2.errors import UserError
-from testkit.anchored import QUICK, compile_pair, one_core_limits
+from testkit.anchored import QUICK, anchored_stats, compile_pair, one_core_limits
 
 
 pytestmark = pytest.mark.usefixtures("private_core_locks")
@@ -75,20 +75,9 @@ def test_bad_figures_are_refused_with_what_was_wrong():
     assert 0 < wide["low"] < 1.0 < 1.1 < wide["high"]
 
 
-def _anchored_stats(ratio: float, half: float, disturbed: bool = False, seed: int = 0) -> Stats:
-    samples = list(np.random.default_rng(seed).normal(10.0 * ratio, 0.1, size=12))
-    stats = summarize(samples, 1, 0.2)
-    low, high = _interval(ratio, half)
-    stats.anchor = {"quantile": 0.25, "ratio": ratio, "ratio_ci_low": low, "ratio_ci_high": high, "anchor_samples_ms": [10.0] * 12}
-    stats.disturbed = disturbed
-    stats.calibration_slowdown = 1.5 if disturbed else 1.01
-    stats.disturbances = [1.5] if disturbed else []
-    return stats
-
-
 def test_a_point_combines_its_undisturbed_processes_and_keeps_each_ones_figures():
-    clean = [_anchored_stats(1.20, 0.03, seed=1), _anchored_stats(1.22, 0.03, seed=2)]
-    disturbed = _anchored_stats(1.60, 0.03, disturbed=True, seed=3)
+    clean = [anchored_stats(1.20, 0.03, seed=1), anchored_stats(1.22, 0.03, seed=2)]
+    disturbed = anchored_stats(1.60, 0.03, disturbed=True, seed=3)
     point = combine_point([clean[0], disturbed, clean[1]], ci_target=0.02, trim_fraction=0.2)
     assert 1.20 < point.anchor_ratio < 1.22  # the disturbed process's 1.60 left out
     assert [p["ratio"] for p in point.processes] == [1.20, 1.60, 1.22] and [p["disturbed"] for p in point.processes] == [False, True, False]
@@ -98,7 +87,7 @@ def test_a_point_combines_its_undisturbed_processes_and_keeps_each_ones_figures(
     assert point.noisy == (point.anchor_ratio_half_width_rel > 0.02)
     loose = combine_point(clean, ci_target=0.05, trim_fraction=0.2)
     assert not loose.noisy
-    every = combine_point([disturbed, _anchored_stats(1.5, 0.03, disturbed=True, seed=4)], ci_target=0.02, trim_fraction=0.2)
+    every = combine_point([disturbed, anchored_stats(1.5, 0.03, disturbed=True, seed=4)], ci_target=0.02, trim_fraction=0.2)
     assert every.disturbed and 1.5 < every.anchor_ratio < 1.6  # all disturbed: all kept, flagged
     single = combine_point([clean[0]], ci_target=0.02, trim_fraction=0.2)
     assert single.anchor_ratio == 1.20 and len(single.processes) == 1
