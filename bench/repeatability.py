@@ -27,6 +27,7 @@ from bench.harness import BenchRun, anchor_ratio, base_parser, compile_and_measu
 from bench.models import QUICK_BACKEND, QUICK_DECODE_TOKENS, QUICK_POINT, anchor_spec, quick_models, sample_space
 from bench.report import fmt, markdown_table, pct
 from bench.stats import repeatability
+from reports.intervals import measured_interval, pooled_load_spread
 from search_space import costs
 
 NAME = "repeatability"
@@ -169,6 +170,29 @@ def first_processes_ratio(result: dict, kind: str, point: int, count: int, over:
     return random_effects([p["ratio"] for p in kept], [p["ratio_ci_low"] for p in kept], [p["ratio_ci_high"] for p in kept])["estimate"]
 
 
+def interval_coverage(passes: list[list[dict]], kind: str, point: int) -> dict | None:
+    """How often the other pass's anchored ratio fell inside this pass's 95% interval (both
+    ways round): the point's own interval, and the one a report draws, widened to the run's
+    pooled between-load spread (reports.intervals). Honest intervals of two equally precise
+    estimates give ~83%; fewer says the intervals claim more than the measurements hold."""
+    stats = [[((r.get("measurement") or {}).get(kind) or {}).get(str(point)) for r in taken] for taken in passes]
+    spread = pooled_load_spread(s for taken in stats for s in taken)
+    hits: dict[str, list[bool]] = {"own": [], "pooled": []}
+    for mine, theirs in ((stats[0], stats[1]), (stats[1], stats[0])):
+        for a, b in zip(mine, theirs):
+            if not a or not b or not a.get("anchor") or not b.get("anchor"):
+                continue
+            ratio, other = a["anchor"]["ratio"], b["anchor"]["ratio"]
+            for name, with_spread in (("own", None), ("pooled", spread)):
+                interval = measured_interval(a, ratio, with_spread)
+                if interval is not None:
+                    hits[name].append(ratio - interval[0] <= other <= ratio + interval[1])
+    if not hits["own"]:
+        return None
+    return {"n": len(hits["own"]), "own": sum(hits["own"]) / len(hits["own"]), "pooled": sum(hits["pooled"]) / len(hits["pooled"]) if spread else None,
+            "pooled_load_sd": spread.sd if spread else None}
+
+
 def anchor_ms(result: dict, kind: str, point: int) -> float | None:
     """The anchor's own lower quartile in this measurement: how far the host drifted between passes."""
     stats = point_stats(result, kind, point)
@@ -237,6 +261,7 @@ def main(argv=None) -> int:
     fp_pairs = [(a, b) for a, b in footprints if a and b]
     metrics["footprint"] = pair_metrics([a for a, _ in fp_pairs], [b for _, b in fp_pairs]) if len(fp_pairs) >= 2 else None
     metrics["within_process"] = {kind: within_process(passes[0] + passes[1], kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
+    metrics["coverage"] = {kind: interval_coverage(passes, kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
     metrics["processes_allowed"] = protocol.processes
     metrics["processes"] = {kind: processes_used(passes[0] + passes[1], kind, point) for kind, point in (("prefill", prefill), ("decode", depth))}
     metrics["loads_allowed"] = protocol.loads
@@ -294,6 +319,10 @@ def render(metrics: dict, rows: list[dict], args, prefill: int, depth: int) -> s
         if w:
             summary.append([f"{label}: inside one process (median's 95% CI, +-)", w["n"], pct(w["median_ci_half_width"], 1), "-", pct(w["max_ci_half_width"], 1), "-",
                             f"{w['median_runs']} runs (median); {w['noisy']} noisy, {w['disturbed']} disturbed, {w['remeasured']} re-measures"])
+        covered = (metrics.get("coverage") or {}).get(kind)
+        if covered:
+            pooled = "-" if covered["pooled"] is None else f"{pct(covered['pooled'], 0)} widened to the pooled load spread ({pct(covered['pooled_load_sd'], 1)})"
+            summary.append([f"{label}: the other pass inside this one's 95% interval (honest: ~83%)", covered["n"], pct(covered["own"], 0), "-", "-", "-", f"own interval; {pooled}"])
         used = (metrics.get("processes") or {}).get(kind)
         if used and used["max"] > 1:
             summary.append([f"{label}: fresh processes per point", "-", str(used["median"]), "-", str(used["max"]), "-", f"min {used['min']}"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from reports.intervals import LoadSpread, measured_interval
 from reports.pareto import front_2d
 from reports.sizes import format_bytes
 from reports.study_data import OUTCOMES, StudyData, TrialRow
@@ -76,14 +77,14 @@ def memory_colour_axis(data: StudyData) -> dict[str, Any]:
     return {"cmin": low, "cmax": high, "colorscale": scale, "colorbar": colorbar}
 
 
-def _hover(trial: TrialRow) -> str:
+def _hover(trial: TrialRow, spreads: dict[str, LoadSpread | None]) -> str:
     parts = [f"trial {trial.number}" + (f" · {trial.preset}" if trial.preset else ""), f"layout {trial.layout or '?'}"]
     if trial.quality is not None:
         parts.append(f"quality {trial.quality:.4f}")
     for metric, label, digits in (("prefill_ms", "prefill", 1), ("decode_ms", "decode", 2)):
         value = getattr(trial, metric)
         if value is not None:
-            interval = _interval(trial, metric) if metric in trial.values else None
+            interval = _interval(trial, metric, spreads)
             spread = f" (95% CI −{interval[0]:.{digits}f}/+{interval[1]:.{digits}f})" if interval else ""
             parts.append(f"{label} {value:.{digits}f} ms{spread}")
     parts.append(f"memory {format_bytes(trial.footprint_bytes)}")
@@ -93,28 +94,19 @@ def _hover(trial: TrialRow) -> str:
     return "<br>".join(parts)
 
 
-def _interval(trial: TrialRow, metric: str) -> tuple[float, float] | None:
-    """(below, above) the plotted median: the measured 95% interval of a latency objective,
-    when the trial stored one (`ci_low_ms`/`ci_high_ms` in its stats; in an anchored study,
-    the objective is the ratio to the anchor times a reference, so the ratio's interval,
-    scaled alike)."""
+def _interval(trial: TrialRow, metric: str, spreads: dict[str, LoadSpread | None]) -> tuple[float, float] | None:
+    """(below, above) the plotted figure: the measured 95% interval of a latency objective,
+    widened to the study's pooled between-load spread (`reports.intervals`)."""
     stats = {"prefill_ms": trial.prefill_stats, "decode_ms": trial.decode_stats}.get(metric)
-    if not stats or metric not in trial.values:
+    if metric not in trial.values:
         return None
-    value = trial.values[metric]
-    anchor = stats.get("anchor")
-    if isinstance(anchor, dict) and anchor.get("ratio") and anchor.get("ratio_ci_low") is not None and anchor.get("ratio_ci_high") is not None:
-        scale = value / anchor["ratio"]
-        return max(0.0, value - anchor["ratio_ci_low"] * scale), max(0.0, anchor["ratio_ci_high"] * scale - value)
-    if stats.get("ci_low_ms") is None or stats.get("ci_high_ms") is None:
-        return None
-    return max(0.0, value - stats["ci_low_ms"]), max(0.0, stats["ci_high_ms"] - value)
+    return measured_interval(stats, trial.values[metric], spreads.get(metric))
 
 
-def _error_bars(trials: list[TrialRow], metric: str) -> dict[str, Any] | None:
+def _error_bars(trials: list[TrialRow], metric: str, spreads: dict[str, LoadSpread | None]) -> dict[str, Any] | None:
     """Plotly error bars of the measured intervals, or None when no trial has one (a study
     stored before intervals, or the quality axis)."""
-    intervals = [_interval(t, metric) for t in trials]
+    intervals = [_interval(t, metric, spreads) for t in trials]
     if not any(intervals):
         return None
     return {
@@ -128,17 +120,17 @@ def _error_bars(trials: list[TrialRow], metric: str) -> dict[str, Any] | None:
     }
 
 
-def _scatter(trials: list[TrialRow], x: str, y: str, name: str, marker: dict[str, Any], **extra: Any) -> go.Scatter:
+def _scatter(trials: list[TrialRow], x: str, y: str, name: str, marker: dict[str, Any], spreads: dict[str, LoadSpread | None], **extra: Any) -> go.Scatter:
     return go.Scatter(
         x=[t.values[x] for t in trials],
         y=[t.values[y] for t in trials],
-        error_x=_error_bars(trials, x),
-        error_y=_error_bars(trials, y),
+        error_x=_error_bars(trials, x, spreads),
+        error_y=_error_bars(trials, y, spreads),
         mode=extra.pop("mode", "markers"),
         name=name,
         marker=marker,
         customdata=[t.number for t in trials],
-        hovertext=[_hover(t) for t in trials],
+        hovertext=[_hover(t, spreads) for t in trials],
         hoverinfo="text",
         **extra,
     )
@@ -180,12 +172,12 @@ def front_figure(data: StudyData, x: str, y: str) -> go.Figure:
     ]
     with_bar = next((name for group, name, _style in groups if group), None)  # an empty trace shows no colour bar
     for group, name, style in groups:
-        figure.add_trace(_scatter(group, x, y, name, {"color": colour(group), **scale, **(colour_bar if name == with_bar else {}), **style}))
+        figure.add_trace(_scatter(group, x, y, name, {"color": colour(group), **scale, **(colour_bar if name == with_bar else {}), **style}, data.load_spreads))
     if presets:
         figure.add_trace(
             _scatter(
                 presets, x, y, "LFM2 preset",
-                {"size": 22, "symbol": "star-open", "color": "#000", "line": {"width": 1.5}},
+                {"size": 22, "symbol": "star-open", "color": "#000", "line": {"width": 1.5}}, data.load_spreads,
                 mode="markers+text", text=[t.preset for t in presets], textposition="top center",
             )
         )  # fmt: skip
@@ -219,7 +211,7 @@ def memory_figure(data: StudyData) -> go.Figure:
                 name=OUTCOME_LABELS[outcome],
                 marker={"color": OUTCOME_COLOURS[outcome], "size": [14 if t.on_pareto_set else 9 for t in group], "symbol": "circle" if outcome == "feasible" else "x", "line": {"width": [2 if t.on_pareto_set else 0.5 for t in group], "color": "#000"}},
                 customdata=[t.number for t in group],
-                hovertext=[_hover(t) for t in group],
+                hovertext=[_hover(t, data.load_spreads) for t in group],
                 hoverinfo="text",
             )
         )
@@ -336,7 +328,7 @@ def device_figures(device: str, view: StudyData, everywhere: list[int]) -> dict[
                 trace.name = f"Pareto set on {device}"
         ringed = [t for t in view.trials if t.number in everywhere and x in t.values and y in t.values]
         if ringed:
-            figure.add_trace(_scatter(ringed, x, y, "on every device's front", {"size": 24, "symbol": "circle-open", "color": "#2ca02c", "line": {"width": 2.5}}))
+            figure.add_trace(_scatter(ringed, x, y, "on every device's front", {"size": 24, "symbol": "circle-open", "color": "#2ca02c", "line": {"width": 2.5}}, view.load_spreads))
         figure.update_layout(title={"text": f"{device}: {_short(y)} vs {_short(x)}"})
         figures[f"fig-{_element_id(device)}-{suffix}"] = figure
     memory = memory_figure(view)

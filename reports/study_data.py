@@ -11,6 +11,7 @@ nothing else touches Optuna objects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lfm2.spec import ArchSpec, SpecError
+from reports.intervals import LoadSpread, pooled_load_spread
 from nas.study_schema import DEFAULT_STORAGE, METADATA_KEY, StudyMetadata, TrialRecord, load_study, metric_names, open_storage
 
 #: How a trial ended, coarsely, for colours and legends: the schema's `status` folded into
@@ -104,6 +106,26 @@ class StudyData:
     @property
     def preset_trials(self) -> list[TrialRow]:
         return [t for t in self.trials if t.preset]
+
+    @functools.cached_property
+    def load_spreads(self) -> dict[str, LoadSpread | None]:
+        """Per latency objective, how far one load of a model moves its figure, pooled over
+        the measured trials (`reports.intervals`; None where too few trials had several loads).
+        A trial's figure is pooled with the others of the device it came from (a multi-device
+        study's headline figure is one device's or another's), and the widest device's
+        spread is the one given."""
+        spreads: dict[str, LoadSpread | None] = {}
+        for metric, attr in (("prefill_ms", "prefill_stats"), ("decode_ms", "decode_stats")):
+            by_device: dict[str | None, list[dict[str, Any] | None]] = {}
+            for trial in self.trials:
+                if not trial.measured:
+                    continue
+                stats = getattr(trial, attr)
+                device = next((name for name, record in trial.devices.items() if stats is not None and record.get(attr) == stats), None)
+                by_device.setdefault(device, []).append(stats)
+            found = [s for s in (pooled_load_spread(points) for points in by_device.values()) if s is not None]
+            spreads[metric] = max(found, key=lambda s: s.sd) if found else None
+        return spreads
 
     def outcome_counts(self) -> dict[str, int]:
         counts = {outcome: 0 for outcome in OUTCOMES}

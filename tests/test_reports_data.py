@@ -232,9 +232,9 @@ def test_an_anchored_latency_gets_the_ratios_interval_scaled_to_the_objective_an
 
     stats = {"median_ms": 50.0, "ci_low_ms": 40.0, "ci_high_ms": 70.0, "anchor": {"ratio": 2.0, "ratio_ci_low": 1.9, "ratio_ci_high": 2.2}}
     trial = SimpleNamespace(prefill_stats=stats, decode_stats=None, values={"prefill_ms": 30.0})  # reference 15 ms
-    below, above = _interval(trial, "prefill_ms")
+    below, above = _interval(trial, "prefill_ms", {})
     assert (30.0 - below, 30.0 + above) == (pytest.approx(28.5), pytest.approx(33.0))
     plain = SimpleNamespace(prefill_stats={k: v for k, v in stats.items() if k != "anchor"}, decode_stats=None, values={"prefill_ms": 50.0})
-    assert _interval(plain, "prefill_ms") == (pytest.approx(10.0), pytest.approx(20.0))
+    assert _interval(plain, "prefill_ms", {}) == (pytest.approx(10.0), pytest.approx(20.0))
     assert "anchored" in _latency_basis({"anchor": SearchSpace.load("small").anchor_spec().to_dict()}) and "CCACCA" in _latency_basis({"anchor": SearchSpace.load("small").anchor_spec().to_dict()})
     assert _latency_basis({}) == "medians as measured"
