@@ -21,8 +21,9 @@ uncertain and the interval covers less than its nominal 95% when the process eff
 large (a known property of the method: ~82% for three processes at a 5% effect and +-3%
 inside each, ~95% without an effect; tests/test_measure_processes.py). Intervals that cover
 at 95% with so few processes (Hartung-Knapp's t with k-1 degrees of freedom) are +-10% or
-wider there, too wide to order anything; a between-process variance pooled over a study's
-many points would give both, and is not built. The repeatability benchmark, which compares
+wider there, too wide to order anything; a variance pooled over a study's many points gives
+both: the report widens each point's interval to the between-load spread pooled over the study
+(reports.intervals; the point's own figure is unchanged). The repeatability benchmark, which compares
 whole measurements, is the check of the figure itself.
 
 The figures combined: an anchored point's candidate/anchor ratio (what a search ranks by)
