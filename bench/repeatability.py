@@ -175,7 +175,7 @@ def interval_coverage(passes: list[list[dict]], kind: str, point: int) -> dict |
     ways round): the point's own interval, and the one a report draws, widened to the run's
     pooled between-load spread (reports.intervals). Honest intervals of two equally precise
     estimates give ~83%; fewer says the intervals claim more than the measurements hold."""
-    stats = [[((r.get("measurement") or {}).get(kind) or {}).get(str(point)) for r in taken] for taken in passes]
+    stats = [[point_stats(r, kind, point) for r in taken] for taken in passes]
     spread = pooled_load_spread(s for taken in stats for s in taken)
     hits: dict[str, list[bool]] = {"own": [], "pooled": []}
     for mine, theirs in ((stats[0], stats[1]), (stats[1], stats[0])):
